@@ -1,0 +1,267 @@
+"""Static checks of deploy/: every file parses, every kustomization renders, the pieces fit
+together (names, ports, volumes, secrets), the privileges are the ones docs/deploy.md explains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from autoscaler.config import parse_config
+from autoscaler.errors import ConfigError
+from tests.deploy.kustomize_lite import KustomizeError, build, strategic_merge
+from tests.deploy.manifests import (
+    DEPLOY,
+    KUSTOMIZATIONS,
+    NAMESPACE,
+    OVERLAYS,
+    controller_config_text,
+    every_yaml_file,
+    find,
+    load_all,
+    pod_spec,
+    render,
+)
+
+
+@pytest.mark.parametrize("path", every_yaml_file(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_file_parses_into_kubernetes_objects(path):
+    docs = load_all(path)
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        assert isinstance(doc, dict)
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path}: no apiVersion/kind"
+        if doc["kind"] != "Kustomization":
+            assert doc.get("metadata", {}).get("name"), f"{path}: {doc['kind']} without a name"
+
+
+def test_the_dashboard_is_valid_json_with_the_required_panels():
+    dash = json.loads((DEPLOY / "monitoring/dashboards/autoscaler-dashboard.json").read_text())
+    titles = " | ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("demand", "forecast", "desired", "actual", "lead", "staged", "restore"):
+        assert needed in titles, f"no dashboard panel about {needed!r}: {titles}"
+    for panel in dash["panels"]:
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            assert "autoscaler_" in target["expr"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_kustomization_renders(name):
+    resources = render(name)
+    assert resources
+    for obj in resources:
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "gpu-autoscaler"
+
+
+def test_the_renderer_refuses_what_it_cannot_render(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nreplicas: [{name: x, count: 2}]\n")
+    with pytest.raises(KustomizeError, match="unsupported keys"):
+        build(tmp_path)
+
+
+def test_strategic_merge_merges_containers_by_name_and_replaces_args():
+    base = {"containers": [{"name": "a", "image": "i", "args": ["x"]}, {"name": "b"}]}
+    patch = {"containers": [{"name": "a", "args": ["y", "z"]}]}
+    merged = strategic_merge(base, patch)
+    assert merged["containers"][0] == {"name": "a", "image": "i", "args": ["y", "z"]}
+    assert merged["containers"][1] == {"name": "b"}
+
+
+def test_only_the_dry_run_overlay_runs_the_controller_in_dry_run():
+    for overlay in OVERLAYS:
+        deployment = find(render(overlay), "Deployment", "autoscaler-controller")
+        args = pod_spec(deployment)["containers"][0]["args"]
+        assert args[:4] == ["controller", "run", "--config", "/etc/autoscaler/config.yaml"]
+        assert ("--dry-run" in args) == (overlay == "overlays/dry-run"), overlay
+
+
+def test_images_are_pinned_by_the_kustomization():
+    for obj in render("overlays/keda"):
+        if obj["kind"] in ("Deployment", "DaemonSet"):
+            for c in pod_spec(obj)["containers"]:
+                repo, _, tag = c["image"].rpartition(":")
+                assert repo.startswith("ghcr.io/") and tag and tag != "latest", c["image"]
+
+
+def test_the_configmap_config_validates_with_the_project_loader():
+    config = parse_config(yaml.safe_load(controller_config_text(render("base"))))
+    assert config.workloads, "the example config manages no workload"
+    assert not config.dry_run  # dry-run is the overlay's flag, so the same config serves both
+    for workload in config.workloads:
+        assert workload.query, f"{workload.name}: no demand query"
+        assert workload.capacity is not None, f"{workload.name}: no capacity profile"
+        assert workload.plan.on_missing == "hold", "missing data must never scale down"
+
+
+def test_a_misspelt_config_key_is_caught_by_the_same_loader():
+    data = yaml.safe_load(controller_config_text(render("base")))
+    data["workloads"][0]["max_replica"] = 3
+    with pytest.raises(ConfigError, match=r"workloads\[0\]\.max_replica"):
+        parse_config(data)
+
+
+def template_labels(workload):
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def _volume_sources(spec):
+    return {v["name"]: v for v in spec.get("volumes", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_mount_secret_configmap_claim_and_account_exists(overlay):
+    resources = render(overlay)
+    names = {(r["kind"], r["metadata"]["name"]) for r in resources}
+    for obj in resources:
+        if obj["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        spec = pod_spec(obj)
+        volumes = _volume_sources(spec)
+        for c in spec["containers"]:
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"{obj['metadata']['name']}: mount {m['name']}"
+        for v in volumes.values():
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in names
+            if "persistentVolumeClaim" in v:
+                assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in names
+            if "secret" in v:
+                # The token Secret is created by the installer (docs/deploy.md), never shipped
+                # with a value; the example file names the same Secret.
+                example = load_all(DEPLOY / "examples/agent-token-secret.yaml")[0]
+                assert v["secret"]["secretName"] == example["metadata"]["name"]
+        assert ("ServiceAccount", spec["serviceAccountName"]) in names
+        selector = obj["spec"]["selector"]["matchLabels"]
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_select_pods_and_name_their_ports(overlay):
+    resources = render(overlay)
+    workloads = [r for r in resources if r["kind"] in ("Deployment", "DaemonSet")]
+    for svc in (r for r in resources if r["kind"] == "Service"):
+        wanted = svc["spec"]["selector"].items()
+        selected = [w for w in workloads if wanted <= template_labels(w).items()]
+        assert len(selected) == 1, svc["metadata"]["name"]
+        port_names = {p["name"] for c in pod_spec(selected[0])["containers"] for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+
+
+def test_no_secret_with_a_value_is_part_of_any_kustomization():
+    for name in KUSTOMIZATIONS:
+        assert not [r for r in render(name) if r["kind"] == "Secret"], name
+
+
+def test_the_agent_daemonset_runs_privileged_on_gpu_nodes_only():
+    ds = find(render("base"), "DaemonSet", "autoscaler-agent")
+    spec = pod_spec(ds)
+    assert spec["hostPID"] is True
+    assert spec["containers"][0]["securityContext"]["privileged"] is True
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    volumes = _volume_sources(spec)
+    assert volumes["artifact-cache"]["hostPath"]["type"] == "DirectoryOrCreate"
+    assert volumes["artifact-store"]["persistentVolumeClaim"]["claimName"] == "autoscaler-artifacts"
+    assert volumes["agent-token"]["secret"]["defaultMode"] == 0o400
+    container = spec["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthz"
+    assert not spec.get("hostNetwork"), "the agent needs the host's PIDs, not its network"
+
+
+def test_the_controller_and_scaler_run_unprivileged():
+    for obj in render("overlays/keda"):
+        if obj["kind"] == "Deployment":
+            spec = pod_spec(obj)
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            for c in spec["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False
+                assert sc["readOnlyRootFilesystem"] is True
+                assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_the_artifact_store_claim_is_read_write_many():
+    pvc = find(render("base"), "PersistentVolumeClaim", "autoscaler-artifacts")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _rules(resources, kind, name):
+    return {
+        (group, resource): sorted(rule["verbs"])
+        for rule in find(resources, kind, name)["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+
+
+def test_controller_rbac_is_exactly_the_named_verbs():
+    resources = render("base")
+    cluster = _rules(resources, "ClusterRole", "autoscaler-controller")
+    assert cluster == {
+        ("apps", "deployments"): ["get", "list", "patch", "update", "watch"],
+        ("apps", "deployments/scale"): ["get", "list", "patch", "update", "watch"],
+        ("", "nodes"): ["get", "list", "patch", "watch"],
+        ("", "pods"): ["get", "list", "watch"],
+        ("", "events"): ["create", "patch"],
+        ("events.k8s.io", "events"): ["create", "patch"],
+    }
+    local = _rules(resources, "Role", "autoscaler-controller")
+    assert local == {
+        ("coordination.k8s.io", "leases"): ["create", "get", "update"],
+        ("", "configmaps"): ["get", "list", "watch"],
+    }
+
+
+def test_no_role_uses_wildcards_or_touches_secrets():
+    for obj in render("overlays/keda"):
+        for rule in obj.get("rules", []) if obj["kind"] in ("Role", "ClusterRole") else []:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], obj["metadata"]["name"]
+            assert "secrets" not in rule["resources"], obj["metadata"]["name"]
+
+
+def test_bindings_bind_the_right_account_in_the_right_namespace():
+    resources = render("base")
+    for obj in resources:
+        if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            (subject,) = obj["subjects"]
+            assert subject == {
+                "kind": "ServiceAccount",
+                "name": obj["metadata"]["name"],
+                "namespace": NAMESPACE,
+            }
+            find(resources, obj["roleRef"]["kind"], obj["roleRef"]["name"])
+            find(resources, "ServiceAccount", subject["name"])
+
+
+def test_pod_monitors_scrape_named_container_ports():
+    monitors = [r for r in render("monitoring") if r["kind"] == "PodMonitor"]
+    names = {m["metadata"]["name"] for m in monitors}
+    assert names == {"autoscaler-controller", "autoscaler-agent"}
+    workloads = render("base")
+    for monitor in monitors:
+        target = next(
+            w for w in workloads
+            if w["kind"] in ("Deployment", "DaemonSet")
+            and monitor["spec"]["selector"]["matchLabels"].items()
+            <= w["spec"]["template"]["metadata"]["labels"].items()
+        )  # fmt: skip
+        ports = {p["name"] for c in pod_spec(target)["containers"] for p in c["ports"]}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] in ports
+            assert endpoint["path"] == "/metrics"
+
+
+def test_the_dashboard_configmap_is_labelled_for_grafanas_sidecar():
+    cm = find(render("monitoring"), "ConfigMap", "autoscaler-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    json.loads(cm["data"]["autoscaler-dashboard.json"])
