@@ -1,0 +1,258 @@
+"""Workload and controller configuration: validated with pydantic, errors name the field.
+
+Why pydantic: a config is written by hand (YAML) and read by the controller, the KEDA scaler and
+the simulator; a typo must fail at load time with the dotted path of the bad field, never as a
+surprise at the first scale-up. Every `ValidationError` is turned into `ConfigError(field, msg)`.
+
+The planner itself works on the plain dataclasses of `autoscaler.plan` (fast, no validation in
+the hot path); `WorkloadConfig.to_spec()` makes one from a validated config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from autoscaler.errors import ConfigError
+
+if TYPE_CHECKING:
+    from autoscaler.plan.replicas import WorkloadSpec
+
+StartPathName = Literal["cold", "restore-store", "restore-disk", "restore-memory"]
+START_PATH_NAMES: tuple[str, ...] = ("cold", "restore-store", "restore-disk", "restore-memory")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CapacityConfig(_Strict):
+    """Sustainable throughput of one replica at its SLO (a profile measured offline)."""
+
+    throughput_per_replica: float = Field(gt=0, description="requests/s (or tokens/s) per replica")
+    unit: Literal["requests/s", "tokens/s"] = "requests/s"
+    slo_latency_s: float | None = Field(default=None, gt=0)
+
+
+class StartConfig(_Strict):
+    """How new replicas start and how long each path takes (seconds, start to ready)."""
+
+    path: StartPathName = "restore-memory"
+    lead_s: dict[StartPathName, float] = Field(default_factory=dict)
+    artifact_size_gb: float = Field(default=19.0, gt=0)
+
+    @field_validator("lead_s")
+    @classmethod
+    def _positive_leads(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, lead in value.items():
+            if not lead >= 0:
+                raise ValueError(f"lead time of start path {name!r} must be >= 0 s, got {lead}")
+        return value
+
+
+class PlanConfig(_Strict):
+    """Knobs of the replica and stage plans; defaults are what the simulator benchmarks use."""
+
+    quantile: float = Field(default=0.9, gt=0, lt=1)
+    headroom: float = Field(default=0.05, ge=0, le=10)
+    max_scale_up_step: int | None = Field(default=None, ge=1)
+    max_scale_down_step: int | None = Field(default=None, ge=1)
+    scale_down_window_s: float = Field(default=120.0, ge=0)
+    stabilisation_s: float = Field(default=60.0, ge=0)
+    stale_after_s: float = Field(default=180.0, gt=0)
+    on_missing: Literal["hold", "fallback"] = "hold"
+    fallback_replicas: int | None = Field(default=None, ge=0, validate_default=True)
+    reactive_floor: bool = True
+    staging_horizon_s: float = Field(default=3600.0, gt=0)
+    staging_quantile: float = Field(default=0.99, gt=0, lt=1)
+
+    @field_validator("fallback_replicas")
+    @classmethod
+    def _fallback_needs_value(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("on_missing") == "fallback" and value is None:
+            raise ValueError("on_missing is 'fallback' but no fallback_replicas is set")
+        return value
+
+
+class WorkloadConfig(_Strict):
+    """One scaled workload (a Deployment running inference replicas)."""
+
+    name: str = Field(min_length=1)
+    namespace: str = "default"
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=64, ge=1)
+    gpus_per_replica: int = Field(default=1, ge=1)
+    gpu_type: str = "any"
+    priority: int = 0
+    capacity: CapacityConfig | None = None
+    start: StartConfig = Field(default_factory=StartConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    query: str | None = Field(default=None, description="PromQL giving the demand (requests/s)")
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_replicas")
+        if low is not None and value < low:
+            raise ValueError(f"max_replicas ({value}) is below min_replicas ({low})")
+        return value
+
+    @field_validator("plan")
+    @classmethod
+    def _fallback_within_bounds(cls, value: PlanConfig, info: ValidationInfo) -> PlanConfig:
+        high = info.data.get("max_replicas")
+        if (
+            value.fallback_replicas is not None
+            and high is not None
+            and (value.fallback_replicas > high)
+        ):
+            raise ValueError(
+                f"fallback_replicas ({value.fallback_replicas}) is above max_replicas ({high})"
+            )
+        return value
+
+    def to_spec(
+        self,
+        capacity_per_replica: float | None = None,
+        interval_s: float = 30.0,
+        forecast_step_s: float = 60.0,
+    ) -> WorkloadSpec:
+        """The planner's plain spec. `capacity_per_replica` overrides the profile (e.g. fitted
+        from history or set by --peak-replicas); one of them must exist."""
+        from autoscaler.plan.replicas import WorkloadSpec
+
+        cap = capacity_per_replica
+        if cap is None:
+            if self.capacity is None:
+                raise ConfigError(
+                    f"workloads.{self.name}.capacity",
+                    "no capacity profile: set capacity.throughput_per_replica, fit it from "
+                    "history, or give --peak-replicas",
+                )
+            cap = self.capacity.throughput_per_replica
+        if not cap > 0:
+            raise ConfigError(f"workloads.{self.name}.capacity", f"must be > 0, got {cap}")
+        p = self.plan
+        return WorkloadSpec(
+            name=self.name,
+            capacity_per_replica=float(cap),
+            min_replicas=self.min_replicas,
+            max_replicas=self.max_replicas,
+            quantile=p.quantile,
+            headroom=p.headroom,
+            max_step_up=p.max_scale_up_step,
+            max_step_down=p.max_scale_down_step,
+            scale_down_window_s=p.scale_down_window_s,
+            stabilisation_s=p.stabilisation_s,
+            interval_s=interval_s,
+            forecast_step_s=forecast_step_s,
+            stale_after_s=p.stale_after_s,
+            on_missing=p.on_missing,
+            fallback_replicas=p.fallback_replicas,
+            reactive_floor=p.reactive_floor,
+            gpus_per_replica=self.gpus_per_replica,
+            priority=self.priority,
+        )
+
+
+class ControllerConfig(_Strict):
+    """The whole controller: its loop, its forecaster, its GPU budget and its workloads."""
+
+    interval_s: float = Field(default=30.0, gt=0)
+    forecaster: str = "auto"
+    forecast_step: str = "1min"
+    refit_every: str = "1D"
+    gpu_budget: int | None = Field(default=None, ge=0)
+    dry_run: bool = False
+    workloads: list[WorkloadConfig] = Field(default_factory=list)
+
+    @field_validator("forecast_step", "refit_every")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        import pandas as pd
+
+        try:
+            td = pd.Timedelta(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a duration: {value!r}") from exc
+        if td <= pd.Timedelta(0):
+            raise ValueError(f"must be a positive duration, got {value!r}")
+        return value
+
+    @field_validator("workloads")
+    @classmethod
+    def _unique_names(cls, value: list[WorkloadConfig]) -> list[WorkloadConfig]:
+        seen: set[str] = set()
+        for w in value:
+            if w.name in seen:
+                raise ValueError(f"workload name {w.name!r} appears twice")
+            seen.add(w.name)
+        return value
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item == "[key]":
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<root>"
+
+
+def _raise_config_error(exc: ValidationError, prefix: str = "") -> None:
+    first = exc.errors()[0]
+    path = _field_path(tuple(first["loc"]))
+    if prefix:
+        path = f"{prefix}.{path}" if path != "<root>" else prefix
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown option (misspelt?)"
+    if first["type"] == "literal_error" and ("lead_s" in path or path.endswith("start.path")):
+        message = f"{message} (known start paths: {', '.join(START_PATH_NAMES)})"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    raise ConfigError(path, message) from None
+
+
+def parse_workload(data: Mapping[str, Any]) -> WorkloadConfig:
+    """Validate one workload; raises ConfigError naming the bad field."""
+    try:
+        return WorkloadConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        _raise_config_error(exc)
+        raise  # unreachable: keeps type checkers honest
+
+
+def parse_config(data: Mapping[str, Any]) -> ControllerConfig:
+    """Validate a whole controller config; raises ConfigError naming the bad field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("<root>", f"a config is a mapping, got {type(data).__name__}")
+    try:
+        return ControllerConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        _raise_config_error(exc)
+        raise
+
+
+def load_config(path: str | Path) -> ControllerConfig:
+    """Read a YAML (or JSON) config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), f"cannot read config: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
+    return parse_config(data or {})
