@@ -1,0 +1,133 @@
+"""Checkpoint a warm worker into a new artifact: handshake, CUDA checkpoint, CRIU dump, seal.
+
+On any failure the worker is put back (CUDA restored and unlocked, told to carry on) so the
+node keeps a working replica, and no artifact appears in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from autoscaler.agent import criu as criu_mod
+from autoscaler.agent.cuda import driver_info, get_api, process_uses_cuda
+from autoscaler.agent.errors import AgentError, ArtifactExists
+from autoscaler.agent.hooks import Handshake
+from autoscaler.agent.store import ArtifactInfo, ArtifactStore, Manifest, validate_artifact_id
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """What to checkpoint and how.
+
+    pid is the worker's PID as the agent sees it; with `namespace_pid` (the pod's init, host
+    PID) CRIU runs inside that pod's namespaces and `pid_in_namespace` names the worker there.
+    """
+
+    artifact_id: str
+    pid: int
+    workload: str
+    model: dict[str, str] = field(default_factory=dict)
+    handshake_dir: str | None = None
+    namespace_pid: int | None = None
+    pid_in_namespace: int | None = None
+    leave_running: bool = False
+    cuda: str = "auto"  # auto: when the process has libcuda mapped; "on" / "off" force it
+    handshake_timeout_s: float = 600.0
+    lock_timeout_ms: int = 0
+    criu_options: criu_mod.CriuOptions = field(default_factory=criu_mod.CriuOptions)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    manifest: Manifest
+    seconds: dict[str, float]
+
+
+def checkpoint_worker(
+    store: ArtifactStore, request: CheckpointRequest, progress: Progress | None = None
+) -> CheckpointResult:
+    """Run the whole checkpoint of one worker into `store` under request.artifact_id."""
+    say = progress or (lambda _msg: None)
+    validate_artifact_id(request.artifact_id)
+    if request.cuda not in ("auto", "on", "off"):
+        raise ValueError(f"cuda must be auto, on or off, not {request.cuda!r}")
+    if store.exists(request.artifact_id):
+        raise ArtifactExists(request.artifact_id, store.describe())
+    timings: dict[str, float] = {}
+    handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
+    if handshake:
+        say(f"waiting for {request.handshake_dir}/ready-for-checkpoint")
+        t = time.perf_counter()
+        handshake.wait_ready_for_checkpoint(request.handshake_timeout_s)
+        timings["handshake"] = time.perf_counter() - t
+
+    target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
+    dump_pid = request.pid_in_namespace if target else request.pid
+    if target and dump_pid is None:
+        raise ValueError("pid_in_namespace is needed with namespace_pid")
+    use_cuda = request.cuda == "on" or (request.cuda == "auto" and process_uses_cuda(request.pid))
+    api = get_api() if use_cuda else None
+    cuda_checkpointed = False
+    try:
+        if api is not None:
+            say("CUDA lock + checkpoint")
+            t = time.perf_counter()
+            api.checkpoint_process(request.pid, request.lock_timeout_ms)
+            cuda_checkpointed = True
+            timings["cuda_checkpoint"] = time.perf_counter() - t
+        with store.create(request.artifact_id) as writer:
+            say(f"CRIU dump of pid {dump_pid}" + (f" in {target.describe()}" if target else ""))
+            options = replace(request.criu_options, leave_running=request.leave_running)
+            dumped = criu_mod.dump(
+                dump_pid, writer.images_dir, writer.logs_dir, options, target  # type: ignore[arg-type]
+            )
+            timings["criu_dump"] = dumped.seconds
+            say("sealing the artifact (sha256 of every file)")
+            t = time.perf_counter()
+            info = _artifact_info(request, dumped, api is not None, target is not None)
+            manifest = writer.commit(info)
+            timings["seal"] = time.perf_counter() - t
+    except BaseException:
+        _put_back(request, api if cuda_checkpointed else None, handshake)
+        raise
+    if request.leave_running:
+        _put_back(request, api if cuda_checkpointed else None, handshake)
+    say(f"artifact {manifest.id}: {manifest.total_bytes} bytes")
+    return CheckpointResult(manifest=manifest, seconds=timings)
+
+
+def _artifact_info(
+    request: CheckpointRequest, dumped: criu_mod.DumpResult, has_cuda: bool, namespaced: bool
+) -> ArtifactInfo:
+    gpu = driver_info() if has_cuda else {"driver_version": None, "gpu_model": None}
+    return ArtifactInfo(
+        workload=request.workload,
+        model=dict(request.model),
+        criu_version=criu_mod.criu_version(),
+        driver_version=gpu["driver_version"],
+        gpu_model=gpu["gpu_model"],
+        has_cuda_state=has_cuda,
+        root_pid=dumped.root_pid,
+        pids=dumped.pids,
+        namespaced=namespaced,
+        extra={"handshake": request.handshake_dir is not None, **request.extra},
+    )
+
+
+def _put_back(request: CheckpointRequest, api: object | None, handshake: Handshake | None) -> None:
+    """Let the original worker carry on after a failed or leave-running checkpoint."""
+    if not Path(f"/proc/{request.pid}").exists():
+        return
+    if api is not None:
+        with contextlib.suppress(AgentError):
+            api.restore_process(request.pid)  # type: ignore[attr-defined]
+    if handshake is not None:
+        with contextlib.suppress(OSError):
+            handshake.signal_checkpoint_done()

@@ -1,0 +1,461 @@
+"""CRIU dump and restore of a worker's process tree, on the host or inside a pod's namespaces.
+
+The CRIU binary comes from scripts/install-criu.sh (a private root with its own loader); it is
+found through $AUTOSCALER_CRIU, then $AUTOSCALER_CACHE/criu-root/bin/criu, then the repository's
+.cache, then `criu` on PATH if it is new enough. Every run keeps its log; failures raise
+CriuError with the log's tail, and a restore whose PIDs are taken raises PidTaken before CRIU
+runs (CRIU would only say "File exists").
+
+Namespaces: CRIU refuses to dump a process of a nested pid namespace from outside, so for a
+worker in a pod both dump and restore run through `nsenter -t <init> -p -m -n -i -u` (the
+pod's init for a dump; a placeholder init that reaps for a restore). The CRIU binary, the
+images and the logs must then be visible at the same paths inside that mount namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
+
+MIN_VERSION = (4, 2)
+LOG_TAIL_LINES = 25
+PR_SET_CHILD_SUBREAPER = 36
+ALL_NAMESPACES = ("pid", "mnt", "net", "ipc", "uts")
+_NSENTER_FLAGS = {"pid": "-p", "mnt": "-m", "net": "-n", "ipc": "-i", "uts": "-u", "cgroup": "-C"}
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def criu_candidates() -> list[Path]:
+    """Where CRIU is looked for, in order."""
+    out: list[Path] = []
+    if env := os.environ.get("AUTOSCALER_CRIU"):
+        out.append(Path(env))
+    if cache := os.environ.get("AUTOSCALER_CACHE"):
+        out.append(Path(cache) / "criu-root" / "bin" / "criu")
+    out.append(_repo_root() / ".cache" / "criu-root" / "bin" / "criu")
+    if on_path := shutil.which("criu"):
+        out.append(Path(on_path))
+    return out
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    for line in text.splitlines():
+        if line.startswith("Version:"):
+            return tuple(int(p) for p in line.split(":", 1)[1].strip().split(".") if p.isdigit())
+    return ()
+
+
+def criu_version(criu: Path | None = None) -> str:
+    """CRIU's version string (e.g. '4.2.1')."""
+    binary = criu or find_criu()
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    return ".".join(str(p) for p in _parse_version(out)) or "unknown"
+
+
+_found: Path | None = None
+
+
+def find_criu() -> Path:
+    """The first CRIU binary that runs and is at least 4.2 (older ones fail on this kernel)."""
+    global _found
+    if _found is not None:
+        return _found
+    tried = []
+    for cand in criu_candidates():
+        if not cand.exists():
+            tried.append(f"{cand} (absent)")
+            continue
+        try:
+            out = subprocess.run(
+                [str(cand), "--version"], capture_output=True, text=True, timeout=30, check=False
+            ).stdout
+        except OSError as exc:
+            tried.append(f"{cand} ({exc})")
+            continue
+        version = _parse_version(out)
+        if version >= MIN_VERSION:
+            _found = cand
+            return cand
+        tried.append(f"{cand} (version {version or 'unreadable'} < 4.2)")
+    raise CriuNotFound(
+        "no usable CRIU >= 4.2 found; run scripts/install-criu.sh or set AUTOSCALER_CRIU. "
+        "Tried: " + "; ".join(tried)
+    )
+
+
+@dataclass(frozen=True)
+class CriuOptions:
+    """The CRIU options a worker needs. Defaults suit a worker that follows the contract
+    (listeners opened only after restore, stdio not on a terminal)."""
+
+    tcp_established: bool = False  # dump live TCP connections (same node only)
+    tcp_close: bool = False  # restore established TCP connections closed
+    ext_unix_sk: bool = True  # allow Unix sockets connected to peers outside the tree
+    file_locks: bool = True
+    link_remap: bool = True  # files unlinked while open
+    shell_job: bool = False  # the tree belongs to a terminal session
+    leave_running: bool = False  # dump only: keep the original running
+    manage_cgroups: bool = False
+    verbosity: int = 2
+    extra_args: tuple[str, ...] = ()
+
+    def args(self, operation: str) -> list[str]:
+        out = [f"-v{self.verbosity}"]
+        if self.tcp_established:
+            out.append("--tcp-established")
+        if self.tcp_close and operation == "restore":
+            out.append("--tcp-close")
+        if self.ext_unix_sk:
+            out.append("--ext-unix-sk")
+        if self.file_locks:
+            out.append("--file-locks")
+        if self.link_remap:
+            out.append("--link-remap")
+        if self.shell_job:
+            out.append("--shell-job")
+        if self.leave_running and operation == "dump":
+            out.append("--leave-running")
+        if self.manage_cgroups:
+            out.append("--manage-cgroups")
+        out.extend(self.extra_args)
+        return out
+
+
+@dataclass(frozen=True)
+class NamespaceTarget:
+    """Run CRIU inside the namespaces of `pid` (a pod's init, or a placeholder that reaps)."""
+
+    pid: int
+    namespaces: tuple[str, ...] = ALL_NAMESPACES
+
+    def nsenter_prefix(self) -> list[str]:
+        nsenter = shutil.which("nsenter")
+        if nsenter is None:
+            raise CriuNotFound("nsenter (util-linux) is needed to run CRIU in namespaces")
+        flags = [_NSENTER_FLAGS[n] for n in self.namespaces]
+        return [nsenter, "-t", str(self.pid), *flags, "--"]
+
+    def describe(self) -> str:
+        return f"the pid namespace of {self.pid}"
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    seconds: float
+    log_path: Path
+    pids: tuple[int, ...]  # every PID/TID of the dumped tree (as seen in its pid namespace)
+    root_pid: int
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    pid: int  # the root's PID inside its pid namespace (== host_pid without a target)
+    host_pid: int  # the same process seen from the agent
+    seconds: float
+    log_path: Path
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(log empty)"
+
+
+def _run_criu(
+    operation: str,
+    args: Sequence[str],
+    log_path: Path,
+    target: NamespaceTarget | None,
+    timeout_s: float,
+) -> float:
+    cmd = [*(target.nsenter_prefix() if target else []), str(find_criu()), operation, *args]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CriuError(operation, -1, str(log_path), f"timed out after {timeout_s} s\n"
+                        + _log_tail(log_path)) from exc
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = _log_tail(log_path)
+        if proc.stderr.strip():
+            tail = proc.stderr.strip()[-2000:] + "\n" + tail
+        raise CriuError(operation, proc.returncode, str(log_path), tail)
+    return seconds
+
+
+def dump(
+    pid: int,
+    images_dir: Path,
+    logs_dir: Path,
+    options: CriuOptions | None = None,
+    target: NamespaceTarget | None = None,
+    timeout_s: float = 600.0,
+) -> DumpResult:
+    """Checkpoint the tree rooted at `pid` (a PID inside target's namespace when given)."""
+    options = options or CriuOptions()
+    images_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = logs_dir / "dump.log"
+    args = [
+        "-t", str(pid),
+        "-D", str(images_dir),
+        "--work-dir", str(logs_dir),
+        "-o", log_path.name,
+        *options.args("dump"),
+    ]
+    seconds = _run_criu("dump", args, log_path, target, timeout_s)
+    tree = read_pstree(images_dir)
+    pids = tuple(sorted({p for entry in tree for p in (entry.pid, *entry.threads)}))
+    return DumpResult(seconds=seconds, log_path=log_path, pids=pids, root_pid=tree[0].pid)
+
+
+def restore(
+    images_dir: Path,
+    logs_dir: Path,
+    options: CriuOptions | None = None,
+    target: NamespaceTarget | None = None,
+    log_name: str = "restore.log",
+    timeout_s: float = 600.0,
+) -> RestoreResult:
+    """Restore the tree in images_dir, detached; its PIDs must be free where it lands."""
+    options = options or CriuOptions()
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    tree = read_pstree(images_dir)
+    ensure_pids_free(sorted({p for e in tree for p in (e.pid, *e.threads)}), target)
+    log_path = logs_dir / log_name
+    pidfile = logs_dir / (Path(log_name).stem + ".pid")
+    pidfile.unlink(missing_ok=True)
+    if target is None:
+        become_subreaper()
+    args = [
+        "-D", str(images_dir),
+        "--work-dir", str(logs_dir),
+        "-o", log_path.name,
+        "--pidfile", str(pidfile),
+        "--restore-detached",
+        *options.args("restore"),
+    ]
+    try:
+        seconds = _run_criu("restore", args, log_path, target, timeout_s)
+    except CriuError as exc:
+        if "File exists" in exc.log_tail and "Can't fork" in exc.log_tail:
+            taken = tree[0].pid
+            raise PidTaken(taken, target.describe() if target else "the host") from exc
+        raise
+    inner = int(pidfile.read_text().strip())
+    host = host_pid_of(target, inner) if target else inner
+    if target is None:
+        reap_when_exits(host)
+    return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path)
+
+
+# --- PIDs and namespaces ---------------------------------------------------------------------
+_subreaper_set = False
+_reapers: dict[int, threading.Thread] = {}
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of what it restores on the host.
+
+    A detached restore leaves the restored root without a parent; as a subreaper the agent
+    inherits it and reaps it when it dies, so a dead worker never lingers as a zombie holding
+    its PID (which would block the next restore with the same PID).
+    """
+    global _subreaper_set
+    if _subreaper_set:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    _subreaper_set = True
+
+
+def reap_when_exits(pid: int) -> None:
+    """Wait for a restored child in a daemon thread (only our own children can be waited for)."""
+
+    def wait() -> None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # not our child (already reaped, or re-parented elsewhere)
+        finally:
+            _reapers.pop(pid, None)
+
+    thread = threading.Thread(target=wait, name=f"reap-{pid}", daemon=True)
+    _reapers[pid] = thread
+    thread.start()
+
+
+def _pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _ns_pids(pid: int) -> list[int]:
+    """NSpid of a process: its PID in each pid namespace, outermost first."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(p) for p in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def _all_tids() -> Iterable[int]:
+    """Every process and thread id visible in /proc (threads hide under /proc/<pid>/task)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for task in os.scandir(f"/proc/{entry.name}/task"):
+                yield int(task.name)
+        except OSError:
+            continue
+
+
+def pids_in_namespace(target: NamespaceTarget) -> dict[int, int]:
+    """Map inner PID -> host PID of every task in target's pid namespace."""
+    ns = _pid_ns(target.pid)
+    if ns is None:
+        raise ProcessLookupError(f"namespace target {target.pid} does not exist")
+    out: dict[int, int] = {}
+    for tid in _all_tids():
+        if _pid_ns(tid) == ns:
+            nspids = _ns_pids(tid)
+            if nspids:
+                out[nspids[-1]] = tid
+    return out
+
+
+def host_pid_of(target: NamespaceTarget, inner_pid: int) -> int:
+    """The host PID of the process that has `inner_pid` inside target's pid namespace."""
+    mapping = pids_in_namespace(target)
+    if inner_pid not in mapping:
+        raise ProcessLookupError(f"no pid {inner_pid} in {target.describe()}")
+    return mapping[inner_pid]
+
+
+def ensure_pids_free(pids: Iterable[int], target: NamespaceTarget | None) -> None:
+    """Raise PidTaken if any PID the restore needs is held (zombies included)."""
+    if target is None:
+        for pid in pids:
+            if os.path.exists(f"/proc/{pid}"):
+                raise PidTaken(pid, "the host")
+        return
+    taken = pids_in_namespace(target)
+    for pid in pids:
+        if pid in taken:
+            raise PidTaken(pid, target.describe())
+
+
+# --- images ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PstreeEntry:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    threads: tuple[int, ...]
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _decode_pstree_entry(msg: bytes) -> PstreeEntry:
+    """Decode CRIU's pstree_entry protobuf (pid=1, ppid=2, pgid=3, sid=4, threads=5)."""
+    fields: dict[int, list[int]] = {}
+    pos = 0
+    while pos < len(msg):
+        key, pos = _varint(msg, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(msg, pos)
+            fields.setdefault(number, []).append(value)
+        elif wire == 2:
+            length, pos = _varint(msg, pos)
+            chunk = msg[pos : pos + length]
+            pos += length
+            if number == 5:  # packed repeated threads
+                p = 0
+                while p < len(chunk):
+                    value, p = _varint(chunk, p)
+                    fields.setdefault(5, []).append(value)
+        elif wire == 5:
+            pos += 4
+        elif wire == 1:
+            pos += 8
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    return PstreeEntry(
+        pid=fields[1][0],
+        ppid=fields.get(2, [0])[0],
+        pgid=fields.get(3, [0])[0],
+        sid=fields.get(4, [0])[0],
+        threads=tuple(fields.get(5, ())),
+    )
+
+
+def read_pstree(images_dir: Path) -> list[PstreeEntry]:
+    """The process tree CRIU recorded (root first), read from pstree.img."""
+    path = images_dir / "pstree.img"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CriuError("read images", 1, str(path), "pstree.img is missing") from exc
+    # Image layout: two 32-bit magics, then entries of (u32 length, protobuf message).
+    pos = 8
+    out = []
+    try:
+        while pos + 4 <= len(data):
+            (size,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            if pos + size > len(data):
+                raise ValueError("truncated entry")
+            out.append(_decode_pstree_entry(data[pos : pos + size]))
+            pos += size
+    except (ValueError, KeyError, IndexError) as exc:
+        raise CriuError("read images", 1, str(path), f"pstree.img unreadable: {exc}") from exc
+    if not out:
+        raise CriuError("read images", 1, str(path), "pstree.img holds no process")
+    return out

@@ -1,0 +1,294 @@
+"""Restore a worker from the best copy of an artifact, or report exactly why not.
+
+Order of copies: memory tier, disk tier, then the store itself. Each is verified (sha256 of every
+file) before use; a corrupt copy is quarantined and the next one tried. Then: CRIU restore
+(detached, into the target pod's namespaces when given), CUDA restore + unlock when the image
+holds CUDA state, tell the worker it was restored, wait for its ready signal, check that it
+answers over HTTP. On any failure after CRIU started, everything restored is killed, the
+node-local copy used is quarantined, and a RestoreOutcome with ok=False says why, so the caller
+falls back to a cold start. Nothing here raises for an expected failure; errors become outcomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from autoscaler.agent import criu as criu_mod
+from autoscaler.agent.cuda import get_api
+from autoscaler.agent.errors import (
+    AgentError,
+    ArtifactCorrupt,
+    ArtifactNotFound,
+    PidTaken,
+    WorkerNotReady,
+)
+from autoscaler.agent.hooks import Handshake
+from autoscaler.agent.staging import NodeCache
+from autoscaler.agent.store import ArtifactStore, VerifiedArtifact, validate_artifact_id
+
+Progress = Callable[[str], None]
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What to restore and how to know it worked.
+
+    namespace_pid: host PID of the target pod's init (a placeholder that reaps); without it the
+    worker is restored in the agent's own namespaces. health_url is fetched from inside the
+    target's network namespace.
+    """
+
+    artifact_id: str
+    handshake_dir: str | None = None
+    health_url: str | None = None
+    namespace_pid: int | None = None
+    gpu_pairs: tuple[tuple[str, str], ...] = ()
+    ready_timeout_s: float = 120.0
+    health_timeout_s: float = 30.0
+    use_store: bool = True
+    criu_options: criu_mod.CriuOptions = field(default_factory=criu_mod.CriuOptions)
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    """The typed result: ok with where it came from and timings, or why it failed."""
+
+    ok: bool
+    artifact_id: str
+    source: str | None = None  # "memory", "disk" or "store"
+    pid: int | None = None  # the worker's PID in its pid namespace
+    host_pid: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    error: str | None = None  # the error class, e.g. "ArtifactCorrupt", "PidTaken"
+    quarantined: tuple[str, ...] = ()
+    log_path: str | None = None
+    fallback: str | None = None  # "cold-start" when not ok
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _failure(artifact_id: str, exc: BaseException, **kw: object) -> RestoreOutcome:
+    return RestoreOutcome(
+        ok=False,
+        artifact_id=artifact_id,
+        reason=str(exc),
+        error=type(exc).__name__,
+        fallback="cold-start",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def choose_copy(
+    artifact_id: str,
+    cache: NodeCache | None,
+    store: ArtifactStore | None,
+    use_store: bool,
+    quarantined: list[str],
+    progress: Progress,
+) -> tuple[str, VerifiedArtifact, ArtifactStore]:
+    """The best verified copy; corrupt copies are quarantined on the way."""
+    candidates: list[tuple[str, ArtifactStore]] = []
+    if cache is not None:
+        candidates.extend(cache.best_copies(artifact_id))
+    if store is not None and use_store and store.local_path(artifact_id) is not None:
+        candidates.append(("store", store))
+    last: AgentError = ArtifactNotFound(artifact_id, "node cache or store")
+    for source, holder in candidates:
+        progress(f"verifying the {source} copy of {artifact_id}")
+        try:
+            verified = holder.open(artifact_id)
+        except ArtifactCorrupt as exc:
+            quarantined.append(holder.quarantine(artifact_id, str(exc)))
+            last = exc
+            continue
+        except ArtifactNotFound as exc:
+            last = exc
+            continue
+        if cache is not None and source != "store":
+            cache.touch(artifact_id, source)
+        return source, verified, holder
+    raise last
+
+
+def restore_artifact(
+    request: RestoreRequest,
+    cache: NodeCache | None = None,
+    store: ArtifactStore | None = None,
+    progress: Progress | None = None,
+    log_root: Path | None = None,
+) -> RestoreOutcome:
+    """Restore one worker; never raises for an expected failure (see RestoreOutcome)."""
+    say = progress or (lambda _m: None)
+    artifact_id = request.artifact_id
+    try:
+        validate_artifact_id(artifact_id)
+    except AgentError as exc:
+        return _failure(str(artifact_id), exc)
+    timings: dict[str, float] = {}
+    quarantined: list[str] = []
+    t0 = time.perf_counter()
+    try:
+        source, verified, holder = choose_copy(
+            artifact_id, cache, store, request.use_store, quarantined, say
+        )
+    except AgentError as exc:
+        return _failure(artifact_id, exc, quarantined=tuple(quarantined))
+    timings["verify"] = time.perf_counter() - t0
+
+    target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
+    logs = _log_dir(log_root, cache, artifact_id)
+    handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
+    if handshake:
+        handshake.prepare_restore()
+    say(f"CRIU restore from the {source} copy" + (f" into {target.describe()}" if target else ""))
+    try:
+        restored = criu_mod.restore(
+            verified.images_dir, logs, request.criu_options, target, log_name="restore.log"
+        )
+    except PidTaken as exc:  # nothing was restored and the artifact is fine
+        return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
+    except AgentError as exc:
+        where = _quarantine_local(holder, source, artifact_id, exc, quarantined)
+        return _failure(artifact_id, exc, source=source, quarantined=tuple(where),
+                        log_path=str(logs / "restore.log"))
+    timings["criu_restore"] = restored.seconds
+    try:
+        if verified.manifest.has_cuda_state:
+            say("CUDA restore + unlock")
+            t = time.perf_counter()
+            get_api().restore_process(restored.host_pid, request.gpu_pairs)
+            timings["cuda_restore"] = time.perf_counter() - t
+        if handshake:
+            t = time.perf_counter()
+            handshake.signal_restored(artifact=artifact_id)
+            say("waiting for the worker's ready signal")
+            handshake.wait_ready(request.ready_timeout_s)
+            timings["ready"] = time.perf_counter() - t
+        if request.health_url:
+            t = time.perf_counter()
+            check_health(request.health_url, request.health_timeout_s, request.namespace_pid)
+            timings["health"] = time.perf_counter() - t
+    except (AgentError, OSError) as exc:
+        kill_restored(restored.host_pid)
+        where = _quarantine_local(holder, source, artifact_id, exc, quarantined)
+        return _failure(artifact_id, exc, source=source, quarantined=tuple(where),
+                        log_path=str(restored.log_path), seconds=timings)
+    timings["total"] = time.perf_counter() - t0
+    return RestoreOutcome(
+        ok=True,
+        artifact_id=artifact_id,
+        source=source,
+        pid=restored.pid,
+        host_pid=restored.host_pid,
+        seconds=timings,
+        quarantined=tuple(quarantined),
+        log_path=str(restored.log_path),
+    )
+
+
+def _log_dir(log_root: Path | None, cache: NodeCache | None, artifact_id: str) -> Path:
+    """Restore logs live beside the copies, never inside a verified artifact."""
+    if log_root is None:
+        log_root = cache.tiers["disk"].root / ".logs" if cache else Path("/tmp/autoscaler-agent")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{os.getpid()}.{time.time_ns()}"
+    path = log_root / artifact_id / stamp
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _quarantine_local(
+    holder: ArtifactStore, source: str, artifact_id: str, exc: BaseException, done: list[str]
+) -> list[str]:
+    """Quarantine the node-local copy that failed; the shared store's copy is left alone
+    (a failure on one node may be that node's, and other nodes still restore from it)."""
+    if source != "store":
+        with contextlib.suppress(AgentError, OSError):
+            done.append(holder.quarantine(artifact_id, f"restore failed: {exc}"))
+    return done
+
+
+def kill_restored(host_pid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL the restored tree (its process group, the worker being a session leader)."""
+    try:
+        pgid = os.getpgid(host_pid)
+    except ProcessLookupError:
+        return
+    # Never signal our own group (a restored tree that is not a session leader shares it).
+    if pgid != os.getpgid(0):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(host_pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{host_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def check_health(url: str, timeout_s: float, netns_pid: int | None = None) -> int:
+    """GET url until it answers 200 (from inside netns_pid's network namespace if given)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            status = http_get(url, min(5.0, timeout_s), netns_pid)[0]
+        except OSError as exc:
+            last = str(exc)
+        else:
+            if status == 200:
+                return status
+            last = f"HTTP {status}"
+        time.sleep(0.02)
+    raise WorkerNotReady(f"health check {url} failed for {timeout_s} s: {last}")
+
+
+def http_get(url: str, timeout_s: float, netns_pid: int | None = None) -> tuple[int, bytes]:
+    """An HTTP GET, optionally from inside another process's network namespace.
+
+    The network namespace is per thread on Linux: a fresh thread joins it (setns), makes the
+    request and ends, so the agent's own threads stay where they were.
+    """
+    if netns_pid is None:
+        return _plain_get(url, timeout_s)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/proc/{netns_pid}/ns/net", os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into the netns of {netns_pid}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = _plain_get(url, timeout_s)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"netns-{netns_pid}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]
+
+
+def _plain_get(url: str, timeout_s: float) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

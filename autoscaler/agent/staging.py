@@ -1,0 +1,351 @@
+"""Node-local staging of artifacts: copy from the store to disk or memory ahead of demand.
+
+Each tier (disk: a node-local directory; memory: a tmpfs directory such as /dev/shm/...) is a
+`DirectoryStore` with a byte budget. A copy goes into the tier's staging area, is hashed while
+it is copied, checked against the manifest and only then renamed into place, so an interrupted
+or corrupt copy never looks like a staged artifact. When a budget would be exceeded, the least
+recently used artifacts that no plan pins are evicted; pinned ones never are.
+`warm()` pulls a disk copy into the page cache with parallel reads (the cheap memory tier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from autoscaler.agent.errors import (
+    ArtifactCorrupt,
+    ArtifactNotFound,
+    BudgetExceeded,
+    StagingError,
+)
+from autoscaler.agent.store import (
+    DIR_MODE,
+    FILE_MODE,
+    MANIFEST_NAME,
+    STAGING_DIR,
+    ArtifactStore,
+    DirectoryStore,
+    Manifest,
+    ProgressCallback,
+    VerifiedArtifact,
+    validate_artifact_id,
+)
+
+TIERS = ("memory", "disk")  # best first
+COPY_CHUNK = 8 << 20
+META_DIR = ".meta"
+
+
+@dataclass(frozen=True)
+class CachedArtifact:
+    """One artifact held on this node."""
+
+    artifact_id: str
+    tier: str  # "memory" (tmpfs) or "disk"
+    bytes: int
+    workload: str
+    last_used: float
+    staged_at: float
+    pinned: bool
+    page_cache_bytes: int | None = None  # disk copies: how much is resident in page cache
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    tier: str
+    root: str
+    used_bytes: int
+    budget_bytes: int
+
+
+class NodeCache:
+    """The node-local artifact cache: tiers with budgets, LRU eviction, pins and inventory."""
+
+    def __init__(
+        self,
+        disk_root: str | os.PathLike[str],
+        disk_budget_bytes: int,
+        memory_root: str | os.PathLike[str] | None = None,
+        memory_budget_bytes: int = 0,
+    ) -> None:
+        self.tiers: dict[str, DirectoryStore] = {"disk": DirectoryStore(disk_root)}
+        self.budgets: dict[str, int] = {"disk": int(disk_budget_bytes)}
+        if memory_root is not None and memory_budget_bytes > 0:
+            self.tiers["memory"] = DirectoryStore(memory_root)
+            self.budgets["memory"] = int(memory_budget_bytes)
+        self.pinned: set[str] = set()
+        self._lock = threading.RLock()
+        for store in self.tiers.values():
+            (store.root / META_DIR).mkdir(exist_ok=True, mode=DIR_MODE)
+            store.cleanup_staging()  # leftovers of copies interrupted by a crash
+
+    # --- metadata ---------------------------------------------------------------------------
+    def _meta_path(self, tier: str, artifact_id: str) -> Path:
+        return self.tiers[tier].root / META_DIR / f"{artifact_id}.json"
+
+    def _read_meta(self, tier: str, artifact_id: str) -> dict:
+        try:
+            return json.loads(self._meta_path(tier, artifact_id).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_meta(self, tier: str, artifact_id: str, **values: float) -> None:
+        meta = {**self._read_meta(tier, artifact_id), **values}
+        path = self._meta_path(tier, artifact_id)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path)
+
+    def touch(self, artifact_id: str, tier: str) -> None:
+        """Mark a copy as just used (LRU order)."""
+        self._write_meta(tier, artifact_id, last_used=time.time())
+
+    def set_pinned(self, artifact_ids: Iterable[str]) -> None:
+        """The artifacts current plans need: never evicted to make room."""
+        ids = {validate_artifact_id(a) for a in artifact_ids}
+        with self._lock:
+            self.pinned = ids
+
+    # --- inventory --------------------------------------------------------------------------
+    def holds(self, artifact_id: str, tier: str) -> bool:
+        return tier in self.tiers and self.tiers[tier].exists(artifact_id)
+
+    def inventory(self, page_cache: bool = False) -> list[CachedArtifact]:
+        out = []
+        for tier, store in self.tiers.items():
+            for artifact_id in store.list_ids():
+                try:
+                    manifest = store.read_manifest(artifact_id)
+                except ArtifactCorrupt:
+                    continue
+                meta = self._read_meta(tier, artifact_id)
+                resident = None
+                if page_cache and tier == "disk":
+                    resident = resident_bytes(store.root / artifact_id, manifest)
+                out.append(CachedArtifact(
+                    artifact_id=artifact_id,
+                    tier=tier,
+                    bytes=manifest.total_bytes,
+                    workload=manifest.workload,
+                    last_used=float(meta.get("last_used", 0.0)),
+                    staged_at=float(meta.get("staged_at", 0.0)),
+                    pinned=artifact_id in self.pinned,
+                    page_cache_bytes=resident,
+                ))
+        return out
+
+    def usage(self) -> list[TierUsage]:
+        held = self.inventory()
+        return [
+            TierUsage(
+                tier=tier,
+                root=str(store.root),
+                used_bytes=sum(a.bytes for a in held if a.tier == tier),
+                budget_bytes=self.budgets[tier],
+            )
+            for tier, store in self.tiers.items()
+        ]
+
+    # --- eviction ---------------------------------------------------------------------------
+    def evict(self, artifact_id: str, tier: str | None = None, force: bool = False) -> list[str]:
+        """Remove a copy (from one tier or all); pinned ones only with force. Returns tiers."""
+        validate_artifact_id(artifact_id)
+        with self._lock:
+            if artifact_id in self.pinned and not force:
+                raise StagingError(f"artifact {artifact_id!r} is pinned by a plan; not evicted")
+            removed = []
+            for name in [tier] if tier else list(self.tiers):
+                if name not in self.tiers:
+                    raise StagingError(f"no tier {name!r} on this node")
+                if self.tiers[name].exists(artifact_id):
+                    self.tiers[name].delete(artifact_id)
+                    self._meta_path(name, artifact_id).unlink(missing_ok=True)
+                    removed.append(name)
+            return removed
+
+    def _make_room(self, tier: str, needed: int) -> list[str]:
+        """Evict LRU unpinned artifacts of a tier until `needed` more bytes fit the budget."""
+        budget = self.budgets[tier]
+        held = sorted(
+            (a for a in self.inventory() if a.tier == tier), key=lambda a: a.last_used
+        )
+        used = sum(a.bytes for a in held)
+        evictable = [a for a in held if not a.pinned]
+        if needed > budget - used + sum(a.bytes for a in evictable):
+            raise BudgetExceeded(tier, needed, budget - used + sum(a.bytes for a in evictable))
+        evicted = []
+        for victim in evictable:
+            if used + needed <= budget:
+                break
+            self.tiers[tier].delete(victim.artifact_id)
+            self._meta_path(tier, victim.artifact_id).unlink(missing_ok=True)
+            used -= victim.bytes
+            evicted.append(victim.artifact_id)
+        return evicted
+
+    # --- staging ----------------------------------------------------------------------------
+    def stage(
+        self,
+        source: ArtifactStore,
+        artifact_id: str,
+        tier: str = "disk",
+        progress: ProgressCallback | None = None,
+        warm: bool = False,
+    ) -> CachedArtifact:
+        """Copy an artifact into a tier (verified on the way); a no-op if already there."""
+        validate_artifact_id(artifact_id)
+        if tier not in self.tiers:
+            raise StagingError(f"no {tier!r} tier configured on this node")
+        dest = self.tiers[tier]
+        with self._lock:
+            if dest.exists(artifact_id):
+                self.touch(artifact_id, tier)
+                return self._entry(tier, artifact_id)
+            # Copy from the best copy this node already has (disk -> memory), else the store.
+            origin: ArtifactStore = source
+            if tier == "memory" and self.holds(artifact_id, "disk"):
+                origin = self.tiers["disk"]
+            manifest = origin.read_manifest(artifact_id)
+            self._make_room(tier, manifest.total_bytes)
+        copy_artifact(origin, dest, manifest, progress)
+        now = time.time()
+        self._write_meta(tier, artifact_id, last_used=now, staged_at=now)
+        if warm and tier == "disk":
+            warm_page_cache(dest.root / artifact_id, manifest)
+        return self._entry(tier, artifact_id)
+
+    def _entry(self, tier: str, artifact_id: str) -> CachedArtifact:
+        for item in self.inventory():
+            if item.tier == tier and item.artifact_id == artifact_id:
+                return item
+        raise ArtifactNotFound(artifact_id, f"{tier} tier")
+
+    def best_copies(self, artifact_id: str) -> list[tuple[str, DirectoryStore]]:
+        """The tiers holding the artifact, best (fastest to restore from) first."""
+        return [(t, self.tiers[t]) for t in TIERS if self.holds(artifact_id, t)]
+
+    def open(self, artifact_id: str, tier: str) -> VerifiedArtifact:
+        verified = self.tiers[tier].open(artifact_id)
+        self.touch(artifact_id, tier)
+        return verified
+
+
+def copy_artifact(
+    origin: ArtifactStore,
+    dest: DirectoryStore,
+    manifest: Manifest,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Copy every file of `manifest` from origin into dest atomically, hashing as it goes."""
+    artifact_id = manifest.id
+    partial = dest.root / STAGING_DIR / f"{artifact_id}.{uuid.uuid4().hex[:12]}"
+    partial.mkdir(mode=DIR_MODE)
+    total = manifest.total_bytes
+    done = 0
+    try:
+        for rel, entry in sorted(manifest.files.items()):
+            target = partial / rel
+            target.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            digest = hashlib.sha256()
+            size = 0
+            with origin.open_file(artifact_id, rel) as src:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(COPY_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+                    out.flush()
+                    os.fsync(out.fileno())
+            if size != entry.size:
+                raise ArtifactCorrupt(artifact_id, rel, f"copied {size} bytes, manifest says "
+                                      f"{entry.size} (truncated?)")
+            if digest.hexdigest() != entry.sha256:
+                raise ArtifactCorrupt(artifact_id, rel, "sha256 mismatch while copying")
+        fd = os.open(partial / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with os.fdopen(fd, "w") as f:
+            f.write(manifest.to_json())
+        # Every file was hashed on the way; only the manifest's files were copied, so the copy
+        # holds exactly what the manifest lists.
+        dest._publish(partial, artifact_id)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return dest.root / artifact_id
+
+
+def warm_page_cache(path: Path, manifest: Manifest, threads: int = 8) -> int:
+    """Read every file with parallel readers so the page cache holds it; returns bytes read."""
+    jobs: list[tuple[Path, int, int]] = []
+    for rel, entry in manifest.files.items():
+        for offset in range(0, entry.size, 64 << 20):
+            jobs.append((path / rel, offset, min(64 << 20, entry.size - offset)))
+
+    def read(job: tuple[Path, int, int]) -> int:
+        file, offset, length = job
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            got = 0
+            while got < length:
+                chunk = os.pread(fd, min(COPY_CHUNK, length - got), offset + got)
+                if not chunk:
+                    break
+                got += len(chunk)
+            return got
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return sum(pool.map(read, jobs))
+
+
+def resident_bytes(path: Path, manifest: Manifest) -> int:
+    """How many bytes of the artifact's files are in the page cache (mincore)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    resident = 0
+    for rel, entry in manifest.files.items():
+        if entry.size == 0:
+            continue
+        fd = os.open(path / rel, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, entry.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                continue
+            try:
+                pages = (entry.size + page - 1) // page
+                vec = ctypes.create_string_buffer(pages)
+                if libc.mincore(addr, entry.size, vec) == 0:
+                    resident += sum(b & 1 for b in vec.raw) * page
+            finally:
+                libc.munmap(addr, entry.size)
+        finally:
+            os.close(fd)
+    return resident

@@ -1,0 +1,551 @@
+"""Artifact store: immutable, verified checkpoint artifacts.
+
+An artifact is a directory::
+
+    <id>/manifest.json   what it is and the size + sha256 of every other file
+    <id>/images/...      CRIU images (and anything the worker saved beside them)
+    <id>/logs/...        the dump logs
+
+It is written into a staging directory and renamed into place only once complete and fsynced,
+so a crash never leaves a half artifact that looks whole, and every read verifies the hashes.
+Backends share one small interface (`ArtifactStore`); the directory backend serves both a
+node-local directory and a shared filesystem (a PVC). An object-storage backend implements the
+same methods with `open_file` streaming and `local_path` returning None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from autoscaler.agent.errors import (
+    ArtifactCorrupt,
+    ArtifactExists,
+    ArtifactNotFound,
+    InvalidArtifactId,
+)
+
+# Lower-case letters, digits, '.', '_', '-'; starts and ends alphanumeric; no '..'; <= 128 chars.
+# No '/', so an id is always exactly one path component inside the store.
+ARTIFACT_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,126}[a-z0-9])?$"
+_ARTIFACT_ID_RE = re.compile(ARTIFACT_ID_PATTERN)
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+HASH_CHUNK = 4 << 20
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+STAGING_DIR = ".staging"
+QUARANTINE_DIR = ".quarantine"
+
+
+def validate_artifact_id(artifact_id: object) -> str:
+    """Return the id if it matches the strict pattern, else raise InvalidArtifactId."""
+    if (
+        not isinstance(artifact_id, str)
+        or not _ARTIFACT_ID_RE.fullmatch(artifact_id)
+        or ".." in artifact_id
+    ):
+        raise InvalidArtifactId(artifact_id, ARTIFACT_ID_PATTERN)
+    return artifact_id
+
+
+def _validate_relpath(artifact_id: str, relpath: str) -> str:
+    """A manifest path must stay inside the artifact: relative, no '..', no empty parts."""
+    parts = relpath.split("/")
+    if (
+        not relpath
+        or relpath.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in relpath
+        or "\0" in relpath
+        or relpath == MANIFEST_NAME
+    ):
+        raise ArtifactCorrupt(artifact_id, relpath, "file path escapes the artifact or is invalid")
+    return relpath
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and sha256 of one file of an artifact."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an artifact is, where it came from, and the digest of every file it holds."""
+
+    id: str
+    workload: str
+    model: dict[str, str]
+    created: str
+    files: dict[str, FileEntry]
+    criu_version: str | None = None
+    driver_version: str | None = None
+    gpu_model: str | None = None
+    source_node: str = ""
+    has_cuda_state: bool = False
+    root_pid: int | None = None
+    pids: tuple[int, ...] = ()
+    namespaced: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes per top-level part (images, logs, ...) and in total."""
+        out: dict[str, int] = {}
+        for rel, entry in self.files.items():
+            top = rel.split("/", 1)[0]
+            out[top] = out.get(top, 0) + entry.size
+        out["total"] = self.total_bytes
+        return out
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["pids"] = list(self.pids)
+        data["sizes"] = self.sizes()
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, artifact_id: str, text: str) -> Manifest:
+        """Parse and validate a manifest; anything malformed is an ArtifactCorrupt."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            if data.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"unknown manifest format {data.get('format')!r}")
+            files = {
+                _validate_relpath(artifact_id, str(rel)): FileEntry(
+                    size=int(e["size"]), sha256=str(e["sha256"])
+                )
+                for rel, e in dict(data["files"]).items()
+            }
+            for rel, e in files.items():
+                if e.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", e.sha256):
+                    raise ValueError(f"bad size or sha256 for {rel}")
+            manifest = cls(
+                id=str(data["id"]),
+                workload=str(data["workload"]),
+                model={str(k): str(v) for k, v in dict(data.get("model", {})).items()},
+                created=str(data["created"]),
+                files=files,
+                criu_version=data.get("criu_version"),
+                driver_version=data.get("driver_version"),
+                gpu_model=data.get("gpu_model"),
+                source_node=str(data.get("source_node", "")),
+                has_cuda_state=bool(data.get("has_cuda_state", False)),
+                root_pid=None if data.get("root_pid") is None else int(data["root_pid"]),
+                pids=tuple(int(p) for p in data.get("pids", ())),
+                namespaced=bool(data.get("namespaced", False)),
+                extra=dict(data.get("extra", {})),
+            )
+        except ArtifactCorrupt:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ArtifactCorrupt(
+                artifact_id, MANIFEST_NAME, f"unreadable manifest: {exc}"
+            ) from exc
+        if manifest.id != artifact_id:
+            raise ArtifactCorrupt(
+                artifact_id, MANIFEST_NAME, f"manifest names artifact {manifest.id!r}"
+            )
+        return manifest
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a writer supplies about a new artifact (the store adds id, created and files)."""
+
+    workload: str
+    model: dict[str, str] = field(default_factory=dict)
+    criu_version: str | None = None
+    driver_version: str | None = None
+    gpu_model: str | None = None
+    source_node: str = field(default_factory=socket.gethostname)
+    has_cuda_state: bool = False
+    root_pid: int | None = None
+    pids: tuple[int, ...] = ()
+    namespaced: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """An artifact whose every file matched its manifest when it was opened."""
+
+    manifest: Manifest
+    path: Path
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path / "images"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+
+ProgressCallback = Callable[[int, int], None]
+"""progress(done_bytes, total_bytes), called as work advances."""
+
+
+def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> FileEntry:
+    """Size and sha256 of a file, read in large chunks (hashlib releases the GIL)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if progress:
+                progress(len(chunk))
+    return FileEntry(size=size, sha256=digest.hexdigest())
+
+
+def list_files(artifact_id: str, root: Path) -> list[str]:
+    """Relative paths of the regular files under root (manifest excluded); links are refused."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            mode = full.lstat().st_mode
+            rel = full.relative_to(root).as_posix()
+            if stat.S_ISLNK(mode):
+                raise ArtifactCorrupt(artifact_id, rel, "symbolic links are not allowed")
+            if name in filenames:
+                if not stat.S_ISREG(mode):
+                    raise ArtifactCorrupt(artifact_id, rel, "not a regular file")
+                if rel != MANIFEST_NAME:
+                    out.append(rel)
+    return sorted(out)
+
+
+def verify_directory(
+    artifact_id: str,
+    root: Path,
+    progress: ProgressCallback | None = None,
+    threads: int = 4,
+) -> Manifest:
+    """Check that root holds exactly the manifest's files with their sizes and hashes."""
+    manifest_path = root / MANIFEST_NAME
+    try:
+        text = manifest_path.read_text()
+    except FileNotFoundError as exc:
+        raise ArtifactCorrupt(artifact_id, MANIFEST_NAME, "manifest is missing") from exc
+    manifest = Manifest.from_json(artifact_id, text)
+    present = set(list_files(artifact_id, root))
+    for rel in sorted(set(manifest.files) - present):
+        raise ArtifactCorrupt(artifact_id, rel, "file is missing")
+    for rel in sorted(present - set(manifest.files)):
+        raise ArtifactCorrupt(artifact_id, rel, "file is not in the manifest")
+    for rel, entry in manifest.files.items():
+        size = (root / rel).stat().st_size
+        if size != entry.size:
+            raise ArtifactCorrupt(
+                artifact_id, rel, f"size {size} bytes, manifest says {entry.size} (truncated?)"
+            )
+    total = manifest.total_bytes
+    done = [0]
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            done[0] += n
+            now = done[0]
+        if progress:
+            progress(now, total)
+
+    # Largest first so one big pages image does not start last.
+    order = sorted(manifest.files, key=lambda r: -manifest.files[r].size)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        hashed = pool.map(lambda rel: hash_file(root / rel, advance), order)
+        results = dict(zip(order, hashed, strict=True))
+    for rel in order:
+        if results[rel].sha256 != manifest.files[rel].sha256:
+            raise ArtifactCorrupt(artifact_id, rel, "sha256 mismatch (content changed)")
+    return manifest
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal_directory(staging: Path, artifact_id: str, info: ArtifactInfo) -> Manifest:
+    """Hash every file, restrict permissions, write the manifest and fsync it all."""
+    files: dict[str, FileEntry] = {}
+    for rel in list_files(artifact_id, staging):
+        full = staging / rel
+        os.chmod(full, FILE_MODE)
+        files[rel] = hash_file(full)
+        _fsync_path(full)
+    for dirpath, _dirs, _files in os.walk(staging):
+        os.chmod(dirpath, DIR_MODE)
+    manifest = Manifest(
+        id=artifact_id,
+        workload=info.workload,
+        model=dict(info.model),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        files=files,
+        criu_version=info.criu_version,
+        driver_version=info.driver_version,
+        gpu_model=info.gpu_model,
+        source_node=info.source_node,
+        has_cuda_state=info.has_cuda_state,
+        root_pid=info.root_pid,
+        pids=tuple(info.pids),
+        namespaced=info.namespaced,
+        extra=dict(info.extra),
+    )
+    path = staging / MANIFEST_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    for dirpath, _dirs, _files in os.walk(staging):
+        _fsync_path(Path(dirpath))
+    return manifest
+
+
+class ArtifactWriter:
+    """A new artifact being written: fill `images_dir` and `logs_dir`, then `commit(info)`.
+
+    Used as a context manager; leaving it without a commit (or by an exception) removes
+    everything written, so the store never shows a partial artifact.
+    """
+
+    def __init__(self, store: DirectoryStore, artifact_id: str, staging: Path) -> None:
+        self.store = store
+        self.artifact_id = artifact_id
+        self.staging = staging
+        self.manifest: Manifest | None = None
+
+    @property
+    def images_dir(self) -> Path:
+        return self.staging / "images"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.staging / "logs"
+
+    def commit(self, info: ArtifactInfo) -> Manifest:
+        manifest = seal_directory(self.staging, self.artifact_id, info)
+        self.store._publish(self.staging, self.artifact_id)
+        self.manifest = manifest
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.manifest is None:
+            self.abort()
+
+
+class ArtifactStore(ABC):
+    """The operations the agent needs from wherever artifacts live."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this store is, for messages."""
+
+    @abstractmethod
+    def list_ids(self) -> list[str]:
+        """Ids of the complete artifacts (staging and quarantine excluded)."""
+
+    @abstractmethod
+    def exists(self, artifact_id: str) -> bool: ...
+
+    @abstractmethod
+    def read_manifest(self, artifact_id: str) -> Manifest:
+        """The manifest, parsed and validated (files are not hashed)."""
+
+    @abstractmethod
+    def open_file(self, artifact_id: str, relpath: str) -> BinaryIO:
+        """A stream of one file named by the manifest (for copying out)."""
+
+    @abstractmethod
+    def create(self, artifact_id: str) -> ArtifactWriter:
+        """Start writing a new artifact."""
+
+    @abstractmethod
+    def open(self, artifact_id: str, progress: ProgressCallback | None = None) -> VerifiedArtifact:
+        """Verify every file against the manifest and return a handle (directory backends)."""
+
+    @abstractmethod
+    def delete(self, artifact_id: str) -> None: ...
+
+    @abstractmethod
+    def quarantine(self, artifact_id: str, reason: str) -> str:
+        """Move a bad artifact aside (kept for diagnosis, never served again); returns where."""
+
+    def local_path(self, artifact_id: str) -> Path | None:
+        """A directory holding the artifact, when the backend has one (None for object storage)."""
+        return None
+
+
+class DirectoryStore(ArtifactStore):
+    """Artifacts as directories under one root: a node-local disk or a shared filesystem (PVC).
+
+    Staging lives under the same root (same filesystem) so publishing is one rename(2), atomic
+    on local filesystems and on NFS alike.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], kind: str = "local") -> None:
+        if kind not in ("local", "shared"):
+            raise ValueError(f"store kind must be 'local' or 'shared', not {kind!r}")
+        self.root = Path(root).resolve()
+        self.kind = kind
+        for d in (self.root, self.root / STAGING_DIR, self.root / QUARANTINE_DIR):
+            d.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        os.chmod(self.root, DIR_MODE)
+
+    def describe(self) -> str:
+        return f"{self.kind} store {self.root}"
+
+    def _path(self, artifact_id: str) -> Path:
+        path = self.root / validate_artifact_id(artifact_id)
+        # Belt and braces: the pattern already forbids '/', this checks the resolved result too.
+        if path.parent != self.root:
+            raise InvalidArtifactId(artifact_id, ARTIFACT_ID_PATTERN)
+        return path
+
+    def local_path(self, artifact_id: str) -> Path | None:
+        path = self._path(artifact_id)
+        return path if (path / MANIFEST_NAME).is_file() else None
+
+    def list_ids(self) -> list[str]:
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if _ARTIFACT_ID_RE.fullmatch(entry.name) and (entry / MANIFEST_NAME).is_file():
+                out.append(entry.name)
+        return out
+
+    def exists(self, artifact_id: str) -> bool:
+        return (self._path(artifact_id) / MANIFEST_NAME).is_file()
+
+    def read_manifest(self, artifact_id: str) -> Manifest:
+        path = self._path(artifact_id)
+        try:
+            text = (path / MANIFEST_NAME).read_text()
+        except FileNotFoundError as exc:
+            raise ArtifactNotFound(artifact_id, self.describe()) from exc
+        return Manifest.from_json(artifact_id, text)
+
+    def open_file(self, artifact_id: str, relpath: str) -> BinaryIO:
+        path = self._path(artifact_id)
+        rel = _validate_relpath(artifact_id, relpath)
+        full = path / rel
+        if full.is_symlink():
+            raise ArtifactCorrupt(artifact_id, rel, "symbolic links are not allowed")
+        try:
+            return open(full, "rb")
+        except FileNotFoundError as exc:
+            raise ArtifactCorrupt(artifact_id, rel, "file is missing") from exc
+
+    def create(self, artifact_id: str) -> ArtifactWriter:
+        if self.exists(artifact_id):
+            raise ArtifactExists(artifact_id, self.describe())
+        staging = self.root / STAGING_DIR / f"{artifact_id}.{uuid.uuid4().hex[:12]}"
+        staging.mkdir(mode=DIR_MODE)
+        (staging / "images").mkdir(mode=DIR_MODE)
+        (staging / "logs").mkdir(mode=DIR_MODE)
+        return ArtifactWriter(self, artifact_id, staging)
+
+    def _publish(self, staging: Path, artifact_id: str) -> None:
+        target = self._path(artifact_id)
+        try:
+            # rename(2) onto an existing non-empty directory fails: artifacts are immutable.
+            os.rename(staging, target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if target.exists():
+                raise ArtifactExists(artifact_id, self.describe()) from exc
+            raise
+        _fsync_path(self.root)
+
+    def open(self, artifact_id: str, progress: ProgressCallback | None = None) -> VerifiedArtifact:
+        path = self._path(artifact_id)
+        if not (path / MANIFEST_NAME).is_file():
+            raise ArtifactNotFound(artifact_id, self.describe())
+        manifest = verify_directory(artifact_id, path, progress)
+        return VerifiedArtifact(manifest=manifest, path=path)
+
+    def delete(self, artifact_id: str) -> None:
+        path = self._path(artifact_id)
+        if not path.exists():
+            raise ArtifactNotFound(artifact_id, self.describe())
+        # Rename first so a half-deleted artifact is never visible under its id.
+        doomed = self.root / STAGING_DIR / f"{artifact_id}.deleting.{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def quarantine(self, artifact_id: str, reason: str) -> str:
+        path = self._path(artifact_id)
+        if not path.exists():
+            raise ArtifactNotFound(artifact_id, self.describe())
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        dest = self.root / QUARANTINE_DIR / f"{artifact_id}.{stamp}.{uuid.uuid4().hex[:6]}"
+        os.rename(path, dest)
+        with contextlib.suppress(OSError):
+            (dest.parent / f"{dest.name}.reason").write_text(reason + "\n")
+        return str(dest)
+
+    def cleanup_staging(self, older_than_s: float = 0.0) -> int:
+        """Remove leftovers of interrupted writes (a crash mid-dump); returns how many."""
+        removed = 0
+        now = time.time()
+        for entry in (self.root / STAGING_DIR).iterdir():
+            if now - entry.lstat().st_mtime >= older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def iter_manifests(self) -> Iterator[Manifest]:
+        for artifact_id in self.list_ids():
+            yield self.read_manifest(artifact_id)
+
+
+def open_store(url: str) -> ArtifactStore:
+    """A store from a location: a path (local), `shared:/path` (a PVC); others are refused."""
+    if url.startswith("shared:"):
+        return DirectoryStore(url.removeprefix("shared:"), kind="shared")
+    if url.startswith("file:"):
+        return DirectoryStore(url.removeprefix("file:"), kind="local")
+    if "://" in url:
+        raise ValueError(
+            f"store {url!r}: only directory stores (path, file:, shared:) are implemented; "
+            "object storage plugs in as another ArtifactStore"
+        )
+    return DirectoryStore(url, kind="local")

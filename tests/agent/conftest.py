@@ -1,0 +1,158 @@
+"""Fixtures for the node agent's tests: real CRIU, real worker processes, real namespaces.
+
+The integration tests need root and CRIU >= 4.2 (scripts/setup.sh installs it through
+scripts/install-criu.sh). They fail, not skip, when either is missing: CI runs setup first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from autoscaler.agent import criu as criu_mod
+from autoscaler.agent.errors import CriuNotFound
+from autoscaler.agent.hooks import READY_FOR_CHECKPOINT, Handshake
+
+POD_INIT = Path(__file__).with_name("pod_init.py")
+WORKER_PID_IN_POD = 1000
+
+
+@pytest.fixture(scope="session")
+def criu_binary() -> Path:
+    if os.geteuid() != 0:
+        pytest.fail("the CRIU integration tests must run as root (CRIU needs CAP_SYS_ADMIN)")
+    try:
+        return criu_mod.find_criu()
+    except CriuNotFound as exc:
+        pytest.fail(f"{exc}\nrun `bash scripts/setup.sh` first (it installs CRIU 4.2.1)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_command(port: int, handshake_dir: Path, kv_mib: int = 8) -> list[str]:
+    return [
+        sys.executable, "-m", "autoscaler.agent.cpu_worker",
+        "--port", str(port), "--handshake-dir", str(handshake_dir), "--kv-mib", str(kv_mib),
+    ]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def kill_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def cleanup_pids() -> Iterator[list[int]]:
+    """PIDs a test registers here are SIGKILLed at teardown (restored workers)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        kill_pid(pid)
+    for pid in pids:
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda p=pid: not Path(f"/proc/{p}").exists(), 5, f"pid {pid} to exit")
+
+
+@pytest.fixture
+def host_worker(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, int, Path]]]:
+    """Start CPU reference workers on the host, as session leaders, with a handshake dir."""
+    started: list[subprocess.Popen] = []
+
+    def start(kv_mib: int = 8) -> tuple[subprocess.Popen, int, Path]:
+        port = free_port()
+        handshake = tmp_path / f"handshake-{port}"
+        proc = subprocess.Popen(
+            worker_command(port, handshake, kv_mib),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        started.append(proc)
+        wait_for(lambda: (handshake / READY_FOR_CHECKPOINT).exists(), 60,
+                 "the worker's ready-for-checkpoint")
+        return proc, port, handshake
+
+    yield start
+    for proc in started:
+        kill_pid(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+class Pod:
+    """Fresh pid, mount, net, ipc and uts namespaces with a reaping init (a pod sandbox)."""
+
+    def __init__(self, workdir: Path, command: list[str] | None = None) -> None:
+        self.ready_file = workdir / f"pod-ready-{time.time_ns()}"
+        args = ["unshare", "-p", "-m", "-n", "-i", "-u", "--fork", "--mount-proc",
+                sys.executable, str(POD_INIT), "--ready-file", str(self.ready_file)]
+        if command:
+            args += ["--first-pid", str(WORKER_PID_IN_POD), "--", *command]
+        self.unshare = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.init_pid = int(wait_for(self._child_of_unshare, 30, "the pod's init"))  # type: ignore[arg-type]
+
+    def _child_of_unshare(self) -> int | None:
+        try:
+            children = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
+            text = children.read_text().split()
+        except OSError:
+            return None
+        if not text:
+            return None
+        pid = int(text[0])
+        # The init is ready once it has brought loopback up and said so.
+        return pid if self.ready_file.exists() else None
+
+    def pids(self) -> dict[int, int]:
+        return criu_mod.pids_in_namespace(criu_mod.NamespaceTarget(self.init_pid))
+
+    def stop(self) -> None:
+        kill_pid(self.init_pid)  # killing a pid namespace's init kills everything in it
+        kill_pid(self.unshare.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.unshare.wait(timeout=10)
+
+
+@pytest.fixture
+def pods(tmp_path: Path) -> Iterator[Callable[..., Pod]]:
+    made: list[Pod] = []
+
+    def make(command: list[str] | None = None) -> Pod:
+        pod = Pod(tmp_path, command)
+        made.append(pod)
+        return pod
+
+    yield make
+    for pod in made:
+        pod.stop()
+
+
+def wait_handshake(handshake_dir: Path, timeout_s: float = 60) -> dict:
+    return Handshake(handshake_dir).wait_ready_for_checkpoint(timeout_s)
