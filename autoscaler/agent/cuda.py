@@ -52,7 +52,8 @@ class ProcessState(enum.IntEnum):
 
 
 class CUuuid(ctypes.Structure):
-    _fields_ = [("bytes", ctypes.c_char * 16)]
+    # unsigned bytes, not c_char: a c_char array reads back only up to the first NUL byte
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
 
 
 class CUcheckpointGpuPair(ctypes.Structure):
@@ -99,8 +100,8 @@ def build_restore_args(pairs: Sequence[tuple[str, str]]) -> CUcheckpointRestoreA
     if pairs:
         array = (CUcheckpointGpuPair * len(pairs))()
         for i, (old, new) in enumerate(pairs):
-            array[i].oldUuid.bytes = parse_gpu_uuid(old)
-            array[i].newUuid.bytes = parse_gpu_uuid(new)
+            array[i].oldUuid.bytes = (ctypes.c_ubyte * 16).from_buffer_copy(parse_gpu_uuid(old))
+            array[i].newUuid.bytes = (ctypes.c_ubyte * 16).from_buffer_copy(parse_gpu_uuid(new))
         args.gpuPairs = ctypes.cast(array, ctypes.POINTER(CUcheckpointGpuPair))
         args.gpuPairsCount = len(pairs)
         args._pairs_keepalive = array  # type: ignore[attr-defined]
