@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "externalscaler.ExternalScaler"
 DEFAULT_STREAM_INTERVAL = 30.0
 _OPTION_TOLERANCE = 1e-9
+_OPTIONS_CACHE_SIZE = 4096
 
 
 class ScalerError(Exception):
@@ -111,12 +112,23 @@ class PlanReader:
         self.book = book
         self._replan_cache: dict[tuple[str, int, float, float], int] = {}
         self._cache_lock = threading.Lock()
+        self._options_cache: dict[tuple[tuple[str, str], ...], ScalerOptions] = {}
 
     def options(self, metadata: dict[str, str]) -> ScalerOptions:
+        """Parsed options; KEDA repeats the same few metadata maps, so valid ones are cached
+        (bounded; a dict read under the GIL is atomic, a racing insert only repeats work)."""
+        key = tuple(sorted(metadata.items()))
+        cached = self._options_cache.get(key)
+        if cached is not None:
+            return cached
         try:
-            return parse_metadata(metadata)
+            options = parse_metadata(metadata)
         except MetadataError as exc:
             raise ScalerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if len(self._options_cache) >= _OPTIONS_CACHE_SIZE:
+            self._options_cache.clear()
+        self._options_cache[key] = options
+        return options
 
     def answer(self, metadata: dict[str, str], *, allow_dry_run: bool = False) -> Answer:
         options = self.options(metadata)
@@ -288,10 +300,12 @@ class ScalerServer:
         *,
         stream_interval: float = DEFAULT_STREAM_INTERVAL,
         max_workers: int = 32,
+        servicer_class: type[ExternalScalerServicer] | None = None,
     ) -> None:
         self.book = book
         self.stopping = threading.Event()
-        self.servicer = ExternalScalerServicer(book, stream_interval, self.stopping)
+        make = servicer_class or ExternalScalerServicer
+        self.servicer = make(book, stream_interval, self.stopping)
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="keda-grpc"),
