@@ -1,0 +1,237 @@
+"""Backfill: write a trace's demand into a Prometheus TSDB as counters, so a real Prometheus
+holds real history that the Prometheus source reads back.
+
+Per window of `step` the counter grows by the trace's count in that window; samples sit
+exactly on window boundaries. With Prometheus 2.x's closed range selectors, ``rate(c[step])``
+evaluated at a window's end sees exactly the two boundary samples of that window, so the query
+gives back the trace's count / step with no extrapolation. A gap (NaN window) ends the counter
+series; the next observed window starts a new series (label ``instance="backfill-<k>"``, as an
+exporter restart would), so the gap window has one sample per series and reads as no data.
+
+Gotchas handled (see docs/TEST-INFRA.md): timestamps in seconds, samples in order, ``# EOF`` at
+the end, data shifted to end before "now minus 3 hours" unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from autoscaler.errors import ConfigError
+from autoscaler.signals.bundled import bundled_names, load_bundled_frame
+from autoscaler.signals.prometheus import TemplateSet, template_set
+from autoscaler.signals.promserver import find_binary
+from autoscaler.signals.traces import OUTPUT_TOKENS, PROMPT_TOKENS, REQUESTS, read_trace_frame
+
+#: keep the newest few hours free for live scraping (Prometheus's head block)
+HEAD_MARGIN = pd.Timedelta(hours=3)
+#: frame column -> signal whose counter carries it
+COLUMN_SIGNALS = {
+    REQUESTS: "request_rate",
+    PROMPT_TOKENS: "prompt_tokens_rate",
+    OUTPUT_TOKENS: "output_tokens_rate",
+}
+BUNDLED_PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class BackfillResult:
+    """What a backfill wrote: the OpenMetrics file, the TSDB folder, and the time span."""
+
+    openmetrics_path: Path
+    tsdb_dir: Path | None
+    workload: str
+    start: pd.Timestamp  # first window start, after the shift
+    end: pd.Timestamp  # last window end, after the shift
+    shift: pd.Timedelta  # added to the trace's own times
+    step: pd.Timedelta
+    series: dict[str, int]  # counter name -> samples written
+
+
+def load_demand_frame(
+    trace: str | Path,
+    format: str = "auto",
+    step: str | pd.Timedelta = "1min",
+    time_column: str | None = None,
+    value_column: str | None = None,
+    time_unit: str | None = None,
+) -> pd.DataFrame:
+    """Per-second demand frame of a trace file, or of a bundled series named ``bundled:NAME``
+    (bundled series keep their own window; a coarser `step` averages)."""
+    text = str(trace)
+    if text.startswith(BUNDLED_PREFIX):
+        name = text[len(BUNDLED_PREFIX):]
+        if name not in bundled_names():
+            raise ConfigError("trace", f"no bundled series {name!r}; choose one of "
+                              f"{bundled_names()}")
+        frame = load_bundled_frame(name)
+        native = pd.Timedelta(frame.index.freq)
+        td = pd.Timedelta(step)
+        if td == native:
+            return frame
+        if td < native or td % native != pd.Timedelta(0):
+            raise ConfigError("step", f"{name} has {native} windows; use a multiple of it")
+        return frame.resample(td, origin="epoch").mean()
+    return read_trace_frame(trace, format, step, time_column, value_column, time_unit)
+
+
+def end_time(end_at: str | pd.Timestamp, step: pd.Timedelta,
+             now: pd.Timestamp | None = None) -> pd.Timestamp:
+    """Where the backfilled data ends: ``now`` means now minus 3 hours; an ISO time is taken
+    as given. Floored to the step so windows stay epoch-aligned."""
+    current = pd.Timestamp.now(tz="UTC") if now is None else now
+    if isinstance(end_at, str) and end_at == "now":
+        target = current - HEAD_MARGIN
+    else:
+        try:
+            target = pd.Timestamp(end_at)
+        except ValueError as exc:
+            raise ConfigError("end_at", f"expected 'now' or an ISO time, got {end_at!r}") from exc
+        target = target.tz_localize("UTC") if target.tz is None else target.tz_convert("UTC")
+        if target > current:
+            raise ConfigError("end_at", f"{target} is in the future; backfill writes history")
+    epoch = pd.Timestamp(0, tz="UTC")
+    return epoch + ((target - epoch) // step) * step
+
+
+def _format_value(v: float) -> str:
+    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+
+
+def openmetrics_text(
+    frame: pd.DataFrame,
+    workload: str,
+    templates: TemplateSet,
+    shift: pd.Timedelta | None = None,
+    metric: str | None = None,
+    namespace: str | None = None,
+) -> tuple[str, dict[str, int]]:
+    """OpenMetrics text of cumulative counters for each signal the frame carries (columns of
+    per-second values on a regular grid). `metric` renames the request counter. Returns the
+    text and the number of samples per counter."""
+    shift = pd.Timedelta(0) if shift is None else shift
+    step = pd.Timedelta(frame.index.freq)
+    seconds = step.total_seconds()
+    if seconds < 1 or not float(seconds).is_integer():
+        raise ConfigError("step", f"backfill needs a whole number of seconds, got {step}")
+    lines: list[str] = []
+    counts: dict[str, int] = {}
+    # whole seconds since the epoch, whatever the index's resolution (pandas 3 varies it)
+    epoch = pd.Timestamp(0, tz="UTC")
+    starts = np.asarray((frame.index + shift - epoch) // pd.Timedelta(seconds=1), dtype=np.int64)
+    for column, signal in COLUMN_SIGNALS.items():
+        if column not in frame or frame[column].isna().all():
+            continue
+        name = templates.counters.get(signal)
+        if signal == "request_rate" and metric:
+            name = metric
+        if not name:
+            continue
+        family = name[: -len("_total")] if name.endswith("_total") else name
+        sample = f"{family}_total"
+        per_window = frame[column].to_numpy(dtype=float) * seconds
+        lines.append(f"# HELP {family} Backfilled from a trace: {column} x window.")
+        lines.append(f"# TYPE {family} counter")
+        n = 0
+        segment = -1
+        in_segment = False
+        total = 0.0
+        labels = ""
+        for i, count in enumerate(per_window):
+            if np.isnan(count):
+                in_segment = False
+                continue
+            if not in_segment:
+                segment += 1
+                in_segment = True
+                total = 0.0
+                pairs = [(templates.workload_label, workload), ("instance", f"backfill-{segment}")]
+                if namespace:
+                    pairs.insert(0, (templates.namespace_label, namespace))
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+                lines.append(f"{sample}{{{labels}}} 0 {starts[i]}")
+                n += 1
+            total += count
+            lines.append(f"{sample}{{{labels}}} {_format_value(total)} {starts[i] + int(seconds)}")
+            n += 1
+        counts[sample] = n
+    if not counts:
+        raise ConfigError("trace", "the trace has no observed window to backfill")
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n", counts
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def create_blocks(openmetrics_path: Path, tsdb_dir: Path, max_block_duration: str = "24h") -> None:
+    """Run ``promtool tsdb create-blocks-from openmetrics`` into `tsdb_dir`."""
+    promtool = find_binary("promtool")
+    tsdb_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [promtool, "tsdb", "create-blocks-from", "openmetrics",
+         f"--max-block-duration={max_block_duration}", str(openmetrics_path), str(tsdb_dir)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise ConfigError(
+            "promtool", f"create-blocks-from openmetrics failed ({proc.returncode}): "
+            f"{(proc.stderr or proc.stdout)[-2000:]}"
+        )
+
+
+def backfill(
+    trace: str | Path,
+    out_dir: str | Path,
+    format: str = "auto",
+    step: str | pd.Timedelta = "1min",
+    metric: str | None = None,
+    workload: str | None = None,
+    end_at: str | pd.Timestamp = "now",
+    templates: str | TemplateSet = "vllm",
+    namespace: str | None = None,
+    time_column: str | None = None,
+    value_column: str | None = None,
+    time_unit: str | None = None,
+    create_tsdb: bool = True,
+    now: pd.Timestamp | None = None,
+) -> BackfillResult:
+    """Write a trace as OpenMetrics counters under `out_dir` (``backfill.om``) and, unless
+    `create_tsdb` is False, TSDB blocks in ``out_dir/tsdb`` ready for a Prometheus to open."""
+    ts = template_set(templates)
+    td = pd.Timedelta(step)
+    frame = load_demand_frame(trace, format, td, time_column, value_column, time_unit)
+    frame = frame.copy()
+    frame.index.freq = pd.Timedelta(frame.index.freq or td)
+    td = pd.Timedelta(frame.index.freq)
+    observed = frame.index[frame[REQUESTS].notna()]
+    if len(observed) == 0:
+        raise ConfigError("trace", f"{trace}: no observed window to backfill")
+    end = end_time(end_at, td, now)
+    shift = end - (frame.index[-1] + td)
+    name = workload or _default_workload(trace)
+    text, counts = openmetrics_text(frame, name, ts, shift, metric, namespace)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    om_path = out / "backfill.om"
+    om_path.write_text(text)
+    tsdb = out / "tsdb" if create_tsdb else None
+    if tsdb is not None:
+        create_blocks(om_path, tsdb)
+    return BackfillResult(
+        openmetrics_path=om_path, tsdb_dir=tsdb, workload=name,
+        start=frame.index[0] + shift, end=end, shift=shift, step=td, series=counts,
+    )
+
+
+def _default_workload(trace: str | Path) -> str:
+    text = str(trace)
+    if text.startswith(BUNDLED_PREFIX):
+        return text[len(BUNDLED_PREFIX):]
+    p = Path(text)
+    return p.name if p.is_dir() else p.stem
