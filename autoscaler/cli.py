@@ -12,6 +12,8 @@ from autoscaler.errors import AutoscalerError
 COMMAND_MODULES = [
     "autoscaler.signals.cli",
     "autoscaler.forecast.cli",
+    "autoscaler.keda.cli",
+    "autoscaler.agent.cli",
 ]
 
 

@@ -1,0 +1,229 @@
+"""`autoscaler agent ...`: serve the node agent's API, or run one operation here and now.
+
+One-shot commands act directly on this machine as the invoking user (root, normally) and are
+not subject to the API's PID policy: whoever can run them can run CRIU anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from autoscaler.errors import ConfigError
+
+DEFAULT_CACHE = "/var/lib/autoscaler-agent/cache"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, field: str = "size") -> int:
+    """'500M', '20G', '1.5Gi', '1048576' -> bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(field, f"{text!r} is not a size (e.g. 500M, 20G)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _progress(message: str) -> None:
+    print(f"[agent] {message}", file=sys.stderr, flush=True)
+
+
+def _byte_progress(label: str):
+    state = {"last": 0.0, "start": time.monotonic()}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - state["last"] < 0.5 and done != total:
+            return
+        state["last"] = now
+        pct = 100.0 * done / total if total else 100.0
+        rate = done / max(now - state["start"], 1e-6) / 1e6
+        print(f"\r[agent] {label}: {pct:5.1f}% {done / 1e6:,.1f}/{total / 1e6:,.1f} MB "
+              f"({rate:,.0f} MB/s)", end="" if done != total else "\n",
+              file=sys.stderr, flush=True)
+
+    return report
+
+
+def _cache(args: argparse.Namespace):
+    from autoscaler.agent.staging import NodeCache
+
+    return NodeCache(
+        args.cache_dir, parse_size(args.disk_budget, "disk_budget"),
+        args.memory_dir, parse_size(args.memory_budget, "memory_budget") if args.memory_dir else 0,
+    )
+
+
+def _store(args: argparse.Namespace):
+    from autoscaler.agent.store import open_store
+
+    try:
+        return open_store(args.store)
+    except ValueError as exc:
+        raise ConfigError("store", str(exc)) from exc
+
+
+def _print(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from autoscaler.agent.policy import PidPolicy
+    from autoscaler.agent.server import Agent, AgentConfig, serve
+
+    if not args.token_file and not args.token_review:
+        raise ConfigError("token_file", "the API needs --token-file and/or --token-review")
+    if args.token_file and not Path(args.token_file).is_file():
+        raise ConfigError("token_file", f"{args.token_file} does not exist")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = AgentConfig(
+        store=_store(args),
+        cache=_cache(args),
+        token_file=Path(args.token_file) if args.token_file else None,
+        token_review=args.token_review,
+        token_review_users=tuple(args.token_review_user),
+        policy=PidPolicy(tuple(args.allow_cgroup), tuple(args.allow_ancestor)),
+        handshake_root=Path(args.handshake_root) if args.handshake_root else None,
+        log_root=Path(args.log_dir) if args.log_dir else None,
+    )
+    server = serve(Agent(config), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"[agent] listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
+
+    model = {}
+    for item in args.model:
+        if "=" not in item:
+            raise ConfigError("model", f"{item!r} is not key=value")
+        key, value = item.split("=", 1)
+        model[key] = value
+    result = checkpoint_worker(_store(args), CheckpointRequest(
+        artifact_id=args.id, pid=args.pid, workload=args.workload, model=model,
+        handshake_dir=args.handshake_dir, namespace_pid=args.namespace_pid,
+        pid_in_namespace=args.pid_in_namespace, leave_running=args.leave_running,
+        cuda=args.cuda, handshake_timeout_s=args.timeout,
+    ), progress=_progress)
+    _print({"artifact_id": result.manifest.id, "bytes": result.manifest.total_bytes,
+            "seconds": result.seconds})
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    held = _cache(args).stage(_store(args), args.id, args.tier,
+                              progress=_byte_progress(f"staging {args.id}"), warm=args.warm)
+    _print(held.to_dict())
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from autoscaler.agent.restore import RestoreRequest, restore_artifact
+
+    pairs = []
+    for item in args.gpu_pair:
+        if "=" not in item:
+            raise ConfigError("gpu_pair", f"{item!r} is not OLD_UUID=NEW_UUID")
+        old, new = item.split("=", 1)
+        pairs.append((old, new))
+    outcome = restore_artifact(RestoreRequest(
+        artifact_id=args.id, handshake_dir=args.handshake_dir, health_url=args.health_url,
+        namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
+        ready_timeout_s=args.timeout, use_store=not args.local_only,
+    ), _cache(args), _store(args), _progress)
+    _print(outcome.to_dict())
+    return 0 if outcome.ok else 1
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    _print({"artifacts": [a.to_dict() for a in cache.inventory(page_cache=True)],
+            "tiers": [u.__dict__ for u in cache.usage()]})
+    return 0
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="node-local disk cache")
+    p.add_argument("--disk-budget", default="100G", help="disk cache budget (e.g. 200G)")
+    p.add_argument("--memory-dir", default=None, help="tmpfs directory for the memory tier")
+    p.add_argument("--memory-budget", default="0", help="memory tier budget (e.g. 32G)")
+
+
+def _add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True,
+                   help="artifact store: a directory, or shared:/path for a shared volume")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    agent = subparsers.add_parser("agent", help="node agent: checkpoint, stage, restore")
+    sub = agent.add_subparsers(dest="agent_command", metavar="ACTION")
+
+    p = sub.add_parser("serve", help="serve the agent's HTTP API on this node")
+    _add_store_arg(p)
+    _add_cache_args(p)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8471)
+    p.add_argument("--token-file", help="file holding the bearer token (a mounted Secret)")
+    p.add_argument("--token-review", action="store_true",
+                   help="also accept tokens that Kubernetes TokenReview authenticates")
+    p.add_argument("--token-review-user", action="append", default=[],
+                   help="user allowed through TokenReview (system:serviceaccount:NS:NAME)")
+    p.add_argument("--allow-cgroup", action="append", default=[],
+                   help="cgroup path prefix whose processes requests may touch (/kubepods)")
+    p.add_argument("--allow-ancestor", action="append", type=int, default=[],
+                   help="PID whose descendants requests may touch")
+    p.add_argument("--handshake-root", help="handshake directories must lie under this")
+    p.add_argument("--log-dir", help="where restore logs go (default: beside the disk cache)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("checkpoint", help="checkpoint a running worker into the store")
+    _add_store_arg(p)
+    p.add_argument("--id", required=True, help="artifact id")
+    p.add_argument("--pid", type=int, required=True, help="worker PID (as seen here)")
+    p.add_argument("--workload", required=True)
+    p.add_argument("--model", action="append", default=[], help="identity, key=value")
+    p.add_argument("--handshake-dir")
+    p.add_argument("--namespace-pid", type=int, help="the pod's init (host PID)")
+    p.add_argument("--pid-in-namespace", type=int, help="the worker's PID inside the pod")
+    p.add_argument("--leave-running", action="store_true")
+    p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--timeout", type=float, default=600.0, help="handshake timeout (s)")
+    p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("stage", help="copy an artifact into the node cache")
+    _add_store_arg(p)
+    _add_cache_args(p)
+    p.add_argument("--id", required=True)
+    p.add_argument("--tier", choices=("disk", "memory"), default="disk")
+    p.add_argument("--warm", action="store_true", help="read it into the page cache too")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("restore", help="restore a worker from the best copy")
+    _add_store_arg(p)
+    _add_cache_args(p)
+    p.add_argument("--id", required=True)
+    p.add_argument("--handshake-dir")
+    p.add_argument("--health-url")
+    p.add_argument("--namespace-pid", type=int, help="placeholder init of the target pod")
+    p.add_argument("--gpu-pair", action="append", default=[], help="OLD_UUID=NEW_UUID")
+    p.add_argument("--timeout", type=float, default=120.0, help="ready timeout (s)")
+    p.add_argument("--local-only", action="store_true", help="never restore from the store")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("inventory", help="what the node cache holds")
+    _add_cache_args(p)
+    p.set_defaults(func=cmd_inventory)

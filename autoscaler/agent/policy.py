@@ -1,0 +1,93 @@
+"""Which processes an agent request may touch, and where handshake directories may be.
+
+The rule (documented in docs/agent.md): a PID is allowed when it
+  1. exists, is not PID 1, not the agent itself and not one of the agent's ancestors, and
+  2. lives in one of the allowed cgroups (a path prefix compared component by component, e.g.
+     /kubepods matches /kubepods/burstable/pod.../cri-containerd-... but not /kubepods-x), or
+     descends from one of the allowed ancestor PIDs (e.g. the container runtime's shims).
+With neither list configured nothing is allowed: the safe default for a privileged agent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoscaler.agent.errors import NotPermitted
+
+
+def cgroup_paths(pid: int) -> list[str]:
+    """The process's cgroup paths (v2 unified and v1 hierarchies)."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except FileNotFoundError as exc:
+        raise NotPermitted(pid, "no such process") from exc
+    return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+
+
+def parent_pid(pid: int) -> int:
+    """PPid from /proc (0 for the root of the tree or a vanished process)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def ancestors(pid: int) -> list[int]:
+    out = []
+    seen = {pid}
+    current = parent_pid(pid)
+    while current > 0 and current not in seen:
+        out.append(current)
+        seen.add(current)
+        current = parent_pid(current)
+    return out
+
+
+def _under(path: str, prefix: str) -> bool:
+    p = [c for c in path.split("/") if c]
+    q = [c for c in prefix.split("/") if c]
+    return len(q) > 0 and p[: len(q)] == q
+
+
+@dataclass(frozen=True)
+class PidPolicy:
+    allowed_cgroups: tuple[str, ...] = ()
+    allowed_ancestors: tuple[int, ...] = ()
+
+    def check(self, pid: object) -> int:
+        """Return pid if a request may touch it, else raise NotPermitted naming why."""
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            raise NotPermitted(pid if isinstance(pid, int) else -1, "not a valid PID (> 1)")
+        if not Path(f"/proc/{pid}").exists():
+            raise NotPermitted(pid, "no such process")
+        me = os.getpid()
+        if pid == me or pid in ancestors(me):
+            raise NotPermitted(pid, "the agent itself or one of its ancestors")
+        if not self.allowed_cgroups and not self.allowed_ancestors:
+            raise NotPermitted(pid, "no allowed cgroups or ancestor PIDs are configured")
+        for path in cgroup_paths(pid):
+            if any(_under(path, prefix) for prefix in self.allowed_cgroups):
+                return pid
+        if set(ancestors(pid)) & set(self.allowed_ancestors):
+            return pid
+        raise NotPermitted(
+            pid, "outside the allowed cgroups "
+            f"{list(self.allowed_cgroups)} and process trees {list(self.allowed_ancestors)}"
+        )
+
+
+def contained_path(root: Path | None, value: str, field: str) -> Path:
+    """Resolve `value` and require it inside `root` (no '..' or symlink escapes)."""
+    if root is None:
+        raise ValueError(f"{field}: not accepted (no root directory is configured for it)")
+    resolved = Path(os.path.realpath(value))
+    base = Path(os.path.realpath(root))
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{field}: {value!r} is outside {base}")
+    return resolved

@@ -1,0 +1,208 @@
+"""The agent's HTTP API: token required, inputs validated, PIDs policed; end to end on CRIU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from autoscaler.agent.errors import NotPermitted
+from autoscaler.agent.policy import PidPolicy, cgroup_paths, contained_path
+from autoscaler.agent.server import Agent, AgentConfig, serve
+from autoscaler.agent.staging import NodeCache
+from autoscaler.agent.store import DirectoryStore
+
+from .conftest import wait_for
+from .test_store import make_artifact
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@dataclass
+class Api:
+    url: str
+    tmp: Path
+    store: DirectoryStore
+    cache: NodeCache
+
+    def call(self, method: str, path: str, body: object = None,
+             token: str | None = TOKEN) -> tuple[int, dict | str]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                status, raw = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read().decode()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    store = DirectoryStore(tmp_path / "store")
+    cache = NodeCache(tmp_path / "disk", 1 << 30, tmp_path / "shm", 1 << 28)
+    config = AgentConfig(
+        store=store, cache=cache, token_file=token_file,
+        policy=PidPolicy(allowed_ancestors=(os.getpid(),)),
+        handshake_root=tmp_path, log_root=tmp_path / "restore-logs",
+    )
+    server = serve(Agent(config), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield Api(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, store, cache)
+    server.shutdown()
+    server.server_close()
+
+
+def test_requests_without_the_right_token_are_refused(api: Api) -> None:
+    make_artifact(api.store, "a1")
+    for token in (None, "", "wrong", TOKEN + "x"):
+        status, body = api.call("GET", "/v1/inventory", token=token)
+        assert status == 401, (token, body)
+        status, _ = api.call("POST", "/v1/stage", {"artifact_id": "a1"}, token=token)
+        assert status == 401
+    assert api.cache.inventory() == []  # nothing was staged by the refused requests
+    status, body = api.call("GET", "/v1/inventory")
+    assert status == 200 and body["artifacts"] == []
+
+
+def test_token_rotation_takes_effect_at_once(api: Api) -> None:
+    (api.tmp / "token").write_text("rotated")
+    assert api.call("GET", "/v1/inventory")[0] == 401
+    assert api.call("GET", "/v1/inventory", token="rotated")[0] == 200
+
+
+def test_health_and_metrics_are_open(api: Api) -> None:
+    assert api.call("GET", "/healthz", token=None) == (200, {"status": "ok"})
+    api.call("GET", "/v1/inventory", token=None)
+    status, text = api.call("GET", "/metrics", token=None)
+    assert status == 200
+    assert 'autoscaler_agent_requests_total{code="401",endpoint="/v1/inventory"} 1.0' in text
+    assert 'autoscaler_agent_cache_budget_bytes{tier="disk"}' in text
+
+
+@pytest.mark.parametrize("bad_id", ["../etc", "..", "a/../../b", "/etc/passwd", "A", "a/b", ""])
+def test_path_traversal_ids_are_refused(api: Api, bad_id: str) -> None:
+    (api.tmp / "etc").mkdir(exist_ok=True)
+    for path, body in [
+        ("/v1/stage", {"artifact_id": bad_id}),
+        ("/v1/evict", {"artifact_id": bad_id}),
+        ("/v1/restore", {"artifact_id": bad_id}),
+        ("/v1/checkpoint", {"artifact_id": bad_id, "pid": 2, "workload": "w"}),
+        ("/v1/pins", {"artifact_ids": [bad_id]}),
+    ]:
+        status, answer = api.call("POST", path, body)
+        assert status == 400, (path, answer)
+        assert "artifact_id" in json.dumps(answer)
+    assert (api.tmp / "etc").exists()
+
+
+def test_bad_bodies_are_refused_with_the_field_named(api: Api) -> None:
+    status, body = api.call("POST", "/v1/stage", {"artifact_id": "a1", "tier": "gpu"})
+    assert status == 400 and body["details"][0]["field"] == "tier"
+    status, body = api.call("POST", "/v1/stage", {"artifact_id": "a1", "surprise": 1})
+    assert status == 400 and body["details"][0]["field"] == "surprise"
+    status, body = api.call("POST", "/v1/stage", ["not", "an", "object"])
+    assert status == 400
+    status, body = api.call("POST", "/v1/checkpoint",
+                            {"artifact_id": "a1", "pid": "12", "workload": "w"})
+    assert status == 400 and body["details"][0]["field"] == "pid"
+
+
+def test_handshake_dirs_must_stay_under_the_root(api: Api) -> None:
+    status, body = api.call("POST", "/v1/restore",
+                            {"artifact_id": "a1", "handshake_dir": str(api.tmp / ".." / "x")})
+    assert status == 400 and "outside" in body["error"]
+
+
+def test_pids_outside_the_policy_are_refused(api: Api) -> None:
+    for pid, why in [(1, 400), (os.getpid(), 403), (os.getppid(), 403), (2**22 + 7, 403)]:
+        status, body = api.call("POST", "/v1/checkpoint",
+                                {"artifact_id": "c1", "pid": pid, "workload": "w"})
+        assert status == why, (pid, body)
+    assert not api.store.exists("c1")
+
+
+def test_pid_policy_rules(tmp_path: Path) -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert PidPolicy(allowed_ancestors=(os.getpid(),)).check(child.pid) == child.pid
+        with pytest.raises(NotPermitted, match="no allowed"):
+            PidPolicy().check(child.pid)
+        with pytest.raises(NotPermitted, match="outside the allowed"):
+            PidPolicy(allowed_cgroups=("/kubepods",)).check(child.pid)
+        own = [p for p in cgroup_paths(child.pid) if p.strip("/")]
+        if own:  # this machine puts us in a named cgroup: its prefix allows, a look-alike not
+            first = "/" + own[0].strip("/").split("/")[0]
+            assert PidPolicy(allowed_cgroups=(first,)).check(child.pid) == child.pid
+            with pytest.raises(NotPermitted):
+                PidPolicy(allowed_cgroups=(first + "-other",)).check(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(ValueError, match="outside"):
+        contained_path(tmp_path / "root", str(tmp_path / "root" / ".." / "x"), "handshake_dir")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to("/etc")
+    with pytest.raises(ValueError, match="outside"):
+        contained_path(tmp_path / "root", str(tmp_path / "root" / "link"), "handshake_dir")
+
+
+def test_stage_evict_pins_and_inventory(api: Api) -> None:
+    make_artifact(api.store, "a1", size=1 << 20)
+    status, body = api.call("POST", "/v1/stage", {"artifact_id": "a1", "tier": "memory"})
+    assert status == 200 and body["tier"] == "memory"
+    status, body = api.call("POST", "/v1/pins", {"artifact_ids": ["a1"]})
+    assert status == 200 and body["pinned"] == ["a1"]
+    status, body = api.call("POST", "/v1/evict", {"artifact_id": "a1"})
+    assert status == 409 and "pinned" in body["error"]
+    status, body = api.call("GET", "/v1/inventory")
+    assert [(a["artifact_id"], a["tier"], a["pinned"]) for a in body["artifacts"]] == [
+        ("a1", "memory", True)]
+    assert api.call("POST", "/v1/evict", {"artifact_id": "a1", "force": True})[0] == 200
+    assert api.call("POST", "/v1/evict", {"artifact_id": "a1", "force": True})[0] == 404
+    assert api.call("POST", "/v1/stage", {"artifact_id": "zz"})[0] == 404
+
+
+@pytest.mark.integration
+def test_checkpoint_stage_restore_through_the_api(
+    api: Api, criu_binary: Path, host_worker, cleanup_pids: list[int]
+) -> None:
+    proc, port, handshake = host_worker()
+    status, body = api.call("POST", "/v1/checkpoint", {
+        "artifact_id": "api-1", "pid": proc.pid, "workload": "cpu-mlp",
+        "handshake_dir": str(handshake), "model": {"name": "mlp"},
+    })
+    assert status == 200, body
+    assert body["bytes"] > 0
+    proc.wait(timeout=30)
+    assert api.call("POST", "/v1/stage", {"artifact_id": "api-1", "tier": "memory"})[0] == 200
+    status, body = api.call("POST", "/v1/restore", {
+        "artifact_id": "api-1", "handshake_dir": str(handshake),
+        "health_url": f"http://127.0.0.1:{port}/health",
+    })
+    assert status == 200 and body["ok"], body
+    cleanup_pids.append(body["host_pid"])
+    assert body["source"] == "memory"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/predict?seed=5", timeout=10) as r:
+        assert r.status == 200
+    status, text = api.call("GET", "/metrics", token=None)
+    assert 'autoscaler_agent_restores_total{result="ok",source="memory"} 1.0' in text
+    wait_for(lambda: True, 1, "noop")
