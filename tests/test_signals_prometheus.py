@@ -164,3 +164,38 @@ def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
         with pytest.raises(PrometheusError) as err:
             source.latest("llama")
     assert "timed out" in str(err.value) and err.value.url == url
+
+
+@pytest.mark.slow
+def test_cli_backfill_of_14_days_per_minute_reads_back_past_the_point_limit(
+    prometheus, tmp_path: Path
+) -> None:
+    """20,160 one-minute windows (> 11,000 points) from a generic rate CSV, through the CLI and
+    promtool, read back in chunks: every window equals the CSV's rate."""
+    import argparse
+
+    from autoscaler.signals import cli
+
+    rng = np.random.default_rng(3)
+    times = pd.date_range("2024-03-01", periods=14 * 24 * 60, freq="1min", tz="UTC")
+    counts = rng.poisson(40, len(times)).astype(float)
+    counts[5000:5030] = np.nan  # a half-hour collection gap
+    csv = tmp_path / "rates.csv"
+    pd.DataFrame({"time": times.strftime("%Y-%m-%dT%H:%M:%SZ"), "rps": counts / 60}).to_csv(
+        csv, index=False, na_rep="")
+    # empty cells are gaps: the generic reader drops rows without a value, keeping them NaN
+    pd.read_csv(csv).dropna().to_csv(csv, index=False)
+    parser = argparse.ArgumentParser(prog="autoscaler")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "prom", "backfill", str(csv), "--format", "csv", "--time-column", "time",
+        "--value-column", "rps", "--step", "1min", "--end-at", END.isoformat(),
+        "--workload", "synthetic", "--out-dir", str(tmp_path / "out"),
+    ])
+    assert args.func(args) == 0
+    server = prometheus(tmp_path / "out" / "tsdb")
+    start = END - pd.Timedelta(days=14)
+    series, mask = PrometheusSource(server.url).demand_with_mask("synthetic", start, END)
+    assert len(series) == 20_160
+    np.testing.assert_array_equal(mask.to_numpy(), np.isnan(counts))
+    np.testing.assert_allclose(series.to_numpy() * 60, counts, rtol=1e-9, equal_nan=True)

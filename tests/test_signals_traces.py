@@ -86,6 +86,11 @@ def test_azure_bad_number_names_file_line_and_column(tmp_path: Path) -> None:
     assert err.value.path == str(bad) and err.value.line == 8
     assert err.value.column == "ContextTokens"
     assert "line 8" in str(err.value) and "'12x'" in str(err.value)
+    # blank lines are skipped when reading, yet the error still names the file's own line
+    bad.write_text("\n".join([*rows[:3], "", "", *rows[3:]]) + "\n")
+    with pytest.raises(TraceFormatError) as err:
+        read_trace(bad)
+    assert (err.value.line, err.value.column) == (10, "ContextTokens")
 
 
 def test_azure_bad_timestamp_and_ragged_row(tmp_path: Path) -> None:

@@ -179,9 +179,18 @@ def _read_csv_strings(path: Path, header: int | None, names: list[str] | None) -
         raise TraceFormatError(str(path), f"not UTF-8 text ({exc.reason})") from exc
 
 
-def _line_numbers(frame: pd.DataFrame, header_lines: int) -> np.ndarray:
-    """1-based file line of each row (assumes no blank lines inside the data)."""
-    return np.arange(len(frame)) + 1 + header_lines
+def _row_line(path: Path, header_lines: int, row: int) -> int:
+    """1-based file line of data row `row` (0-based), skipping blank lines as the CSV reader
+    does. Only called on the error path, so scanning the file is fine."""
+    wanted = header_lines + row + 1  # the wanted non-blank line, counting the header
+    seen = 0
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for lineno, text in enumerate(fh, start=1):
+            if text.strip():
+                seen += 1
+                if seen == wanted:
+                    return lineno
+    return header_lines + row + 1
 
 
 def _numeric_column(
@@ -201,7 +210,7 @@ def _numeric_column(
     bad |= np.isinf(values.to_numpy(dtype=float, na_value=np.nan))
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        line = int(_line_numbers(frame, header_lines)[i])
+        line = _row_line(path, header_lines, i)
         what = "a non-negative number" if non_negative else "a number"
         raise TraceFormatError(
             str(path), f"expected {what}, found {raw.iloc[i]!r}", line=line, column=column
@@ -215,7 +224,7 @@ def _datetime_column(path: Path, frame: pd.DataFrame, column: str, header_lines:
     bad = parsed.isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        line = int(_line_numbers(frame, header_lines)[i])
+        line = _row_line(path, header_lines, i)
         raise TraceFormatError(
             str(path),
             f"expected an ISO date-time, found {raw.iloc[i]!r}",
@@ -480,26 +489,26 @@ def read_servegen(folder: str | Path) -> ServeGenWindows:
     t_ref: np.ndarray | None = None
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("rate", "cv", "pattern", "p1", "p2")}
     for _, f in files:
-        t, rate, cv, p1, p2, pattern, frame = _read_servegen_file(f)
-        lines = _line_numbers(frame, 0)
+        t, rate, cv, p1, p2, pattern, _frame = _read_servegen_file(f)
         bad = ~np.isin(pattern, ["", *SERVEGEN_PATTERNS])
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise TraceFormatError(
                 str(f), f"expected Gamma, Weibull or empty, found {pattern[i]!r}",
-                line=int(lines[i]), column="pattern",
+                line=_row_line(f, 0, i), column="pattern",
             )
         if len(t) > 1 and not np.all(np.diff(t) > 0):
             i = int(np.flatnonzero(np.diff(t) <= 0)[0]) + 1
             raise TraceFormatError(
-                str(f), "window times must increase", line=int(lines[i]), column="t_seconds"
+                str(f), "window times must increase", line=_row_line(f, 0, i),
+                column="t_seconds",
             )
         if t_ref is None:
             t_ref = t
         elif len(t) != len(t_ref) or not np.array_equal(t, t_ref):
             n = min(len(t), len(t_ref))
             diff = np.flatnonzero(t[:n] != t_ref[:n])
-            line = int(diff[0]) + 1 if len(diff) else n + 1
+            line = _row_line(f, 0, int(diff[0]) if len(diff) else n)
             raise TraceFormatError(
                 str(f), f"window grid differs from {files[0][1].name}", line=line,
                 column="t_seconds",
@@ -547,12 +556,9 @@ def _read_servegen_file(
         for c in numeric:
             _numeric_column(f, strings, c, 0)
         raise TraceFormatError(str(f), "cannot read the file as ServeGen windows")
+    t, rate, cv, p1, p2 = (frame[c].to_numpy(dtype=float) for c in numeric)
     pattern = frame["pattern"].str.strip().to_numpy(dtype=object)
-    return (
-        *(frame[c].to_numpy(dtype=float) for c in numeric),
-        pattern,
-        frame,
-    )  # type: ignore[return-value]
+    return t, rate, cv, p1, p2, pattern, frame
 
 
 def servegen_total_rate(windows: ServeGenWindows) -> pd.Series:
