@@ -199,3 +199,25 @@ def test_cli_backfill_of_14_days_per_minute_reads_back_past_the_point_limit(
     assert len(series) == 20_160
     np.testing.assert_array_equal(mask.to_numpy(), np.isnan(counts))
     np.testing.assert_allclose(series.to_numpy() * 60, counts, rtol=1e-9, equal_nan=True)
+
+
+def test_cli_query_prints_the_demand_series_as_csv(history, capsys) -> None:
+    import argparse
+    import io
+
+    from autoscaler.signals import cli
+
+    server, results = history
+    r = results["mid"]
+    parser = argparse.ArgumentParser(prog="autoscaler")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "prom", "query", "--url", server.url, "--workload", "m-mid", "--start",
+        r.start.isoformat(), "--end", r.end.isoformat(), "--step", "10min", "--csv",
+    ])
+    assert args.func(args) == 0
+    printed = pd.read_csv(io.StringIO(capsys.readouterr().out), index_col=0)
+    expected = load_bundled("servegen-m-mid")
+    assert len(printed) == len(expected)
+    np.testing.assert_allclose(printed.iloc[:, 0].to_numpy(), expected.to_numpy(), rtol=1e-12,
+                               equal_nan=True)
