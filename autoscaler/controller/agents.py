@@ -1,0 +1,122 @@
+"""Talking to the node agents: each GPU node's agent, found from the agent DaemonSet's pods.
+
+The controller asks an agent what it holds (inventory), to stage an artifact (copy it from the
+store to the node's disk or memory), to evict one, and to checkpoint a worker. Every call sends
+the bearer token; every failure is an AgentCallError naming the node and the call, and the loop
+goes on with the other nodes (one broken node must not stop scaling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+
+from autoscaler.controller.core import AgentHoldings
+from autoscaler.errors import AutoscalerError
+
+
+class AgentCallError(AutoscalerError):
+    def __init__(self, node: str, call: str, message: str) -> None:
+        self.node = node
+        self.call = call
+        super().__init__(f"agent on node {node}: {call} failed: {message}")
+
+
+@dataclass(frozen=True)
+class AgentInventory:
+    node: str
+    holdings: AgentHoldings
+    versions: Mapping[str, str]
+
+
+class AgentDirectory(Protocol):
+    """What the loop needs from the agents (an HTTP implementation below; tests may pass
+    another that talks to real agents differently)."""
+
+    def refresh(self) -> Mapping[str, str]: ...
+
+    def inventory(self, node: str) -> AgentInventory: ...
+
+    def stage(self, node: str, artifact: str, tier: str, source: str) -> Mapping[str, Any]: ...
+
+    def evict(self, node: str, artifact: str) -> Mapping[str, Any]: ...
+
+
+# The agent's HTTP API paths (autoscaler.agent's server); one table so they change in one place.
+PATHS = {
+    "health": ("GET", "/healthz"),
+    "inventory": ("GET", "/v1/inventory"),
+    "stage": ("POST", "/v1/stage"),
+    "evict": ("POST", "/v1/evict"),
+    "checkpoint": ("POST", "/v1/checkpoint"),
+}
+
+
+class HttpAgents:
+    """Agents over HTTP with a bearer token. `endpoints()` is a callable returning
+    {node: base URL} (the cluster adapter's agent_endpoints); refreshed each cycle."""
+
+    def __init__(
+        self,
+        endpoints: Any,
+        token: str | None,
+        timeout_s: float = 5.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._endpoints_fn = endpoints
+        self._endpoints: dict[str, str] = {}
+        self.token = token
+        self.timeout_s = timeout_s
+        self.session = session or requests.Session()
+
+    def refresh(self) -> Mapping[str, str]:
+        self._endpoints = dict(self._endpoints_fn())
+        return self._endpoints
+
+    def nodes(self) -> list[str]:
+        return sorted(self._endpoints)
+
+    def _call(self, node: str, name: str, body: Mapping[str, Any] | None = None) -> Any:
+        base = self._endpoints.get(node)
+        if base is None:
+            raise AgentCallError(node, name, "no Ready agent pod on this node")
+        method, path = PATHS[name]
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            resp = self.session.request(
+                method, base + path, json=body, headers=headers, timeout=self.timeout_s
+            )
+        except requests.RequestException as exc:
+            raise AgentCallError(node, name, f"{base} unreachable: {exc}") from exc
+        if resp.status_code >= 400:
+            raise AgentCallError(node, name, f"HTTP {resp.status_code}: {resp.text[:300]}")
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise AgentCallError(node, name, f"answer is not JSON: {resp.text[:200]}") from exc
+
+    def inventory(self, node: str) -> AgentInventory:
+        data = self._call(node, "inventory")
+        try:
+            arts = {str(a["id"]): str(a.get("tier", "disk")) for a in data.get("artifacts", [])}
+            holdings = AgentHoldings(
+                artifacts=arts,
+                disk_free_gb=float(data.get("disk_free_gb", 0.0)),
+                mem_free_gb=float(data.get("mem_free_gb", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AgentCallError(node, "inventory", f"unexpected answer: {exc}") from exc
+        versions = {k: str(v) for k, v in (data.get("versions") or {}).items()}
+        return AgentInventory(node=node, holdings=holdings, versions=versions)
+
+    def stage(self, node: str, artifact: str, tier: str, source: str) -> Mapping[str, Any]:
+        return self._call(node, "stage", {"artifact": artifact, "tier": tier, "source": source})
+
+    def evict(self, node: str, artifact: str) -> Mapping[str, Any]:
+        return self._call(node, "evict", {"artifact": artifact})
+
+    def checkpoint(self, node: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return self._call(node, "checkpoint", body)

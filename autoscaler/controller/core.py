@@ -1,0 +1,232 @@
+"""The decision part of one control cycle, as pure functions on plain data.
+
+Inputs: per workload its spec, current and ready replicas, the last observed demand, a quantile
+forecast, its current artifact and lead times; the GPU nodes with what they hold. Outputs: the
+replica decision per workload (after the shared GPU budget), the start path its next replica
+will take, and one stage plan for all workloads. No I/O: the controller loop gathers the inputs
+and applies the outputs; the benchmark times exactly this part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from autoscaler.cluster.adapter import GpuNode
+from autoscaler.cluster.labels import label_name
+from autoscaler.plan import (
+    BudgetAllocation,
+    BudgetClaim,
+    LeadTimes,
+    NodeInventory,
+    ReplicaDecision,
+    StagePlan,
+    StageRequest,
+    StartPath,
+    Tier,
+    WorkloadSpec,
+    WorkloadState,
+    allocate_gpu_budget,
+    next_start,
+    plan_replicas,
+    plan_staging,
+    replicas_to_stage,
+    with_budget,
+)
+from autoscaler.plan.replicas import quantile_column
+
+
+@dataclass(frozen=True)
+class WorkloadInputs:
+    """Everything the planner needs about one workload in this cycle."""
+
+    spec: WorkloadSpec
+    current_replicas: int
+    ready_replicas: int | None
+    last_observed_s: float | None
+    forecast_origin_s: float | None
+    observed_demand: float
+    forecast: pd.DataFrame | None
+    leads: LeadTimes = field(default_factory=LeadTimes)
+    artifact: str | None = None
+    artifact_size_gb: float = 19.0
+    gpu_type: str = "any"
+    snapshot: bool = True
+    recommendations: tuple[tuple[float, int], ...] = ()
+    staging_quantile: float = 0.99
+    staging_horizon_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class WorkloadPlan:
+    """The cycle's answer for one workload."""
+
+    name: str
+    decision: ReplicaDecision
+    start_path: str
+    lead_s: float
+    stage_extra_replicas: int
+    budget_cut: bool = False
+
+
+@dataclass(frozen=True)
+class CyclePlan:
+    plans: dict[str, WorkloadPlan]
+    stage: StagePlan
+    budget: BudgetAllocation
+
+
+@dataclass(frozen=True)
+class AgentHoldings:
+    """What one node's agent reports: artifacts by tier, free room, versions."""
+
+    artifacts: Mapping[str, str]  # artifact id -> "memory" | "disk"
+    disk_free_gb: float
+    mem_free_gb: float
+
+
+def build_inventory(
+    nodes: Sequence[GpuNode],
+    gpus_used: Mapping[str, int],
+    holdings: Mapping[str, AgentHoldings],
+    artifact_sizes: Mapping[str, float],
+    current_artifacts: Mapping[str, str],
+    *,
+    default_disk_gb: float = 500.0,
+    default_mem_gb: float = 0.0,
+) -> NodeInventory:
+    """The planner's column inventory from the cluster's nodes.
+
+    What a node holds comes from its agent when the agent answered, otherwise from its staged
+    labels (a label counts as a disk copy, and only if it names the workload's *current*
+    artifact: a stale copy is never counted). Nodes not Ready or cordoned offer no free GPUs.
+    """
+    usable = [n for n in nodes if n.ready and n.schedulable]
+    names = [n.name for n in usable]
+    free = np.array(
+        [max(0, n.allocatable_gpus - gpus_used.get(n.name, 0)) for n in usable], dtype=np.int64
+    )
+    zones = np.array([n.zone or "" for n in usable], dtype=object)
+    types = np.array([n.gpu_model or "" for n in usable], dtype=object)
+    disk = np.full(len(usable), default_disk_gb, dtype=float)
+    mem = np.full(len(usable), default_mem_gb, dtype=float)
+    held: dict[str, dict[int, Tier]] = {}
+    by_label = {label_name(w): a for w, a in current_artifacts.items()}
+    current_ids = set(current_artifacts.values())
+    for idx, n in enumerate(usable):
+        report = holdings.get(n.name)
+        if report is not None:
+            disk[idx] = report.disk_free_gb
+            mem[idx] = report.mem_free_gb
+            for art, tier in report.artifacts.items():
+                held.setdefault(art, {})[idx] = Tier.MEMORY if tier == "memory" else Tier.DISK
+            continue
+        for label, art in n.staged.items():
+            if by_label.get(label) == art and art in current_ids:
+                held.setdefault(art, {})[idx] = Tier.DISK
+    return NodeInventory(
+        names=names,
+        zones=zones,
+        gpu_types=types,
+        gpus_free=free,
+        disk_free_gb=disk,
+        mem_free_gb=mem,
+        held=held,
+        artifact_size_gb=dict(artifact_sizes),
+    )
+
+
+def _high_column(forecast: pd.DataFrame | None, q: float) -> np.ndarray | None:
+    if forecast is None or forecast.empty:
+        return None
+    col = quantile_column(forecast, q)
+    for c in forecast.columns:
+        if abs(float(c) - col) < 1e-12:
+            return forecast[c].to_numpy(dtype=float)
+    return None
+
+
+def plan_cycle(
+    inputs: Sequence[WorkloadInputs],
+    inventory: NodeInventory,
+    now_s: float,
+    budget_gpus: int | None = None,
+) -> CyclePlan:
+    """Decide every workload's replicas and one stage plan for all of them."""
+    raw: dict[str, tuple[ReplicaDecision, str, float]] = {}
+    for w in inputs:
+        artifact = w.artifact if w.snapshot else None
+        path, lead, _ = next_start(
+            inventory, artifact, w.spec.gpus_per_replica, w.gpu_type, w.leads
+        )
+        if not math.isfinite(lead):  # no node has room now: plan with the path's own lead
+            path = StartPath.COLD if artifact is None else StartPath.RESTORE_STORE
+            lead = w.leads.of(path)
+        state = WorkloadState(
+            current_replicas=w.current_replicas,
+            last_observed_s=w.last_observed_s,
+            forecast_origin_s=w.forecast_origin_s,
+            observed_demand=w.observed_demand,
+            ready_replicas=w.ready_replicas,
+            start_path=str(path),
+            lead_s=float(lead),
+            recommendations=w.recommendations,
+        )
+        raw[w.spec.name] = (plan_replicas(state, w.forecast, w.spec, now_s), str(path), lead)
+
+    claims = [
+        BudgetClaim(
+            name=w.spec.name,
+            desired_replicas=raw[w.spec.name][0].desired_replicas,
+            min_replicas=w.spec.min_replicas,
+            gpus_per_replica=w.spec.gpus_per_replica,
+            priority=w.spec.priority,
+        )
+        for w in inputs
+    ]
+    budget = allocate_gpu_budget(claims, budget_gpus)
+    cut = set(budget.cut)
+
+    plans: dict[str, WorkloadPlan] = {}
+    requests: list[StageRequest] = []
+    for w in inputs:
+        decision, path, lead = raw[w.spec.name]
+        if w.spec.name in cut:
+            # The budget may cut a scale-up; it never forces a scale-down below what runs.
+            granted = max(budget.granted[w.spec.name], min(w.current_replicas,
+                                                           decision.desired_replicas))
+            decision = with_budget(decision, granted)
+        extra = 0
+        if w.snapshot and w.artifact:
+            origin = w.forecast_origin_s if w.forecast_origin_s is not None else now_s
+            extra = replicas_to_stage(
+                _high_column(w.forecast, w.staging_quantile), w.spec, w.current_replicas,
+                now_s, origin, w.staging_horizon_s,
+            )  # fmt: skip
+            # Also cover the replicas this very decision adds.
+            extra = max(extra, decision.desired_replicas - w.current_replicas)
+            requests.append(
+                StageRequest(
+                    workload=w.spec.name,
+                    artifact=w.artifact,
+                    size_gb=w.artifact_size_gb,
+                    extra_replicas=extra,
+                    gpu_type=w.gpu_type,
+                    gpus_per_replica=w.spec.gpus_per_replica,
+                    priority=w.spec.priority,
+                )
+            )
+        plans[w.spec.name] = WorkloadPlan(
+            name=w.spec.name,
+            decision=decision,
+            start_path=path,
+            lead_s=float(lead),
+            stage_extra_replicas=extra,
+            budget_cut=w.spec.name in cut,
+        )
+    stage = plan_staging(requests, inventory, now_s)
+    return CyclePlan(plans=plans, stage=stage, budget=budget)

@@ -1,0 +1,630 @@
+"""The control loop: signals -> forecast -> plan -> stage -> scale, once per interval.
+
+`Controller.run_cycle()` is one cycle; `ControllerService` runs it on an APScheduler 3.x
+interval job next to a lease-renewal job, with forecast fits in a background executor (the
+cycle only ever uses the last fitted model through `predict_from`, it never waits for a fit).
+
+Safety rules the loop keeps whatever the planner says:
+- no leader lease, no action (a standby replica only observes);
+- a workload whose demand signal is missing never gets a smaller scale written;
+- scale writes are absolute and carry the read resourceVersion; a 409 re-reads and re-decides;
+- dry-run decides, publishes and exports metrics, and writes nothing to the cluster or agents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import pandas as pd
+
+from autoscaler.cluster.adapter import Cluster, ManagedDeployment, gpu_requests_by_node
+from autoscaler.cluster.errors import ClusterError
+from autoscaler.cluster.labels import (
+    ARTIFACT_RECORD_ANNOTATION,
+    FALLBACK_ANNOTATION,
+    START_PATH_ANNOTATION,
+    START_SECONDS_ANNOTATION,
+    WORKLOAD_ANNOTATION,
+    label_name,
+)
+from autoscaler.cluster.lease import LeaderElector
+from autoscaler.config import ControllerConfig, WorkloadConfig
+from autoscaler.controller.agents import AgentCallError, AgentDirectory, AgentInventory
+from autoscaler.controller.core import (
+    CyclePlan,
+    WorkloadInputs,
+    build_inventory,
+    plan_cycle,
+)
+from autoscaler.controller.metrics import ControllerMetrics
+from autoscaler.controller.settings import ControllerSettings
+from autoscaler.errors import AutoscalerError, InsufficientData
+from autoscaler.forecast.base import Forecaster
+from autoscaler.plan import LeadTimes, StartPath
+from autoscaler.plan.replicas import BINDING_HOLD
+
+log = logging.getLogger("autoscaler.controller")
+
+
+# -- time ---------------------------------------------------------------------------------------
+
+
+class Clock(Protocol):
+    speedup: float
+
+    def now_s(self) -> float: ...
+
+
+class RealClock:
+    speedup = 1.0
+
+    def now_s(self) -> float:
+        return time.time()
+
+
+class ReplayClock:
+    """Trace time = origin + speedup x wall time elapsed since creation (compressed replays)."""
+
+    def __init__(self, origin_s: float, speedup: float) -> None:
+        self.origin_s = origin_s
+        self.speedup = speedup
+        self._t0 = time.monotonic()
+
+    def now_s(self) -> float:
+        return self.origin_s + (time.monotonic() - self._t0) * self.speedup
+
+
+# -- demand -------------------------------------------------------------------------------------
+
+
+class DemandSource(Protocol):
+    """Demand of one workload on a regular grid over [start, end]; raises PrometheusError (or
+    another AutoscalerError) when the data cannot be had."""
+
+    def demand(
+        self, workload: WorkloadConfig, start: pd.Timestamp, end: pd.Timestamp, step: pd.Timedelta
+    ) -> pd.Series: ...
+
+
+def last_observation(series: pd.Series, step: pd.Timedelta) -> tuple[float | None, float, float]:
+    """(end of the last observed window in epoch s, its value, forecast origin in epoch s).
+    Gaps (NaN) are skipped; no observation at all gives (None, nan, nan)."""
+    observed = series.dropna()
+    if observed.empty:
+        return None, math.nan, math.nan
+    last_start = pd.Timestamp(observed.index[-1])
+    end_s = (last_start + step).timestamp()
+    return end_s, float(observed.iloc[-1]), end_s
+
+
+# -- forecasts off the critical path -------------------------------------------------------------
+
+
+@dataclass
+class _Fit:
+    model: Forecaster | None = None
+    fitted_at_s: float = -math.inf
+    pending: Future | None = None
+    error: str | None = None
+
+
+class FitCache:
+    """Fits forecasters in a background executor; the loop takes the last fitted model.
+
+    A fit builds a fresh model object and swaps it in when done, so the loop never shares an
+    object with a running fit."""
+
+    def __init__(
+        self,
+        factory: Callable[[str], Forecaster],
+        refit_every_s: float,
+        executor: ThreadPoolExecutor | None = None,
+        on_fit: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.factory = factory
+        self.refit_every_s = refit_every_s
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="forecast-fit")
+        self._fits: dict[str, _Fit] = {}
+        self._lock = threading.Lock()
+        self._on_fit = on_fit or (lambda w, outcome: None)
+
+    def model(self, workload: str, history: pd.Series, now_s: float) -> Forecaster | None:
+        """The last fitted model of `workload` (None until the first fit ends); schedules a
+        refit when none is running and the model is missing or older than refit_every_s."""
+        with self._lock:
+            fit = self._fits.setdefault(workload, _Fit())
+            due = fit.model is None or now_s - fit.fitted_at_s >= self.refit_every_s
+            if due and fit.pending is None:
+                fit.pending = self.executor.submit(self._fit, workload, history.copy(), now_s)
+            return fit.model
+
+    def _fit(self, workload: str, history: pd.Series, now_s: float) -> None:
+        try:
+            model = self.factory(workload).fit(history)
+        except Exception as exc:  # recorded and exported; the loop holds meanwhile
+            with self._lock:
+                fit = self._fits[workload]
+                fit.pending = None
+                fit.error = f"{type(exc).__name__}: {exc}"
+            self._on_fit(workload, "error")
+            log.warning("forecast fit of %s failed: %s", workload, exc)
+            return
+        with self._lock:
+            fit = self._fits[workload]
+            fit.model, fit.fitted_at_s, fit.pending, fit.error = model, now_s, None, None
+        self._on_fit(workload, "ok")
+
+    def error(self, workload: str) -> str | None:
+        with self._lock:
+            fit = self._fits.get(workload)
+            return fit.error if fit else None
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait for running fits (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                pending = [f.pending for f in self._fits.values() if f.pending is not None]
+            if not pending:
+                return
+            time.sleep(0.02)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- measured leads ------------------------------------------------------------------------------
+
+
+class LeadLearner:
+    """Start-up times new pods reported (start-path annotations), as a moving average per
+    workload and path; each pod is counted once."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.seen: set[str] = set()
+        self.leads: dict[str, dict[str, float]] = {}
+
+    def observe(self, workload: str, uid: str, path: str, seconds: float) -> bool:
+        if uid in self.seen or not math.isfinite(seconds) or seconds < 0:
+            return False
+        self.seen.add(uid)
+        per = self.leads.setdefault(workload, {})
+        per[path] = seconds if path not in per else (1 - self.alpha) * per[path] + (
+            self.alpha * seconds
+        )
+        return True
+
+    def lead_times(self, workload: str, base: LeadTimes) -> LeadTimes:
+        measured = self.leads.get(workload)
+        if not measured:
+            return base
+        known = {p.value for p in StartPath}
+        return LeadTimes.from_mapping({p: s for p, s in measured.items() if p in known}, base)
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkloadOutcome:
+    workload: str
+    deployment: str
+    current: int
+    desired: int
+    written: int | None
+    binding: str
+    summary: str
+    signal_ok: bool
+    start_path: str
+    lead_s: float
+    conflicts: int = 0
+    error: str | None = None
+
+
+@dataclass
+class CycleReport:
+    at_s: float
+    leader: bool
+    dry_run: bool
+    outcomes: dict[str, WorkloadOutcome] = field(default_factory=dict)
+    staged: list[tuple[str, str, str]] = field(default_factory=list)  # node, artifact, tier
+    stage_errors: list[str] = field(default_factory=list)
+    evicted: list[tuple[str, str]] = field(default_factory=list)
+    skipped: str | None = None
+    error: str | None = None
+    plan: CyclePlan | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """The current artifact of a workload, as recorded on its Deployment."""
+
+    id: str
+    identity: str
+    size_gb: float
+
+    @classmethod
+    def from_annotation(cls, text: str | None) -> ArtifactRecord | None:
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(
+                id=str(data["id"]),
+                identity=str(data.get("identity", "")),
+                size_gb=float(data.get("size_gb", data.get("size_bytes", 0) / 1e9) or 19.0),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable artifact record %r", text[:200])
+            return None
+
+
+# -- the controller ------------------------------------------------------------------------------
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        settings: ControllerSettings,
+        cluster: Cluster,
+        demand: DemandSource | None,
+        forecaster_factory: Callable[[str], Forecaster],
+        *,
+        agents: AgentDirectory | None = None,
+        book: Any = None,
+        clock: Clock | None = None,
+        metrics: ControllerMetrics | None = None,
+        elector: LeaderElector | None = None,
+        dry_run: bool | None = None,
+        fit_executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.cluster = cluster
+        self.demand = demand
+        self.agents = agents
+        self.book = book
+        self.clock = clock or RealClock()
+        self.metrics = metrics or ControllerMetrics()
+        self.elector = elector
+        self.dry_run = config.dry_run if dry_run is None else dry_run
+        self.step = pd.Timedelta(config.forecast_step)
+        self.history = pd.Timedelta(settings.prometheus.history)
+        self.fits = FitCache(
+            forecaster_factory,
+            pd.Timedelta(config.refit_every).total_seconds(),
+            fit_executor,
+            on_fit=lambda w, outcome: self.metrics.fits.labels(w, outcome).inc(),
+        )
+        self.leads = LeadLearner()
+        self.workloads = {w.name: w for w in config.workloads}
+        self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
+        self._affinity_done: set[str] = set()
+        self.last_report: CycleReport | None = None
+        self.last_success_monotonic: float | None = None
+        if book is not None:
+            book.declare(self.workloads)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        return self.elector is None or self.elector.is_leader()
+
+    def _horizon_steps(self, w: WorkloadConfig, leads: LeadTimes) -> int:
+        cover = max(leads.as_dict().values()) + self.config.interval_s
+        cover = max(cover, w.plan.staging_horizon_s, w.plan.scale_down_window_s)
+        return max(1, math.ceil(cover / self.step.total_seconds()) + 1)
+
+    def _signal(self, w: WorkloadConfig, now_s: float) -> tuple[pd.Series | None, str | None]:
+        if self.demand is None:
+            return None, "no demand source configured"
+        end = pd.Timestamp(now_s, unit="s", tz="UTC")
+        try:
+            series = self.demand.demand(w, end - self.history, end, self.step)
+        except AutoscalerError as exc:
+            return None, str(exc)
+        # Never look past now (a replay's store holds the future of the trace).
+        series = series[series.index + self.step <= end + pd.Timedelta(seconds=1e-6)]
+        if series.dropna().empty:
+            return None, "no demand data in the history window"
+        return series, None
+
+    def _forecast(
+        self, w: WorkloadConfig, series: pd.Series, leads: LeadTimes, now_s: float
+    ) -> tuple[pd.DataFrame | None, str | None]:
+        model = self.fits.model(w.name, series, now_s)
+        if model is None:
+            return None, self.fits.error(w.name) or "first forecast fit still running"
+        quantiles = tuple(sorted({*self.settings.forecast.quantiles, w.plan.quantile,
+                                  w.plan.staging_quantile}))  # fmt: skip
+        try:
+            return model.predict_from(series, self._horizon_steps(w, leads), quantiles), None
+        except (InsufficientData, ValueError) as exc:
+            return None, f"forecast failed: {exc}"
+
+    def _observe_pods(self, pods: Sequence[Any]) -> None:
+        for pod in pods:
+            ann = pod.metadata.annotations or {}
+            workload, path = ann.get(WORKLOAD_ANNOTATION), ann.get(START_PATH_ANNOTATION)
+            seconds = ann.get(START_SECONDS_ANNOTATION)
+            if not workload or not path or seconds is None or workload not in self.workloads:
+                continue
+            try:
+                trace_seconds = float(seconds) * self.clock.speedup
+            except ValueError:
+                continue
+            if self.leads.observe(workload, pod.metadata.uid, path, trace_seconds):
+                fallback = "true" if ann.get(FALLBACK_ANNOTATION) == "true" else "false"
+                self.metrics.restores.labels(workload, path, fallback).inc()
+                self.metrics.measured_lead.labels(workload, path).set(
+                    self.leads.leads[workload][path]
+                )
+
+    def _inventories(self) -> dict[str, AgentInventory]:
+        if self.agents is None:
+            return {}
+        try:
+            nodes = list(self.agents.refresh())
+        except (ClusterError, AgentCallError) as exc:
+            log.warning("cannot find the node agents: %s", exc)
+            return {}
+        out: dict[str, AgentInventory] = {}
+        if not nodes:
+            return out
+        with ThreadPoolExecutor(min(16, len(nodes))) as pool:
+            futures = {n: pool.submit(self.agents.inventory, n) for n in nodes}
+            for node, fut in futures.items():
+                try:
+                    out[node] = fut.result()
+                except AgentCallError as exc:
+                    log.warning("%s", exc)
+        return out
+
+    # -- one cycle -----------------------------------------------------------------------------
+
+    def run_cycle(self) -> CycleReport:
+        started = time.monotonic()
+        now_s = self.clock.now_s()
+        leader = True
+        if self.elector is not None:
+            leader = self.elector.try_acquire_or_renew()
+        self.metrics.leader.set(1 if leader else 0)
+        report = CycleReport(at_s=now_s, leader=leader, dry_run=self.dry_run)
+        if not leader:
+            report.skipped = f"not the leader (lease held by {self.elector.holder()})"
+            self.metrics.cycles.labels("standby").inc()
+            self._finish(report, started, ok=True)
+            return report
+        try:
+            self._cycle(report, now_s)
+        except ClusterError as exc:
+            report.error = str(exc)
+            log.error("cycle aborted, nothing scaled: %s", exc)
+            self.metrics.cycles.labels("error").inc()
+            self._finish(report, started, ok=False)
+            return report
+        self.metrics.cycles.labels("ok").inc()
+        self._finish(report, started, ok=True)
+        return report
+
+    def _finish(self, report: CycleReport, started: float, ok: bool) -> None:
+        self.metrics.cycle_seconds.observe(time.monotonic() - started)
+        self.metrics.last_cycle.set(time.time())
+        self.last_report = report
+        if ok:
+            self.last_success_monotonic = time.monotonic()
+
+    def _cycle(self, report: CycleReport, now_s: float) -> None:
+        ks = self.settings.kubernetes
+        deployments = {
+            d.workload: d
+            for d in self.cluster.list_managed_deployments(ks.namespace, ks.selector)
+            if d.workload in self.workloads
+        }
+        nodes = self.cluster.list_gpu_nodes()
+        pods = self.cluster.active_pods()
+        self._observe_pods(pods)
+        inventories = self._inventories()
+        records = {
+            name: ArtifactRecord.from_annotation(d.annotations.get(ARTIFACT_RECORD_ANNOTATION))
+            for name, d in deployments.items()
+        }
+        current_artifacts = {n: r.id for n, r in records.items() if r is not None}
+        inventory = build_inventory(
+            nodes,
+            gpu_requests_by_node(pods),
+            {n: i.holdings for n, i in inventories.items()},
+            {r.id: r.size_gb for r in records.values() if r is not None},
+            current_artifacts,
+        )
+
+        inputs: list[WorkloadInputs] = []
+        signal_ok: dict[str, bool] = {}
+        notes: dict[str, str] = {}
+        first_values: dict[str, dict[float, float]] = {}
+        for name, d in sorted(deployments.items()):
+            w = self.workloads[name]
+            base = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
+            leads = self.leads.lead_times(name, base)
+            series, problem = self._signal(w, now_s)
+            signal_ok[name] = series is not None
+            self.metrics.signal_up.labels(name).set(1 if series is not None else 0)
+            forecast = None
+            last_s, observed, origin = None, math.nan, None
+            if series is not None:
+                last_s, observed, origin_v = last_observation(series, self.step)
+                origin = origin_v if last_s is not None else None
+                forecast, problem = self._forecast(w, series, leads, now_s)
+            if problem:
+                notes[name] = problem
+            if forecast is not None:
+                first_values[name] = {float(q): float(forecast[q].iloc[0])
+                                      for q in forecast.columns}  # fmt: skip
+            record = records.get(name)
+            spec = w.to_spec(
+                interval_s=self.config.interval_s, forecast_step_s=self.step.total_seconds()
+            )
+            recs = self.recommendations.get(name)
+            if recs is None:  # first cycle (or a restart): the current scale counts as just
+                recs = ((now_s, d.spec_replicas),)  # recommended, so no early scale-down
+            inputs.append(
+                WorkloadInputs(
+                    spec=spec,
+                    current_replicas=d.spec_replicas,
+                    ready_replicas=d.ready_replicas,
+                    last_observed_s=last_s,
+                    forecast_origin_s=origin,
+                    observed_demand=observed,
+                    forecast=forecast,
+                    leads=leads,
+                    artifact=record.id if record else None,
+                    artifact_size_gb=record.size_gb if record else w.start.artifact_size_gb,
+                    gpu_type=w.gpu_type,
+                    snapshot=w.start.path != "cold",
+                    recommendations=recs,
+                    staging_quantile=w.plan.staging_quantile,
+                    staging_horizon_s=w.plan.staging_horizon_s,
+                )
+            )
+
+        plan = plan_cycle(inputs, inventory, now_s, self.config.gpu_budget)
+        report.plan = plan
+        if not self.dry_run:
+            self._stage(plan, report, deployments, current_artifacts, nodes)
+        by_name = {i.spec.name: i for i in inputs}
+        for name, d in sorted(deployments.items()):
+            wp = plan.plans[name]
+            self.recommendations[name] = wp.decision.recommendations
+            outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s)
+            if notes.get(name):
+                outcome.summary += f" [{notes[name]}]"
+            report.outcomes[name] = outcome
+            art = current_artifacts.get(name)
+            staged = sum(1 for n in nodes if art and n.staged.get(label_name(name)) == art)
+            self.metrics.record_plan(wp, outcome.current, d.ready_replicas, staged,
+                                     first_values.get(name, {}))  # fmt: skip
+            if self.book is not None:
+                self._publish(name, wp, now_s, signal_ok[name])
+
+    def _publish(self, name: str, wp: Any, now_s: float, ok: bool) -> None:
+        at = datetime.fromtimestamp(now_s, UTC)
+        try:
+            if ok or wp.decision.explanation.binding != BINDING_HOLD:
+                self.book.publish(name, wp.decision, at)
+            else:
+                self.book.withdraw(name, "demand signal missing: holding", at)
+        except ValueError as exc:  # an out-of-order publish is refused by the book
+            log.warning("decision book refused %s: %s", name, exc)
+
+    def _stage(
+        self,
+        plan: CyclePlan,
+        report: CycleReport,
+        deployments: Mapping[str, ManagedDeployment],
+        current_artifacts: Mapping[str, str],
+        nodes: Sequence[Any],
+    ) -> None:
+        if self.agents is None:
+            return
+        for action in plan.stage.actions:
+            try:
+                self.agents.stage(action.node, action.artifact, action.tier, action.source)
+            except AgentCallError as exc:
+                report.stage_errors.append(str(exc))
+                self.metrics.stage_actions.labels(action.workload, action.tier, "error").inc()
+                continue
+            self.metrics.stage_actions.labels(action.workload, action.tier, "ok").inc()
+            self.cluster.set_staged(action.node, action.workload, action.artifact)
+            report.staged.append((action.node, action.artifact, action.tier))
+        for ev in plan.stage.evictions:
+            try:
+                self.agents.evict(ev.node, ev.artifact)
+                self.metrics.evictions.labels("ok").inc()
+            except AgentCallError as exc:
+                report.stage_errors.append(str(exc))
+                self.metrics.evictions.labels("error").inc()
+                continue
+            report.evicted.append((ev.node, ev.artifact))
+            for workload, art in current_artifacts.items():
+                if art == ev.artifact:
+                    self.cluster.set_staged(ev.node, workload, None)
+        for name, d in deployments.items():
+            if name in current_artifacts and self.settings.kubernetes.set_affinity:
+                self._ensure_adopted(d)
+
+    def _ensure_adopted(self, d: ManagedDeployment) -> None:
+        if d.key in self._affinity_done:
+            return
+        self.cluster.ensure_preferred_affinity(d.namespace, d.name, d.workload)
+        self._affinity_done.add(d.key)
+
+    def _scale(
+        self,
+        d: ManagedDeployment,
+        wp: Any,
+        inputs: WorkloadInputs,
+        signal_ok: bool,
+        inventory: Any,
+        now_s: float,
+    ) -> WorkloadOutcome:
+        decision = wp.decision
+        ex = decision.explanation
+        outcome = WorkloadOutcome(
+            workload=d.workload, deployment=d.key, current=d.spec_replicas,
+            desired=decision.desired_replicas, written=None, binding=ex.binding,
+            summary=ex.summary(), signal_ok=signal_ok, start_path=wp.start_path,
+            lead_s=wp.lead_s,
+        )  # fmt: skip
+        if self.dry_run:
+            log.info("dry-run: %s", outcome.summary)
+            return outcome
+
+        def decide(state: Any) -> int | None:
+            desired = decision.desired_replicas
+            if state.spec_replicas != inputs.current_replicas:
+                # Someone else scaled since we planned: plan again on what is there now.
+                fresh = plan_cycle([replace(inputs, current_replicas=state.spec_replicas)],
+                                   inventory, now_s)  # fmt: skip
+                desired = fresh.plans[d.workload].decision.desired_replicas
+                if wp.budget_cut:
+                    desired = min(desired, max(decision.desired_replicas, state.spec_replicas))
+            if not signal_ok and desired < state.spec_replicas:
+                return None  # missing data never scales down
+            return desired
+
+        try:
+            result = self.cluster.apply_scale(d.namespace, d.name, decide)
+        except ClusterError as exc:
+            outcome.error = str(exc)
+            log.error("scale of %s failed: %s", d.key, exc)
+            return outcome
+        outcome.conflicts = result.conflicts
+        outcome.current = result.before.spec_replicas
+        if result.conflicts:
+            self.metrics.scale_conflicts.labels(d.workload).inc(result.conflicts)
+        if result.changed:
+            outcome.written = result.written
+            direction = "up" if result.written > result.before.spec_replicas else "down"
+            self.metrics.scale_writes.labels(d.workload, direction).inc()
+            log.info("scaled %s %d -> %d: %s", d.key, result.before.spec_replicas,
+                     result.written, ex.summary())  # fmt: skip
+            if self.settings.events:
+                reason = "ScaledUp" if direction == "up" else "ScaledDown"
+                msg = (f"{result.before.spec_replicas} -> {result.written}: {ex.summary()}")
+                try:
+                    self.cluster.record_event(d.namespace, "Deployment", d.name, d.uid,
+                                              reason, msg)  # fmt: skip
+                except ClusterError as exc:
+                    log.warning("event not recorded: %s", exc)
+        return outcome
