@@ -152,11 +152,18 @@ def _replica_count(decision: object, workload: str) -> int:
     return count
 
 
-def _optional_float(decision: object, name: str, given: float | None) -> float | None:
+def _optional_float(decision: object, names: tuple[str, ...], given: float | None) -> float | None:
+    """`given`, else the first real-valued attribute of `names` on the decision or on its
+    explanation (the planner's Explanation carries `headroom` and `forecast_quantile`)."""
     if given is not None:
         return float(given)
-    value = getattr(decision, name, None)
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    explanation = getattr(decision, "explanation", None)
+    for holder in (decision, explanation):
+        for name in names:
+            value = getattr(holder, name, None)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                return float(value)
+    return None
 
 
 class DecisionBook:
@@ -201,8 +208,9 @@ class DecisionBook:
     ) -> PublishedDecision:
         """Record `decision` as the latest plan of `workload`, made at `at` (tz-aware).
 
-        `quantile`/`headroom` say which options the plan was made with (read from the decision's
-        attributes of those names when not given); `replan` optionally re-plans the same
+        `quantile`/`headroom` say which options the plan was made with (when not given, read
+        from the decision or its explanation: `quantile`/`forecast_quantile`, `headroom`);
+        `replan` optionally re-plans the same
         forecast for other options. A plan older than the current one is refused (ValueError):
         an out-of-order publish must never roll a newer plan back.
         """
@@ -224,8 +232,8 @@ class DecisionBook:
                 desired_replicas=replicas,
                 at=at,
                 sequence=sequence,
-                quantile=_optional_float(decision, "quantile", quantile),
-                headroom=_optional_float(decision, "headroom", headroom),
+                quantile=_optional_float(decision, ("quantile", "forecast_quantile"), quantile),
+                headroom=_optional_float(decision, ("headroom",), headroom),
                 explanation=explanation,
                 decision=decision,
                 replan=replan,

@@ -1,0 +1,344 @@
+"""Standalone mode: plans for a team that runs only KEDA (no controller in the cluster).
+
+`PlanningLoop` runs signals -> forecast -> plan every `interval_s` and publishes each plan into
+a DecisionBook; the gRPC server answers from that book. It reuses the controller's parts that
+need no Kubernetes access (its Prometheus demand source, its off-the-loop forecast fits, the
+planner's pure functions) and never writes to the cluster: KEDA and the HPA do the scaling.
+
+What differs from the in-cluster controller, and why:
+- no cluster reads (the scaler runs without a Kubernetes token), so the planner's "current
+  replicas" is the loop's own previous plan: step limits, the scale-down window and
+  stabilisation then act on the plan's trajectory, which is what KEDA makes the HPA follow;
+- the start path is the configured one (`start.path`, lead from `start.lead_s`): there is no
+  node inventory to say where the next replica lands;
+- missing or stale demand, a failed fit or a failed forecast withdraw the plan instead of
+  publishing a guess: KEDA then gets a gRPC error and keeps the current count (or its
+  `fallback`); the loop never makes KEDA scale down because data went missing;
+- each published plan carries a re-planner (the same forecast and state, other quantile or
+  headroom) so a trigger may ask for options other than the config's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import pandas as pd
+
+from autoscaler.config import ControllerConfig, WorkloadConfig
+from autoscaler.decisions import DecisionBook, Replanner
+from autoscaler.errors import AutoscalerError, InsufficientData
+from autoscaler.forecast.base import Forecaster
+from autoscaler.plan import (
+    BudgetClaim,
+    LeadTimes,
+    ReplicaDecision,
+    StartPath,
+    WorkloadSpec,
+    WorkloadState,
+    allocate_gpu_budget,
+    plan_replicas,
+    with_budget,
+)
+from autoscaler.plan.replicas import BINDING_FALLBACK, BINDING_HOLD
+
+log = logging.getLogger(__name__)
+
+#: A plan older than this many planning intervals is stale for readers.
+STALE_INTERVALS = 3.0
+
+
+class Clock(Protocol):
+    """Seconds since the epoch; `speedup` > 1 compresses time (replays, tests). The
+    controller's RealClock and ReplayClock are such clocks."""
+
+    speedup: float
+
+    def now_s(self) -> float: ...
+
+
+@dataclass
+class WorkloadOutcome:
+    """What one cycle did for one workload: published N replicas, or withdrew and why."""
+
+    workload: str
+    published: int | None = None
+    withdrawn: str | None = None
+    waiting: str | None = None
+    summary: str = ""
+
+
+@dataclass
+class _Memory:
+    """The loop's previous plan of a workload: the planner's `current` and stabilisation."""
+
+    desired: int
+    recommendations: tuple[tuple[float, int], ...] = ()
+
+
+def book_for(config: ControllerConfig, clock: Clock) -> DecisionBook:
+    """A book on the loop's clock whose plans go stale after STALE_INTERVALS intervals."""
+    return DecisionBook(
+        max_age=timedelta(seconds=STALE_INTERVALS * config.interval_s),
+        clock=lambda: datetime.fromtimestamp(clock.now_s(), UTC),
+    )
+
+
+def replanner(
+    state: WorkloadState,
+    forecast: pd.DataFrame,
+    spec: WorkloadSpec,
+    now_s: float,
+    cap: int | None = None,
+) -> Replanner:
+    """The same plan for other options: the planner's pure function on the same forecast and
+    state with `quantile`/`headroom` replaced (a quantile the forecast lacks uses the nearest
+    higher column, as the planner does); capped at `cap` when a GPU budget cut the plan."""
+
+    def replan(quantile: float, headroom: float) -> int:
+        decision = plan_replicas(
+            state, forecast, replace(spec, quantile=quantile, headroom=headroom), now_s
+        )
+        return decision.desired_replicas if cap is None else min(cap, decision.desired_replicas)
+
+    return replan
+
+
+def _missing_data(decision: ReplicaDecision) -> str | None:
+    ex = decision.explanation
+    if ex.binding in (BINDING_HOLD, BINDING_FALLBACK):
+        return "; ".join(ex.notes) or ex.binding
+    return None
+
+
+@dataclass
+class PlanningLoop:
+    """One planning cycle per call of `run_cycle`; `start()` schedules it (APScheduler 3.x)."""
+
+    config: ControllerConfig
+    book: DecisionBook
+    demand: object  # autoscaler.controller.loop.DemandSource
+    factory: Callable[[str], Forecaster]
+    clock: Clock
+    history: pd.Timedelta = field(default_factory=lambda: pd.Timedelta("6h"))
+    quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)
+    fit_cache: object = None  # autoscaler.controller.loop.FitCache
+
+    def __post_init__(self) -> None:
+        from autoscaler.controller.loop import FitCache
+
+        self.step = pd.Timedelta(self.config.forecast_step)
+        self.workloads = {w.name: w for w in self.config.workloads}
+        if self.fit_cache is None:
+            self.fit_cache = FitCache(
+                self.factory, pd.Timedelta(self.config.refit_every).total_seconds()
+            )
+        self._memory: dict[str, _Memory] = {}
+        self._lock = threading.Lock()
+        self._scheduler = None
+        self.last_outcomes: dict[str, WorkloadOutcome] = {}
+        self.book.declare(self.workloads)
+
+    # -- one cycle ---------------------------------------------------------------------------
+
+    def run_cycle(self) -> dict[str, WorkloadOutcome]:
+        """Plan every workload once and publish (or withdraw) each plan."""
+        with self._lock:  # never two cycles at once (a manual call racing the schedule)
+            now_s = self.clock.now_s()
+            planned: dict[str, tuple[ReplicaDecision, WorkloadState, pd.DataFrame, WorkloadSpec]]
+            planned = {}
+            outcomes: dict[str, WorkloadOutcome] = {}
+            for name, w in sorted(self.workloads.items()):
+                outcome = WorkloadOutcome(workload=name)
+                outcomes[name] = outcome
+                try:
+                    result = self._plan_one(w, now_s, outcome)
+                except AutoscalerError as exc:  # bad config of one workload: the rest go on
+                    outcome.withdrawn = str(exc)
+                    result = None
+                if result is not None:
+                    planned[name] = result
+                elif outcome.withdrawn:
+                    self.book.withdraw(name, outcome.withdrawn, self._at(now_s))
+            self._publish(planned, now_s, outcomes)
+            for outcome in outcomes.values():
+                log.info("%s", outcome.summary or outcome.withdrawn or outcome.waiting)
+            self.last_outcomes = outcomes
+            return outcomes
+
+    def _at(self, now_s: float) -> datetime:
+        return datetime.fromtimestamp(now_s, UTC)
+
+    def _signal(self, w: WorkloadConfig, now_s: float) -> pd.Series:
+        end = pd.Timestamp(now_s, unit="s", tz="UTC")
+        series = self.demand.demand(w, end - self.history, end, self.step)  # type: ignore[attr-defined]
+        # Only windows that have ended by now (a replay's store also holds the trace's future).
+        return series[series.index + self.step <= end + pd.Timedelta(microseconds=1)]
+
+    def _horizon_steps(self, w: WorkloadConfig, leads: LeadTimes) -> int:
+        cover = max(leads.as_dict().values()) + self.config.interval_s
+        cover = max(cover, w.plan.scale_down_window_s)
+        return max(1, math.ceil(cover / self.step.total_seconds()) + 1)
+
+    def _plan_one(
+        self, w: WorkloadConfig, now_s: float, outcome: WorkloadOutcome
+    ) -> tuple[ReplicaDecision, WorkloadState, pd.DataFrame, WorkloadSpec] | None:
+        from autoscaler.controller.loop import last_observation
+
+        try:
+            series = self._signal(w, now_s)
+        except AutoscalerError as exc:
+            outcome.withdrawn = f"demand signal unavailable: {exc}"
+            return None
+        last_s, observed, origin = last_observation(series, self.step)
+        if last_s is None:
+            outcome.withdrawn = "no demand data in the history window"
+            return None
+        model = self.fit_cache.model(w.name, series, now_s)  # type: ignore[attr-defined]
+        if model is None:
+            error = self.fit_cache.error(w.name)  # type: ignore[attr-defined]
+            if error:
+                outcome.withdrawn = f"forecast fit failed: {error}"
+            else:
+                outcome.waiting = f"{w.name}: first forecast fit still running"
+            return None
+        leads = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
+        quantiles = tuple(sorted({*self.quantiles, w.plan.quantile}))
+        try:
+            forecast = model.predict_from(series, self._horizon_steps(w, leads), quantiles)
+        except (InsufficientData, ValueError) as exc:
+            outcome.withdrawn = f"forecast failed: {exc}"
+            return None
+        spec = w.to_spec(
+            interval_s=self.config.interval_s, forecast_step_s=self.step.total_seconds()
+        )
+        memory = self._memory.get(w.name)
+        current = memory.desired if memory is not None else w.min_replicas
+        path = StartPath(w.start.path)
+        state = WorkloadState(
+            current_replicas=current,
+            last_observed_s=last_s,
+            forecast_origin_s=origin,
+            observed_demand=observed,
+            start_path=path.value,
+            lead_s=leads.of(path),
+            recommendations=memory.recommendations if memory is not None else (),
+        )
+        decision = plan_replicas(state, forecast, spec, now_s)
+        missing = _missing_data(decision)
+        if missing:
+            outcome.withdrawn = f"holding, not planning: {missing}"
+            return None
+        return decision, state, forecast, spec
+
+    def _publish(
+        self,
+        planned: dict[str, tuple[ReplicaDecision, WorkloadState, pd.DataFrame, WorkloadSpec]],
+        now_s: float,
+        outcomes: dict[str, WorkloadOutcome],
+    ) -> None:
+        granted: dict[str, int] = {}
+        if self.config.gpu_budget is not None and planned:
+            claims = [
+                BudgetClaim(
+                    name=name,
+                    desired_replicas=d.desired_replicas,
+                    min_replicas=spec.min_replicas,
+                    gpus_per_replica=spec.gpus_per_replica,
+                    priority=spec.priority,
+                )
+                for name, (d, _, _, spec) in planned.items()
+            ]
+            allocation = allocate_gpu_budget(claims, self.config.gpu_budget)
+            granted = {name: allocation.granted[name] for name in allocation.cut}
+        at = self._at(now_s)
+        for name, (decision, state, forecast, spec) in planned.items():
+            cap = granted.get(name)
+            if cap is not None:
+                decision = with_budget(decision, cap)
+            try:
+                self.book.publish(
+                    name,
+                    decision,
+                    at,
+                    quantile=spec.quantile,
+                    headroom=spec.headroom,
+                    replan=replanner(state, forecast, spec, now_s, cap),
+                )
+            except ValueError as exc:  # an out-of-order publish (clock went back)
+                outcomes[name].withdrawn = f"not published: {exc}"
+                continue
+            self._memory[name] = _Memory(decision.desired_replicas, decision.recommendations)
+            outcomes[name].published = decision.desired_replicas
+            outcomes[name].summary = decision.explanation.summary()
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def start(self) -> PlanningLoop:
+        """Run a cycle now and then every interval (wall seconds = interval / speedup), never
+        two at once; a cycle that crashes is logged and the schedule goes on."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler.add_job(
+            self._scheduled_cycle,
+            "interval",
+            seconds=self.config.interval_s / self.clock.speedup,
+            id="keda-planning-cycle",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        return self
+
+    def _scheduled_cycle(self) -> None:
+        try:
+            self.run_cycle()
+        except Exception:  # a bug must not stop the schedule; readers see the plans age
+            log.exception("planning cycle crashed")
+
+    def stop(self) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        self.fit_cache.shutdown()  # type: ignore[attr-defined]
+
+
+def build_loop(
+    config: ControllerConfig,
+    settings: object,
+    *,
+    book: DecisionBook | None = None,
+    demand: object = None,
+    clock: Clock | None = None,
+    factory: Callable[[str], Forecaster] | None = None,
+) -> PlanningLoop:
+    """A planning loop with the real parts the controller settings name (Prometheus URL,
+    templates, history, forecast quantiles, replay clock), each replaceable."""
+    from autoscaler.controller.service import PrometheusDemand, forecaster_factory, make_clock
+
+    if not config.workloads:
+        raise AutoscalerError("the config names no workloads: nothing to plan or serve")
+    clock = clock or make_clock(settings)  # type: ignore[arg-type]
+    if demand is None:
+        try:
+            demand = PrometheusDemand(settings)  # type: ignore[arg-type]
+        except ValueError as exc:
+            from autoscaler.errors import ConfigError
+
+            raise ConfigError("controller.prometheus.url", str(exc)) from exc
+    return PlanningLoop(
+        config=config,
+        book=book or book_for(config, clock),
+        demand=demand,
+        factory=factory or forecaster_factory(config),
+        clock=clock,
+        history=pd.Timedelta(settings.prometheus.history),  # type: ignore[attr-defined]
+        quantiles=tuple(settings.forecast.quantiles),  # type: ignore[attr-defined]
+    )
