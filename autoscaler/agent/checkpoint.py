@@ -14,7 +14,7 @@ from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.cuda import driver_info, get_api, process_uses_cuda
-from autoscaler.agent.errors import AgentError, ArtifactExists
+from autoscaler.agent.errors import AgentError, ArtifactExists, ProcessNotFound
 from autoscaler.agent.hooks import Handshake
 from autoscaler.agent.store import ArtifactInfo, ArtifactStore, Manifest, validate_artifact_id
 
@@ -70,8 +70,20 @@ def checkpoint_worker(
 
     target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
     dump_pid = request.pid_in_namespace if target else request.pid
-    if target and dump_pid is None:
-        raise ValueError("pid_in_namespace is needed with namespace_pid")
+    if not Path(f"/proc/{request.pid}").exists():
+        raise ProcessNotFound(request.pid)
+    if target is not None:
+        if dump_pid is None:
+            raise ValueError("pid_in_namespace is needed with namespace_pid")
+        # The PID checked by the caller's policy must be the one CRIU dumps in the pod.
+        try:
+            seen = criu_mod.host_pid_of(target, dump_pid)
+        except ProcessLookupError as exc:
+            raise ProcessNotFound(dump_pid, f"not in {target.describe()}") from exc
+        if seen != request.pid:
+            raise ProcessNotFound(
+                request.pid, f"is not pid {dump_pid} of {target.describe()} (that is {seen})"
+            )
     use_cuda = request.cuda == "on" or (request.cuda == "auto" and process_uses_cuda(request.pid))
     api = get_api() if use_cuda else None
     cuda_checkpointed = False

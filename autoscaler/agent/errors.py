@@ -153,5 +153,13 @@ class NotPermitted(AgentError, PermissionError):
         super().__init__(f"pid {pid} may not be touched: {reason}")
 
 
+class ProcessNotFound(AgentError, LookupError):
+    """The process a request names does not exist (or does not match its namespace PID)."""
+
+    def __init__(self, pid: int, detail: str = "no such process") -> None:
+        self.pid = pid
+        super().__init__(f"pid {pid}: {detail}")
+
+
 class WorkerNotReady(AgentError):
     """The worker did not reach the expected handshake state in time."""

@@ -103,8 +103,14 @@ def choose_copy(
     candidates: list[tuple[str, ArtifactStore]] = []
     if cache is not None:
         candidates.extend(cache.best_copies(artifact_id))
-    if store is not None and use_store and store.local_path(artifact_id) is not None:
-        candidates.append(("store", store))
+    if store is not None and use_store:
+        if store.local_path(artifact_id) is not None:
+            candidates.append(("store", store))
+        elif cache is not None and not candidates and store.exists(artifact_id):
+            # A store without local paths (object storage): stage to disk, restore from there.
+            progress(f"staging {artifact_id} from {store.describe()} to disk")
+            cache.stage(store, artifact_id, "disk")
+            candidates.extend(cache.best_copies(artifact_id))
     last: AgentError = ArtifactNotFound(artifact_id, "node cache or store")
     for source, holder in candidates:
         progress(f"verifying the {source} copy of {artifact_id}")

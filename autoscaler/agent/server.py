@@ -39,6 +39,7 @@ from autoscaler.agent.errors import (
     InvalidArtifactId,
     NotPermitted,
     PidTaken,
+    ProcessNotFound,
     StagingError,
     WorkerNotReady,
 )
@@ -288,6 +289,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (InvalidArtifactId, 400),
     (NotPermitted, 403),
     (ArtifactNotFound, 404),
+    (ProcessNotFound, 404),
     (ArtifactExists, 409),
     (PidTaken, 409),
     (StagingError, 409),

@@ -11,7 +11,7 @@ import pytest
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
 from autoscaler.agent.cpu_worker import MLP
-from autoscaler.agent.errors import PidTaken
+from autoscaler.agent.errors import PidTaken, ProcessNotFound
 from autoscaler.agent.restore import RestoreRequest, http_get, restore_artifact
 from autoscaler.agent.store import DirectoryStore
 
@@ -110,6 +110,12 @@ def test_checkpoint_and_restore_inside_pod_namespaces(
     assert WORKER_PID_IN_POD in inner_to_host
     worker_host_pid = inner_to_host[WORKER_PID_IN_POD]
 
+    # The PID the policy checked must be the one dumped inside the pod.
+    with pytest.raises(ProcessNotFound, match="is not pid"):
+        checkpoint_worker(store, CheckpointRequest(
+            artifact_id="pod-worker", pid=source.init_pid, workload="cpu-mlp",
+            namespace_pid=source.init_pid, pid_in_namespace=WORKER_PID_IN_POD,
+        ))
     result = checkpoint_worker(store, CheckpointRequest(
         artifact_id="pod-worker", pid=worker_host_pid, workload="cpu-mlp",
         handshake_dir=str(handshake), namespace_pid=source.init_pid,

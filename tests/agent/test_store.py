@@ -178,3 +178,29 @@ def test_verification_reports_progress(tmp_path: Path) -> None:
     store.open("a1", progress=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (manifest.total_bytes, manifest.total_bytes)
     assert all(d <= t for d, t in seen)
+
+
+def test_block_digests_locate_damage_and_old_manifests_still_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoscaler.agent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "BLOCK_SIZE", 8 << 20)  # HASH_CHUNK (4 MiB) divides it
+    store = DirectoryStore(tmp_path / "store")
+    manifest = make_artifact(store, "b1", size=20 << 20)
+    assert len(manifest.files["images/pages-1.img"].blocks) == 3
+    store.open("b1")
+    pages = tmp_path / "store" / "b1" / "images" / "pages-1.img"
+    with open(pages, "r+b") as f:
+        f.seek((8 << 20) + 5)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ArtifactCorrupt, match=f"bytes {8 << 20}..{16 << 20}"):
+        store.open("b1")
+    # A manifest without block digests is checked file by file.
+    make_artifact(store, "b2", size=1 << 20)
+    path = tmp_path / "store" / "b2" / "manifest.json"
+    data = json.loads(path.read_text())
+    for entry in data["files"].values():
+        del entry["blocks"]
+    path.write_text(json.dumps(data))
+    assert store.open("b2").manifest.files["images/pages-1.img"].blocks == ()
