@@ -32,7 +32,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -161,6 +160,7 @@ def _book(workloads: int):
 
 def _baseline_server(workloads: int):
     """A scaler that fits, forecasts and plans inside GetMetrics (what not to do)."""
+    import numpy as np
     import pandas as pd
 
     from autoscaler.forecast.registry import make_forecaster
@@ -198,8 +198,17 @@ def _baseline_server(workloads: int):
     return ScalerServer(_book(workloads), "127.0.0.1:0", servicer_class=PlanInRequestPath)
 
 
-def _percentile_ms(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q) * 1000) if values.size else math.nan
+def _percentile_ms(values: list[float], q: float) -> float:
+    """The q-th percentile in ms, interpolated linearly between order statistics (numpy's
+    default); plain Python so the benchmark runs with grpcio alone."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    value = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return value * 1000
 
 
 def run_load(
@@ -237,9 +246,9 @@ def run_load(
             raw = json.loads(out.read_text())
     finally:
         server.stop(grace=2)
-    latencies = np.array([v for v in raw["latencies_s"] if not math.isnan(v)])
-    lateness = np.array([v for v in raw["lateness_s"] if not math.isnan(v)])
-    ok = int(latencies.size)
+    latencies = [v for v in raw["latencies_s"] if not math.isnan(v)]
+    lateness = [v for v in raw["lateness_s"] if not math.isnan(v)]
+    ok = len(latencies)
     return {
         "target_requests_per_second": rate,
         "requests_per_second": ok / raw["elapsed_s"],
@@ -252,7 +261,7 @@ def run_load(
         "p90_ms": _percentile_ms(latencies, 90),
         "p99_ms": _percentile_ms(latencies, 99),
         "p999_ms": _percentile_ms(latencies, 99.9),
-        "max_ms": float(latencies.max() * 1000) if ok else math.nan,
+        "max_ms": max(latencies) * 1000 if ok else math.nan,
         "send_lateness_p99_ms": _percentile_ms(lateness, 99),
     }
 
@@ -276,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from autoscaler.keda.server import ScalerServer
 
+    load_before = os.getloadavg()
     result = run_load(
         ScalerServer(_book(args.workloads), "127.0.0.1:0"), args, args.rate, args.duration
     )
@@ -287,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             "client": "separate process, grpc.aio, open-loop pacing, loopback",
             "server": "autoscaler.keda.server.ScalerServer (sync grpc, 32 threads), DecisionBook",
             "cpu_count": os.cpu_count(),
+            # Other processes' load matters on a shared machine: record it with the figures.
+            "load_average_1m_before": round(load_before[0], 2),
+            "load_average_1m_after": round(os.getloadavg()[0], 2),
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
