@@ -325,6 +325,8 @@ def build_loop(
 
     if not config.workloads:
         raise AutoscalerError("the config names no workloads: nothing to plan or serve")
+    for w in config.workloads:  # fail at start, naming the field, not at the first cycle
+        w.to_spec(interval_s=config.interval_s)
     clock = clock or make_clock(settings)  # type: ignore[arg-type]
     if demand is None:
         try:
