@@ -192,6 +192,8 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes 0600; a model is read by the (non-root) controller user of the image.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,97 @@
+"""The Dockerfile agrees with the repository and the manifests (no container runtime here, so
+the build itself is not run: these check what a build depends on)."""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+
+from tests.deploy.manifests import REPO, find, pod_spec, render
+
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+
+
+def instructions() -> list[tuple[str, str]]:
+    joined = DOCKERFILE.replace("\\\n", " ")
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for word, rest in instructions():
+        if word == "FROM":
+            current = rest.split(" AS ")[-1].strip()
+            out[current] = []
+        out[current].append((word, rest))
+    return out
+
+
+def dockerignored(path: str) -> bool:
+    ignored = False
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/"):
+            ignored = not negate
+    return ignored
+
+
+def test_images_build_from_python_311_slim_with_pip_install():
+    all_stages = stages()
+    assert set(all_stages) == {"controller", "agent"}
+    assert all_stages["controller"][0] == ("FROM", "python:3.11-slim AS controller")
+    assert all_stages["agent"][0] == ("FROM", "controller AS agent")
+    assert any(w == "RUN" and "pip install ." in r for w, r in all_stages["controller"])
+
+
+def test_every_copied_path_is_in_the_build_context():
+    for word, rest in instructions():
+        if word != "COPY":
+            continue
+        *sources, _dest = rest.split()
+        for src in sources:
+            if src == ".cache/criu-root":
+                # made by scripts/install-criu.sh before the agent build (docs/deploy.md)
+                assert (REPO / "scripts/install-criu.sh").is_file()
+            else:
+                assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+            assert not dockerignored(src), f"COPY {src}: excluded by .dockerignore"
+
+
+def test_the_entrypoint_is_the_package_console_script():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["autoscaler"] == "autoscaler.cli:main"
+    assert 'ENTRYPOINT ["autoscaler"]' in DOCKERFILE
+    for obj in render("overlays/keda"):
+        if obj["kind"] in ("Deployment", "DaemonSet"):
+            assert pod_spec(obj)["containers"][0]["command"] == ["autoscaler"]
+
+
+def test_the_image_user_is_the_one_the_manifests_run_as():
+    user = next(r for w, r in stages()["controller"] if w == "USER")
+    uid = int(user.split(":")[0])
+    deployment = find(render("base"), "Deployment", "autoscaler-controller")
+    assert pod_spec(deployment)["securityContext"]["runAsUser"] == uid
+
+
+def test_the_agent_image_points_the_agent_at_its_criu():
+    env = [r for w, r in stages()["agent"] if w == "ENV"]
+    assert "AUTOSCALER_CRIU=/opt/criu-root/bin/criu" in env
+    # the agent's CRIU lookup reads exactly this variable
+    assert "AUTOSCALER_CRIU" in (REPO / "autoscaler/agent/criu.py").read_text()
+
+
+def test_the_default_model_ships_in_the_image():
+    copies = [r for w, r in stages()["controller"] if w == "COPY"]
+    assert "models/default /opt/autoscaler/models/default" in copies
+    assert (REPO / "models/default/model-card.json").is_file()
