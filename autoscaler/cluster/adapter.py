@@ -263,32 +263,44 @@ class Cluster:
     def ensure_preferred_affinity(
         self, namespace: str, name: str, workload: str, weight: int = 100
     ) -> bool:
-        """Give the Deployment's pods a preferred node affinity for nodes labelled as holding
-        the workload's artifact (label Exists; the label's value is kept current by staging, so
-        this term never changes and causes one rollout at most). Returns True if it patched.
-        The write carries the read resourceVersion; a 409 re-reads and re-checks."""
+        """Adopt a Deployment for restore-based start-up: its pods get a preferred node affinity
+        for nodes labelled as holding the workload's artifact (label Exists; staging keeps the
+        label's value current, so this term never changes) and a template annotation naming the
+        workload (the node agent reads it to know what a new pod may restore). Both in one patch:
+        one rollout at most, once. Returns True if it patched. The write carries the read
+        resourceVersion; a 409 re-reads and re-checks."""
         key = staged_label_key(workload)
         for _ in range(3):
             d = self.call(f"read deployment {namespace}/{name}",
                           self.apps.read_namespaced_deployment, name, namespace)  # fmt: skip
             spec = self.api.sanitize_for_serialization(d.spec.template.spec)
+            tmeta = d.spec.template.metadata
+            annotated = ((tmeta.annotations or {}) if tmeta else {}).get(
+                WORKLOAD_ANNOTATION) == workload  # fmt: skip
             affinity = spec.get("affinity") or {}
             node_aff = affinity.get("nodeAffinity") or {}
             preferred = list(node_aff.get("preferredDuringSchedulingIgnoredDuringExecution") or [])
-            for term in preferred:
-                for expr in (term.get("preference") or {}).get("matchExpressions") or []:
-                    if expr.get("key") == key:
-                        return False
-            preferred.append({
-                "weight": weight,
-                "preference": {"matchExpressions": [{"key": key, "operator": "Exists"}]},
-            })  # fmt: skip
+            has_term = any(
+                expr.get("key") == key
+                for term in preferred
+                for expr in (term.get("preference") or {}).get("matchExpressions") or []
+            )
+            if has_term and annotated:
+                return False
+            if not has_term:
+                preferred.append({
+                    "weight": weight,
+                    "preference": {"matchExpressions": [{"key": key, "operator": "Exists"}]},
+                })  # fmt: skip
             node_aff["preferredDuringSchedulingIgnoredDuringExecution"] = preferred
             affinity["nodeAffinity"] = node_aff
             patch = {
                 "metadata": {"resourceVersion": d.metadata.resource_version},
-                "spec": {"template": {"spec": {"affinity": affinity}}},
-            }
+                "spec": {"template": {
+                    "metadata": {"annotations": {WORKLOAD_ANNOTATION: workload}},
+                    "spec": {"affinity": affinity},
+                }},
+            }  # fmt: skip
             try:
                 self.call(
                     f"set node affinity of {namespace}/{name}",

@@ -157,7 +157,8 @@ class FakeKubelet:
         seconds = now - pending.bound_at
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         name, ns = pod.metadata.name, pod.metadata.namespace
-        if (pod.metadata.annotations or {}).get(ARTIFACT_ANNOTATION):
+        annotations = pod.metadata.annotations or {}
+        if annotations.get(ARTIFACT_ANNOTATION) or annotations.get(WORKLOAD_ANNOTATION):
             self._core.patch_namespaced_pod(
                 name, ns,
                 {"metadata": {"annotations": {

@@ -177,13 +177,25 @@ class ControlPlane:
                 )
             time.sleep(0.2)
 
-    def start_scheduler(self) -> None:
+    def start_scheduler(self, node_affinity_weight: int = 5) -> None:
+        """kube-scheduler with a profile where preferred node affinity outweighs the default
+        topology spreading (weight 2), so pods go to nodes holding their artifact when those
+        have room; docs/controller.md recommends the same profile for real clusters."""
+        config = self.workdir / "scheduler.yaml"
+        config.write_text(
+            "apiVersion: kubescheduler.config.k8s.io/v1beta1\n"
+            "kind: KubeSchedulerConfiguration\n"
+            f"clientConnection:\n  kubeconfig: {self.kubeconfig}\n"
+            "leaderElection:\n  leaderElect: false\n"
+            "profiles:\n- schedulerName: default-scheduler\n  plugins:\n    score:\n"
+            "      disabled:\n      - name: NodeAffinity\n"
+            f"      enabled:\n      - name: NodeAffinity\n        weight: {node_affinity_weight}\n"
+        )
         self._spawn(
             "kube-scheduler",
             [
-                str(self.bin_dir / "kube-scheduler"), "--kubeconfig", str(self.kubeconfig),
-                "--leader-elect=false", "--port=0", "--secure-port", str(free_port()),
-                "--bind-address", "127.0.0.1",
+                str(self.bin_dir / "kube-scheduler"), "--config", str(config),
+                "--port=0", "--secure-port", str(free_port()), "--bind-address", "127.0.0.1",
             ],
         )  # fmt: skip
 

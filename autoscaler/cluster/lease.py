@@ -58,6 +58,7 @@ class LeaderElector:
         self.retry_period_s = retry_period_s
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._step_lock = threading.Lock()  # one election step at a time (loop + renew job)
         self._observed: LeaseRecord | None = None
         self._observed_at = 0.0
         self._renewed_at: float | None = None
@@ -79,10 +80,11 @@ class LeaderElector:
     def try_acquire_or_renew(self) -> bool:
         """One election step. Returns whether this replica holds the Lease afterwards. API
         errors count as not holding it (never as holding it)."""
-        try:
-            return self._step()
-        except ClusterError:
-            return self.is_leader()
+        with self._step_lock:
+            try:
+                return self._step()
+            except ClusterError:
+                return self.is_leader()
 
     def release(self) -> None:
         """Give the Lease up (on shutdown) so another replica takes over without waiting."""
@@ -90,6 +92,10 @@ class LeaderElector:
             leading = self._renewed_at is not None
         if not leading:
             return
+        with self._step_lock:
+            self._release()
+
+    def _release(self) -> None:
         try:
             lease = self._read()
             if lease is not None and lease.spec.holder_identity == self.identity:

@@ -33,8 +33,7 @@ class AgentInventory:
 
 
 class AgentDirectory(Protocol):
-    """What the loop needs from the agents (an HTTP implementation below; tests may pass
-    another that talks to real agents differently)."""
+    """What the loop needs from the agents (HttpAgents below talks to the real agent API)."""
 
     def refresh(self) -> Mapping[str, str]: ...
 
@@ -45,12 +44,14 @@ class AgentDirectory(Protocol):
     def evict(self, node: str, artifact: str) -> Mapping[str, Any]: ...
 
 
-# The agent's HTTP API paths (autoscaler.agent's server); one table so they change in one place.
+# The agent's HTTP API (autoscaler.agent.server, docs/agent.md); one table so paths change in
+# one place.
 PATHS = {
     "health": ("GET", "/healthz"),
     "inventory": ("GET", "/v1/inventory"),
     "stage": ("POST", "/v1/stage"),
     "evict": ("POST", "/v1/evict"),
+    "pins": ("POST", "/v1/pins"),
     "checkpoint": ("POST", "/v1/checkpoint"),
 }
 
@@ -99,24 +100,39 @@ class HttpAgents:
             raise AgentCallError(node, name, f"answer is not JSON: {resp.text[:200]}") from exc
 
     def inventory(self, node: str) -> AgentInventory:
+        """The agent's GET /v1/inventory: artifacts by tier and each tier's free budget."""
         data = self._call(node, "inventory")
         try:
-            arts = {str(a["id"]): str(a.get("tier", "disk")) for a in data.get("artifacts", [])}
+            arts: dict[str, str] = {}
+            for a in data.get("artifacts", []):
+                art, tier = str(a["artifact_id"]), str(a.get("tier", "disk"))
+                if arts.get(art) != "memory":  # the best copy counts
+                    arts[art] = tier
+            free = {
+                str(t["tier"]): max(0.0, float(t["budget_bytes"]) - float(t["used_bytes"])) / 1e9
+                for t in data.get("tiers", [])
+            }
             holdings = AgentHoldings(
                 artifacts=arts,
-                disk_free_gb=float(data.get("disk_free_gb", 0.0)),
-                mem_free_gb=float(data.get("mem_free_gb", 0.0)),
+                disk_free_gb=free.get("disk", 0.0),
+                mem_free_gb=free.get("memory", 0.0),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AgentCallError(node, "inventory", f"unexpected answer: {exc}") from exc
-        versions = {k: str(v) for k, v in (data.get("versions") or {}).items()}
+        versions = {"store": str(data.get("store", ""))}
         return AgentInventory(node=node, holdings=holdings, versions=versions)
 
     def stage(self, node: str, artifact: str, tier: str, source: str) -> Mapping[str, Any]:
-        return self._call(node, "stage", {"artifact": artifact, "tier": tier, "source": source})
+        """POST /v1/stage: copy from the store (or warm a disk copy) into `tier`."""
+        return self._call(node, "stage", {"artifact_id": artifact, "tier": tier,
+                                          "warm": False})  # fmt: skip
 
     def evict(self, node: str, artifact: str) -> Mapping[str, Any]:
-        return self._call(node, "evict", {"artifact": artifact})
+        return self._call(node, "evict", {"artifact_id": artifact})
+
+    def pin(self, node: str, artifacts: list[str]) -> Mapping[str, Any]:
+        """POST /v1/pins: the artifacts current plans keep on this node (never evicted)."""
+        return self._call(node, "pins", {"artifact_ids": sorted(artifacts)})
 
     def checkpoint(self, node: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
         return self._call(node, "checkpoint", body)

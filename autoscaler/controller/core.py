@@ -228,5 +228,8 @@ def plan_cycle(
             stage_extra_replicas=extra,
             budget_cut=w.spec.name in cut,
         )
-    stage = plan_staging(requests, inventory, now_s)
+    # One warm copy of every current artifact even when no scale-up is forecast, so the first
+    # replica a surprise (or the adoption rollout) needs restores instead of starting cold.
+    pinned = {r.artifact: 1 for r in requests}
+    stage = plan_staging(requests, inventory, now_s, pinned)
     return CyclePlan(plans=plans, stage=stage, budget=budget)

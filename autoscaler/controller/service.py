@@ -187,6 +187,7 @@ class ControllerService:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+            self.http = None
         c = self.controller
         c.fits.shutdown()
         if c.elector is not None:

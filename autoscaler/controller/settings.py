@@ -80,7 +80,7 @@ class AgentSettings(_Strict):
     enabled: bool = True
     namespace: str = "autoscaler-system"
     selector: str = "app.kubernetes.io/name=autoscaler-agent"
-    port: int = Field(default=7443, ge=1, le=65535)
+    port: int = Field(default=8471, ge=1, le=65535)
     scheme: str = "http"
     token_file: str | None = None
     token_env: str = "AUTOSCALER_AGENT_TOKEN"

@@ -79,7 +79,8 @@ def test_missing_signal_holds_and_never_scales_down():
     inv = build_inventory([_node("n1")], {}, {}, {}, {})
     plan = plan_cycle([_inputs(7, None, observed=math.nan, last_s=None)], inv, now_s=5000.0)
     assert plan.plans["chat"].decision.desired_replicas == 7
-    assert plan.stage.actions == ()
+    # Only the one warm copy every snapshot workload keeps; nothing for a forecast it lacks.
+    assert len(plan.stage.actions) <= 1 and plan.plans["chat"].stage_extra_replicas == 0
 
 
 def test_gpu_budget_cuts_scale_up_but_never_below_what_runs():
