@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "autoscaler.forecast.cli",
     "autoscaler.keda.cli",
     "autoscaler.agent.cli",
+    "autoscaler.controller.cli",
     "autoscaler.train_cli",
 ]
 
