@@ -61,8 +61,11 @@ def test_covers_quantile_forecast_over_lead_plus_interval():
     # q0.9 column = values * 1.1; lead 3 s + 30 s interval stays inside step 1
     d = plan_replicas(_state(lead=3.0), _forecast([50, 200, 200]), _spec(), now=1000.0)
     assert isinstance(d, ReplicaDecision)
-    assert d.desired_replicas == math.ceil(50 * 1.1 / 10)
+    # step 1 holds 55 (q0.9); the line to step 2's 220 reaches 55 + 165 * 0.05 at now + 33 s
+    assert d.desired_replicas == math.ceil((55 + 165 * (33 / 60 - 0.5)) / 10)
     assert d.explanation.binding == "forecast"
+    flat = plan_replicas(_state(lead=3.0), _forecast([50, 50, 200]), _spec(), now=1000.0)
+    assert flat.desired_replicas == math.ceil(55 / 10)
     assert d.explanation.forecast_quantile == 0.9
     # a cold start's 58.7 s lead reaches step 2: the plan must cover its demand now
     d = plan_replicas(

@@ -225,8 +225,12 @@ def plan_replicas(
 def _window_peak(
     values: np.ndarray, origin: float, step: float, start: float, end: float
 ) -> tuple[float, bool, bool]:
-    """Max of forecast steps overlapping [start, end]: (peak, reached, truncated).
-    `reached` is False when the forecast ends before `start` (it is stale)."""
+    """Peak forecast demand over [start, end]: (peak, reached, truncated).
+
+    Each step's value is a window mean, so demand inside a window is taken on the line between
+    window centres too (a ramp inside the current window ends above its mean): the peak is the
+    max of the steps overlapping [start, end] and of that line at `end`. `reached` is False
+    when the forecast ends before `start` (it is stale)."""
     h = len(values)
     k_lo = max(1, math.floor((start - origin) / step) + 1)
     k_hi = max(k_lo, math.floor((end - origin) / step) + 1)
@@ -235,6 +239,13 @@ def _window_peak(
     truncated = k_hi > h
     window = values[k_lo - 1 : min(k_hi, h)]
     peak = float(window.max())  # NaN anywhere in the window makes the peak NaN
+    u = (end - origin) / step - 0.5  # position of `end` in step-centre units (0 = step 1)
+    if 0.0 < u < h - 1:
+        i = int(u)
+        a, b = float(values[i]), float(values[i + 1])
+        at_end = a + (b - a) * (u - i)
+        if at_end > peak:
+            peak = at_end
     return peak, True, truncated
 
 

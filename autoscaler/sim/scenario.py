@@ -1,0 +1,105 @@
+"""From a trace to a replayable scenario: demand series, capacity, planner spec, workload.
+
+Shared by `autoscaler simulate`, `autoscaler demo` and the benchmarks so they replay alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from autoscaler.errors import ConfigError
+from autoscaler.plan.capacity import CapacityModel, capacity_for_peak
+from autoscaler.plan.replicas import WorkloadSpec
+from autoscaler.sim.demand import to_ticks
+from autoscaler.sim.engine import SimWorkload
+
+SHARED_TRACES = Path("/work/shared/traces")
+#: Where each bundled name's full-resolution source lives under the shared traces folder.
+SHARED_SOURCES: dict[str, tuple[str, str]] = {
+    "servegen-m-large": ("servegen/language/m-large", "servegen"),
+    "servegen-m-mid": ("servegen/language/m-mid", "servegen"),
+    "azure-conv": ("azure-llm-2023/AzureLLMInferenceTrace_conv.csv", "azure"),
+    "azure-code": ("azure-llm-2023/AzureLLMInferenceTrace_code.csv", "azure"),
+    "mooncake-conv": ("mooncake/conversation_trace.jsonl", "mooncake"),
+}
+REQUEST_LEVEL = ("azure", "mooncake")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    label: str
+    series: pd.Series  # requests/s on the trace's own grid (NaN = gap)
+    capacity: CapacityModel
+    workload: SimWorkload
+
+
+def load_series(
+    trace: str | None = None,
+    bundled: str | None = None,
+    fmt: str = "auto",
+    step: str | None = None,
+    prefer_shared: bool = False,
+) -> tuple[pd.Series, str]:
+    """The demand series of a trace file or a bundled name. Request-level formats are read at
+    1 s (the replay's tick), ServeGen at its 10-minute windows. With `prefer_shared`, a bundled
+    name is read from /work/shared/traces at full resolution when that folder exists."""
+    from autoscaler.signals.bundled import load_bundled
+    from autoscaler.signals.traces import detect_format, read_trace
+
+    if trace and bundled:
+        raise ConfigError("--bundled", "give either --trace or --bundled, not both")
+    if bundled and prefer_shared and bundled in SHARED_SOURCES:
+        rel, shared_fmt = SHARED_SOURCES[bundled]
+        if (SHARED_TRACES / rel).exists():
+            trace, fmt = str(SHARED_TRACES / rel), shared_fmt
+            label = f"{bundled} (full resolution, {SHARED_TRACES / rel})"
+            return _read(trace, fmt, step, read_trace, detect_format), label
+    if bundled:
+        return load_bundled(bundled), f"{bundled} (bundled)"
+    if not trace:
+        raise ConfigError("--trace", "give a trace file (--trace PATH) or --bundled NAME")
+    return _read(trace, fmt, step, read_trace, detect_format), str(trace)
+
+
+def _read(trace, fmt, step, read_trace, detect_format) -> pd.Series:
+    resolved = detect_format(trace) if fmt == "auto" else fmt
+    if step is None:
+        step = (
+            "1s" if resolved in REQUEST_LEVEL else ("10min" if resolved == "servegen" else "1min")
+        )
+    return read_trace(trace, format=resolved, step=step)
+
+
+def make_scenario(
+    series: pd.Series,
+    label: str,
+    peak_replicas: int = 32,
+    capacity_per_replica: float | None = None,
+    shape: str = "linear",
+    name: str = "workload",
+    min_replicas: int = 1,
+    max_replicas: int | None = None,
+    artifact_gb: float = 19.0,
+    spec_overrides: dict | None = None,
+) -> Scenario:
+    """A one-workload scenario. Capacity: the given profile, else sized so the trace's peak
+    (at >= 1-minute resolution, so one busy second does not set it) needs `peak_replicas`."""
+    if capacity_per_replica is not None:
+        capacity = CapacityModel(capacity_per_replica, source="profile")
+    else:
+        step_s = pd.Timedelta(series.index.freq or (series.index[1] - series.index[0]))
+        coarse = series if step_s >= pd.Timedelta("1min") else series.resample("1min").mean()
+        capacity = capacity_for_peak(coarse, peak_replicas)
+    spec = WorkloadSpec(
+        name=name,
+        capacity_per_replica=capacity.per_replica,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas or 2 * peak_replicas,
+        interval_s=15.0,
+        **(spec_overrides or {}),
+    )
+    ticks = to_ticks(series, 1.0, shape)
+    return Scenario(label, series, capacity, SimWorkload(name, ticks, spec, artifact_gb))
