@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "autoscaler.keda.cli",
     "autoscaler.agent.cli",
     "autoscaler.controller.cli",
+    "autoscaler.sim.cli",
     "autoscaler.train_cli",
 ]
 
