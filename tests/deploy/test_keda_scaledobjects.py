@@ -205,3 +205,29 @@ def test_the_rules_catch_a_numeric_metadata_value_and_a_bad_address():
     found = keda_rules(obj)
     assert any("quantile: values are strings" in p for p in found)
     assert any("scalerAddress must be host:port" in p for p in found)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_trigger_metadata_parses_with_the_scaler_and_names_a_configured_workload(path):
+    import yaml
+
+    from autoscaler.controller.settings import parse_controller_config
+    from autoscaler.keda.options import parse_metadata
+    from tests.deploy.manifests import controller_config_text, render
+
+    config, _ = parse_controller_config(yaml.safe_load(controller_config_text(render("base"))))
+    workloads = {w.name: w for w in config.workloads}
+    (obj,) = load_all(path)
+    for trigger in obj["spec"]["triggers"]:
+        metadata = {k: v for k, v in trigger["metadata"].items() if k != "scalerAddress"}
+        options = parse_metadata(metadata)
+        assert options.workload in workloads, f"{options.workload} is not in the config"
+        workload = workloads[options.workload]
+        # other values than the plan's need a re-planner on the publishing side (docs/keda.md);
+        # the examples ask for the configured ones, so they work either way
+        if options.quantile is not None:
+            assert options.quantile == workload.plan.quantile
+        if options.headroom is not None:
+            assert options.headroom == workload.plan.headroom
+        assert obj["spec"]["maxReplicaCount"] <= workload.max_replicas
+        assert obj["metadata"]["namespace"] == workload.namespace

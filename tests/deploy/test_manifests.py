@@ -4,11 +4,12 @@ together (names, ports, volumes, secrets), the privileges are the ones docs/depl
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 
-from autoscaler.config import parse_config
+from autoscaler.controller.settings import parse_controller_config
 from autoscaler.errors import ConfigError
 from tests.deploy.kustomize_lite import KustomizeError, build, strategic_merge
 from tests.deploy.manifests import (
@@ -36,15 +37,53 @@ def test_every_yaml_file_parses_into_kubernetes_objects(path):
             assert doc.get("metadata", {}).get("name"), f"{path}: {doc['kind']} without a name"
 
 
-def test_the_dashboard_is_valid_json_with_the_required_panels():
+def exported_metrics() -> dict[str, set[str]]:
+    """Sample name -> label names of every metric the controller and the agent export, read from
+    their own metric objects (so the dashboard cannot drift from the code)."""
+    from autoscaler.agent.server import Metrics as AgentMetrics
+    from autoscaler.controller.metrics import ControllerMetrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "gauge": ("",), "summary": ("_sum", "_count")}  # fmt: skip
+    out: dict[str, set[str]] = {}
+    for owner in (ControllerMetrics(), AgentMetrics()):
+        for metric in vars(owner).values():
+            if hasattr(metric, "_labelnames") and hasattr(metric, "_type"):
+                labels = set(metric._labelnames)
+                for suffix in suffixes[metric._type]:
+                    extra = {"le"} if suffix == "_bucket" else set()
+                    out[metric._name + suffix] = labels | extra
+    return out
+
+
+SELECTOR = re.compile(r"(autoscaler_[a-z_]+)(?:\{([^}]*)\})?")
+GROUPING = re.compile(r"\b(?:by|on)\s*\(([^)]*)\)")
+
+
+def test_the_dashboard_has_the_required_panels_and_queries_exported_metrics():
     dash = json.loads((DEPLOY / "monitoring/dashboards/autoscaler-dashboard.json").read_text())
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
     for needed in ("demand", "forecast", "desired", "actual", "lead", "staged", "restore"):
         assert needed in titles, f"no dashboard panel about {needed!r}: {titles}"
+    exported = exported_metrics()
     for panel in dash["panels"]:
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         for target in panel["targets"]:
-            assert "autoscaler_" in target["expr"]
+            expr = target["expr"]
+            used = SELECTOR.findall(expr)
+            assert used, expr
+            labels_in_expr: set[str] = set()
+            for name, matchers in used:
+                assert name in exported, f"{panel['title']}: {name} is not exported"
+                for matcher in filter(None, (m.strip() for m in matchers.split(","))):
+                    label = re.split(r"=~|!=|!~|=", matcher)[0].strip()
+                    assert label in exported[name], f"{name} has no label {label!r}"
+                labels_in_expr |= exported[name]
+            for group in GROUPING.findall(expr):
+                for label in filter(None, (g.strip() for g in group.split(","))):
+                    assert label in labels_in_expr, f"{expr}: no metric has label {label!r}"
+    variable = next(v for v in dash["templating"]["list"] if v["name"] == "workload")
+    assert SELECTOR.search(variable["query"]).group(1) in exported
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -87,21 +126,85 @@ def test_images_are_pinned_by_the_kustomization():
                 assert repo.startswith("ghcr.io/") and tag and tag != "latest", c["image"]
 
 
-def test_the_configmap_config_validates_with_the_project_loader():
-    config = parse_config(yaml.safe_load(controller_config_text(render("base"))))
+def test_the_configmap_config_validates_with_the_controllers_loader():
+    config, settings = parse_controller_config(
+        yaml.safe_load(controller_config_text(render("base")))
+    )
     assert config.workloads, "the example config manages no workload"
     assert not config.dry_run  # dry-run is the overlay's flag, so the same config serves both
     for workload in config.workloads:
         assert workload.query, f"{workload.name}: no demand query"
         assert workload.capacity is not None, f"{workload.name}: no capacity profile"
         assert workload.plan.on_missing == "hold", "missing data must never scale down"
+    assert settings.kubernetes.in_cluster
+    assert settings.prometheus.url
+
+
+def test_the_config_agrees_with_the_manifests():
+    resources = render("base")
+    _, settings = parse_controller_config(yaml.safe_load(controller_config_text(resources)))
+    controller = pod_spec(find(resources, "Deployment", "autoscaler-controller"))["containers"][0]
+    agent_ds = find(resources, "DaemonSet", "autoscaler-agent")
+    agent = pod_spec(agent_ds)["containers"][0]
+    # the controller listens where its probes, Service and PodMonitor look
+    assert int(settings.http.listen.rpartition(":")[2]) == controller["ports"][0]["containerPort"]
+    # it finds the agents by the DaemonSet's pod labels, in their namespace, on their port
+    key, _, value = settings.agents.selector.partition("=")
+    assert template_labels(agent_ds)[key] == value
+    assert settings.agents.namespace == NAMESPACE == settings.leader.namespace
+    assert settings.agents.port == agent["ports"][0]["containerPort"]
+    assert f"--port={settings.agents.port}" in agent["args"]
+    # it reads the agent token from the Secret it mounts, the one the agent checks
+    mounts = {m["mountPath"]: m["name"] for m in controller["volumeMounts"]}
+    token_dir, _, token_key = settings.agents.token_file.rpartition("/")
+    assert mounts[token_dir] == "agent-token" and token_key == "token"
+    assert f"--token-file={token_dir}/token" in agent["args"]
+    # the agent accepts the controller's ServiceAccount through TokenReview
+    sa = f"system:serviceaccount:{NAMESPACE}:autoscaler-controller"
+    assert f"--token-review-user={sa}" in agent["args"]
+
+
+def test_the_agent_flags_parse_with_the_agent_cli():
+    from autoscaler.cli import build_parser
+
+    agent = pod_spec(find(render("base"), "DaemonSet", "autoscaler-agent"))["containers"][0]
+    args = build_parser().parse_args(agent["args"])
+    assert args.func.__name__ == "cmd_serve"
+    assert args.store.startswith("shared:") and args.token_review
+
+
+def test_every_command_the_manifests_run_is_registered_in_the_cli():
+    from autoscaler.cli import COMMAND_MODULES
+
+    for module in ("autoscaler.controller.cli", "autoscaler.keda.cli", "autoscaler.agent.cli"):
+        assert module in COMMAND_MODULES
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_controller_and_scaler_commands_parse_with_their_cli_modules(overlay):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    for module in ("autoscaler.controller.cli", "autoscaler.keda.cli"):
+        importlib.import_module(module).register(sub)
+    for obj in render(overlay):
+        if obj["kind"] == "Deployment":
+            container = pod_spec(obj)["containers"][0]
+            args = parser.parse_args(container["args"])
+            assert args.config == "/etc/autoscaler/config.yaml"
 
 
 def test_a_misspelt_config_key_is_caught_by_the_same_loader():
     data = yaml.safe_load(controller_config_text(render("base")))
     data["workloads"][0]["max_replica"] = 3
     with pytest.raises(ConfigError, match=r"workloads\[0\]\.max_replica"):
-        parse_config(data)
+        parse_controller_config(data)
+    data = yaml.safe_load(controller_config_text(render("base")))
+    data["controller"]["agents"]["prot"] = 1
+    with pytest.raises(ConfigError, match=r"controller\.agents\.prot"):
+        parse_controller_config(data)
 
 
 def template_labels(workload):
