@@ -60,7 +60,9 @@ def _run(args: argparse.Namespace) -> int:
     controller = build_controller(config, settings, dry_run=dry_run)
     if args.once:
         report = controller.run_cycle()
-        controller.fits.wait_idle()
+        if any("fit still running" in o.summary for o in report.outcomes.values()):
+            controller.fits.wait_idle()  # the first fit ran in the background: decide again
+            report = controller.run_cycle()
         if report.error:
             print(f"cycle failed: {report.error}")
             return 1

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from kubernetes import client
 
@@ -26,6 +30,10 @@ from autoscaler.cluster.kubeplane import (
 )
 
 _node_numbers = itertools.count(2)
+
+# The trace the e2e tests replay (bundled, 10-minute windows).
+TRACE = "bundled:servegen-m-mid"
+STEP = pd.Timedelta("10min")
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +101,37 @@ def fake_kubelet(kube_api: client.ApiClient) -> Iterator[FakeKubelet]:
     kubelet = kubelet_for(kube_api, cold_s=1.0, restore_s=0.2).start()
     yield kubelet
     kubelet.stop()
+
+
+@dataclass
+class Trace:
+    tsdb: Path
+    shift: pd.Timedelta
+    demand: pd.Series  # per-window demand, shifted to Prometheus time
+
+    def at(self, trace_ts: pd.Timestamp) -> pd.Timestamp:
+        return trace_ts + self.shift
+
+
+@pytest.fixture(scope="session")
+def trace(tmp_path_factory: pytest.TempPathFactory) -> Trace:
+    from autoscaler.signals.backfill import backfill, load_demand_frame
+    from autoscaler.signals.traces import REQUESTS
+
+    out = tmp_path_factory.mktemp("trace")
+    result = backfill(TRACE, out, step=STEP, workload="chat", templates="generic")
+    frame = load_demand_frame(TRACE, step=STEP)
+    demand = frame[REQUESTS].copy()
+    demand.index = demand.index + result.shift
+    return Trace(tsdb=result.tsdb_dir, shift=result.shift, demand=demand)
+
+
+@pytest.fixture
+def prometheus(trace: Trace, tmp_path: Path):
+    tsdb = tmp_path / "tsdb"
+    shutil.copytree(trace.tsdb, tsdb)
+    from autoscaler.signals.promserver import start_prometheus
+
+    server = start_prometheus(tsdb)
+    yield server
+    server.stop()

@@ -8,7 +8,6 @@ The trace slice is servegen-m-mid (bundled), 2024-01-05 14:00-17:00, where deman
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ from autoscaler.controller.artifacts import make_record, restore_identity
 from autoscaler.controller.service import ControllerService, build_controller
 from autoscaler.controller.settings import parse_controller_config
 from autoscaler.decisions import DecisionBook
-from autoscaler.signals.backfill import backfill
-from autoscaler.signals.promserver import start_prometheus
+from tests.k8s.conftest import STEP, Trace
 from tests.k8s.harness import (
     AGENT_TOKEN,
     NodeAgents,
@@ -41,44 +39,10 @@ from tests.k8s.objects import gpu_deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRACE = "bundled:servegen-m-mid"
-STEP = pd.Timedelta("10min")
 SLICE_START = pd.Timestamp("2024-01-05 14:00", tz="UTC")
 SPEEDUP = 600.0  # one 10-minute cycle per wall second
 CAPACITY = 250.0
 COLD_WALL_S, RESTORE_WALL_S = 3.0, 0.3
-
-
-@dataclass
-class Trace:
-    tsdb: Path
-    shift: pd.Timedelta
-    demand: pd.Series  # per-window demand, shifted to Prometheus time
-
-    def at(self, trace_ts: pd.Timestamp) -> pd.Timestamp:
-        return trace_ts + self.shift
-
-
-@pytest.fixture(scope="module")
-def trace(tmp_path_factory: pytest.TempPathFactory) -> Trace:
-    from autoscaler.signals.backfill import load_demand_frame
-    from autoscaler.signals.traces import REQUESTS
-
-    out = tmp_path_factory.mktemp("trace")
-    result = backfill(TRACE, out, step=STEP, workload="chat", templates="generic")
-    frame = load_demand_frame(TRACE, step=STEP)
-    demand = frame[REQUESTS].copy()
-    demand.index = demand.index + result.shift
-    return Trace(tsdb=result.tsdb_dir, shift=result.shift, demand=demand)
-
-
-@pytest.fixture
-def prometheus(trace: Trace, tmp_path: Path):
-    tsdb = tmp_path / "tsdb"
-    shutil.copytree(trace.tsdb, tsdb)
-    server = start_prometheus(tsdb)
-    yield server
-    server.stop()
 
 
 @dataclass
