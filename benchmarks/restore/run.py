@@ -1,0 +1,536 @@
+"""Restore benchmark: cold start vs checkpoint/restore of the GPU reference worker.
+
+For each model (Qwen3-shaped 0.6B and 8B, random bf16 weights in a safetensors file):
+  cold      exec of the worker to its first correct HTTP response, page caches dropped
+            (it reads the weights file, builds the model, warms up, captures CUDA graphs)
+  memory    fast-path artifact (no weights, no KV cache in the CRIU image), staged in the page
+            cache together with the weights file: CRIU restore + CUDA restore + parallel pinned
+            weight reload + KV re-allocation, to the first correct response
+  disk      the same artifact and weights file after dropping the page caches; a prefetch of
+            the images and the weights starts with the restore
+  baseline  the upstream path: the weights inside the CRIU image (only the KV cache released),
+            restored from the page cache
+Every response is compared token for token (and logit for logit) with the cold worker's.
+
+Writes {"runs": [...], ...} to --out; see docs/restore-benchmark.md.
+Needs root (CRIU, drop_caches), a GPU with the driver's checkpoint API, python3 with torch,
+and CRIU >= 4.2 (scripts/install-criu.sh; carried as .cache/criu-root to the GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from autoscaler.agent import criu as criu_mod  # noqa: E402
+from autoscaler.agent import fastload  # noqa: E402
+from autoscaler.agent.hooks import Handshake  # noqa: E402
+
+GiB = 1 << 30
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- machine -------------------------------------------------------------------------------
+def sh(cmd: str, timeout: float = 60) -> str:
+    try:
+        p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"(timed out: {cmd})"
+    return (p.stdout + p.stderr).strip()
+
+
+class Caches:
+    """Drops the page cache: globally when the kernel lets us, else file by file."""
+
+    def __init__(self, allow_global: bool) -> None:
+        self.method = "none"
+        if allow_global:
+            try:
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                self.method = "drop_caches"
+            except OSError as exc:
+                log(f"drop_caches refused ({exc}); evicting files with posix_fadvise instead")
+                self.method = "fadvise"
+        else:
+            self.method = "fadvise"
+
+    def drop(self, files: list[Path]) -> None:
+        os.sync()
+        if self.method == "drop_caches":
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        for f in files:  # also after drop_caches: cheap, and certain for our own files
+            fastload.evict_from_page_cache(f)
+
+
+def image_files(images: Path) -> list[Path]:
+    """CRIU image files, small ones first (CRIU reads them before the pages)."""
+    return sorted((p for p in images.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure_read_gbps(path: Path, caches: Caches, threads: int = 16) -> float:
+    """Read bandwidth of the disk under `path` (caches dropped first)."""
+    caches.drop([path])
+    t = time.perf_counter()
+    n = fastload.prefetch([path], threads=threads, chunk_bytes=16 << 20)
+    return n / (time.perf_counter() - t) / 1e9
+
+
+# --- worker control ------------------------------------------------------------------------
+def http(url: str, method: str = "GET", timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def first_response(port: int, deadline_s: float, proc_alive, pid: int) -> dict[str, Any]:
+    """Poll /generate until it answers 200 (connection refused = listener not open yet).
+
+    The answer must come from `pid`: a stale worker on the port would fake a fast start.
+    """
+    url = f"http://127.0.0.1:{port}/generate"
+    end = time.time() + deadline_s
+    while time.time() < end:
+        try:
+            code, body = http(url, timeout=120)
+            if code == 200:
+                if body.get("pid") != pid:
+                    raise RuntimeError(f"port {port} answered by pid {body.get('pid')}, not {pid}")
+                return body
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        if not proc_alive():
+            raise RuntimeError("worker died before answering")
+        time.sleep(0.002)
+    raise TimeoutError(f"no answer on port {port} within {deadline_s} s")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def kill_and_wait(pid: int, timeout: float = 60) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    end = time.time() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.time() < end:
+        time.sleep(0.01)
+    if os.path.exists(f"/proc/{pid}"):
+        raise RuntimeError(f"pid {pid} still present {timeout} s after SIGKILL")
+
+
+def memory_map(pid: int, top: int = 8) -> dict[str, Any]:
+    """Resident memory of a process by kind, and its largest anonymous mappings (smaps):
+    what a CRIU dump of it will have to write."""
+    maps: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                cur = {"range": head[0], "size": hi - lo, "name": " ".join(head[5:]) or "[anon]"}
+                maps.append(cur)
+            elif cur is not None and head[0] in ("Rss:", "Anonymous:"):
+                cur[head[0][:-1].lower()] = int(head[1]) * 1024
+    anon = sum(m.get("anonymous", 0) for m in maps)
+    rss = sum(m.get("rss", 0) for m in maps)
+    biggest = sorted(maps, key=lambda m: m.get("anonymous", 0), reverse=True)[:top]
+    return {
+        "rss": rss, "anonymous": anon, "mappings": len(maps),
+        "largest_anonymous": [
+            {"size": m["size"], "anonymous": m.get("anonymous", 0), "name": m["name"]}
+            for m in biggest
+        ],
+    }  # fmt: skip
+
+
+def same_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("tokens") == b.get("tokens") and a.get("logits") == b.get("logits")
+
+
+@dataclass
+class ModelRun:
+    model: str
+    weights: Path
+    work: Path
+    port: int
+    args: argparse.Namespace
+    caches: Caches
+    api: Any
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
+    pid: int | None = None
+    proc: Any = None
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """Loader threads and chunk MiB for this model (--load-config, else the defaults)."""
+        for item in filter(None, self.args.load_config.split(",")):
+            model, cfg = item.split("=")
+            if model == self.model:
+                threads, chunk = cfg.split("x")
+                return int(threads), int(chunk)
+        return self.args.load_threads, self.args.chunk_mib
+
+    @property
+    def criu_options(self) -> criu_mod.CriuOptions:
+        return criu_mod.CriuOptions(verbosity=self.args.criu_verbosity)
+
+    @property
+    def hs(self) -> Handshake:
+        return Handshake(self.work / "handshake")
+
+    def worker_cmd(self) -> list[str]:
+        a = self.args
+        return [
+            sys.executable, "-m", "autoscaler.agent.gpu_worker", "serve",
+            "--model", self.model, "--weights", str(self.weights), "--device", a.device,
+            "--port", str(self.port), "--kv-gib", str(a.kv_gib),
+            "--load-threads", str(self.load[0]), "--chunk-mib", str(self.load[1]),
+            "--handshake-dir", str(self.work / "handshake"),
+            "--log-file", str(self.work / "worker.log"),
+            *(["--no-fixed-addresses"] if a.no_fixed_addresses else []),
+        ]  # fmt: skip
+
+    # cold start ---------------------------------------------------------------------------
+    def cold_start(self) -> None:
+        if not port_free(self.port):
+            raise RuntimeError(f"port {self.port} is taken: a stale worker? (stop it first)")
+        self.caches.drop([self.weights])
+        resident = fastload.page_cache_fraction(self.weights)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        t0 = time.time()
+        env["WORKER_T_EXEC"] = repr(t0)
+        proc = subprocess.Popen(
+            self.worker_cmd(), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self.proc = proc
+        self.pid = proc.pid
+        body = first_response(self.port, self.args.timeout, lambda: proc.poll() is None, proc.pid)
+        seconds = time.time() - t0
+        _, health = http(f"http://127.0.0.1:{self.port}/health")
+        again = first_response(self.port, 60, lambda: proc.poll() is None, proc.pid)
+        self.reference = body
+        ok = same_output(body, again) and bool(health.get("graph_matches_eager"))
+        log(f"{self.model} cold: {seconds:.2f} s  tokens={body['tokens'][:8]}...  ok={ok}")
+        self.runs.append({
+            "model": self.model, "path": "cold", "seconds_to_first_response": round(seconds, 3),
+            "artifact_bytes": 0, "output_matches": ok,
+            "weights_bytes": self.weights.stat().st_size,
+            "weights_resident_before": round(resident, 4),
+            "phases": health.get("cold_phases"), "load": health.get("last_load"),
+            "params": health.get("params"),
+        })  # fmt: skip
+
+    # checkpoint ---------------------------------------------------------------------------
+    def checkpoint(self, mode: str, images: Path) -> dict[str, Any]:
+        assert self.pid is not None
+        if images.exists():
+            shutil.rmtree(images)
+        logs = images.parent / f"{images.name}-logs"
+        shutil.rmtree(logs, ignore_errors=True)
+        hs = self.hs
+        hs.clear()
+        t0 = time.perf_counter()
+        code, body = http(f"http://127.0.0.1:{self.port}/admin/checkpoint?mode={mode}", "POST")
+        if code != 202:
+            raise RuntimeError(f"checkpoint request refused: {code} {body}")
+        hs.wait_ready_for_checkpoint(timeout_s=120)
+        t_release = time.perf_counter() - t0
+        memory = {"released": memory_map(self.pid)}
+        t = time.perf_counter()
+        if self.api is not None:
+            self.api.checkpoint_process(self.pid)
+        t_cuda = time.perf_counter() - t
+        memory["cuda_checkpointed"] = memory_map(self.pid)
+        dumped = criu_mod.dump(self.pid, images, logs, self.criu_options)
+        if self.proc is not None and self.proc.pid == self.pid:
+            self.proc.wait(timeout=60)
+            self.proc = None
+        kill_and_wait(self.pid)  # the dump ends it; make sure it is gone (and reaped)
+        os.sync()
+        total = time.perf_counter() - t0
+        info = {
+            "mode": mode, "checkpoint_seconds": round(total, 3),
+            "release_s": round(t_release, 3), "cuda_checkpoint_s": round(t_cuda, 3),
+            "criu_dump_s": round(dumped.seconds, 3), "artifact_bytes": dir_bytes(images),
+            "criu_pids": len(dumped.pids), "process_memory": memory,
+        }  # fmt: skip
+        log(f"{self.model} checkpoint {mode}: {info}")
+        self.details[f"checkpoint_{mode}"] = info
+        return info
+
+    # restore ------------------------------------------------------------------------------
+    def restore(self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False) -> None:
+        logs = images.parent / f"{images.name}-logs"
+        weights_needed = ckpt["mode"] == "fast"
+        staged = [*image_files(images), *([self.weights] if weights_needed else [])]
+        if path == "disk":
+            self.caches.drop(staged)
+        else:  # memory / baseline: staged into the page cache ahead of demand (not timed)
+            fastload.prefetch(staged, threads=16)
+        resident = {
+            "images": round(fastload.page_cache_fraction(max(staged[:-1] or staged,
+                                                            key=lambda p: p.stat().st_size)), 4),
+            "weights": round(fastload.page_cache_fraction(self.weights), 4),
+        }  # fmt: skip
+        hs = self.hs
+        if not port_free(self.port):
+            raise RuntimeError(f"port {self.port} is taken before the restore")
+        hs.prepare_restore()
+        prefetch_thread = None
+        t0 = time.perf_counter()
+        if path == "disk":
+            prefetch_thread = threading.Thread(
+                target=fastload.prefetch, args=(staged,), kwargs={"threads": 8}, daemon=True
+            )
+            prefetch_thread.start()
+        restored = criu_mod.restore(
+            images, logs, self.criu_options, log_name=f"restore-{path}-{time.time():.0f}.log"
+        )
+        t_criu = time.perf_counter() - t0
+        pid = restored.host_pid
+        if self.api is not None:
+            self.api.restore_process(pid)
+        t_cuda = time.perf_counter() - t0
+        hs.signal_restored()
+        body = first_response(self.port, self.args.timeout, lambda: pid_alive(pid), pid)
+        seconds = time.perf_counter() - t0
+        _, health = http(f"http://127.0.0.1:{self.port}/health")
+        ok = self.reference is not None and same_output(body, self.reference)
+        if prefetch_thread is not None:
+            prefetch_thread.join()
+        log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f}, cuda "
+            f"{t_cuda - t_criu:.3f}) ok={ok} worker={health.get('restore_phases')}")  # fmt: skip
+        self.runs.append({
+            "model": self.model, "path": path, "seconds_to_first_response": round(seconds, 3),
+            "artifact_bytes": ckpt["artifact_bytes"], "output_matches": ok,
+            "checkpoint_seconds": ckpt["checkpoint_seconds"],
+            "weights_bytes": self.weights.stat().st_size if weights_needed else 0,
+            "resident_before": resident,
+            "phases": {"criu_restore_s": round(t_criu, 3),
+                       "cuda_restore_s": round(t_cuda - t_criu, 3),
+                       "worker_s": round(seconds - t_cuda, 3),
+                       "worker": health.get("restore_phases"),
+                       "graphs_recaptured": health.get("graphs_recaptured"),
+                       "load": health.get("last_load") if weights_needed else None,
+                       "gpu_at_checkpoint": health.get("gpu_at_checkpoint")},
+        })  # fmt: skip
+        self.pid = pid
+        if not keep:
+            kill_and_wait(pid)
+            self.pid = None
+
+
+def preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "gpu": sh("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader"),
+        "kernel": sh("uname -r"),
+        "python": sys.version.split()[0],
+        "torch": sh(f"{sys.executable} -c 'import torch; print(torch.__version__)'"),
+        "cpus": os.cpu_count(),
+        "mem": sh("grep -E 'MemTotal|MemAvailable' /proc/meminfo | tr -s ' ' | tr '\\n' ' '"),
+        "work_fs": sh(f"stat -f -c %T {work}; df -h {work} | tail -1"),
+        "shm": sh("df -h /dev/shm | tail -1"),
+    }
+    try:
+        criu = criu_mod.find_criu()
+        info["criu"] = criu_mod.criu_version(criu)
+        info["criu_check"] = sh(f"{criu} check 2>&1 | tail -1")
+    except Exception as exc:
+        info["criu"] = f"unavailable: {exc}"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON results file")
+    p.add_argument("--work", default="/var/tmp/restore-bench", help="on a real disk")
+    p.add_argument("--models", default="0.6b,8b")
+    p.add_argument("--paths", default="cold,memory,disk,baseline")
+    p.add_argument("--memory-repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--kv-gib", type=float, default=16.0)
+    p.add_argument("--load-threads", type=int, default=16)
+    p.add_argument("--chunk-mib", type=int, default=8)
+    p.add_argument(
+        "--load-config", default="0.6b=8x8,8b=16x8",
+        help="per model THREADSxCHUNK_MIB for the weight loader, e.g. 0.6b=8x8,8b=16x8",
+    )  # fmt: skip
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--no-global-drop", action="store_true", help="evict only our files")
+    p.add_argument("--keep", action="store_true", help="keep artifacts and weights")
+    p.add_argument("--logs-out", default=None, help="copy worker and CRIU logs here")
+    p.add_argument("--criu-verbosity", type=int, default=2)
+    p.add_argument("--no-fixed-addresses", action="store_true", help="worker option (see there)")
+    p.add_argument(
+        "--thp-experiment", action="store_true",
+        help="one more memory restore with transparent huge pages 'always' (path memory_thp)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "runs": [],
+        "models": {},
+        "started": time.strftime("%FT%TZ", time.gmtime()),
+    }
+    result["machine"] = preflight(args, work)
+    log(f"machine: {json.dumps(result['machine'])}")
+    caches = Caches(allow_global=not args.no_global_drop)
+    result["cache_drop_method"] = caches.method
+    api = None
+    if args.device == "cuda":
+        from autoscaler.agent.cuda import get_api
+
+        api = get_api()
+        result["machine"]["cuda_driver"] = api.driver_version
+    paths = args.paths.split(",")
+
+    def save() -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+
+    for model in args.models.split(","):
+        mwork = work / model
+        mwork.mkdir(parents=True, exist_ok=True)
+        weights = work / f"qwen3-{model}.safetensors"
+        if not weights.exists():
+            t = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "autoscaler.agent.gpu_worker", "make-weights",
+                 "--model", model, "--out", str(weights), "--device", args.device],
+                cwd=REPO, check=True,
+            )  # fmt: skip
+            took = time.perf_counter() - t
+            log(f"{model}: wrote {weights.stat().st_size / 1e9:.2f} GB in {took:.1f} s")
+        run = ModelRun(model, weights, mwork, args.port, args, caches, api)
+        mres: dict[str, Any] = {}
+        result["models"][model] = mres
+        try:
+            mres["disk_read_GBps"] = round(measure_read_gbps(weights, caches), 2)
+            log(f"{model}: disk read {mres['disk_read_GBps']} GB/s")
+            run.cold_start()
+            fast_images = mwork / "fast"
+            ckpt = run.checkpoint("fast", fast_images)
+            if "memory" in paths:
+                for _ in range(args.memory_repeats):
+                    run.restore("memory", fast_images, ckpt)
+            if args.thp_experiment:
+                with transparent_hugepages("always") as before:
+                    mres["thp_setting_before"] = before
+                    run.restore("memory_thp", fast_images, ckpt)
+            if "disk" in paths or "baseline" in paths:
+                run.restore("disk", fast_images, ckpt, keep="baseline" in paths)
+                if "disk" not in paths:
+                    run.runs.pop()
+            if "baseline" in paths:
+                base_images = mwork / "baseline"
+                bckpt = run.checkpoint("baseline", base_images)
+                run.restore("baseline", base_images, bckpt)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            mres["error"] = f"{type(exc).__name__}: {exc}"
+            if run.pid is not None and os.path.exists(f"/proc/{run.pid}"):
+                with contextlib.suppress(Exception):
+                    kill_and_wait(run.pid)
+        finally:
+            mres.update(run.details)
+            result["runs"].extend(
+                r for r in run.runs if r["path"] in paths or r["path"] == "memory_thp"
+            )
+            save()
+            if args.logs_out:
+                keep_logs(mwork, Path(args.logs_out) / model)
+            if not args.keep:
+                shutil.rmtree(mwork, ignore_errors=True)
+    result["finished"] = time.strftime("%FT%TZ", time.gmtime())
+    save()
+    print_table(result)
+    return 0 if all("error" not in m for m in result["models"].values()) else 1
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@contextlib.contextmanager
+def transparent_hugepages(mode: str):
+    """Set the THP mode for the duration (a node setting; the experiment says so)."""
+    text = THP.read_text()
+    before = text[text.index("[") + 1 : text.index("]")]
+    THP.write_text(mode)
+    try:
+        yield before
+    finally:
+        THP.write_text(before)
+
+
+def keep_logs(mwork: Path, dest: Path) -> None:
+    """Worker log and CRIU logs of a model's runs (the artifacts themselves are deleted)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in mwork.glob("*.log"):
+        shutil.copy2(p, dest / p.name)
+    for d in mwork.glob("*-logs"):
+        shutil.copytree(d, dest / d.name, dirs_exist_ok=True)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    cold = {
+        r["model"]: r["seconds_to_first_response"] for r in result["runs"] if r["path"] == "cold"
+    }
+    print(f"{'model':6} {'path':9} {'seconds':>8} {'vs cold':>8} {'artifact GB':>11} match")
+    for r in result["runs"]:
+        c = cold.get(r["model"])
+        ratio = f"{c / r['seconds_to_first_response']:.1f}x" if c and r["path"] != "cold" else ""
+        print(f"{r['model']:6} {r['path']:9} {r['seconds_to_first_response']:8.3f} {ratio:>8} "
+              f"{r['artifact_bytes'] / 1e9:11.2f} {r['output_matches']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
