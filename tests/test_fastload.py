@@ -241,3 +241,51 @@ def test_prompt_and_kv_sizes():
     assert prompt == fixed_prompt(SHAPES["8b"], 16)
     # K and V, 36 layers, 8 KV heads of 128, bf16, 64 positions
     assert kv_cache_bytes(SHAPES["8b"], 64) == 2 * 36 * 64 * 8 * 128 * 2
+
+
+# --- the preloader's hand-over protocol (JSON line + file descriptor over a Unix socket) ------
+def test_json_and_descriptor_cross_a_unix_socket():
+    import socket
+
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        fastload._send_json(a, {"ok": True, "alloc_bytes": 4096}, [r])
+        reply, fds = fastload._recv_json(b, want_fds=1)
+        assert reply == {"ok": True, "alloc_bytes": 4096} and len(fds) == 1
+        os.write(w, b"hi")
+        assert os.read(fds[0], 2) == b"hi"  # the received descriptor is the same pipe
+        os.close(fds[0])
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_take_preloaded_reports_the_preloaders_refusal(tmp_path):
+    import socket
+    import threading
+
+    path = str(tmp_path / "p.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def answer() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            req, _ = fastload._recv_json(conn)
+            assert req == {"op": "take", "path": "/w.safetensors"}
+            fastload._send_json(conn, {"ok": False, "error": "no preload of /w.safetensors"})
+
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"no preload of /w\.safetensors"):
+            fastload.take_preloaded(path, "/w.safetensors", timeout_s=10)
+    finally:
+        t.join()
+        srv.close()
+    with pytest.raises(OSError):
+        fastload.take_preloaded(str(tmp_path / "absent.sock"), "/w", timeout_s=1)

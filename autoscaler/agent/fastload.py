@@ -18,8 +18,11 @@ and the functions that build tensors.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import socket
 import struct
 import threading
 import time
@@ -601,3 +604,356 @@ def tensor_views(flat: torch.Tensor, layout: SafetensorsLayout) -> dict[str, tor
         dtype = getattr(torch, _TORCH_DTYPES[e.dtype])
         out[e.name] = flat[e.start : e.end].view(dtype).view(e.shape)
     return out
+
+
+# --- CUDA virtual memory management (driver API through ctypes) -----------------------------
+class _CuMemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]  # type 1 = device
+
+
+class _CuMemAllocationProp(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),  # CU_MEM_ALLOCATION_TYPE_PINNED = 1
+        ("requestedHandleTypes", ctypes.c_int),  # CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
+        ("location", _CuMemLocation),
+        ("win32HandleMetaData", ctypes.c_void_p),
+        ("compressionType", ctypes.c_ubyte),
+        ("gpuDirectRDMACapable", ctypes.c_ubyte),
+        ("usage", ctypes.c_ushort),
+        ("reserved", ctypes.c_ubyte * 4),
+    ]
+
+
+class _CuMemAccessDesc(ctypes.Structure):
+    _fields_ = [("location", _CuMemLocation), ("flags", ctypes.c_int)]  # 3 = read/write
+
+
+class CudaVmm:
+    """The driver's virtual memory calls: reserve addresses, create physical memory (shareable
+    as a POSIX file descriptor), map it, export and import it. The calling thread must have
+    the device's primary context current (torch.cuda.set_device does that)."""
+
+    POSIX_FD = 1
+
+    def __init__(self, device_index: int = 0) -> None:
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.device_index = device_index
+        self.prop = _CuMemAllocationProp(
+            type=1, requestedHandleTypes=self.POSIX_FD, location=_CuMemLocation(1, device_index)
+        )
+        gran = ctypes.c_size_t()
+        self._check(
+            "cuMemGetAllocationGranularity",
+            self.cu.cuMemGetAllocationGranularity(ctypes.byref(gran), ctypes.byref(self.prop), 1),
+        )
+        self.granularity = gran.value
+
+    def _check(self, call: str, code: int) -> None:
+        if code != 0:
+            name = ctypes.c_char_p()
+            self.cu.cuGetErrorName(code, ctypes.byref(name))
+            raise RuntimeError(
+                f"{call} failed: CUDA error {code} ({(name.value or b'?').decode()})"
+            )
+
+    def round_up(self, nbytes: int) -> int:
+        return -(-nbytes // self.granularity) * self.granularity
+
+    def reserve(self, nbytes: int) -> int:
+        ptr = ctypes.c_uint64()
+        self._check(
+            "cuMemAddressReserve",
+            self.cu.cuMemAddressReserve(
+                ctypes.byref(ptr), ctypes.c_size_t(nbytes), ctypes.c_size_t(0),
+                ctypes.c_uint64(0), ctypes.c_uint64(0),
+            ),
+        )  # fmt: skip
+        return ptr.value
+
+    def free_reservation(self, ptr: int, nbytes: int) -> None:
+        self._check(
+            "cuMemAddressFree",
+            self.cu.cuMemAddressFree(ctypes.c_uint64(ptr), ctypes.c_size_t(nbytes)),
+        )
+
+    def create(self, nbytes: int) -> int:
+        handle = ctypes.c_uint64()
+        self._check(
+            "cuMemCreate",
+            self.cu.cuMemCreate(
+                ctypes.byref(handle), ctypes.c_size_t(nbytes), ctypes.byref(self.prop),
+                ctypes.c_uint64(0),
+            ),
+        )  # fmt: skip
+        return handle.value
+
+    def map(self, ptr: int, nbytes: int, handle: int) -> None:
+        self._check(
+            "cuMemMap",
+            self.cu.cuMemMap(
+                ctypes.c_uint64(ptr), ctypes.c_size_t(nbytes), ctypes.c_size_t(0),
+                ctypes.c_uint64(handle), ctypes.c_uint64(0),
+            ),
+        )  # fmt: skip
+        access = _CuMemAccessDesc(_CuMemLocation(1, self.device_index), 3)
+        self._check(
+            "cuMemSetAccess",
+            self.cu.cuMemSetAccess(
+                ctypes.c_uint64(ptr), ctypes.c_size_t(nbytes), ctypes.byref(access),
+                ctypes.c_size_t(1),
+            ),
+        )  # fmt: skip
+
+    def unmap(self, ptr: int, nbytes: int) -> None:
+        self._check("cuMemUnmap", self.cu.cuMemUnmap(ctypes.c_uint64(ptr), ctypes.c_size_t(nbytes)))
+
+    def release(self, handle: int) -> None:
+        self._check("cuMemRelease", self.cu.cuMemRelease(ctypes.c_uint64(handle)))
+
+    def export_fd(self, handle: int) -> int:
+        fd = ctypes.c_int(-1)
+        self._check(
+            "cuMemExportToShareableHandle",
+            self.cu.cuMemExportToShareableHandle(
+                ctypes.byref(fd), ctypes.c_uint64(handle), self.POSIX_FD, ctypes.c_uint64(0)
+            ),
+        )
+        return fd.value
+
+    def import_fd(self, fd: int) -> int:
+        handle = ctypes.c_uint64()
+        self._check(
+            "cuMemImportFromShareableHandle",
+            self.cu.cuMemImportFromShareableHandle(
+                ctypes.byref(handle), ctypes.c_void_p(fd), self.POSIX_FD
+            ),
+        )
+        return handle.value
+
+
+class _CudaArray:
+    """Raw device memory seen by torch.as_tensor through the CUDA array interface (no copy)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+            "strides": None, "stream": None,
+        }  # fmt: skip
+
+
+def cuda_bytes(ptr: int, nbytes: int, device_index: int = 0) -> torch.Tensor:
+    """A flat uint8 tensor over device memory torch did not allocate (it will not free it)."""
+    import torch
+
+    return torch.as_tensor(_CudaArray(ptr, nbytes), device=f"cuda:{device_index}")
+
+
+# --- the preloader: weights into GPU memory while CRIU restores ---------------------------
+def _send_json(conn: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = (json.dumps(obj) + "\n").encode()
+    if fds:
+        socket.send_fds(conn, [data], list(fds))
+    else:
+        conn.sendall(data)
+
+
+def _recv_json(conn: socket.socket, want_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    buf = b""
+    fds: list[int] = []
+    while not buf.endswith(b"\n"):
+        if want_fds and not fds:
+            data, got, _flags, _addr = socket.recv_fds(conn, 65536, want_fds)
+            fds.extend(got)
+        else:
+            data = conn.recv(65536)
+        if not data:
+            raise ConnectionError("preloader connection closed mid-message")
+        buf += data
+    return json.loads(buf), fds
+
+
+@dataclass
+class _PreloadJob:
+    path: str
+    threads: int
+    chunk_bytes: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    handle: int = 0
+    ptr: int = 0
+    alloc_bytes: int = 0
+    data_bytes: int = 0
+    stats: LoadStats | None = None
+
+
+class WeightPreloader:
+    """A node-level loader with its own CUDA context. On `load` it reads a safetensors file's
+    data section into a fresh shareable GPU allocation (the parallel pinned path above); on
+    `take` it hands that allocation to the caller as a file descriptor (SCM_RIGHTS) and drops
+    its own mapping. A restored worker maps the allocation at its reserved address instead of
+    reading the file itself, so the load overlaps the CRIU and CUDA restores."""
+
+    def __init__(
+        self, socket_path: str, device_index: int = 0, threads: int = DEFAULT_THREADS,
+        chunk_bytes: int = 8 * MiB,
+    ) -> None:  # fmt: skip
+        import torch
+
+        self.torch = torch
+        self.socket_path = socket_path
+        self.device_index = device_index
+        self.threads = threads
+        self.chunk_bytes = chunk_bytes
+        torch.cuda.set_device(device_index)
+        torch.zeros(1, device=f"cuda:{device_index}")
+        self.vmm = CudaVmm(device_index)
+        self.jobs: dict[str, _PreloadJob] = {}
+        self.lock = threading.Lock()
+
+    def _load(self, job: _PreloadJob) -> None:
+        torch = self.torch
+        try:
+            torch.cuda.set_device(self.device_index)
+            layout = read_layout(job.path)
+            job.data_bytes = layout.data_bytes
+            job.alloc_bytes = self.vmm.round_up(layout.data_bytes)
+            job.handle = self.vmm.create(job.alloc_bytes)
+            job.ptr = self.vmm.reserve(job.alloc_bytes)
+            self.vmm.map(job.ptr, job.alloc_bytes, job.handle)
+            dest = cuda_bytes(job.ptr, layout.data_bytes, self.device_index)
+            job.stats = load_into_cuda(job.path, dest, layout, job.threads, job.chunk_bytes)
+            torch.cuda.synchronize()
+        except Exception as exc:  # reported to the taker, who falls back to its own load
+            job.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            job.done.set()
+
+    def _drop(self, job: _PreloadJob) -> None:
+        if job.ptr:
+            self.vmm.unmap(job.ptr, job.alloc_bytes)
+            self.vmm.free_reservation(job.ptr, job.alloc_bytes)
+        if job.handle:
+            self.vmm.release(job.handle)
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            req, _ = _recv_json(conn)
+            path = str(req.get("path"))
+            if req.get("op") == "load":
+                job = _PreloadJob(
+                    path, threads=int(req.get("threads") or self.threads),
+                    chunk_bytes=int(req.get("chunk_bytes") or self.chunk_bytes),
+                )  # fmt: skip
+                with self.lock:
+                    old = self.jobs.pop(path, None)
+                    self.jobs[path] = job
+                if old is not None:
+                    old.done.wait()
+                    self._drop(old)
+                threading.Thread(target=self._load, args=(job,), daemon=True).start()
+                _send_json(conn, {"ok": True})
+            elif req.get("op") == "take":
+                with self.lock:
+                    job = self.jobs.pop(path, None)
+                if job is None:
+                    _send_json(conn, {"ok": False, "error": f"no preload of {path}"})
+                    return
+                job.done.wait()
+                if job.error is not None:
+                    self._drop(job)
+                    _send_json(conn, {"ok": False, "error": job.error})
+                    return
+                fd = self.vmm.export_fd(job.handle)
+                stats = job.stats
+                try:
+                    _send_json(
+                        conn,
+                        {
+                            "ok": True, "alloc_bytes": job.alloc_bytes,
+                            "data_bytes": job.data_bytes,
+                            "seconds": round(stats.seconds, 4) if stats else None,
+                            "GBps": round(stats.gbps, 2) if stats else None,
+                        },
+                        [fd],
+                    )  # fmt: skip
+                finally:
+                    os.close(fd)
+                    self._drop(job)  # the taker's import keeps the memory alive
+            else:
+                _send_json(conn, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
+
+    def serve_forever(self, ready: threading.Event | None = None) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+            srv.bind(self.socket_path)
+            os.chmod(self.socket_path, 0o600)
+            srv.listen(16)
+            if ready is not None:
+                ready.set()
+            print(json.dumps({"preloader": self.socket_path, "ready": True}), flush=True)
+            while True:
+                conn, _ = srv.accept()
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+
+def request_preload(
+    socket_path: str, weights_path: str, threads: int | None = None,
+    chunk_bytes: int | None = None, timeout_s: float = 5.0,
+) -> None:  # fmt: skip
+    """Ask the preloader to start loading a weights file now (returns at once)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout_s)
+        conn.connect(socket_path)
+        _send_json(
+            conn,
+            {"op": "load", "path": str(weights_path), "threads": threads,
+             "chunk_bytes": chunk_bytes},
+        )  # fmt: skip
+        reply, _ = _recv_json(conn)
+    if not reply.get("ok"):
+        raise RuntimeError(f"preloader refused {weights_path}: {reply.get('error')}")
+
+
+def take_preloaded(
+    socket_path: str, weights_path: str, timeout_s: float = 300.0
+) -> tuple[int, dict[str, Any]]:
+    """Wait for a preloaded weights file; returns (fd of the GPU allocation, its info).
+
+    Raises RuntimeError (with the preloader's reason) or OSError when there is none, so the
+    caller can load the file itself.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout_s)
+        conn.connect(socket_path)
+        _send_json(conn, {"op": "take", "path": str(weights_path)})
+        reply, fds = _recv_json(conn, want_fds=1)
+    if not reply.get("ok"):
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError(f"no preloaded weights: {reply.get('error')}")
+    if len(fds) != 1:
+        raise RuntimeError(f"preloader sent {len(fds)} descriptors, expected 1")
+    return fds[0], reply
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m autoscaler.agent.fastload preload --socket PATH`: run the preloader."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fastload")
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("preload", help="serve weight preloads over a Unix socket")
+    pre.add_argument("--socket", required=True)
+    pre.add_argument("--device", type=int, default=0)
+    pre.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    pre.add_argument("--chunk-mib", type=int, default=8)
+    args = p.parse_args(argv)
+    WeightPreloader(args.socket, args.device, args.threads, args.chunk_mib * MiB).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -373,69 +373,24 @@ def make_weights(shape: Qwen3Shape, path: str, seed: int = 0, device: str = "cud
 
 
 # --- fixed GPU addresses (CUDA virtual memory management) -------------------------------------
-class _CuMemLocation(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _CuMemAllocationProp(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_int),  # CU_MEM_ALLOCATION_TYPE_PINNED = 1
-        ("requestedHandleTypes", ctypes.c_int),
-        ("location", _CuMemLocation),  # CU_MEM_LOCATION_TYPE_DEVICE = 1
-        ("win32HandleMetaData", ctypes.c_void_p),
-        ("compressionType", ctypes.c_ubyte),
-        ("gpuDirectRDMACapable", ctypes.c_ubyte),
-        ("usage", ctypes.c_ushort),
-        ("reserved", ctypes.c_ubyte * 4),
-    ]
-
-
-class _CuMemAccessDesc(ctypes.Structure):
-    _fields_ = [("location", _CuMemLocation), ("flags", ctypes.c_int)]  # READWRITE = 3
-
-
-class _CudaArray:
-    """Raw device memory seen by torch.as_tensor through the CUDA array interface (no copy)."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
-            "strides": None, "stream": None,
-        }  # fmt: skip
-
-
 class FixedRegions:
     """Named GPU buffers at addresses that survive being freed and re-allocated.
 
     One virtual address range is reserved for all of them at start; each buffer's physical
-    memory is created and mapped into its slice, and released again before a checkpoint
-    while the reservation stays. Re-mapped after a restore, every buffer is back at the same
-    address, so CUDA graphs captured at cold start replay as they are (no re-capture). With
-    torch's caching allocator a re-allocated buffer usually lands elsewhere.
+    memory is created (or imported from the preloader) and mapped into its slice, and released
+    again before a checkpoint while the reservation stays. Re-mapped after a restore, every
+    buffer is back at the same address, so CUDA graphs captured at cold start replay as they
+    are (no re-capture). With torch's caching allocator a re-allocated buffer usually lands
+    elsewhere (measured on the H200: always, for both the weights and the KV reserve).
     """
 
     def __init__(self, sizes: dict[str, int], device_index: int = 0) -> None:
-        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.vmm = fastload.CudaVmm(device_index)
         self.device_index = device_index
-        self.prop = _CuMemAllocationProp(type=1, location=_CuMemLocation(1, device_index))
-        gran = ctypes.c_size_t()
-        self._check(
-            "cuMemGetAllocationGranularity",
-            self.cu.cuMemGetAllocationGranularity(ctypes.byref(gran), ctypes.byref(self.prop), 1),
-        )
-        self.granularity = gran.value
-        self.sizes = {k: -(-v // gran.value) * gran.value for k, v in sizes.items()}
+        self.sizes = {k: self.vmm.round_up(v) for k, v in sizes.items()}
         self.requested = dict(sizes)
         self.total = sum(self.sizes.values())
-        base = ctypes.c_uint64()
-        self._check(
-            "cuMemAddressReserve",
-            self.cu.cuMemAddressReserve(
-                ctypes.byref(base), ctypes.c_size_t(self.total), ctypes.c_size_t(0),
-                ctypes.c_uint64(0), ctypes.c_uint64(0),
-            ),
-        )  # fmt: skip
-        self.base = base.value
+        self.base = self.vmm.reserve(self.total)
         self.offsets: dict[str, int] = {}
         cursor = 0
         for name, size in self.sizes.items():
@@ -443,56 +398,37 @@ class FixedRegions:
             cursor += size
         self.handles: dict[str, int] = {}
 
-    def _check(self, call: str, code: int) -> None:
-        if code != 0:
-            name = ctypes.c_char_p()
-            self.cu.cuGetErrorName(code, ctypes.byref(name))
-            raise RuntimeError(
-                f"{call} failed: CUDA error {code} ({(name.value or b'?').decode()})"
-            )
-
     def address(self, name: str) -> int:
         return self.base + self.offsets[name]
+
+    def _mapped(self, name: str, handle: int) -> Any:
+        try:
+            self.vmm.map(self.address(name), self.sizes[name], handle)
+        except RuntimeError:
+            self.vmm.release(handle)
+            raise
+        self.handles[name] = handle
+        return fastload.cuda_bytes(self.address(name), self.requested[name], self.device_index)
 
     def map(self, name: str) -> Any:
         """Back `name` with fresh physical memory; returns a uint8 tensor over it."""
         if name in self.handles:
             raise RuntimeError(f"region {name} is already mapped")
-        size, ptr = self.sizes[name], self.address(name)
-        handle = ctypes.c_uint64()
-        self._check(
-            "cuMemCreate",
-            self.cu.cuMemCreate(
-                ctypes.byref(handle), ctypes.c_size_t(size), ctypes.byref(self.prop),
-                ctypes.c_uint64(0),
-            ),
-        )  # fmt: skip
-        self._check(
-            "cuMemMap",
-            self.cu.cuMemMap(
-                ctypes.c_uint64(ptr), ctypes.c_size_t(size), ctypes.c_size_t(0), handle,
-                ctypes.c_uint64(0),
-            ),
-        )  # fmt: skip
-        access = _CuMemAccessDesc(_CuMemLocation(1, self.device_index), 3)
-        self._check(
-            "cuMemSetAccess",
-            self.cu.cuMemSetAccess(
-                ctypes.c_uint64(ptr), ctypes.c_size_t(size), ctypes.byref(access),
-                ctypes.c_size_t(1),
-            ),
-        )  # fmt: skip
-        self.handles[name] = handle.value
-        return torch.as_tensor(
-            _CudaArray(ptr, self.requested[name]), device=f"cuda:{self.device_index}"
-        )
+        return self._mapped(name, self.vmm.create(self.sizes[name]))
+
+    def map_fd(self, name: str, fd: int, alloc_bytes: int) -> Any:
+        """Map memory another process exported (the preloader's weights) into `name`."""
+        if name in self.handles:
+            raise RuntimeError(f"region {name} is already mapped")
+        if alloc_bytes != self.sizes[name]:
+            raise RuntimeError(f"imported {alloc_bytes} bytes for {name}, need {self.sizes[name]}")
+        return self._mapped(name, self.vmm.import_fd(fd))
 
     def unmap(self, name: str) -> None:
         """Release `name`'s physical memory (the caller must hold no tensor over it)."""
         handle = self.handles.pop(name)
-        ptr, size = self.address(name), self.sizes[name]
-        self._check("cuMemUnmap", self.cu.cuMemUnmap(ctypes.c_uint64(ptr), ctypes.c_size_t(size)))
-        self._check("cuMemRelease", self.cu.cuMemRelease(ctypes.c_uint64(handle)))
+        self.vmm.unmap(self.address(name), self.sizes[name])
+        self.vmm.release(handle)
 
 
 # --- the worker ------------------------------------------------------------------------------
@@ -688,12 +624,16 @@ class GpuWorker:
         """After a restore (or a resume): re-allocate in the cold start's order, reload."""
         t0 = time.time()
         marks: dict[str, float] = {}
-        if "weights" in self.released:
+        preloaded = "weights" in self.released and self._take_preloaded()
+        if "weights" in self.released and not preloaded:
             self.flat = self._new_buffer("weights", self.layout.data_bytes)
         self.alloc_kv()
         marks["alloc"] = time.time() - t0
         if "weights" in self.released:
-            self._fill_weights()
+            if preloaded:
+                self.engine.bind_weights(fastload.tensor_views(self.flat, self.layout))
+            else:
+                self._fill_weights()
             marks["weights"] = time.time() - t0
         if self.cuda and self.engine.graph_addresses is not None:
             moved = self.engine.addresses() != self.engine.graph_addresses
@@ -704,6 +644,26 @@ class GpuWorker:
         self.released = set()
         self.restore_phases = {k: round(v, 4) for k, v in marks.items()}
         print(json.dumps({"event": "reacquired", "phases": self.restore_phases}), flush=True)
+
+    def _take_preloaded(self) -> bool:
+        """Map the weights a preloader loaded while we were being restored; False (and the
+        reason in /health) when there is none, so the worker loads the file itself."""
+        sock = self.args.preload_socket
+        if not sock or self.regions is None:
+            return False
+        try:
+            fd, info = fastload.take_preloaded(sock, self.args.weights)
+            try:
+                self.flat = self.regions.map_fd("weights", fd, info["alloc_bytes"])
+            finally:
+                os.close(fd)
+        except (OSError, RuntimeError) as exc:
+            self.info["weights_source"] = f"own load (preloader: {exc})"
+            print(json.dumps({"event": "preload_unavailable", "why": str(exc)}), flush=True)
+            return False
+        self.info["weights_source"] = "preloader"
+        self.info["last_load"] = {"preloader": info}
+        return True
 
     def generate(self) -> dict[str, Any]:
         with self.lock:
@@ -851,6 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="allocate weights and KV through torch's allocator (graphs re-captured if moved)",
     )  # fmt: skip
     sv.add_argument("--log-file", default=None, help="stdout/stderr, detached while checkpointed")
+    sv.add_argument(
+        "--preload-socket", default=None,
+        help="after a restore, take the weights from this preloader (fastload preload)",
+    )  # fmt: skip
     sv.add_argument("--handshake-dir", default=None, help="default: $AUTOSCALER_HANDSHAKE_DIR")
     sv.add_argument("--checkpoint-mode", choices=CHECKPOINT_MODES, default="fast")
     sv.add_argument(

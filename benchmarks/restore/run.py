@@ -202,6 +202,10 @@ class ModelRun:
     proc: Any = None
 
     @property
+    def preload_socket(self) -> Path:
+        return self.work.parent / "preload.sock"
+
+    @property
     def load(self) -> tuple[int, int]:
         """Loader threads and chunk MiB for this model (--load-config, else the defaults)."""
         for item in filter(None, self.args.load_config.split(",")):
@@ -229,6 +233,7 @@ class ModelRun:
             "--handshake-dir", str(self.work / "handshake"),
             "--log-file", str(self.work / "worker.log"),
             *(["--no-fixed-addresses"] if a.no_fixed_addresses else []),
+            *(["--preload-socket", str(self.preload_socket)] if a.preload else []),
         ]  # fmt: skip
 
     # cold start ---------------------------------------------------------------------------
@@ -301,9 +306,14 @@ class ModelRun:
         return info
 
     # restore ------------------------------------------------------------------------------
-    def restore(self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False) -> None:
+    def restore(
+        self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
+        preload: bool | None = None,
+    ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         weights_needed = ckpt["mode"] == "fast"
+        preload = self.args.preload if preload is None else preload
+        preload = preload and weights_needed
         staged = [*image_files(images), *([self.weights] if weights_needed else [])]
         if path == "disk":
             self.caches.drop(staged)
@@ -320,9 +330,15 @@ class ModelRun:
         hs.prepare_restore()
         prefetch_thread = None
         t0 = time.perf_counter()
+        if preload:  # the preloader reads the weights while CRIU and CUDA restore
+            threads, chunk = self.load
+            fastload.request_preload(
+                str(self.preload_socket), str(self.weights), threads, chunk << 20
+            )
         if path == "disk":
+            ahead = [p for p in staged if not (preload and p == self.weights)]
             prefetch_thread = threading.Thread(
-                target=fastload.prefetch, args=(staged,), kwargs={"threads": 8}, daemon=True
+                target=fastload.prefetch, args=(ahead,), kwargs={"threads": 8}, daemon=True
             )
             prefetch_thread.start()
         restored = criu_mod.restore(
@@ -347,6 +363,7 @@ class ModelRun:
             "artifact_bytes": ckpt["artifact_bytes"], "output_matches": ok,
             "checkpoint_seconds": ckpt["checkpoint_seconds"],
             "weights_bytes": self.weights.stat().st_size if weights_needed else 0,
+            "weights_source": health.get("weights_source") if weights_needed else "image",
             "resident_before": resident,
             "phases": {"criu_restore_s": round(t_criu, 3),
                        "cuda_restore_s": round(t_cuda - t_criu, 3),
@@ -405,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--criu-verbosity", type=int, default=2)
     p.add_argument("--no-fixed-addresses", action="store_true", help="worker option (see there)")
     p.add_argument(
+        "--preload", action="store_true",
+        help="run a weight preloader (fastload preload) that loads the weights concurrently "
+        "with the CRIU restore and hands them to the restored worker",
+    )  # fmt: skip
+    p.add_argument(
         "--thp-experiment", action="store_true",
         help="one more memory restore with transparent huge pages 'always' (path memory_thp)",
     )  # fmt: skip
@@ -429,6 +451,21 @@ def main(argv: list[str] | None = None) -> int:
         api = get_api()
         result["machine"]["cuda_driver"] = api.driver_version
     paths = args.paths.split(",")
+    preloader = None
+    if args.preload:
+        sock = work / "preload.sock"
+        sock.unlink(missing_ok=True)
+        preloader = subprocess.Popen(
+            [sys.executable, "-m", "autoscaler.agent.fastload", "preload", "--socket", str(sock)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=open(work / "preloader.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        end = time.time() + 120
+        while not sock.exists() and preloader.poll() is None and time.time() < end:
+            time.sleep(0.05)
+        if not sock.exists():
+            raise SystemExit(f"preloader did not start; see {work / 'preloader.log'}")
+        result["preloader"] = {"socket": str(sock)}
 
     def save() -> None:
         tmp = out.with_suffix(".tmp")
@@ -464,9 +501,16 @@ def main(argv: list[str] | None = None) -> int:
                 with transparent_hugepages("always") as before:
                     mres["thp_setting_before"] = before
                     run.restore("memory_thp", fast_images, ckpt)
-            if "disk" in paths or "baseline" in paths:
-                run.restore("disk", fast_images, ckpt, keep="baseline" in paths)
-                if "disk" not in paths:
+            if "disk" in paths:
+                run.restore("disk", fast_images, ckpt)
+            # The baseline artifact is taken from a restored worker that loaded its weights
+            # itself (a preloader's imported allocation is shared memory, which the CUDA
+            # checkpoint is not asked to handle). With a preloader this restore doubles as the
+            # comparison "memory_own_load".
+            if "baseline" in paths or args.preload:
+                run.restore("memory_own_load", fast_images, ckpt, keep="baseline" in paths,
+                            preload=False)  # fmt: skip
+                if not args.preload:
                     run.runs.pop()
             if "baseline" in paths:
                 base_images = mwork / "baseline"
@@ -483,13 +527,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mres.update(run.details)
             result["runs"].extend(
-                r for r in run.runs if r["path"] in paths or r["path"] == "memory_thp"
+                r for r in run.runs if r["path"] in paths or r["path"].startswith("memory_")
             )
             save()
             if args.logs_out:
                 keep_logs(mwork, Path(args.logs_out) / model)
             if not args.keep:
                 shutil.rmtree(mwork, ignore_errors=True)
+    if preloader is not None:
+        preloader.kill()
+        preloader.wait()
     result["finished"] = time.strftime("%FT%TZ", time.gmtime())
     save()
     print_table(result)
