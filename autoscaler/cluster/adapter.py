@@ -315,26 +315,37 @@ class Cluster:
     # -- nodes -------------------------------------------------------------------------------
 
     def list_gpu_nodes(self, selector: str | None = None) -> list[GpuNode]:
-        """Nodes with allocatable GPUs, their GPU model, zone and staged artifacts."""
-        kwargs: dict[str, Any] = {}
+        """Nodes with allocatable GPUs, their GPU model, zone and staged artifacts.
+
+        Reads the raw JSON (no client model objects): deserialising 5,000 V1Node objects costs
+        seconds of CPU, the JSON a fraction of that."""
+        kwargs: dict[str, Any] = {"_preload_content": False}
         if selector:
             kwargs["label_selector"] = selector
-        items = self.call("list nodes", self.core.list_node, **kwargs).items
+        resp = self.call("list nodes", self.core.list_node, **kwargs)
+        try:
+            items = json.loads(resp.data)["items"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ClusterApiError("list nodes", 200, f"unreadable answer: {exc}") from exc
         out: list[GpuNode] = []
         for n in items:
-            gpus = _gpus(n.status.allocatable if n.status else None)
+            status = n.get("status") or {}
+            gpus = _gpus(status.get("allocatable"))
             if gpus <= 0:
                 continue
-            labels = n.metadata.labels or {}
-            addresses = (n.status.addresses if n.status else None) or []
+            meta = n.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            conditions = status.get("conditions") or []
             out.append(GpuNode(
-                name=n.metadata.name,
+                name=meta["name"],
                 allocatable_gpus=gpus,
                 gpu_model=_first_label(labels, GPU_MODEL_LABELS),
                 zone=_first_label(labels, ZONE_LABELS),
-                ready=_ready(n.status.conditions if n.status else None),
-                schedulable=not (n.spec and n.spec.unschedulable),
-                address=next((a.address for a in addresses if a.type == "InternalIP"), None),
+                ready=any(c.get("type") == "Ready" and c.get("status") == "True"
+                          for c in conditions),
+                schedulable=not (n.get("spec") or {}).get("unschedulable", False),
+                address=next((a.get("address") for a in status.get("addresses") or []
+                              if a.get("type") == "InternalIP"), None),
                 staged=staged_from_labels(labels),
             ))  # fmt: skip
         return out
