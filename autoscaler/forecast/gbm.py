@@ -137,6 +137,21 @@ def build_features(
     return np.column_stack(cols), lvl
 
 
+_CONTROLLER = None
+
+
+def _thread_limit(n_threads: int):  # -> context manager
+    """Limit OpenMP threads of the boosting library. Why: the controller forecasts many
+    workloads side by side (one core each), and on a busy machine oversubscribed OpenMP threads
+    make a fit ten times slower. The controller object is built once (scanning is costly)."""
+    global _CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n_threads, user_api="openmp")
+
+
 class GBMForecaster(Forecaster):
     """Quantile gradient boosting (scikit-learn HistGradientBoostingRegressor, loss="quantile")
     on log1p demand relative to a recent level; one model per quantile level, horizon as a
@@ -150,8 +165,8 @@ class GBMForecaster(Forecaster):
         step: pd.Timedelta | str | None = None,
         max_horizon: int | None = None,
         levels: Sequence[float] = DEFAULT_QUANTILES,
-        max_rows: int = 24000,
-        max_iter: int = 120,
+        max_rows: int = 12000,
+        max_iter: int = 100,
         learning_rate: float = 0.08,
         min_points: int = 200,
         calibration_fraction: float = 0.2,
@@ -234,7 +249,6 @@ class GBMForecaster(Forecaster):
 
     def _train(self, q: float) -> object:
         from sklearn.ensemble import HistGradientBoostingRegressor
-        from threadpoolctl import threadpool_limits
 
         model = HistGradientBoostingRegressor(
             loss="quantile",
@@ -247,7 +261,7 @@ class GBMForecaster(Forecaster):
             early_stopping=False,
             random_state=self.seed,
         )
-        with threadpool_limits(limits=self.n_threads):
+        with _thread_limit(self.n_threads):
             model.fit(self._x[self._fit_rows], self._y[self._fit_rows])
             shift = 0.0
             if len(self._cal_rows):
@@ -286,10 +300,8 @@ class GBMForecaster(Forecaster):
         origins = np.full(horizon, len(z) - 1)
         x, lvl = build_features(z, tail.index, self.step, origins, hs, self.spec)
         x = x[:, self._columns]
-        from threadpoolctl import threadpool_limits
-
         out = np.empty((horizon, len(levels)))
-        with threadpool_limits(limits=self.n_threads):
+        with _thread_limit(self.n_threads):
             for i, q in enumerate(levels):
                 model = self._models.get(q) or self._train(q)
                 out[:, i] = np.expm1(lvl + model.predict(x) + self._shift[q])
