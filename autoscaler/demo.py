@@ -39,7 +39,9 @@ def run_demo(args: argparse.Namespace) -> int:
     series = series.iloc[: int(pd.Timedelta(days=args.days) / step)]
     scenario = make_scenario(series, label)
     leads = LeadTimes()
-    config = SimConfig(forecaster=args.forecaster, leads=leads)
+    config = SimConfig(
+        forecaster=args.forecaster, leads=leads, warmup_s=min(2.0, args.days / 2) * 86400
+    )
     gaps = int(series.isna().sum())
 
     console.print(

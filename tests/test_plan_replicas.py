@@ -115,6 +115,16 @@ def test_missing_or_stale_data_holds_or_goes_to_fallback():
     assert d.desired_replicas == 7 and "stale forecast" in d.explanation.notes[0]
 
 
+def test_fresh_measurement_raises_a_held_plan_but_never_lowers_it():
+    spec = _spec(stale_after_s=120.0, reactive_floor=True)
+    back = _state(current=4, now=0.0, observed_demand=95.0)  # forecast stale, rate measured
+    d = plan_replicas(back, _forecast([0.0]), spec, 1000.0)
+    assert d.desired_replicas == 10 and d.explanation.binding == "reactive-floor"
+    assert "old" in d.explanation.summary()
+    low = _state(current=4, now=0.0, observed_demand=5.0)
+    assert plan_replicas(low, _forecast([0.0]), spec, 1000.0).desired_replicas == 4
+
+
 def test_bounds_steps_and_bad_spec():
     d = plan_replicas(_state(current=5), _forecast([1000.0]), _spec(max_step_up=2), 1000.0)
     assert d.desired_replicas == 7 and d.explanation.binding == "max-scale-up-step"

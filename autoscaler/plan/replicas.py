@@ -156,7 +156,9 @@ class Explanation:
             if change
             else (f"hold {self.current_replicas}")
         )
-        if self.binding in (BINDING_HOLD, BINDING_FALLBACK):
+        if self.binding in (BINDING_HOLD, BINDING_FALLBACK) or not math.isfinite(
+            self.forecast_peak
+        ):
             return f"{self.workload}: {arrow} ({self.binding}: {'; '.join(self.notes)})"
         return (
             f"{self.workload}: {arrow} [{self.binding}] q{self.forecast_quantile} peak "
@@ -372,13 +374,25 @@ def _hold(
     reason: str,
 ) -> ReplicaDecision:
     """Missing or stale data: keep what runs (or go up to the fallback); never scale down,
-    except to obey max_replicas."""
+    except to obey max_replicas. A fresh measured rate (the reactive floor) may still raise
+    the plan: data coming back after a gap must not wait for the forecast to catch up."""
     current = int(state.current_replicas)
     desired = current
     binding = BINDING_HOLD
+    notes = [reason]
     if spec.on_missing == "fallback" and spec.fallback_replicas is not None:
         binding = BINDING_FALLBACK
         desired = max(current, spec.fallback_replicas)
+    if spec.reactive_floor and state.observed_demand > 0:
+        floor = replicas_needed(
+            state.observed_demand * (1.0 + spec.headroom) / spec.capacity_per_replica, 1.0
+        )
+        if spec.max_step_up is not None:
+            floor = min(floor, current + spec.max_step_up)
+        if floor > desired:
+            desired = floor
+            binding = BINDING_REACTIVE_FLOOR
+            notes.append("raised to the measured rate")
     if desired < spec.min_replicas:
         desired = spec.min_replicas
     if desired > spec.max_replicas:
@@ -400,7 +414,7 @@ def _hold(
             capacity_per_replica=spec.capacity_per_replica,
             headroom=spec.headroom,
             raw_replicas=current,
-            notes=(reason,),
+            notes=tuple(notes),
         ),
         recommendations=state.recommendations,
     )

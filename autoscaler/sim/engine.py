@@ -600,8 +600,9 @@ def _collect(
 
 
 def run_oracle(ctx: SimContext, name: str = "oracle", t_wall: float | None = None) -> PolicyResult:
-    """Perfect foresight, zero lead: every tick, the replicas the mean demand of the next
-    `max_queue_delay_s` seconds needs (so its queue drains within the delay bound)."""
+    """Perfect foresight, zero lead: at every tick, enough replicas for the mean demand of any
+    `max_queue_delay_s`-long window that holds the tick (so every request is served within the
+    delay bound), and not one more."""
     t_wall = time.perf_counter() if t_wall is None else t_wall
     cfg = ctx.config
     n, dt, start = ctx.n, ctx.dt, ctx.start_idx
@@ -612,7 +613,10 @@ def run_oracle(ctx: SimContext, name: str = "oracle", t_wall: float | None = Non
         csum = np.concatenate(([0.0], np.cumsum(rate)))
         hi = np.minimum(np.arange(n) + win, n)
         fwd = (csum[hi] - csum[np.arange(n)]) / (hi - np.arange(n))
-        need = np.ceil(fwd / wl.spec.capacity_per_replica - 1e-9)
+        # the max over windows [s, s + win) with s in (t - win, t]: a sliding max
+        padded = np.concatenate((np.zeros(win - 1), fwd))
+        covering = np.lib.stride_tricks.sliding_window_view(padded, win).max(axis=1)
+        need = np.ceil(covering / wl.spec.capacity_per_replica - 1e-9)
         need = np.clip(need, wl.spec.min_replicas, wl.spec.max_replicas)
         need[:start] = 0
         delta = np.zeros(n + 1)

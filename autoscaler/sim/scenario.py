@@ -43,9 +43,11 @@ def load_series(
     step: str | None = None,
     prefer_shared: bool = False,
 ) -> tuple[pd.Series, str]:
-    """The demand series of a trace file or a bundled name. Request-level formats are read at
-    1 s (the replay's tick), ServeGen at its 10-minute windows. With `prefer_shared`, a bundled
-    name is read from /work/shared/traces at full resolution when that folder exists."""
+    """The demand series of a trace file or a bundled name: request-level formats are counted
+    per minute by default (`step="1s"` replays raw per-second counts: sub-minute bursts are then
+    the replica's batching queue's problem, which no scaling policy can solve), ServeGen at its
+    10-minute windows; the replay interpolates either linearly down to 1 s ticks. With
+    `prefer_shared`, a bundled name is read from /work/shared/traces when that folder exists."""
     from autoscaler.signals.bundled import load_bundled
     from autoscaler.signals.traces import detect_format, read_trace
 
@@ -67,9 +69,7 @@ def load_series(
 def _read(trace, fmt, step, read_trace, detect_format) -> pd.Series:
     resolved = detect_format(trace) if fmt == "auto" else fmt
     if step is None:
-        step = (
-            "1s" if resolved in REQUEST_LEVEL else ("10min" if resolved == "servegen" else "1min")
-        )
+        step = "10min" if resolved == "servegen" else "1min"
     return read_trace(trace, format=resolved, step=step)
 
 
