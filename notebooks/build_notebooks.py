@@ -165,6 +165,8 @@ ahead.round(2)'''),
 ]
 
 SIM_SETUP = '''\
+from dataclasses import replace
+
 from autoscaler.plan.startpaths import LeadTimes
 from autoscaler.sim.engine import SimConfig, simulate
 from autoscaler.sim.policies import make_policy
@@ -174,8 +176,13 @@ DAYS = 2            # replayed span (small, so the notebook runs in seconds); th
                     # 12 hours warm the forecasters up
 WARMUP_S = 12 * 3600
 FORECASTER = "ewma"
+SHAPE = "step"      # demand jumps at each window boundary: harsher than interpolating
+MAX_DELAY_S = 2.0   # the SLO: a request waits at most this long in the queue
+# An LLM replica's cold start (image, weights, warm-up, CUDA graphs) takes minutes; the restore
+# paths keep the simulator's defaults (measured restore times).
+LEADS = replace(LeadTimes(), cold=300.0)
 series = demand.iloc[: int(DAYS * pd.Timedelta("1D") / step)]
-print("lead times (s) by start path:", LeadTimes().as_dict())
+print("lead times (s) by start path:", {k: round(v, 1) for k, v in LEADS.as_dict().items()})
 '''
 
 NB2 = [
@@ -192,8 +199,9 @@ NB2 = [
     new_code_cell(SIM_SETUP),
     new_code_cell('''\
 POLICIES = ["hpa-cold", "hpa-restore", "hpa-staged", "predictive-cold", "predictive", "oracle"]
-scenario = make_scenario(series, label, peak_replicas=16)
-config = SimConfig(forecaster=FORECASTER, warmup_s=WARMUP_S, max_queue_delay_s=5.0)
+scenario = make_scenario(series, label, peak_replicas=16, shape=SHAPE)
+config = SimConfig(forecaster=FORECASTER, warmup_s=WARMUP_S, max_queue_delay_s=MAX_DELAY_S,
+                   leads=LEADS)
 result = simulate([scenario.workload], [make_policy(p, forecaster=FORECASTER) for p in POLICIES],
                   config, label)
 table = pd.DataFrame({name: r.summary() for name, r in result.policies.items()}).T
@@ -219,8 +227,6 @@ save(fig, "02-demand-vs-capacity")'''),
         "`max_queue_delay_s` (share served) and the p99 queueing delay."
     ),
     new_code_cell('''\
-from dataclasses import replace
-
 points = []
 for quantile, headroom in [(0.5, 0.0), (0.9, 0.0), (0.99, 0.1), (0.99, 0.3)]:
     spec = replace(scenario.workload.spec, quantile=quantile, headroom=headroom)
@@ -278,8 +284,9 @@ NB3 = [
     new_code_cell(SETUP),
     new_code_cell(LOAD),
     new_code_cell(SIM_SETUP + '''\
-scenario = make_scenario(series, label, peak_replicas=16)
-base = SimConfig(forecaster=FORECASTER, warmup_s=WARMUP_S)
+scenario = make_scenario(series, label, peak_replicas=16, shape=SHAPE)
+base = SimConfig(forecaster=FORECASTER, warmup_s=WARMUP_S, max_queue_delay_s=MAX_DELAY_S,
+                 leads=LEADS)
 
 
 def replay(policies, config=base, workloads=None):
@@ -301,12 +308,12 @@ starts.plot.bar(stacked=True, ax=ax)
 ax.set_ylabel("replica starts")
 ax.set_title("Where replicas start from, by staging budget")
 save(fig, "03-staging-budget")
-staging''' .replace("rows = []", "from dataclasses import replace\n\nrows = []")),
+staging'''),
     new_markdown_cell("## Lead time: how slow can a cold start be?"),
     new_code_cell('''\
 rows = []
 for cold_s in [60, 300, 900]:
-    cfg = replace(base, leads=replace(LeadTimes(), cold=float(cold_s)))
+    cfg = replace(base, leads=replace(LEADS, cold=float(cold_s)))
     res = replay(["hpa-cold", "predictive"], cfg)
     for name, p in res.items():
         rows.append({"cold_lead_s": cold_s, "policy": name, "gpu_hours": p.gpu_hours,
@@ -341,8 +348,8 @@ pd.DataFrame(rows).set_index("headroom").round(4)'''),
     new_code_cell('''\
 other = load_bundled("servegen-m-large").iloc[: len(series)]
 other.index = series.index  # both bundled ServeGen series start on the same day
-a = make_scenario(series, "m-mid", peak_replicas=16, name="m-mid").workload
-b_s = make_scenario(other, "m-large", peak_replicas=16, name="m-large").workload
+a = make_scenario(series, "m-mid", peak_replicas=16, shape=SHAPE, name="m-mid").workload
+b_s = make_scenario(other, "m-large", peak_replicas=16, shape=SHAPE, name="m-large").workload
 a = replace(a, spec=replace(a.spec, priority=1))
 rows = []
 for budget in [None, 20, 12]:
