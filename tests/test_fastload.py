@@ -289,3 +289,18 @@ def test_take_preloaded_reports_the_preloaders_refusal(tmp_path):
         srv.close()
     with pytest.raises(OSError):
         fastload.take_preloaded(str(tmp_path / "absent.sock"), "/w", timeout_s=1)
+
+
+def test_context_limits_spec_parses_names_and_bytes():
+    from autoscaler.agent.gpu_worker import parse_limits
+
+    assert parse_limits("") == {}
+    assert parse_limits("stack=0, printf_fifo=4096") == {"stack": 0, "printf_fifo": 4096}
+
+
+@pytest.mark.parametrize("spec", ["stack", "heap=1", "stack=-1", "stack=1k"])
+def test_context_limits_spec_rejects_bad_items_by_name(spec):
+    from autoscaler.agent.gpu_worker import parse_limits
+
+    with pytest.raises(ValueError, match="bad context limit"):
+        parse_limits(spec)

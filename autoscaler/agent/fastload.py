@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import mmap
 import os
 import socket
 import struct
@@ -470,9 +471,6 @@ def page_cache_fraction(path: str | os.PathLike[str]) -> float:
 
     The benchmark records it before each restore, so "from disk" is shown to be from disk.
     """
-    import ctypes
-    import mmap
-
     size = os.path.getsize(path)
     if size == 0:
         return 1.0
@@ -511,7 +509,11 @@ def page_cache_fraction(path: str | os.PathLike[str]) -> float:
 class CudaSink:
     """Async host-to-device copies into a flat uint8 CUDA tensor: one stream and two pinned
     chunks per reader thread. The chunks are page-locked with cudaHostRegister and released in
-    close(), so nothing pinned outlives a load (and nothing lands in a checkpoint image)."""
+    close(), so nothing pinned outlives a load (and nothing lands in a checkpoint image).
+
+    The chunks are their own anonymous mappings, not malloc memory: 16 MiB blocks from malloc
+    raise glibc's dynamic mmap threshold, after which they come from the (thread) arenas, whose
+    free tops malloc_trim does not give back; such memory would stay resident and be dumped."""
 
     def __init__(self, destination: torch.Tensor) -> None:
         import torch
@@ -528,7 +530,10 @@ class CudaSink:
 
     def open(self, thread: int, chunk_bytes: int) -> tuple[memoryview, memoryview]:
         torch = self.torch
-        host = torch.empty(2 * chunk_bytes, dtype=torch.uint8)
+        import numpy as np
+
+        area = mmap.mmap(-1, 2 * chunk_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        host = torch.from_numpy(np.frombuffer(area, dtype=np.uint8))  # unmapped when unreferenced
         rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)
         if int(getattr(rc, "value", rc)) != 0:
             raise RuntimeError(f"cudaHostRegister of {host.numel()} bytes failed: {rc}")

@@ -472,6 +472,55 @@ def _context_limits() -> dict[str, int]:
     return out
 
 
+CONTEXT_LIMITS = {"stack": 0, "printf_fifo": 1, "malloc_heap": 2}
+
+
+def parse_limits(spec: str) -> dict[str, int]:
+    """`stack=0,printf_fifo=0` -> {"stack": 0, "printf_fifo": 0} (names of CONTEXT_LIMITS)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in CONTEXT_LIMITS:
+            raise ValueError(
+                f"bad context limit {item!r}: want NAME=BYTES, NAME one of {sorted(CONTEXT_LIMITS)}"
+            )
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ValueError(f"bad context limit {item!r}: {value!r} is not a byte count") from None
+        if out[name] < 0:
+            raise ValueError(f"bad context limit {item!r}: negative")
+    return out
+
+
+def _set_context_limits(limits: dict[str, int]) -> dict[str, int]:
+    """cuCtxSetLimit for each; returns the driver's result code per limit (0 = set)."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    return {
+        name: int(cu.cuCtxSetLimit(CONTEXT_LIMITS[name], ctypes.c_size_t(value)))
+        for name, value in limits.items()
+    }
+
+
+def _advise_hugepages(min_bytes: int = 2 * MiB) -> int:
+    """madvise(MADV_HUGEPAGE) on the heap and on every private anonymous mapping of at least
+    min_bytes; returns the bytes advised. (CRIU records the flag; see docs for what it gives.)"""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_hugepage = 14
+    advised = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            name = parts[5] if len(parts) > 5 else ""
+            if parts[1][3] != "p" or name not in ("", "[heap]") or hi - lo < min_bytes:
+                continue
+            if libc.madvise(lo, hi - lo, madv_hugepage) == 0:
+                advised += hi - lo
+    return advised
+
+
 def _shrink_local_memory() -> str:
     """Re-set the stack limit, which makes the driver re-size the context's local-memory
     reserve to what the limit needs (it otherwise keeps the largest any kernel asked for)."""
@@ -526,6 +575,8 @@ class GpuWorker:
             "params": parameter_count(self.shape),
         }
         self.restore_phases: dict[str, float] = {}
+        self.checkpoint_limits = parse_limits(args.checkpoint_limits)
+        self.saved_limits: dict[str, int] = {}
 
     @property
     def cuda(self) -> bool:
@@ -608,6 +659,17 @@ class GpuWorker:
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
             shrunk = _shrink_local_memory()
+            limits_before = _context_limits()
+            lowered: dict[str, Any] = {}
+            if self.mode == "fast" and self.checkpoint_limits:
+                # smaller limits make the driver shrink its reserves (the stack limit sizes the
+                # local-memory reserve); reacquire() puts the cold start's limits back
+                self.saved_limits = {k: limits_before[k] for k in self.checkpoint_limits}
+                lowered = {
+                    "rc": _set_context_limits(self.checkpoint_limits),
+                    "device_used": total - torch.cuda.mem_get_info()[0],
+                    "limits": _context_limits(),
+                }
             self.info["gpu_at_checkpoint"] = {
                 "device_used_before_lmem_shrink": total - free,
                 "lmem_shrink": shrunk,
@@ -615,15 +677,28 @@ class GpuWorker:
                 "torch_allocated": torch.cuda.memory_allocated(),
                 "device_used": total - torch.cuda.mem_get_info()[0],
                 "device_used_at_phases": self.phases.device_used,
-                "context_limits": _context_limits(),
+                "context_limits": limits_before,
+                "lowered_limits": lowered,
             }
+        if self.mode == "fast":
+            host_empty = getattr(getattr(torch, "_C", None), "_host_emptyCache", None)
+            if self.cuda and host_empty is not None:
+                host_empty()  # torch's pinned-host caching allocator
         _malloc_trim()
+        if self.mode == "fast" and self.args.hugepage_advice:
+            self.info["hugepage_advised_bytes"] = _advise_hugepages()
         print(json.dumps({"event": "released", "what": sorted(self.released)}), flush=True)
 
     def reacquire(self) -> None:
         """After a restore (or a resume): re-allocate in the cold start's order, reload."""
         t0 = time.time()
         marks: dict[str, float] = {}
+        if self.saved_limits:
+            rc = _set_context_limits(self.saved_limits)
+            if any(rc.values()):
+                raise RuntimeError(f"could not set the context limits back: {rc}")
+            self.saved_limits = {}
+            marks["limits"] = time.time() - t0
         preloaded = "weights" in self.released and self._take_preloaded()
         if "weights" in self.released and not preloaded:
             self.flat = self._new_buffer("weights", self.layout.data_bytes)
@@ -817,6 +892,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sv.add_argument("--handshake-dir", default=None, help="default: $AUTOSCALER_HANDSHAKE_DIR")
     sv.add_argument("--checkpoint-mode", choices=CHECKPOINT_MODES, default="fast")
+    sv.add_argument(
+        "--checkpoint-limits", default="",
+        help="fast checkpoints: lower these CUDA context limits first, e.g. stack=0 (the "
+        "stack limit sizes the driver's local-memory reserve, which the CUDA checkpoint would "
+        "copy); set back after the restore",
+    )  # fmt: skip
+    sv.add_argument(
+        "--hugepage-advice", action="store_true",
+        help="fast checkpoints: madvise(MADV_HUGEPAGE) the heap and large anonymous mappings",
+    )  # fmt: skip
     sv.add_argument(
         "--checkpoint-after-warmup", action="store_true",
         help="offer a checkpoint right after warm-up, before any listener opens",

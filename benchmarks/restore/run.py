@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -234,6 +235,7 @@ class ModelRun:
             "--log-file", str(self.work / "worker.log"),
             *(["--no-fixed-addresses"] if a.no_fixed_addresses else []),
             *(["--preload-socket", str(self.preload_socket)] if a.preload else []),
+            *shlex.split(a.worker_args),
         ]  # fmt: skip
 
     # cold start ---------------------------------------------------------------------------
@@ -427,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         "with the CRIU restore and hands them to the restored worker",
     )  # fmt: skip
     p.add_argument(
+        "--worker-args", default="--checkpoint-limits stack=0",
+        help="extra gpu_worker serve options (the fast path's release options; see there)",
+    )  # fmt: skip
+    p.add_argument("--label", default="", help="a name for this configuration, kept in the JSON")
+    p.add_argument(
         "--thp-experiment", action="store_true",
         help="one more memory restore with transparent huge pages 'always' (path memory_thp)",
     )  # fmt: skip
@@ -439,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
         "models": {},
         "started": time.strftime("%FT%TZ", time.gmtime()),
+        "label": args.label,
+        "worker_args": args.worker_args,
     }
     result["machine"] = preflight(args, work)
     log(f"machine: {json.dumps(result['machine'])}")
