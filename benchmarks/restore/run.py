@@ -373,7 +373,9 @@ class ModelRun:
                        "worker": health.get("restore_phases"),
                        "graphs_recaptured": health.get("graphs_recaptured"),
                        "load": health.get("last_load") if weights_needed else None,
-                       "gpu_at_checkpoint": health.get("gpu_at_checkpoint")},
+                       "gpu_at_checkpoint": health.get("gpu_at_checkpoint"),
+                       "limits_set_back": health.get("limits_set_back"),
+                       "hugepage_advised_bytes": health.get("hugepage_advised_bytes")},
         })  # fmt: skip
         self.pid = pid
         if not keep:
