@@ -646,6 +646,7 @@ class GpuWorker:
         self.engine.unbind_cache()
         self.kv = None
         self.released = {"kv"}
+        self.info.pop("limits_set_back", None)  # describes the previous restore only
         if self.mode == "fast":
             self.engine.unbind_weights()
             self.flat = None
