@@ -142,7 +142,7 @@ def test_metrics_by_hand() -> None:
 def test_compare_selects_before_the_evaluation_window() -> None:
     series = noisy_series(5 * 144, seed=7)
     sel_start, eval_start = windows(len(series), 0.3)
-    assert eval_start == 504 and sel_start == 288
+    assert eval_start == 504 and sel_start == 504 - 2 * 216  # dev: twice the evaluated targets
     cmp = compare_models(series, ["last", "seasonal-daily", "ewma"], [3], 0.9, refit_every=48)
     assert set(cmp.scores[3]) == {"last", "seasonal-daily", "ewma"}
     chosen = cmp.selected[3]
@@ -150,3 +150,62 @@ def test_compare_selects_before_the_evaluation_window() -> None:
     assert chosen == min(sel, key=sel.__getitem__)
     assert cmp.best_anchor[3] == min(cmp.scores[3], key=lambda k: cmp.scores[3][k].pinball)
     assert cmp.n_forecasts[3] == len(series) - eval_start
+
+
+class FailsAtOneOrigin(RecordingForecaster):
+    """Forecasts the last value, except at one origin where it fails numerically (as ARIMA
+    does with "forecasts non-finite values")."""
+
+    name = "fails-once"
+
+    def __init__(self, bad_origin: pd.Timestamp) -> None:
+        super().__init__()
+        self.bad_origin = bad_origin
+
+    def predict_from(
+        self, history: pd.Series, horizon: int, quantiles: Sequence[float] = (0.5,)
+    ) -> pd.DataFrame:
+        if history.index[-1] == self.bad_origin:
+            raise FloatingPointError("fails-once: the fitted model forecasts non-finite values")
+        return super().predict_from(history, horizon, quantiles)
+
+
+def test_a_failing_origin_is_recorded_not_fatal() -> None:
+    series = noisy_series(60)
+    bad = series.index[30]
+    result = rolling_origin(
+        series, lambda: FailsAtOneOrigin(bad), [1, 2], [0.5, 0.9], first_origin=10,
+        refit_every=5,
+    )
+    assert result.skipped_origins == 1
+    assert result.failures == ((bad, "FloatingPointError: fails-once: the fitted model "
+                                      "forecasts non-finite values"),)
+    assert result.failure_counts() == {"FloatingPointError": 1}
+    origins = set(result.forecasts["origin"])
+    assert bad not in origins
+    # every other origin forecast, before and after the failure
+    assert len(origins) == (len(series) - 1 - 1) - 10 + 1 - 1
+    assert series.index[31] in origins and series.index[59 - 1] in origins
+
+
+def test_compare_scores_a_partly_failing_model_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import autoscaler.forecast.evaluate as ev
+
+    series = noisy_series(4 * 144, seed=3)
+    bad = series.index[-20]  # an origin inside the evaluation window
+    real = ev.make_forecaster
+
+    def factory(name: str, step: pd.Timedelta, max_horizon: int | None = None) -> Forecaster:
+        if name == "fails-once":
+            return FailsAtOneOrigin(bad)
+        return real(name, step, max_horizon=max_horizon)
+
+    monkeypatch.setattr(ev, "make_forecaster", factory)
+    cmp = compare_models(series, ["last", "fails-once"], [1, 3], 0.9, refit_every=48)
+    for h in (1, 3):
+        score = cmp.scores[h]["fails-once"]
+        assert score.n_missing == 1 and score.n_scored == cmp.n_forecasts[h] - 1
+        assert score.failed_origins == {"FloatingPointError": 1}
+    assert "partial: 1 origins failed" in cmp.skipped["fails-once"]
+    # the combinations still forecast every evaluation target (the other member covers it)
+    assert cmp.ensembles["mean"][1].n_scored == cmp.n_forecasts[1]

@@ -7,8 +7,12 @@ every (horizon, quantile level) on rolling-origin forecasts it actually issued:
   against what followed; they then condition on the rest of the history (no refit);
 - at every `predict_from`, forecasts issued earlier whose targets have now arrived are scored
   (an exponentially decaying mean, so recent behaviour counts most), then every candidate
-  forecasts and, per (horizon, level), the best-scored candidate's quantile is used
-  (mode "select") or an inverse-loss weighted blend of the best three (mode "blend").
+  forecasts and per horizon they are combined by a rule of autoscaler.forecast.ensemble:
+  "mean" (the default: the equal-weight average of every candidate's quantile forecasts, the
+  rule the forecast benchmark picked on its development windows), "median", "top3", "inverse"
+  (inverse recent loss over the best three, shrunk towards equal weights) or "select" (the
+  best-scored candidate). One weight vector per horizon serves every level, so the combined
+  quantiles stay monotone.
 A forecast is only ever scored against data that the caller has already handed in, so the
 selection never sees the future.
 """
@@ -35,22 +39,27 @@ from autoscaler.forecast.common import (
     season_length,
     sorted_levels,
 )
+from autoscaler.forecast.ensemble import RULES, combine_values, rule_weights
 
-#: ARIMA is left out by default: its order search costs seconds per fit (the Kalman local
-#: linear trend covers the same ground, ARIMA(0,2,2)-like, at a fraction of the cost).
+#: Every model the benchmark's combination used (anchors and gbm); one that cannot fit for lack
+#: of data is named in `auto.skipped` and left out.
 DEFAULT_CANDIDATES: tuple[str, ...] = (
     "last",
     "seasonal-daily",
     "seasonal-weekly",
     "ewma",
     "holt-winters",
+    "arima",
     "kalman",
     "gbm",
 )
+#: The combination rule `auto` uses unless told otherwise (chosen on the development windows of
+#: benchmarks/forecast.py, see docs/forecasting.md).
+DEFAULT_MODE = "mean"
 #: Used (in this order) while no candidate has been scored yet.
 FALLBACK_ORDER: tuple[str, ...] = ("ewma", "last")
 #: Errors a candidate may raise on a given step without failing the whole forecast.
-CANDIDATE_ERRORS = (InsufficientData, FloatingPointError, np.linalg.LinAlgError)
+CANDIDATE_ERRORS = (InsufficientData, ArithmeticError, np.linalg.LinAlgError, ValueError)
 
 
 @dataclass
@@ -83,15 +92,17 @@ class AutoForecaster(Forecaster):
         self,
         step: pd.Timedelta | str | None = None,
         candidates: Sequence[str] = DEFAULT_CANDIDATES,
-        mode: str = "select",
+        mode: str = DEFAULT_MODE,
         max_horizon: int | None = None,
         levels: Sequence[float] = DEFAULT_QUANTILES,
         holdout_origins: int = 24,
         min_scored: int = 3,
         factory: Callable[..., Forecaster] | None = None,
     ) -> None:
-        if mode not in ("select", "blend"):
-            raise ValueError(f"mode must be 'select' or 'blend', got {mode!r}")
+        if mode == "blend":  # the former name of the inverse-loss blend
+            mode = "inverse"
+        if mode not in RULES:
+            raise ValueError(f"mode must be one of {', '.join(RULES)}, got {mode!r}")
         self.step = pd.Timedelta(step) if step is not None else None
         self.candidate_names = tuple(candidates)
         self.mode = mode
@@ -145,12 +156,13 @@ class AutoForecaster(Forecaster):
                     scored_from[name] = True
                 else:
                     raise InsufficientData(self._hmax + 2, holdout, "holdout")
-            except InsufficientData:
+            except CANDIDATE_ERRORS:
                 try:
                     model.fit(hist)
                     scored_from[name] = False
-                except InsufficientData as exc:
-                    self.skipped[name] = str(exc)
+                except CANDIDATE_ERRORS as exc:
+                    # named, never silent: auto.skipped says which candidate and why
+                    self.skipped[name] = f"{type(exc).__name__}: {exc}"
                     continue
             self.candidates[name] = model
         if not self.candidates:
@@ -272,11 +284,29 @@ class AutoForecaster(Forecaster):
             raise InsufficientData(1, 0, "forecasts from any auto candidate")
         out = np.empty((horizon, len(levels)))
         self.last_choice: dict[tuple[int, float], str] = {}
-        for i, q in enumerate(levels):
-            for h in range(1, horizon + 1):
-                losses = {k: v for k, v in self.mean_losses(h, q).items() if k in frames}
-                out[h - 1, i] = self._combine(frames, losses, h, q)
+        self.last_weights: dict[int, dict[str, float]] = {}
+        for h in range(1, horizon + 1):
+            losses = self._horizon_losses(h, levels, frames)
+            values = {k: f.loc[h, levels].to_numpy(float) for k, f in frames.items()}
+            out[h - 1] = combine_values(values, losses, self.mode)
+            weights = (rule_weights(losses, self.mode) if losses and self.mode != "median"
+                       else {k: 1.0 / len(values) for k in values})
+            self.last_weights[h] = weights
+            best = (min(losses, key=losses.__getitem__) if losses else
+                    next((n for n in FALLBACK_ORDER if n in frames), next(iter(frames))))
+            for q in levels:
+                self.last_choice[(h, q)] = best
         return finalize(out, levels)
+
+    def _horizon_losses(
+        self, h: int, levels: Sequence[float], frames: dict[str, pd.DataFrame]
+    ) -> dict[str, float]:
+        """Each candidate's recent loss at horizon h summed over the asked levels (one weight
+        vector per horizon keeps the combined quantiles monotone); only candidates scored at
+        every level count."""
+        per_level = [self.mean_losses(h, q) for q in levels]
+        names = set(frames).intersection(*per_level) if per_level else set()
+        return {k: float(sum(d[k] for d in per_level)) for k in names}
 
     def _extend_levels(self, new_levels: tuple[float, ...]) -> None:
         old = self._score_levels
@@ -290,24 +320,7 @@ class AutoForecaster(Forecaster):
                 weight[:, new.index(lv)] = sc.weight[:, j]
             sc.loss, sc.weight = loss, weight
 
-    def _combine(
-        self, frames: dict[str, pd.DataFrame], losses: dict[str, float], h: int, q: float
-    ) -> float:
-        if not losses:
-            name = next((n for n in FALLBACK_ORDER if n in frames), next(iter(frames)))
-            self.last_choice[(h, q)] = name
-            return float(frames[name].at[h, q])
-        ranked = sorted(losses, key=losses.__getitem__)
-        if self.mode == "select":
-            self.last_choice[(h, q)] = ranked[0]
-            return float(frames[ranked[0]].at[h, q])
-        top = ranked[:3]
-        w = np.array([1.0 / max(losses[n], 1e-12) for n in top])
-        w /= w.sum()
-        self.last_choice[(h, q)] = ranked[0]
-        return float(sum(wi * frames[n].at[h, q] for wi, n in zip(w, top, strict=True)))
-
     def choice(self, h: int, q: float) -> str | None:
-        """The candidate used at horizon h, level q in the latest forecast (the best-scored one
-        in blend mode)."""
+        """The best-scored candidate at horizon h in the latest forecast (the one used in
+        select mode; the heaviest-weighted in the others, see `last_weights`)."""
         return getattr(self, "last_choice", {}).get((h, q))

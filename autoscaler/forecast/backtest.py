@@ -43,6 +43,17 @@ class BacktestResult:
     predict_seconds: float
     skipped_origins: int
     skip_reason: str | None
+    #: (origin, "ErrorType: message") for every origin where the model raised instead of
+    #: forecasting; the backtest goes on at the next origin.
+    failures: tuple[tuple[pd.Timestamp, str], ...] = ()
+
+    def failure_counts(self) -> dict[str, int]:
+        """How many origins failed, by error type."""
+        out: dict[str, int] = {}
+        for _, why in self.failures:
+            kind = why.split(":", 1)[0]
+            out[kind] = out.get(kind, 0) + 1
+        return out
 
     def metrics(self, since: pd.Timestamp | None = None) -> pd.DataFrame:
         """Metrics per horizon over targets at or after `since` (all targets when None)."""
@@ -100,8 +111,10 @@ def rolling_origin(
     gets `series.iloc[:t+1]`, a copy, and nothing after it.
 
     Refits every `refit_every` origins; in between it calls `predict_from`. An origin where the
-    model raises InsufficientData (or fails numerically) is skipped and counted with the reason
-    (`skipped_origins`, `skip_reason`); the next origin tries to fit again.
+    model raises InsufficientData or fails numerically (FloatingPointError such as ARIMA's
+    "forecasts non-finite values", LinAlgError, ValueError from a solver) is skipped, counted
+    and recorded with its reason (`skipped_origins`, `skip_reason`, `failures`); the next origin
+    tries to fit again, so one failing origin never ends a model's backtest.
     """
     hist_all = as_history(series)
     levels = sorted_levels(quantiles)
@@ -122,6 +135,7 @@ def rolling_origin(
     fit_s = predict_s = 0.0
     skipped = 0
     reason: str | None = None
+    failures: list[tuple[pd.Timestamp, str]] = []
     rec_origin: list[np.ndarray] = []
     rec_step: list[np.ndarray] = []
     rec_pred: list[np.ndarray] = []
@@ -142,10 +156,11 @@ def rolling_origin(
             t0 = time.perf_counter()
             frame = model.predict_from(seen, hmax, levels)
             predict_s += time.perf_counter() - t0
-        except (InsufficientData, FloatingPointError, np.linalg.LinAlgError) as exc:
+        except (InsufficientData, ArithmeticError, np.linalg.LinAlgError, ValueError) as exc:
             # counted and named in the result; the next origin fits again
             skipped += 1
             reason = str(exc)
+            failures.append((index[t], f"{type(exc).__name__}: {exc}"))
             fitted = False
             continue
         since_fit += 1
@@ -183,4 +198,5 @@ def rolling_origin(
         predict_seconds=predict_s,
         skipped_origins=skipped,
         skip_reason=reason,
+        failures=tuple(failures),
     )

@@ -1,12 +1,18 @@
 """Compare forecasters on one series the way the CLI and the benchmark do: rolling-origin
-backtests, a selection made only on forecasts whose targets precede the evaluation window, and
+backtests, choices made only on forecasts whose targets precede the evaluation window, and
 scores over the evaluation window (the last 30% of the series by default).
 
 Windows, by target position (n points):
 - evaluation: targets at positions >= ceil((1 - eval_fraction) * n);
-- selection: the same number of targets just before the evaluation window;
-origins start at the first selection target minus the longest horizon, so every model is
-conditioned only on data up to its origin and no choice ever reads an evaluation target.
+- development (selection): up to twice as many targets just before the evaluation window (all
+  of them on a short series), so a choice made there rests on as many targets as exist;
+origins start at the first development target minus the longest horizon (at `min_history`
+points at the earliest), so every model is conditioned only on data up to its origin and no
+choice ever reads an evaluation target.
+
+Besides each model alone, the causal combinations of `autoscaler.forecast.ensemble` (every
+rule, with and without the conformal shift) are scored on both windows from the members'
+backtests: their weights at origin t use only forecasts whose targets are at or before t.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ import numpy as np
 import pandas as pd
 
 from autoscaler.forecast.backtest import BacktestResult, rolling_origin, score_forecasts
-from autoscaler.forecast.common import as_history, history_step
+from autoscaler.forecast.common import DAY, as_history, history_step, season_length
+from autoscaler.forecast.ensemble import RULES, combine_backtests
 from autoscaler.forecast.registry import ANCHORS, make_forecaster
 
 #: A model must have forecast at least this share of the selection targets to be selectable.
 MIN_SELECTION_COVERAGE = 0.5
+#: An anchor must have forecast at least this share of the evaluation targets to be the yardstick.
+MIN_ANCHOR_COVERAGE = 0.9
+#: Development targets per evaluation target (at most; fewer on a short series).
+DEV_PER_EVAL = 2
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,23 @@ class ModelScore:
     n_fits: int
     predict_seconds: float
     result: BacktestResult = field(repr=False)
+    #: evaluation targets scored, and observed evaluation targets it did not forecast
+    n_scored: int = 0
+    n_missing: int = 0
+    #: origins (whole backtest) where the model raised instead of forecasting, by error type
+    failed_origins: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnsembleScore:
+    """One combination rule's figures at one horizon (see autoscaler.forecast.ensemble)."""
+
+    rule: str
+    dev_pinball: float | None
+    pinball: float
+    coverage: float
+    n_scored: int
+    members: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -55,6 +83,10 @@ class Comparison:
     selected: dict[int, str]
     best_anchor: dict[int, str]
     skipped: dict[str, str]
+    #: rule -> horizon -> figures of the causal combinations of the non-auto models
+    ensembles: dict[str, dict[int, EnsembleScore]] = field(default_factory=dict)
+    #: the anchor with the lowest development pinball (with hindsight on that window) and it
+    dev_best_anchor: dict[int, tuple[str, float]] = field(default_factory=dict)
 
 
 def default_refit_every(step: pd.Timedelta, n: int) -> int:
@@ -65,11 +97,11 @@ def default_refit_every(step: pd.Timedelta, n: int) -> int:
 
 
 def windows(n: int, eval_fraction: float) -> tuple[int, int]:
-    """(selection start, evaluation start) positions of the targets."""
+    """(development start, evaluation start) positions of the targets."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
     eval_start = math.ceil((1.0 - eval_fraction) * n)
-    sel_start = max(0, eval_start - (n - eval_start))
+    sel_start = max(0, eval_start - DEV_PER_EVAL * (n - eval_start))
     return sel_start, eval_start
 
 
@@ -104,6 +136,7 @@ def compare_models(
         n_eval[h] = int(observed[first_target:].sum())
     scores: dict[int, dict[str, ModelScore]] = {h: {} for h in horizons}
     skipped: dict[str, str] = {}
+    frames: dict[str, pd.DataFrame] = {}
     for name in models:
 
         def tick(t: int, name: str = name) -> None:
@@ -123,13 +156,18 @@ def compare_models(
         fc = result.forecasts
         sel_frame = fc[(fc["target"] >= sel_ts) & (fc["target"] < eval_ts)]
         sel = score_forecasts(sel_frame, levels, horizons)
+        if not len(fc):
+            skipped[name] = (
+                f"no forecast at any of {result.skipped_origins} origins: "
+                f"{result.skip_reason or 'no forecast'}"
+            )
+            continue
+        if name != "auto":
+            frames[name] = fc
         for h in horizons:
-            if int(ev.at[h, "n"]) < n_eval[h]:
-                skipped[name] = (
-                    f"forecast {int(ev.at[h, 'n'])} of {n_eval[h]} evaluation targets at "
-                    f"step {h}: {result.skip_reason or 'no forecast'}"
-                )
-                break
+            n_scored = int(ev.at[h, "n"])
+            if n_scored == 0:
+                continue
             sel_needed = int(
                 observed[max(sel_start, first_origin + h) : eval_start].sum()
             )
@@ -144,12 +182,21 @@ def compare_models(
                 n_fits=result.n_fits,
                 predict_seconds=result.predict_seconds / max(result.n_origins, 1),
                 result=result,
+                n_scored=n_scored,
+                n_missing=n_eval[h] - n_scored,
+                failed_origins=result.failure_counts(),
             )
-        if name in skipped:
-            for h in horizons:
-                scores[h].pop(name, None)
+        if result.skipped_origins and any(
+            scores[h].get(name) is not None and scores[h][name].n_missing for h in horizons
+        ):
+            skipped[name] = (
+                f"partial: {result.skipped_origins} origins failed "
+                f"({result.failure_counts()}), scored on the targets it forecast; last "
+                f"reason: {result.skip_reason}"
+            )
     selected: dict[int, str] = {}
     best_anchor: dict[int, str] = {}
+    dev_best: dict[int, tuple[str, float]] = {}
     for h in horizons:
         cands = {k: v.selection_pinball for k, v in scores[h].items() if v.selection_pinball}
         if cands:
@@ -159,9 +206,19 @@ def compare_models(
             # selector if it ran, else the simplest anchor that did
             order = ["auto", "ewma", "last", *scores[h]]
             selected[h] = next(k for k in order if k in scores[h])
-        anchors = {k: v.pinball for k, v in scores[h].items() if v.anchor}
+        anchors = {
+            k: v.pinball
+            for k, v in scores[h].items()
+            if v.anchor and v.n_scored >= MIN_ANCHOR_COVERAGE * n_eval[h]
+        }
         if anchors:
             best_anchor[h] = min(anchors, key=anchors.__getitem__)
+        dev_anchors = {k: v.selection_pinball for k, v in scores[h].items()
+                       if v.anchor and v.selection_pinball is not None}
+        if dev_anchors:
+            k = min(dev_anchors, key=dev_anchors.__getitem__)
+            dev_best[h] = (k, float(dev_anchors[k]))
+    ensembles = _score_ensembles(frames, horizons, float(quantile), step, sel_ts, eval_ts)
     return Comparison(
         step=step,
         horizons=horizons,
@@ -173,4 +230,47 @@ def compare_models(
         selected=selected,
         best_anchor=best_anchor,
         skipped=skipped,
+        ensembles=ensembles,
+        dev_best_anchor=dev_best,
     )
+
+
+def _score_ensembles(
+    frames: dict[str, pd.DataFrame],
+    horizons: Sequence[int],
+    quantile: float,
+    step: pd.Timedelta,
+    dev_ts: pd.Timestamp,
+    eval_ts: pd.Timestamp,
+) -> dict[str, dict[int, EnsembleScore]]:
+    """Every combination rule (with and without the conformal shift) over the members'
+    backtests, scored on the development and the evaluation windows."""
+    out: dict[str, dict[int, EnsembleScore]] = {}
+    if not frames:
+        return out
+    decay = 1.0 - 1.0 / max(20, min(season_length(step, DAY), 500))
+    for rule in RULES:
+        for calibrate in (False, True):
+            key = f"{rule}+cal" if calibrate else rule
+            out[key] = {}
+            for h in horizons:
+                comb = combine_backtests(frames, h, quantile, rule, decay=decay,
+                                         calibrate=calibrate)
+                if comb.empty:
+                    continue
+                dev = comb[(comb["target"] >= dev_ts) & (comb["target"] < eval_ts)]
+                ev = comb[comb["target"] >= eval_ts]
+                dev_s = score_forecasts(dev, [quantile], [h])
+                ev_s = score_forecasts(ev, [quantile], [h])
+                if int(ev_s.at[h, "n"]) == 0:
+                    continue
+                out[key][h] = EnsembleScore(
+                    rule=key,
+                    dev_pinball=(float(dev_s.at[h, f"pinball@{quantile}"])
+                                 if int(dev_s.at[h, "n"]) else None),
+                    pinball=float(ev_s.at[h, f"pinball@{quantile}"]),
+                    coverage=float(ev_s.at[h, f"coverage@{quantile}"]),
+                    n_scored=int(ev_s.at[h, "n"]),
+                    members=tuple(frames),
+                )
+    return out
