@@ -13,6 +13,7 @@ policy). Request-level traces read at 1 s need neither.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,15 +93,22 @@ class PrefixSums:
     def __init__(self, ticks: TickDemand) -> None:
         self.dt = ticks.dt
         seen = ticks.observed.astype(float)
-        self._sum = np.concatenate(([0.0], np.cumsum(ticks.rate * seen)))
-        self._cnt = np.concatenate(([0.0], np.cumsum(seen)))
+        # Python lists: the replay reads single elements millions of times
+        self._sum = np.concatenate(([0.0], np.cumsum(ticks.rate * seen))).tolist()
+        self._cnt = np.concatenate(([0.0], np.cumsum(seen))).tolist()
         self.n = ticks.n
+        self._ticks: dict[float, int] = {}
 
     def mean(self, t_idx: int, window_s: float) -> float:
         """Mean observed rate over the `window_s` seconds before tick `t_idx` (NaN if none)."""
-        lo = max(0, t_idx - max(1, round(window_s / self.dt)))
-        hi = min(t_idx, self.n)
+        width = self._ticks.get(window_s)
+        if width is None:
+            width = self._ticks[window_s] = max(1, round(window_s / self.dt))
+        lo = t_idx - width
+        if lo < 0:
+            lo = 0
+        hi = t_idx if t_idx < self.n else self.n
         cnt = self._cnt[hi] - self._cnt[lo]
         if cnt <= 0:
-            return float("nan")
-        return float((self._sum[hi] - self._sum[lo]) / cnt)
+            return math.nan
+        return (self._sum[hi] - self._sum[lo]) / cnt

@@ -214,22 +214,25 @@ class _TimedRunner(ForecastRunner):
     def __init__(self, ctx: SimContext, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self._ctx = ctx
+        self._depth = 0
+
+    def _timed(self, call, t_s: float):
+        self._depth += 1
+        t0 = time.perf_counter()
+        try:
+            return call(t_s)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:  # at_long calls at: count the outer call only
+                self._ctx.forecast_seconds += time.perf_counter() - t0
 
     def at(self, t_s: float):
         if self.origin_windows(t_s) == self._k:
             return self._k * self.step_s, self._cached
-        t0 = time.perf_counter()
-        try:
-            return super().at(t_s)
-        finally:
-            self._ctx.forecast_seconds += time.perf_counter() - t0
+        return self._timed(super().at, t_s)
 
     def at_long(self, t_s: float):
-        t0 = time.perf_counter()
-        try:
-            return super().at_long(t_s)
-        finally:
-            self._ctx.forecast_seconds += time.perf_counter() - t0
+        return self._timed(super().at_long, t_s)
 
 
 class Cluster:
@@ -325,7 +328,18 @@ class Cluster:
         return int(free[0]), path
 
     def peek_path(self, artifact: str, gpus: int, mode: str) -> StartPath:
-        return self.place(artifact, gpus, mode)[1]
+        """The path the next replica would take (no node is reserved)."""
+        if mode == COLD:
+            return StartPath.COLD
+        if mode == STORE:
+            return StartPath.RESTORE_STORE
+        rank = 0
+        for node, tier in self.held.get(artifact, {}).items():
+            if self.gpus_free[node] >= gpus:
+                if tier is Tier.MEMORY:
+                    return StartPath.RESTORE_MEMORY
+                rank = 1
+        return StartPath.RESTORE_DISK if rank else StartPath.RESTORE_STORE
 
 
 @dataclass
@@ -420,6 +434,7 @@ def run_policy(ctx: SimContext, policy: Policy) -> PolicyResult:
 
     step = max(1, round(policy.interval_s / dt))
     leads = cfg.leads
+    lead_of = {p: leads.of(p) for p in StartPath}
     for t_idx in range(start, n, step):
         now = t_idx * dt
         cluster.land_transfers(now)
@@ -444,7 +459,7 @@ def run_policy(ctx: SimContext, policy: Policy) -> PolicyResult:
             rt = runtime[w]
             path = cluster.peek_path(wl.artifact, wl.spec.gpus_per_replica, policy.start_mode)
             rt.next_path = path.value
-            rt.next_lead_s = leads.of(path)
+            rt.next_lead_s = lead_of[path]
             desired_all.append(policy.decide(ctx, w, t_idx, rt))
         if cfg.gpu_budget is not None:
             claims = [
