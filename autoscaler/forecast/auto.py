@@ -8,7 +8,7 @@ every (horizon, quantile level) on rolling-origin forecasts it actually issued:
 - at every `predict_from`, forecasts issued earlier whose targets have now arrived are scored
   (an exponentially decaying mean, so recent behaviour counts most), then every candidate
   forecasts and per horizon they are combined by a rule of autoscaler.forecast.ensemble:
-  "mean" (the default: the equal-weight average of every candidate's quantile forecasts, the
+  "median" (the default: the median of every candidate's quantile forecasts, the
   rule the forecast benchmark picked on its development windows), "median", "top3", "inverse"
   (inverse recent loss over the best three, shrunk towards equal weights) or "select" (the
   best-scored candidate). One weight vector per horizon serves every level, so the combined
@@ -55,7 +55,7 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
 )
 #: The combination rule `auto` uses unless told otherwise (chosen on the development windows of
 #: benchmarks/forecast.py, see docs/forecasting.md).
-DEFAULT_MODE = "mean"
+DEFAULT_MODE = "median"
 #: Used (in this order) while no candidate has been scored yet.
 FALLBACK_ORDER: tuple[str, ...] = ("ewma", "last")
 #: Errors a candidate may raise on a given step without failing the whole forecast.
