@@ -111,8 +111,8 @@ def replanner(
 
 def _missing_data(decision: ReplicaDecision) -> str | None:
     ex = decision.explanation
-    if ex.binding in (BINDING_HOLD, BINDING_FALLBACK):
-        return "; ".join(ex.notes) or ex.binding
+    if ex.missing_data or ex.binding in (BINDING_HOLD, BINDING_FALLBACK):
+        return "; ".join(ex.notes) or ex.missing_data or ex.binding
     return None
 
 

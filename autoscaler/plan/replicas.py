@@ -142,6 +142,9 @@ class Explanation:
     headroom: float
     raw_replicas: int
     notes: tuple[str, ...] = ()
+    # Why the plan held instead of planning ("" when it planned): consumers that must not act
+    # on a held plan (the KEDA scaler withdraws it so KEDA's fallback engages) read this.
+    missing_data: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -383,6 +386,7 @@ def _hold(
     if spec.on_missing == "fallback" and spec.fallback_replicas is not None:
         binding = BINDING_FALLBACK
         desired = max(current, spec.fallback_replicas)
+    # `observed_demand` is the caller's latest measured rate; the caller vouches it is current.
     if spec.reactive_floor and state.observed_demand > 0:
         floor = replicas_needed(
             state.observed_demand * (1.0 + spec.headroom) / spec.capacity_per_replica, 1.0
@@ -415,6 +419,7 @@ def _hold(
             headroom=spec.headroom,
             raw_replicas=current,
             notes=tuple(notes),
+            missing_data=reason,
         ),
         recommendations=state.recommendations,
     )
