@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
 from autoscaler.agent.errors import (
@@ -58,8 +58,13 @@ class _Body(BaseModel):
 
 
 class CheckpointBody(_Body):
+    """`pid` (+ `namespace_pid`, `pid_in_namespace`), or `container_id` as the pod's status
+    names it (`containerd://...`): the agent's container runtime resolves it to the worker's
+    PIDs and the host path of its handshake volume."""
+
     artifact_id: str = ArtifactId
-    pid: int = Field(gt=1)
+    pid: int | None = Field(default=None, gt=1)
+    container_id: str | None = Field(default=None, pattern=r"^[a-z0-9-]+://[A-Za-z0-9._:-]{1,253}$")
     workload: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,252}$")
     model: dict[str, str] = Field(default_factory=dict, max_length=32)
     handshake_dir: str | None = Field(default=None, max_length=4096)
@@ -68,6 +73,34 @@ class CheckpointBody(_Body):
     leave_running: bool = False
     cuda: Literal["auto", "on", "off"] = "auto"
     handshake_timeout_s: float = Field(default=600.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> CheckpointBody:
+        if (self.pid is None) == (self.container_id is None):
+            raise ValueError("give exactly one of pid and container_id")
+        if self.container_id is not None and (
+            self.namespace_pid is not None or self.pid_in_namespace is not None
+        ):
+            raise ValueError("container_id resolves the namespace PIDs itself; do not give them")
+        return self
+
+
+@dataclass(frozen=True)
+class ContainerProcess:
+    """A container's worker as the node sees it: host PID, the pod's init (namespace) PID, the
+    worker's PID inside, and the host path of the pod's handshake volume (None: none)."""
+
+    pid: int
+    namespace_pid: int | None
+    pid_in_namespace: int | None
+    handshake_dir: str | None
+
+
+class ContainerRuntime(Protocol):
+    """Resolves a container id to its processes (containerd's CRI on a node; the test
+    kubelet's sandboxes in the tests). Raises LookupError for an unknown container."""
+
+    def resolve(self, container_id: str) -> ContainerProcess: ...
 
 
 class StageBody(_Body):
@@ -110,6 +143,7 @@ class AgentConfig:
     policy: PidPolicy = field(default_factory=PidPolicy)
     handshake_root: Path | None = None
     log_root: Path | None = None
+    containers: ContainerRuntime | None = None
 
 
 class Metrics:
@@ -146,6 +180,7 @@ class Agent:
         self._artifact_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._review_cache: dict[str, float] = {}
+        self._versions: dict[str, str] | None = None
 
     def _lock_for(self, artifact_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -197,7 +232,24 @@ class Agent:
             return None
         return str(contained_path(self.config.handshake_root, value, "handshake_dir"))
 
+    def _resolve_container(self, body: CheckpointBody) -> CheckpointBody:
+        if body.container_id is None:
+            return body
+        runtime = self.config.containers
+        if runtime is None:
+            raise ValueError("container_id: this agent has no container runtime configured")
+        try:
+            found = runtime.resolve(body.container_id)
+        except LookupError as exc:
+            raise ProcessNotFound(0, f"container {body.container_id}: {exc}") from exc
+        return body.model_copy(update={
+            "pid": found.pid, "namespace_pid": found.namespace_pid,
+            "pid_in_namespace": found.pid_in_namespace,
+            "handshake_dir": body.handshake_dir or found.handshake_dir,
+        })  # fmt: skip
+
     def checkpoint(self, body: CheckpointBody, progress: Callable[[str], None]) -> dict:
+        body = self._resolve_container(body)
         policy = self.config.policy
         policy.check(body.pid)
         if body.namespace_pid is not None:
@@ -273,7 +325,24 @@ class Agent:
             "tiers": [u.__dict__ for u in usage],
             "pinned": sorted(self.config.cache.pinned),
             "store": self.config.store.describe(),
+            "versions": self.versions(),
         }
+
+    def versions(self) -> dict[str, str]:
+        """What of this node enters an artifact's restore identity (CRIU and GPU driver
+        versions, GPU model; "none" where there is no GPU), probed once."""
+        if self._versions is None:
+            from autoscaler.agent import criu as criu_mod
+            from autoscaler.agent.cuda import driver_info
+
+            try:
+                criu = criu_mod.criu_version()
+            except AgentError:
+                criu = "none"
+            gpu = driver_info()
+            self._versions = {"criu": criu, "driver": gpu["driver_version"] or "none",
+                              "gpu_model": gpu["gpu_model"] or "none"}  # fmt: skip
+        return dict(self._versions)
 
     def _update_gauges(self, held: list | None = None, usage: list | None = None) -> None:
         held = self.config.cache.inventory() if held is None else held

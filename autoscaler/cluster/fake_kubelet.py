@@ -23,6 +23,7 @@ from kubernetes import client
 
 from autoscaler.cluster.labels import (
     ARTIFACT_ANNOTATION,
+    CHECKPOINT_LABEL,
     FALLBACK_ANNOTATION,
     STAGED_LABEL_PREFIX,
     START_PATH_ANNOTATION,
@@ -158,7 +159,10 @@ class FakeKubelet:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         name, ns = pod.metadata.name, pod.metadata.namespace
         annotations = pod.metadata.annotations or {}
-        if annotations.get(ARTIFACT_ANNOTATION) or annotations.get(WORKLOAD_ANNOTATION):
+        checkpoint_pod = CHECKPOINT_LABEL in (pod.metadata.labels or {})
+        if not checkpoint_pod and (
+            annotations.get(ARTIFACT_ANNOTATION) or annotations.get(WORKLOAD_ANNOTATION)
+        ):
             self._core.patch_namespaced_pod(
                 name, ns,
                 {"metadata": {"annotations": {

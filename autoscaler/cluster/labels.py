@@ -23,6 +23,15 @@ START_SECONDS_ANNOTATION = f"snapshot.{DOMAIN}/start-seconds"
 FALLBACK_ANNOTATION = f"snapshot.{DOMAIN}/fallback"
 # Deployment annotations where the current artifact is recorded (kubectl-visible).
 ARTIFACT_RECORD_ANNOTATION = f"snapshot.{DOMAIN}/artifact-record"
+# Artifacts the controller retired (JSON list of ids, newest last): never restored again.
+RETIRED_ARTIFACTS_ANNOTATION = f"snapshot.{DOMAIN}/retired-artifacts"
+# Checkpoint pods: one per workload while an artifact is being made. The label (value: the
+# Deployment's name as a label value) keeps them apart from replicas; the annotation holds the
+# digest of the template part they were made from.
+CHECKPOINT_LABEL = f"snapshot.{DOMAIN}/checkpoint-of"
+CHECKPOINT_TEMPLATE_ANNOTATION = f"snapshot.{DOMAIN}/checkpoint-template"
+# The emptyDir volume through which a worker and the node agent do the checkpoint handshake.
+HANDSHAKE_VOLUME = "autoscaler-handshake"
 # The last scale the controller applied: lets a restarted controller recognise its own work.
 LAST_SCALE_ANNOTATION = f"{DOMAIN}/last-scale"
 

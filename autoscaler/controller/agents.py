@@ -80,7 +80,10 @@ class HttpAgents:
     def nodes(self) -> list[str]:
         return sorted(self._endpoints)
 
-    def _call(self, node: str, name: str, body: Mapping[str, Any] | None = None) -> Any:
+    def _call(
+        self, node: str, name: str, body: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:  # fmt: skip
         base = self._endpoints.get(node)
         if base is None:
             raise AgentCallError(node, name, "no Ready agent pod on this node")
@@ -88,7 +91,8 @@ class HttpAgents:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             resp = self.session.request(
-                method, base + path, json=body, headers=headers, timeout=self.timeout_s
+                method, base + path, json=body, headers=headers,
+                timeout=timeout_s or self.timeout_s,
             )
         except requests.RequestException as exc:
             raise AgentCallError(node, name, f"{base} unreachable: {exc}") from exc
@@ -120,6 +124,9 @@ class HttpAgents:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AgentCallError(node, "inventory", f"unexpected answer: {exc}") from exc
         versions = {"store": str(data.get("store", ""))}
+        reported = data.get("versions")
+        if isinstance(reported, dict):
+            versions.update({str(k): str(v) for k, v in reported.items()})
         return AgentInventory(node=node, holdings=holdings, versions=versions)
 
     def stage(self, node: str, artifact: str, tier: str, source: str) -> Mapping[str, Any]:
@@ -134,5 +141,8 @@ class HttpAgents:
         """POST /v1/pins: the artifacts current plans keep on this node (never evicted)."""
         return self._call(node, "pins", {"artifact_ids": sorted(artifacts)})
 
-    def checkpoint(self, node: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        return self._call(node, "checkpoint", body)
+    def checkpoint(
+        self, node: str, body: Mapping[str, Any], timeout_s: float | None = None
+    ) -> Mapping[str, Any]:
+        """POST /v1/checkpoint (waits for the worker's handshake and the dump: long)."""
+        return self._call(node, "checkpoint", body, timeout_s)

@@ -39,6 +39,7 @@ from autoscaler.cluster.labels import (
 from autoscaler.cluster.lease import LeaderElector
 from autoscaler.config import ControllerConfig, WorkloadConfig
 from autoscaler.controller.agents import AgentCallError, AgentDirectory, AgentInventory
+from autoscaler.controller.checkpoints import ArtifactManager, is_checkpoint_pod
 from autoscaler.controller.core import (
     CyclePlan,
     WorkloadInputs,
@@ -238,6 +239,7 @@ class CycleReport:
     dry_run: bool
     outcomes: dict[str, WorkloadOutcome] = field(default_factory=dict)
     staged: list[tuple[str, str, str]] = field(default_factory=list)  # node, artifact, tier
+    artifacts: Any = None  # the ArtifactManager's report (checkpoint pods, records, retirements)
     stage_errors: list[str] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)
     skipped: str | None = None
@@ -311,6 +313,10 @@ class Controller:
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
         self._affinity_done: set[str] = set()
+        self.artifacts: ArtifactManager | None = None
+        if agents is not None and settings.artifacts.enabled:
+            self.artifacts = ArtifactManager(cluster, agents, settings.artifacts,
+                                             events=settings.events)  # fmt: skip
         self.last_report: CycleReport | None = None
         self.last_success_monotonic: float | None = None
         if book is not None:
@@ -355,6 +361,8 @@ class Controller:
 
     def _observe_pods(self, pods: Sequence[Any]) -> None:
         for pod in pods:
+            if is_checkpoint_pod(pod):  # not a replica: its start-up is not a lead
+                continue
             ann = pod.metadata.annotations or {}
             workload, path = ann.get(WORKLOAD_ANNOTATION), ann.get(START_PATH_ANNOTATION)
             seconds = ann.get(START_SECONDS_ANNOTATION)
@@ -436,6 +444,16 @@ class Controller:
         pods = self.cluster.active_pods()
         self._observe_pods(pods)
         inventories = self._inventories()
+        if self.artifacts is not None and not self.dry_run:
+            report.artifacts = self.artifacts.reconcile(
+                deployments, self.workloads, nodes, inventories, pods
+            )
+            if report.artifacts.records_changed:  # plan with the records as they are now
+                deployments = {
+                    d.workload: d
+                    for d in self.cluster.list_managed_deployments(ks.namespace, ks.selector)
+                    if d.workload in self.workloads
+                }
         records = {
             name: ArtifactRecord.from_annotation(d.annotations.get(ARTIFACT_RECORD_ANNOTATION))
             for name, d in deployments.items()

@@ -190,6 +190,8 @@ class ControllerService:
             self.http = None
         c = self.controller
         c.fits.shutdown()
+        if c.artifacts is not None:
+            c.artifacts.shutdown()
         if c.elector is not None:
             c.elector.release()
 

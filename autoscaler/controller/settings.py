@@ -131,6 +131,20 @@ class ForecastSettings(_Strict):
         return tuple(sorted(value))
 
 
+class ArtifactSettings(_Strict):
+    """Making artifacts through checkpoint pods. Times are wall-clock seconds (not replay
+    time): they bound real pods and a real checkpoint."""
+
+    enabled: bool = True
+    # A checkpoint pod must report ready-for-checkpoint (its readiness) within this.
+    ready_timeout_s: float = Field(default=900.0, gt=0)
+    # The agent's checkpoint call (handshake + CUDA checkpoint + CRIU dump + seal).
+    checkpoint_timeout_s: float = Field(default=900.0, gt=0)
+    # After a failure, wait backoff_s x 2^(failures-1), at most backoff_max_s, before retrying.
+    backoff_s: float = Field(default=30.0, gt=0)
+    backoff_max_s: float = Field(default=1800.0, gt=0)
+
+
 class ControllerSettings(_Strict):
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     leader: LeaderSettings = Field(default_factory=LeaderSettings)
@@ -139,6 +153,7 @@ class ControllerSettings(_Strict):
     http: HttpSettings = Field(default_factory=HttpSettings)
     forecast: ForecastSettings = Field(default_factory=ForecastSettings)
     replay: ReplaySettings | None = None
+    artifacts: ArtifactSettings = Field(default_factory=ArtifactSettings)
     # Record a Kubernetes Event on the Deployment for every change the controller makes.
     events: bool = True
 

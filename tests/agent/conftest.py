@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,9 +19,9 @@ import pytest
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.errors import CriuNotFound
 from autoscaler.agent.hooks import READY_FOR_CHECKPOINT, Handshake
+from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox, kill_pid, wait_for
 
-POD_INIT = Path(__file__).with_name("pod_init.py")
-WORKER_PID_IN_POD = 1000
+__all__ = ["WORKER_PID_IN_POD", "kill_pid", "wait_for"]
 
 
 @pytest.fixture(scope="session")
@@ -47,21 +45,6 @@ def worker_command(port: int, handshake_dir: Path, kv_mib: int = 8) -> list[str]
         sys.executable, "-m", "autoscaler.agent.cpu_worker",
         "--port", str(port), "--handshake-dir", str(handshake_dir), "--kv-mib", str(kv_mib),
     ]
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def kill_pid(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -103,41 +86,11 @@ def host_worker(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen
             proc.wait(timeout=10)
 
 
-class Pod:
-    """Fresh pid, mount, net, ipc and uts namespaces with a reaping init (a pod sandbox)."""
+class Pod(PodSandbox):
+    """A pod sandbox (autoscaler.testing.sandbox) optionally running `command` as PID 1000."""
 
     def __init__(self, workdir: Path, command: list[str] | None = None) -> None:
-        self.ready_file = workdir / f"pod-ready-{time.time_ns()}"
-        args = ["unshare", "-p", "-m", "-n", "-i", "-u", "--fork", "--mount-proc",
-                sys.executable, str(POD_INIT), "--ready-file", str(self.ready_file)]
-        if command:
-            args += ["--first-pid", str(WORKER_PID_IN_POD), "--", *command]
-        self.unshare = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        self.init_pid = int(wait_for(self._child_of_unshare, 30, "the pod's init"))  # type: ignore[arg-type]
-
-    def _child_of_unshare(self) -> int | None:
-        try:
-            children = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
-            text = children.read_text().split()
-        except OSError:
-            return None
-        if not text:
-            return None
-        pid = int(text[0])
-        # The init is ready once it has brought loopback up and said so.
-        return pid if self.ready_file.exists() else None
-
-    def pids(self) -> dict[int, int]:
-        return criu_mod.pids_in_namespace(criu_mod.NamespaceTarget(self.init_pid))
-
-    def stop(self) -> None:
-        kill_pid(self.init_pid)  # killing a pid namespace's init kills everything in it
-        kill_pid(self.unshare.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.unshare.wait(timeout=10)
+        super().__init__(workdir, command, env=os.environ)
 
 
 @pytest.fixture

@@ -206,3 +206,22 @@ def test_checkpoint_stage_restore_through_the_api(
     status, text = api.call("GET", "/metrics", token=None)
     assert 'autoscaler_agent_restores_total{result="ok",source="memory"} 1.0' in text
     wait_for(lambda: True, 1, "noop")
+
+
+def test_checkpoint_names_a_pid_or_a_container_and_versions_are_reported(api: Api) -> None:
+    both = {"artifact_id": "c1", "workload": "w", "pid": 4242, "container_id": "sandbox://x"}
+    status, body = api.call("POST", "/v1/checkpoint", both)
+    assert status == 400 and "exactly one of pid and container_id" in json.dumps(body)
+    status, body = api.call("POST", "/v1/checkpoint", {"artifact_id": "c1", "workload": "w"})
+    assert status == 400
+    nested = {"artifact_id": "c1", "workload": "w", "container_id": "sandbox://x",
+              "namespace_pid": 4242}  # fmt: skip
+    assert api.call("POST", "/v1/checkpoint", nested)[0] == 400
+    # This agent has no container runtime: a container id cannot be resolved.
+    status, body = api.call("POST", "/v1/checkpoint", {"artifact_id": "c1", "workload": "w",
+                                                       "container_id": "sandbox://x"})  # fmt: skip
+    assert status == 400 and "no container runtime" in body["error"]
+    status, body = api.call("GET", "/v1/inventory")
+    assert status == 200
+    assert body["versions"]["criu"].startswith("4.") and set(body["versions"]) == {
+        "criu", "driver", "gpu_model"}  # fmt: skip

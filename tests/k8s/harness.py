@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kubernetes import client
 
-from autoscaler.agent.server import Agent, AgentConfig, serve
+from autoscaler.agent.policy import PidPolicy
+from autoscaler.agent.server import Agent, AgentConfig, ContainerRuntime, serve
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import ArtifactInfo, DirectoryStore
 from autoscaler.cluster.fake_kubelet import COLD, RESTORE, StartPath
@@ -44,6 +45,11 @@ class NodeAgents:
     port: int
     agents: dict[str, Agent] = field(default_factory=dict)
     servers: list = field(default_factory=list)
+    # For real checkpoints/restores into pods: the test kubelet as the container runtime, the
+    # folder of its pods' volumes (handshake directories) and which processes may be touched.
+    containers: ContainerRuntime | None = None
+    handshake_root: Path | None = None
+    policy: PidPolicy = field(default_factory=PidPolicy)
 
     def start(self) -> NodeAgents:
         token_file = self.work / "agent-token"
@@ -51,12 +57,17 @@ class NodeAgents:
         for node, address in self.addresses.items():
             cache = NodeCache(self.work / node / "disk", 10 * 1024**3)
             agent = Agent(AgentConfig(store=DirectoryStore(self.store_root), cache=cache,
-                                      token_file=token_file))  # fmt: skip
+                                      token_file=token_file, containers=self.containers,
+                                      handshake_root=self.handshake_root, policy=self.policy,
+                                      log_root=self.work / node / "logs"))  # fmt: skip
             server = serve(agent, address, self.port)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             self.agents[node] = agent
             self.servers.append(server)
         return self
+
+    def url(self, node: str) -> str:
+        return f"http://{self.addresses[node]}:{self.port}"
 
     def holds(self, node: str, artifact: str) -> bool:
         return any(self.agents[node].config.cache.holds(artifact, t) for t in ("disk", "memory"))
