@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -170,10 +170,22 @@ class ErrorBands:
 
     errors: np.ndarray
     min_samples: int = 5
+    # Offsets depend only on the errors (fixed at fit) and the request, yet predict_from asks
+    # for them at every control step: memoized, they cost one np.quantile per fit, not per step.
+    _memo: dict[tuple[int, tuple[float, ...]], np.ndarray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def offsets(self, horizon: int, quantiles: Sequence[float]) -> np.ndarray:
         """(horizon x levels) additive offsets to add to the point forecast."""
         levels = sorted_levels(quantiles)
+        key = (horizon, tuple(float(q) for q in levels))
+        if key not in self._memo:
+            self._memo[key] = self._compute(horizon, levels)
+            self._memo[key].setflags(write=False)
+        return self._memo[key]
+
+    def _compute(self, horizon: int, levels: Sequence[float]) -> np.ndarray:
         counts = np.isfinite(self.errors).sum(axis=0)
         good = np.flatnonzero(counts >= self.min_samples) + 1
         if len(good) == 0:
