@@ -119,6 +119,7 @@ class WorkerHooks:
         self._before: list[Callback] = []
         self._after: list[Callback] = []
         self.start_reason = "cold"
+        self.answer: dict[str, Any] = {}  # the agent's restore-complete / checkpoint-done
 
     def before_checkpoint(self, fn: Callback) -> Callback:
         """Register a callback run before the checkpoint (release the KV cache, weights...)."""
@@ -130,18 +131,21 @@ class WorkerHooks:
         self._after.append(fn)
         return fn
 
-    def checkpoint_point(self, timeout_s: float | None = None) -> str:
+    def checkpoint_point(self, timeout_s: float | None = None, **offer: Any) -> str:
         """Offer a checkpoint here; returns 'cold' (none requested), 'restored' or 'resumed'.
 
         Call it after warm-up and before opening any listener or joining a distributed runtime.
+        `offer` goes into ready-for-checkpoint for the agent (a rank's GPU UUIDs, its rank).
+        The agent's answer is kept in `self.answer` for the after callbacks (`rendezvous()`).
         """
         if self.handshake is None:
             return self.start_reason
         for fn in self._before:
             fn()
         self.handshake.clear(RESTORE_COMPLETE, CHECKPOINT_DONE, READY)
-        self.handshake.write(READY_FOR_CHECKPOINT)
-        name, _info = self.handshake.wait_any((RESTORE_COMPLETE, CHECKPOINT_DONE), timeout_s)
+        self.handshake.write(READY_FOR_CHECKPOINT, **offer)
+        name, info = self.handshake.wait_any((RESTORE_COMPLETE, CHECKPOINT_DONE), timeout_s)
+        self.answer = info
         for fn in self._after:
             fn()
         self.start_reason = "restored" if name == RESTORE_COMPLETE else "resumed"
@@ -152,3 +156,76 @@ class WorkerHooks:
         if self.handshake is not None:
             with contextlib.suppress(OSError):
                 self.handshake.write(READY, reason=self.start_reason, **info)
+
+    def rendezvous(self) -> dict[str, Any] | None:
+        """The fresh rendezvous address the agent gave with its answer ({"host", "port",
+        "nonce"}), or None (cold start, or an agent that gave none)."""
+        value = self.answer.get("rendezvous")
+        return dict(value) if isinstance(value, dict) else None
+
+
+def rank_handshake_dir(base: str | os.PathLike[str], rank: int) -> str:
+    """Where rank `rank` of a multi-process worker does its handshake: <base>/rank-<rank>."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, not {rank}")
+    return str(Path(base) / f"rank-{rank}")
+
+
+RendezvousInit = Callable[["dict[str, Any] | None"], None]
+
+
+def register_communicators(
+    hooks: WorkerHooks, destroy: Callback, init: RendezvousInit
+) -> None:
+    """The multi-GPU contract: communicators (NCCL, gloo, P2P) are torn down before a
+    checkpoint and built again after it, at the agent's fresh rendezvous address.
+
+    `destroy()` runs before the checkpoint (after the other before-callbacks registered so far);
+    `init(rendezvous)` runs after a restore or resume with `hooks.rendezvous()` (None when the
+    agent gave none: the worker then uses its own cold-start address).
+    """
+    hooks.before_checkpoint(destroy)
+    hooks.after_restore(lambda: init(hooks.rendezvous()))
+
+
+def torch_process_group_hooks(
+    hooks: WorkerHooks,
+    rank: int,
+    world_size: int,
+    backend: str,
+    cold_rendezvous: dict[str, Any],
+    timeout_s: float = 600.0,
+) -> Callable[[], None]:
+    """torch.distributed under the contract: returns `init_now()` for the cold start and
+    registers destroy / re-init (a fresh TCP rendezvous from the agent) with the hooks.
+
+    NCCL communicators hold GPU peer mappings and sockets that a checkpoint cannot keep, so
+    `destroy_process_group()` runs before it; NVLink multicast must stay off
+    (NCCL_NVLS_ENABLE=0) on shared machines, which this sets when unset.
+    """
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+    def init(rendezvous: dict[str, Any] | None) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        where = rendezvous or cold_rendezvous
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{where['host']}:{where['port']}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+
+    def destroy() -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    register_communicators(hooks, destroy, init)
+    return lambda: init(None)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
+from autoscaler.agent import multiproc
 from autoscaler.agent.cuda import get_api
 from autoscaler.agent.errors import (
     AgentError,
@@ -58,6 +59,9 @@ class RestoreRequest:
     health_timeout_s: float = 30.0
     use_store: bool = True
     criu_options: criu_mod.CriuOptions = field(default_factory=criu_mod.CriuOptions)
+    # multi-process workers: where the ranks rebuild their communicators (None: the agent
+    # picks a free port on 127.0.0.1); gpu_pairs then map the manifest's source GPU UUIDs
+    rendezvous: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,11 @@ def restore_artifact(
     store: ArtifactStore | None = None,
     progress: Progress | None = None,
     log_root: Path | None = None,
+    cuda_api: multiproc.CheckpointApi | None = None,
 ) -> RestoreOutcome:
-    """Restore one worker; never raises for an expected failure (see RestoreOutcome)."""
+    """Restore one worker (one process, or a multi-process tree whose manifest records its
+    processes: then every rank's CUDA state and handshake); never raises for an expected
+    failure (see RestoreOutcome)."""
     say = progress or (lambda _m: None)
     artifact_id = request.artifact_id
     try:
@@ -156,9 +163,16 @@ def restore_artifact(
 
     target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
     logs = _log_dir(log_root, cache, artifact_id)
+    records = multiproc.process_records(verified.manifest)
     handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
-    if handshake:
-        handshake.prepare_restore()
+    rank_handshakes = (
+        multiproc.rank_handshakes(request.handshake_dir, records)
+        if records and request.handshake_dir else []
+    )
+    if rank_handshakes:
+        handshake = None  # a multi-process worker hands shakes per rank
+    for hs in [*([handshake] if handshake else []), *rank_handshakes]:
+        hs.prepare_restore()
     say(f"CRIU restore from the {source} copy" + (f" into {target.describe()}" if target else ""))
     try:
         restored = criu_mod.restore(
@@ -172,11 +186,25 @@ def restore_artifact(
                         log_path=str(logs / "restore.log"))
     timings["criu_restore"] = restored.seconds
     try:
-        if verified.manifest.has_cuda_state:
+        if verified.manifest.has_cuda_state and records:
+            say(f"CUDA restore of {sum(r.cuda for r in records)} processes, then unlock all")
+            t = time.perf_counter()
+            multiproc.restore_cuda_group(
+                records, _inner_to_host(target), request.gpu_pairs, api=cuda_api
+            )
+            timings["cuda_restore"] = time.perf_counter() - t
+        elif verified.manifest.has_cuda_state:
             say("CUDA restore + unlock")
             t = time.perf_counter()
             get_api().restore_process(restored.host_pid, request.gpu_pairs)
             timings["cuda_restore"] = time.perf_counter() - t
+        if rank_handshakes:
+            t = time.perf_counter()
+            rendezvous = request.rendezvous or multiproc.fresh_rendezvous()
+            multiproc.signal_group_restored(rank_handshakes, artifact_id, rendezvous)
+            say(f"waiting for {len(rank_handshakes)} ranks' ready signals")
+            multiproc.wait_group_ready(rank_handshakes, request.ready_timeout_s)
+            timings["ready"] = time.perf_counter() - t
         if handshake:
             t = time.perf_counter()
             handshake.signal_restored(artifact=artifact_id)
@@ -189,6 +217,9 @@ def restore_artifact(
             timings["health"] = time.perf_counter() - t
     except (AgentError, OSError) as exc:
         kill_restored(restored.host_pid)
+        for record in records:  # ranks that left the root's process group die too
+            with contextlib.suppress(ProcessLookupError, AgentError, OSError):
+                kill_restored(_inner_to_host(target)(record.pid))
         where = _quarantine_local(holder, source, artifact_id, exc, quarantined)
         return _failure(artifact_id, exc, source=source, quarantined=tuple(where),
                         log_path=str(restored.log_path), seconds=timings)
@@ -203,6 +234,13 @@ def restore_artifact(
         quarantined=tuple(quarantined),
         log_path=str(restored.log_path),
     )
+
+
+def _inner_to_host(target: criu_mod.NamespaceTarget | None) -> Callable[[int], int]:
+    """PID inside the restored tree's namespace -> the agent's view of it."""
+    if target is None:
+        return lambda pid: pid
+    return lambda pid: criu_mod.host_pid_of(target, pid)
 
 
 def _log_dir(log_root: Path | None, cache: NodeCache | None, artifact_id: str) -> Path:
