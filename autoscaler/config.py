@@ -80,6 +80,15 @@ class PlanConfig(_Strict):
         return value
 
 
+class WorkloadForecastConfig(_Strict):
+    """Per-workload forecasting: a saved model (`autoscaler train --out DIR`) to start from.
+
+    The folder must exist when the controller or the KEDA scaler starts (checked there, with
+    this field named, not here: a config is also validated on machines without the folder)."""
+
+    model_dir: str | None = Field(default=None, min_length=1)
+
+
 class WorkloadConfig(_Strict):
     """One scaled workload (a Deployment running inference replicas)."""
 
@@ -94,6 +103,7 @@ class WorkloadConfig(_Strict):
     start: StartConfig = Field(default_factory=StartConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     query: str | None = Field(default=None, description="PromQL giving the demand (requests/s)")
+    forecast: WorkloadForecastConfig = Field(default_factory=WorkloadForecastConfig)
 
     @field_validator("max_replicas")
     @classmethod

@@ -327,7 +327,13 @@ def load_or_fit(
             return model, LoadReason(True, message, where, card=card)
         except ModelLoadError as exc:
             error = exc
-    model = fresh().fit(history)
+    try:
+        model = fresh().fit(history)
+    except Exception as exc:
+        if error is not None:  # keep why the saved model was not used with the fit's failure
+            log.warning("model fallback: %s; the fresh fit failed too: %s", error, exc)
+            exc.add_note(f"saved model not used: {error}")
+        raise
     cause = str(error) if error else "no saved model configured"
     message = f"fitted a fresh {getattr(model, 'name', type(model).__name__)} forecaster: {cause}"
     if error is not None:

@@ -47,9 +47,18 @@ from autoscaler.controller.core import (
     plan_cycle,
 )
 from autoscaler.controller.metrics import ControllerMetrics
+from autoscaler.controller.models import (
+    SOURCE_FRESH,
+    SOURCE_SAVED,
+    ModelSource,
+    check_saved_models,
+    model_dirs,
+    source_of,
+)
 from autoscaler.controller.settings import ControllerSettings
 from autoscaler.errors import AutoscalerError, InsufficientData
 from autoscaler.forecast.base import Forecaster
+from autoscaler.model_store import load_or_fit
 from autoscaler.plan import LeadTimes, StartPath
 from autoscaler.plan.replicas import BINDING_HOLD
 
@@ -116,13 +125,18 @@ class _Fit:
     fitted_at_s: float = -math.inf
     pending: Future | None = None
     error: str | None = None
+    source: ModelSource | None = None  # where `model` came from (saved folder or fresh fit)
+    fits: int = 0  # finished fits, so a reader can tell a new source from one already seen
 
 
 class FitCache:
     """Fits forecasters in a background executor; the loop takes the last fitted model.
 
     A fit builds a fresh model object and swaps it in when done, so the loop never shares an
-    object with a running fit."""
+    object with a running fit. A workload in `model_dirs` is "fitted" by
+    `autoscaler.model_store.load_or_fit`: the saved model when it loads cleanly (re-read from
+    its folder at every refit, so a retrained model replaces it), else a fresh fit with the
+    reason; `source(workload)` says which."""
 
     def __init__(
         self,
@@ -130,8 +144,10 @@ class FitCache:
         refit_every_s: float,
         executor: ThreadPoolExecutor | None = None,
         on_fit: Callable[[str, str], None] | None = None,
+        model_dirs: Mapping[str, str] | None = None,
     ) -> None:
         self.factory = factory
+        self.model_dirs = dict(model_dirs or {})
         self.refit_every_s = refit_every_s
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="forecast-fit")
         self._fits: dict[str, _Fit] = {}
@@ -150,19 +166,33 @@ class FitCache:
 
     def _fit(self, workload: str, history: pd.Series, now_s: float) -> None:
         try:
-            model = self.factory(workload).fit(history)
+            folder = self.model_dirs.get(workload)
+            if folder is None:
+                model, reason = self.factory(workload).fit(history), None
+            else:
+                model, reason = load_or_fit(folder, history, lambda: self.factory(workload))
+            source = source_of(reason)
         except Exception as exc:  # recorded and exported; the loop holds meanwhile
+            notes = "; ".join(getattr(exc, "__notes__", ()))
             with self._lock:
                 fit = self._fits[workload]
                 fit.pending = None
-                fit.error = f"{type(exc).__name__}: {exc}"
+                fit.error = f"{type(exc).__name__}: {exc}" + (f" ({notes})" if notes else "")
             self._on_fit(workload, "error")
             log.warning("forecast fit of %s failed: %s", workload, exc)
             return
         with self._lock:
             fit = self._fits[workload]
             fit.model, fit.fitted_at_s, fit.pending, fit.error = model, now_s, None, None
+            fit.source, fit.fits = source, fit.fits + 1
         self._on_fit(workload, "ok")
+
+    def source(self, workload: str) -> tuple[ModelSource | None, int]:
+        """Where the current model of `workload` came from, and the number of finished fits
+        (it changes when a new model, saved or fresh, was swapped in)."""
+        with self._lock:
+            fit = self._fits.get(workload)
+            return (fit.source, fit.fits) if fit else (None, 0)
 
     def error(self, workload: str) -> str | None:
         with self._lock:
@@ -230,6 +260,12 @@ class WorkloadOutcome:
     lead_s: float
     conflicts: int = 0
     error: str | None = None
+    # The forecaster this decision used: "saved" (model name + sha256 of its card) or "fresh";
+    # model_error says why a configured saved model was not used.
+    model_source: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    model_error: str | None = None
 
 
 @dataclass
@@ -303,12 +339,15 @@ class Controller:
         self.dry_run = config.dry_run if dry_run is None else dry_run
         self.step = pd.Timedelta(config.forecast_step)
         self.history = pd.Timedelta(settings.prometheus.history)
+        check_saved_models(config)
         self.fits = FitCache(
             forecaster_factory,
             pd.Timedelta(config.refit_every).total_seconds(),
             fit_executor,
             on_fit=lambda w, outcome: self.metrics.fits.labels(w, outcome).inc(),
+            model_dirs=model_dirs(config),
         )
+        self._model_seen: dict[str, int] = {}
         self.leads = LeadLearner()
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
@@ -527,6 +566,7 @@ class Controller:
             outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s)
             if notes.get(name):
                 outcome.summary += f" [{notes[name]}]"
+            self._report_model(d, outcome)
             report.outcomes[name] = outcome
             art = current_artifacts.get(name)
             staged = sum(1 for n in nodes if art and n.staged.get(label_name(name)) == art)
@@ -534,6 +574,38 @@ class Controller:
                                      first_values.get(name, {}))  # fmt: skip
             if self.book is not None:
                 self._publish(name, wp, now_s, signal_ok[name])
+
+    def _report_model(self, d: ManagedDeployment, outcome: WorkloadOutcome) -> None:
+        """Say which forecaster the decision used; a saved model that was refused is reported
+        every cycle in the summary and the metric, and once per fit as an error log, a counter
+        and a Warning Event on the Deployment (Events not in dry-run)."""
+        name = d.workload
+        source, seq = self.fits.source(name)
+        if source is None:
+            return
+        outcome.model_source, outcome.model = source.source, source.model
+        outcome.model_sha256, outcome.model_error = source.sha256, source.error
+        if source.fell_back:
+            outcome.summary += f" [{source.short()}]"
+        for kind in (SOURCE_SAVED, SOURCE_FRESH):
+            self.metrics.model_source.labels(name, kind).set(1 if kind == source.source else 0)
+        if self._model_seen.get(name) == seq:
+            return
+        self._model_seen[name] = seq
+        if not source.fell_back:
+            if source.source == SOURCE_SAVED:
+                log.info("%s forecasts with %s", name, source.message)
+            return
+        self.metrics.model_fallbacks.labels(name, source.error_type or "error").inc()
+        log.error("%s: saved model %s not used, fitted a fresh one instead: %s",
+                  name, source.path, source.error)  # fmt: skip
+        if self.dry_run or not self.settings.events:
+            return
+        try:
+            self.cluster.record_event(d.namespace, "Deployment", d.name, d.uid, "ModelFallback",
+                                      source.message, type_="Warning")  # fmt: skip
+        except ClusterError as exc:
+            log.warning("event not recorded: %s", exc)
 
     def _publish(self, name: str, wp: Any, now_s: float, ok: bool) -> None:
         at = datetime.fromtimestamp(now_s, UTC)

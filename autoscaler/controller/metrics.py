@@ -77,6 +77,14 @@ class ControllerMetrics:
                                 "When the last cycle finished", registry=r)  # fmt: skip
         self.fits = Counter("autoscaler_forecast_fits_total", "Background forecast fits",
                             ["workload", "outcome"], registry=r)  # fmt: skip
+        self.model_source = Gauge("autoscaler_model_source",
+                                  "1 for where the current forecaster came from: a saved "
+                                  "model folder or a fresh fit on live history",
+                                  ["workload", "source"], registry=r)  # fmt: skip
+        self.model_fallbacks = Counter("autoscaler_model_fallbacks_total",
+                                       "Saved models refused (corrupted, other versions, other "
+                                       "step) and replaced by a fresh fit",
+                                       ["workload", "error"], registry=r)  # fmt: skip
 
     def record_plan(self, plan: WorkloadPlan, actual: int, ready: int, staged: int,
                     forecast_first: dict[float, float]) -> None:  # fmt: skip

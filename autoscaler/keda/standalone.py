@@ -71,6 +71,12 @@ class WorkloadOutcome:
     withdrawn: str | None = None
     waiting: str | None = None
     summary: str = ""
+    # The forecaster the plan used: "saved" (model name, sha256) or "fresh"; model_error says
+    # why a configured saved model was refused (then also in `summary` and logged as an error).
+    model_source: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    model_error: str | None = None
 
 
 @dataclass
@@ -131,13 +137,18 @@ class PlanningLoop:
 
     def __post_init__(self) -> None:
         from autoscaler.controller.loop import FitCache
+        from autoscaler.controller.models import check_saved_models, model_dirs
 
         self.step = pd.Timedelta(self.config.forecast_step)
         self.workloads = {w.name: w for w in self.config.workloads}
+        check_saved_models(self.config)
         if self.fit_cache is None:
             self.fit_cache = FitCache(
-                self.factory, pd.Timedelta(self.config.refit_every).total_seconds()
+                self.factory,
+                pd.Timedelta(self.config.refit_every).total_seconds(),
+                model_dirs=model_dirs(self.config),
             )
+        self._model_seen: dict[str, int] = {}
         self._memory: dict[str, _Memory] = {}
         self._lock = threading.Lock()
         self._scheduler = None
@@ -207,6 +218,7 @@ class PlanningLoop:
             else:
                 outcome.waiting = f"{w.name}: first forecast fit still running"
             return None
+        self._report_model(w.name, outcome)
         leads = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
         quantiles = tuple(sorted({*self.quantiles, w.plan.quantile}))
         try:
@@ -235,6 +247,23 @@ class PlanningLoop:
             outcome.withdrawn = f"holding, not planning: {missing}"
             return None
         return decision, state, forecast, spec
+
+    def _report_model(self, name: str, outcome: WorkloadOutcome) -> None:
+        """Which forecaster this plan uses; a refused saved model is logged as an error once
+        per fit and named in every summary until a saved model loads again."""
+        source, seq = self.fit_cache.source(name)  # type: ignore[attr-defined]
+        if source is None:
+            return
+        outcome.model_source, outcome.model = source.source, source.model
+        outcome.model_sha256, outcome.model_error = source.sha256, source.error
+        if self._model_seen.get(name) == seq:
+            return
+        self._model_seen[name] = seq
+        if source.fell_back:
+            log.error("%s: saved model %s not used, fitted a fresh one instead: %s",
+                      name, source.path, source.error)  # fmt: skip
+        elif source.model is not None:
+            log.info("%s forecasts with %s", name, source.message)
 
     def _publish(
         self,
@@ -276,6 +305,10 @@ class PlanningLoop:
             self._memory[name] = _Memory(decision.desired_replicas, decision.recommendations)
             outcomes[name].published = decision.desired_replicas
             outcomes[name].summary = decision.explanation.summary()
+            if outcomes[name].model_error:
+                outcomes[name].summary += (
+                    f" [fresh model, saved one refused: {outcomes[name].model_error}]"
+                )
 
     # -- schedule ----------------------------------------------------------------------------
 
