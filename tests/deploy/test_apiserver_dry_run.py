@@ -104,6 +104,12 @@ def test_every_core_manifest_passes_server_side_dry_run(dyn, installed_namespace
     assert expected <= kinds
 
 
+def test_the_checkpoint_pods_binding_example_passes_dry_run(dyn, applied_rbac):
+    (binding,) = load_all(DEPLOY / "examples/checkpoint-pods-rolebinding.yaml")
+    binding["metadata"]["name"] += "-dry"
+    assert dropped_fields(binding, dry_run_create(dyn, binding)) == []
+
+
 def test_the_token_secret_example_passes_dry_run(dyn, installed_namespace):
     (secret,) = load_all(DEPLOY / "examples/agent-token-secret.yaml")
     answer = dry_run_create(dyn, secret)
@@ -138,7 +144,14 @@ def test_an_invalid_manifest_is_rejected_by_the_server(dyn, installed_namespace)
 
 @pytest.fixture(scope="module")
 def applied_rbac(dyn, installed_namespace) -> None:
-    for obj in render("base"):
+    """The base's RBAC plus the checkpoint-pods RoleBinding example (in `inference`, the
+    example workloads' namespace), created for real."""
+    namespaces = dyn.resources.get(api_version="v1", kind="Namespace")
+    with contextlib.suppress(client.ApiException):  # already there from an earlier module
+        namespaces.create(body={"apiVersion": "v1", "kind": "Namespace",
+                                "metadata": {"name": "inference"}})  # fmt: skip
+    example = load_all(DEPLOY / "examples/checkpoint-pods-rolebinding.yaml")
+    for obj in [*render("base"), *example]:
         if obj["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
                            "RoleBinding"):  # fmt: skip
             api = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
@@ -181,11 +194,19 @@ CONTROLLER_ALLOWED = [
     ("create", "leases", "coordination.k8s.io", "", NAMESPACE),
     ("update", "leases", "coordination.k8s.io", "", NAMESPACE),
     ("get", "configmaps", "", "", NAMESPACE),
+    # checkpoint pods, in a workload namespace bound by the example RoleBinding
+    ("create", "pods", "", "", "inference"),
+    ("delete", "pods", "", "", "inference"),
 ]
 CONTROLLER_DENIED = [
     ("delete", "deployments", "apps", "", "inference"),
     ("create", "deployments", "apps", "", "inference"),
-    ("delete", "pods", "", "", "inference"),
+    # pods only where bound: not in other namespaces, not its own, not kube-system
+    ("delete", "pods", "", "", "default"),
+    ("create", "pods", "", "", "kube-system"),
+    ("delete", "pods", "", "", NAMESPACE),
+    ("update", "pods", "", "", "inference"),
+    ("patch", "pods", "", "", "inference"),
     ("get", "secrets", "", "", NAMESPACE),
     ("list", "secrets", "", "", "inference"),
     ("delete", "nodes", "", "", ""),

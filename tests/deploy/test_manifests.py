@@ -322,6 +322,23 @@ def test_controller_rbac_is_exactly_the_named_verbs():
         ("coordination.k8s.io", "leases"): ["create", "get", "update"],
         ("", "configmaps"): ["get", "list", "watch"],
     }
+    # Checkpoint pods: create and delete only, in a role bound per workload namespace.
+    checkpoint = _rules(resources, "ClusterRole", "autoscaler-controller-checkpoint-pods")
+    assert checkpoint == {("", "pods"): ["create", "delete"]}
+    bound = {(o["kind"], o["roleRef"]["name"]) for o in resources if "roleRef" in o}
+    assert ("ClusterRoleBinding", "autoscaler-controller-checkpoint-pods") not in bound
+    assert ("RoleBinding", "autoscaler-controller-checkpoint-pods") not in bound
+
+
+def test_the_checkpoint_pods_binding_example_names_the_controller_in_a_workload_namespace():
+    (binding,) = load_all(DEPLOY / "examples/checkpoint-pods-rolebinding.yaml")
+    assert binding["kind"] == "RoleBinding"
+    assert binding["metadata"]["namespace"] != NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": "autoscaler-controller-checkpoint-pods"}  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "autoscaler-controller", "namespace": NAMESPACE}
+    ]
 
 
 def test_no_role_uses_wildcards_or_touches_secrets():
