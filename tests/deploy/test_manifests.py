@@ -165,10 +165,16 @@ def test_the_config_agrees_with_the_manifests():
 
 
 def test_the_agent_flags_parse_with_the_agent_cli():
-    from autoscaler.cli import build_parser
+    """As `python -m autoscaler.agent` (autoscaler/agent/__main__.py) parses them."""
+    import argparse
+
+    from autoscaler.agent.cli import register
 
     agent = pod_spec(find(render("base"), "DaemonSet", "autoscaler-agent"))["containers"][0]
-    args = build_parser().parse_args(agent["args"])
+    assert agent["command"] == ["python", "-m", "autoscaler.agent"]
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["agent", *agent["args"]])
     assert args.func.__name__ == "cmd_serve"
     assert args.store.startswith("shared:") and args.token_review
 
