@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -75,10 +75,23 @@ class ManagedDeployment:
     annotations: dict[str, str]
     template_annotations: dict[str, str]
     template: dict[str, Any] = field(repr=False)
+    observed_generation: int = 0
+    updated_replicas: int = 0
+    status_replicas: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def rolled_out(self) -> bool:
+        """The Deployment controller has seen the latest template and every pod runs it (no
+        pod of an older ReplicaSet is left)."""
+        return (
+            self.observed_generation >= self.generation
+            and self.updated_replicas == self.spec_replicas
+            and self.status_replicas == self.spec_replicas
+        )
 
 
 @dataclass(frozen=True)
@@ -194,6 +207,9 @@ class Cluster:
             if d.spec.template.metadata
             else {},
             template=template,
+            observed_generation=int((d.status and d.status.observed_generation) or 0),
+            updated_replicas=int((d.status and d.status.updated_replicas) or 0),
+            status_replicas=int((d.status and d.status.replicas) or 0),
         )
 
     def read_scale(self, namespace: str, name: str) -> ScaleState:
@@ -273,20 +289,14 @@ class Cluster:
         for _ in range(3):
             d = self.call(f"read deployment {namespace}/{name}",
                           self.apps.read_namespaced_deployment, name, namespace)  # fmt: skip
-            spec = self.api.sanitize_for_serialization(d.spec.template.spec)
-            tmeta = d.spec.template.metadata
-            annotated = ((tmeta.annotations or {}) if tmeta else {}).get(
-                WORKLOAD_ANNOTATION) == workload  # fmt: skip
+            template = self.api.sanitize_for_serialization(d.spec.template)
+            if is_adopted(template, workload):
+                return False
+            spec = template.get("spec") or {}
             affinity = spec.get("affinity") or {}
             node_aff = affinity.get("nodeAffinity") or {}
             preferred = list(node_aff.get("preferredDuringSchedulingIgnoredDuringExecution") or [])
-            has_term = any(
-                expr.get("key") == key
-                for term in preferred
-                for expr in (term.get("preference") or {}).get("matchExpressions") or []
-            )
-            if has_term and annotated:
-                return False
+            has_term = _has_staged_term(preferred, key)
             if not has_term:
                 preferred.append({
                     "weight": weight,
@@ -420,6 +430,26 @@ class Cluster:
     def events(self, namespace: str, name: str) -> list[client.CoreV1Event]:
         return self.call("list events", self.core.list_namespaced_event, namespace,
                          field_selector=f"involvedObject.name={name}").items  # fmt: skip
+
+
+def _has_staged_term(preferred: list[dict[str, Any]], key: str) -> bool:
+    return any(
+        expr.get("key") == key
+        for term in preferred
+        for expr in (term.get("preference") or {}).get("matchExpressions") or []
+    )
+
+
+def is_adopted(template: Mapping[str, Any], workload: str) -> bool:
+    """Whether a pod template (as JSON) already has what `ensure_preferred_affinity` adds: the
+    preferred affinity for the workload's staged label and the workload annotation. A template
+    without them gets patched, and that rollout replaces every running pod."""
+    meta = template.get("metadata") or {}
+    if (meta.get("annotations") or {}).get(WORKLOAD_ANNOTATION) != workload:
+        return False
+    node_aff = ((template.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}
+    preferred = node_aff.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    return _has_staged_term(list(preferred), staged_label_key(workload))
 
 
 def gpu_requests_by_node(pods: list[client.V1Pod]) -> dict[str, int]:

@@ -59,6 +59,10 @@ class WorkloadInputs:
     recommendations: tuple[tuple[float, int], ...] = ()
     staging_quantile: float = 0.99
     staging_horizon_s: float = 3600.0
+    # Of current_replicas, how many still need a node: pods not bound yet, and every pod the
+    # adoption rollout (affinity patch this cycle) replaces. They get staged copies like the
+    # replicas a scale-up adds, or they would land wherever a GPU is free and start cold.
+    unplaced_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,12 +207,14 @@ def plan_cycle(
         extra = 0
         if w.snapshot and w.artifact:
             origin = w.forecast_origin_s if w.forecast_origin_s is not None else now_s
+            placed = max(0, w.current_replicas - w.unplaced_replicas)
             extra = replicas_to_stage(
-                _high_column(w.forecast, w.staging_quantile), w.spec, w.current_replicas,
+                _high_column(w.forecast, w.staging_quantile), w.spec, placed,
                 now_s, origin, w.staging_horizon_s,
             )  # fmt: skip
-            # Also cover the replicas this very decision adds.
-            extra = max(extra, decision.desired_replicas - w.current_replicas)
+            # Also cover every pod this very decision will place: those it adds and those
+            # still (or again) without a node.
+            extra = max(extra, decision.desired_replicas - placed)
             requests.append(
                 StageRequest(
                     workload=w.spec.name,

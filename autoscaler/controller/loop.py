@@ -26,7 +26,12 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from autoscaler.cluster.adapter import Cluster, ManagedDeployment, gpu_requests_by_node
+from autoscaler.cluster.adapter import (
+    Cluster,
+    ManagedDeployment,
+    gpu_requests_by_node,
+    is_adopted,
+)
 from autoscaler.cluster.errors import ClusterError
 from autoscaler.cluster.labels import (
     ARTIFACT_RECORD_ANNOTATION,
@@ -63,6 +68,9 @@ from autoscaler.plan import LeadTimes, StartPath
 from autoscaler.plan.replicas import BINDING_HOLD
 
 log = logging.getLogger("autoscaler.controller")
+
+# Cycles a scale-up waits, at most, for the rollout that adopting a Deployment starts.
+ADOPTION_WAIT_CYCLES = 3
 
 
 # -- time ---------------------------------------------------------------------------------------
@@ -352,6 +360,8 @@ class Controller:
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
         self._affinity_done: set[str] = set()
+        # Deployments whose adoption rollout is under way: cycles a scale-up may still wait.
+        self._adopting: dict[str, int] = {}
         self.artifacts: ArtifactManager | None = None
         if agents is not None and settings.artifacts.enabled:
             self.artifacts = ArtifactManager(cluster, agents, settings.artifacts,
@@ -532,6 +542,9 @@ class Controller:
             spec = w.to_spec(
                 interval_s=self.config.interval_s, forecast_step_s=self.step.total_seconds()
             )
+            unplaced = self._unplaced_replicas(d, pods)
+            if record is not None and self._will_adopt(d, w):
+                unplaced = d.spec_replicas  # the adoption rollout replaces every pod
             recs = self.recommendations.get(name)
             if recs is None:  # first cycle (or a restart): the current scale counts as just
                 recs = ((now_s, d.spec_replicas),)  # recommended, so no early scale-down
@@ -552,6 +565,7 @@ class Controller:
                     recommendations=recs,
                     staging_quantile=w.plan.staging_quantile,
                     staging_horizon_s=w.plan.staging_horizon_s,
+                    unplaced_replicas=min(unplaced, d.spec_replicas),
                 )
             )
 
@@ -653,11 +667,56 @@ class Controller:
             if name in current_artifacts and self.settings.kubernetes.set_affinity:
                 self._ensure_adopted(d)
 
+    def _will_adopt(self, d: ManagedDeployment, w: WorkloadConfig) -> bool:
+        """Whether this cycle's stage step patches the template (and so rolls out new pods)."""
+        return (
+            not self.dry_run
+            and self.agents is not None
+            and self.settings.kubernetes.set_affinity
+            and w.start.path != "cold"
+            and not is_adopted(d.template, d.workload)
+        )
+
+    @staticmethod
+    def _unplaced_replicas(d: ManagedDeployment, pods: Sequence[Any]) -> int:
+        """Pods of the Deployment (its template's labels, in its namespace) not bound to a
+        node yet: they will take GPUs the inventory still counts as free."""
+        labels = ((d.template.get("metadata") or {}).get("labels") or {}).items()
+        if not labels:
+            return 0
+        count = 0
+        for pod in pods:
+            meta = pod.metadata
+            if meta.namespace != d.namespace or meta.deletion_timestamp is not None:
+                continue
+            if pod.spec.node_name or not labels <= (meta.labels or {}).items():
+                continue
+            count += 1
+        return count
+
     def _ensure_adopted(self, d: ManagedDeployment) -> None:
         if d.key in self._affinity_done:
             return
-        self.cluster.ensure_preferred_affinity(d.namespace, d.name, d.workload)
+        if self.cluster.ensure_preferred_affinity(d.namespace, d.name, d.workload):
+            self._adopting[d.key] = ADOPTION_WAIT_CYCLES
         self._affinity_done.add(d.key)
+
+    def _scale_up_waits(self, d: ManagedDeployment) -> bool:
+        """Whether a scale-up of `d` waits for its adoption rollout (patched this cycle, or not
+        rolled out yet). Kubernetes scales a Deployment in mid-rollout proportionally across
+        its ReplicaSets, so replicas added now would partly be pods of the old template, without
+        the staged-node affinity, and start cold wherever a GPU is free. The wait is bounded: a
+        rollout that does not finish within ADOPTION_WAIT_CYCLES cycles stops holding scale-ups."""
+        left = self._adopting.get(d.key)
+        if left is None:
+            return False
+        if left < ADOPTION_WAIT_CYCLES and (d.rolled_out or left <= 0):
+            del self._adopting[d.key]
+            if not d.rolled_out:
+                log.warning("adoption rollout of %s not done; scaling without waiting", d.key)
+            return False
+        self._adopting[d.key] = left - 1
+        return True
 
     def _scale(
         self,
@@ -680,6 +739,8 @@ class Controller:
             log.info("dry-run: %s", outcome.summary)
             return outcome
 
+        waits = self._scale_up_waits(d)
+
         def decide(state: Any) -> int | None:
             desired = decision.desired_replicas
             if state.spec_replicas != inputs.current_replicas:
@@ -691,8 +752,12 @@ class Controller:
                     desired = min(desired, max(decision.desired_replicas, state.spec_replicas))
             if not signal_ok and desired < state.spec_replicas:
                 return None  # missing data never scales down
+            if waits and desired > state.spec_replicas:
+                return None  # new replicas only from the adopted template
             return desired
 
+        if waits and decision.desired_replicas > d.spec_replicas:
+            outcome.summary += " [scale-up waits for the adoption rollout]"
         try:
             result = self.cluster.apply_scale(d.namespace, d.name, decide)
         except ClusterError as exc:

@@ -75,6 +75,23 @@ def test_plan_scales_for_the_forecast_and_stages_the_new_replicas():
     assert 2 * len(staged_nodes) >= chat.decision.desired_replicas - 5
 
 
+def test_pods_the_adoption_rollout_replaces_are_staged_for_too():
+    # 5 pods run on unstaged nodes; this cycle's affinity patch rolls out 5+ new pods, and each
+    # one needs a staged copy with a free GPU, not only the replicas the decision adds.
+    nodes = [_node(f"n{i}", gpus=2, zone="ab"[i % 2]) for i in range(8)]
+    inv = build_inventory(nodes, {"n0": 2, "n1": 2, "n2": 1}, {}, {"art1": 10.0}, {"chat": "art1"})
+    forecast = _forecast([50, 80, 120, 120, 120])
+    kept = plan_cycle([_inputs(5, forecast)], inv, now_s=1000.0).plans["chat"]
+    rolled = plan_cycle([_inputs(5, forecast, unplaced_replicas=5)], inv, now_s=1000.0)
+    chat = rolled.plans["chat"]
+    assert chat.decision.desired_replicas == kept.decision.desired_replicas
+    desired = chat.decision.desired_replicas
+    assert chat.stage_extra_replicas >= desired > kept.stage_extra_replicas
+    free = {n.name: 2 - {"n0": 2, "n1": 2, "n2": 1}.get(n.name, 0) for n in nodes}
+    assert sum(free[a.node] for a in rolled.stage.actions) >= desired
+    assert rolled.stage.slots_covered["chat"] >= desired
+
+
 def test_missing_signal_holds_and_never_scales_down():
     inv = build_inventory([_node("n1")], {}, {}, {}, {})
     plan = plan_cycle([_inputs(7, None, observed=math.nan, last_s=None)], inv, now_s=5000.0)

@@ -24,6 +24,7 @@ from autoscaler.cluster.fake_kubelet import RESTORE, FakeKubelet
 from autoscaler.cluster.kubeplane import free_port
 from autoscaler.cluster.labels import ARTIFACT_RECORD_ANNOTATION
 from autoscaler.controller.artifacts import make_record, restore_identity
+from autoscaler.controller.http import serve
 from autoscaler.controller.service import ControllerService, build_controller
 from autoscaler.controller.settings import parse_controller_config
 from autoscaler.decisions import DecisionBook
@@ -131,22 +132,48 @@ def replicas(world: World) -> int:
     return world.cluster.read_scale(world.namespace, "chat-server").spec_replicas
 
 
+class SteppedClock:
+    """Trace time that moves only when the test says: one interval per cycle, so what the
+    controller decides does not depend on how many cycles a slow or fast machine fits into
+    some wall-clock window. `speedup` turns the start-up seconds pods report (wall time of the
+    fake kubelet's compressed delays) into trace seconds."""
+
+    def __init__(self, origin_s: float, speedup: float) -> None:
+        self.t = origin_s
+        self.speedup = speedup
+
+    def now_s(self) -> float:
+        return self.t
+
+
+def settled(world: World) -> bool:
+    """Every replica of the Deployment runs its latest template and is ready."""
+    d = world.cluster.read_deployment(world.namespace, "chat-server")
+    return d.rolled_out and d.ready_replicas == d.spec_replicas
+
+
 def test_replay_scales_ahead_stages_and_restores_on_staged_nodes(
     world: World, prometheus, trace: Trace, monkeypatch
 ):
     origin = trace.at(SLICE_START)
     book = DecisionBook(max_age=pd.Timedelta("1h").to_pytimedelta())
-    service = start_service(world, controller_config(world, prometheus.url, origin),
-                            monkeypatch, book)  # fmt: skip
-    c = service.controller
+    monkeypatch.setenv("E2E_AGENT_TOKEN", AGENT_TOKEN)
+    config, settings = parse_controller_config(controller_config(world, prometheus.url, origin))
+    clock = SteppedClock(origin.timestamp(), SPEEDUP)
+    c = build_controller(config, settings, cluster=Cluster(world.cluster.api), book=book,
+                         clock=clock)  # fmt: skip
+    service = ControllerService(c, listen=settings.http.address())
+    service.http = serve(service.listen, c.metrics.registry, service.healthy, service.ready)
     history: list = []
     try:
-        deadline = time.monotonic() + 22  # ~3.5 h of trace
-        while time.monotonic() < deadline:
-            report = c.last_report
-            if report is not None and (not history or history[-1].at_s != report.at_s):
-                history.append(report)
-            time.sleep(0.1)
+        # 21 cycles, 10 minutes of trace apart (14:00-17:20). After each one the test waits for
+        # what a cycle's interval gives a real cluster: the forecast fit it asked for, and the
+        # pods it asked for running (the fake kubelet's delays are the compressed start-ups).
+        for k in range(21):
+            clock.t = origin.timestamp() + k * config.interval_s
+            history.append(c.run_cycle())
+            c.fits.wait_idle()
+            assert wait_until(lambda: settled(world), 30), (k, world.kubelet.errors)
         port = service.http.server_address[1]
         metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
@@ -154,7 +181,7 @@ def test_replay_scales_ahead_stages_and_restores_on_staged_nodes(
         service.stop()
 
     outcomes = [r.outcomes["chat"] for r in history if "chat" in r.outcomes]
-    assert len(outcomes) >= 10, f"only {len(outcomes)} cycles ran"
+    assert len(outcomes) == 21 and not [r.error for r in history if r.error]
     written = [(r.at_s, r.outcomes["chat"]) for r in history
                if "chat" in r.outcomes and r.outcomes["chat"].written is not None]  # fmt: skip
     assert written, [o.summary for o in outcomes]
@@ -188,18 +215,19 @@ def test_replay_scales_ahead_stages_and_restores_on_staged_nodes(
 
     # 3. The scheduler put new pods on staged nodes (preferred affinity); they restored and became
     #    ready after the restore delay, not the cold one.
-    def all_ready() -> bool:
-        d = world.cluster.read_deployment(world.namespace, "chat-server")
-        return d.ready_replicas == d.spec_replicas
-
-    assert wait_until(all_ready, 20)
     mine = [p for p in world.kubelet.started_pods() if p[0].startswith(world.namespace + "/chat")]
     restored = [p for p in mine if p[2] == RESTORE]
     assert restored, mine
     for _pod, node, _path, seconds in restored:
         assert node in staged and seconds < COLD_WALL_S
-    # Pods placed after staging began: where did they land, and how did they start?
-    late = mine[1:]  # the first replica started before the controller ran
+    # Every pod after the first (which started before the controller ran, cold) was created
+    # when its cycle had already staged a copy with a free GPU for it: the stage plan covers the
+    # replicas a decision adds and the pods the adoption rollout replaces, and a scale-up waits
+    # for that rollout (else Kubernetes would add pods of the old template, without affinity).
+    # With 16 GPUs for at most 14 replicas a staged node always has room, and the preferred
+    # affinity (NodeAffinity weight 5 in the test scheduler) outweighs the other scores, so
+    # every one of them landed on a staged node and restored.
+    late = mine[1:]
     on_staged = [p for p in late if p[1] in staged]
     assert len(on_staged) == len(late), [p for p in late if p not in on_staged]
     assert all(p[2] == RESTORE for p in on_staged)
