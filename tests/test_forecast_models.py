@@ -187,3 +187,18 @@ def test_auto_works_on_short_series_without_holdout() -> None:
     assert np.all(frame.to_numpy() > 0)
     assert "gbm" in auto.skipped  # named, not hidden
     assert auto.choice(1, 0.5) == "ewma"  # nothing scored yet: the fallback order
+
+
+def test_error_bands_pickled_without_their_memo_still_forecast():
+    """A model saved before ErrorBands memoized its offsets must still load and forecast."""
+    import pickle
+
+    from autoscaler.forecast.common import ErrorBands
+
+    bands = ErrorBands(np.arange(40, dtype=float).reshape(20, 2))
+    state = dict(bands.__dict__)
+    del state["_memo"]  # what an older pickle holds
+    old = ErrorBands.__new__(ErrorBands)
+    old.__setstate__(state)
+    restored = pickle.loads(pickle.dumps(old))
+    np.testing.assert_array_equal(restored.offsets(3, [0.5, 0.9]), bands.offsets(3, [0.5, 0.9]))

@@ -176,6 +176,11 @@ class ErrorBands:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    def __setstate__(self, state: dict) -> None:
+        # Models pickled before the memo existed still load: the memo is a cache, not state.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_memo", {})
+
     def offsets(self, horizon: int, quantiles: Sequence[float]) -> np.ndarray:
         """(horizon x levels) additive offsets to add to the point forecast."""
         levels = sorted_levels(quantiles)
