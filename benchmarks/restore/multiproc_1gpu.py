@@ -101,8 +101,18 @@ def one_mode(comm: str, work: Path, store: DirectoryStore) -> dict:
     result: dict = {"comm": comm}
     pids: list[int] = [proc.pid]
     try:
-        for rank in (0, 1):
-            wait_file(handshake / f"rank-{rank}" / "ready-for-checkpoint", 180)
+        try:
+            for rank in (0, 1):
+                wait_file(handshake / f"rank-{rank}" / "ready-for-checkpoint", 120)
+        except TimeoutError:
+            for pid in process_tree(proc.pid) if proc.poll() is None else []:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)  # tp_worker writes its threads' stacks
+            time.sleep(1)
+            result["stacks"] = {p.name: p.read_text()[-6000:]
+                                for p in work.glob(f"worker-{comm}.log.*.stacks")}
+            result["rank0_exit"] = proc.poll()
+            raise
         result["cold_to_offer_s"] = time.perf_counter() - t0
         pids = process_tree(proc.pid)
         result["pids"] = pids
@@ -172,7 +182,14 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     store = DirectoryStore(work / f"store-{time.time_ns()}")
     criu_mod.become_subreaper()
-    runs = [one_mode(c, work, store) for c in args.comms.split(",")]
+    runs: list[dict] = []
+    for comm in args.comms.split(","):
+        runs.append(one_mode(comm, work, store))
+        write(args.out, runs)  # after each mode: a run cut short still leaves its results
+    return 0 if all(r["ok"] for r in runs) else 1
+
+
+def write(out: str, runs: list[dict]) -> None:
     import torch
 
     doc = {
@@ -186,10 +203,9 @@ def main() -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
-    log(f"wrote {args.out}")
-    return 0 if all(r["ok"] for r in runs) else 1
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=1, default=str))
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,17 @@ dump and CRIU would refuse the restore).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -347,7 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", default=None)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    run_rank(args)
+    if args.log:
+        # stacks of every thread on SIGUSR1 (the runner asks when a rank is stuck); the file
+        # only grows on that signal, so it does not upset a CRIU restore otherwise
+        stacks = open(f"{args.log}.rank{args.rank}.stacks", "w")  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    try:
+        run_rank(args)
+    except BaseException:
+        log(args.log, f"rank {args.rank} failed:\n{traceback.format_exc()}")
+        raise
 
 
 if __name__ == "__main__":
