@@ -32,6 +32,9 @@ from autoscaler.cluster.labels import (
     staged_label_key,
 )
 
+# A hung API call must not stop the stand-in kubelet for good (the next tick retries).
+REQUEST_TIMEOUT_S = 10.0
+
 # Start-path names as the planner knows them (autoscaler.plan.startpaths.StartPath).
 COLD = "cold"
 RESTORE = "restore-disk"
@@ -123,7 +126,9 @@ class FakeKubelet:
             self._stop.wait(self.poll_s)
 
     def _tick(self) -> None:
-        pods = self._core.list_pod_for_all_namespaces(field_selector="status.phase=Pending").items
+        pods = self._core.list_pod_for_all_namespaces(
+            field_selector="status.phase=Pending", _request_timeout=REQUEST_TIMEOUT_S
+        ).items
         nodes: dict[str, client.V1Node] | None = None
         now = time.monotonic()
         for pod in pods:
@@ -132,19 +137,25 @@ class FakeKubelet:
             key = f"{pod.metadata.namespace}/{pod.metadata.name}/{pod.metadata.uid}"
             if key in self._done:
                 continue
-            pending = self._pending.get(key)
-            if pending is None:
-                if nodes is None:
-                    nodes = {n.metadata.name: n for n in self._core.list_node().items}
-                path = self.decide(pod, nodes.get(pod.spec.node_name))
-                pending = _Pending(bound_at=now, ready_at=now + path.delay_s, path=path)
-                self._pending[key] = pending
-            if now >= pending.ready_at:
-                if nodes is None:
-                    nodes = {n.metadata.name: n for n in self._core.list_node().items}
-                self._mark_ready(pod, nodes.get(pod.spec.node_name), pending, now)
-                self._pending.pop(key, None)
-                self._done.add(key)
+            if nodes is None:
+                nodes = {n.metadata.name: n for n in self._core.list_node(
+                    _request_timeout=REQUEST_TIMEOUT_S).items}  # fmt: skip
+            try:  # one pod that cannot be started (deleted meanwhile...) must not stall others
+                self._advance(pod, key, nodes.get(pod.spec.node_name), now)
+            except Exception as exc:
+                self.errors.append(f"{key}: {exc!r}")
+
+    def _advance(self, pod: client.V1Pod, key: str, node: client.V1Node | None,
+                 now: float) -> None:  # fmt: skip
+        pending = self._pending.get(key)
+        if pending is None:
+            path = self.decide(pod, node)
+            pending = _Pending(bound_at=now, ready_at=now + path.delay_s, path=path)
+            self._pending[key] = pending
+        if now >= pending.ready_at:
+            self._mark_ready(pod, node, pending, now)
+            self._pending.pop(key, None)
+            self._done.add(key)
 
     def _mark_ready(
         self, pod: client.V1Pod, node: client.V1Node | None, pending: _Pending, now: float

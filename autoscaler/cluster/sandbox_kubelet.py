@@ -286,6 +286,8 @@ class SandboxKubelet:
             running.sandbox.stop()
             return
         if not self._wait_ready(running, container):
+            if self._stop.is_set():
+                return
             self.errors.append(f"{key}: not ready within {self.ready_timeout_s} s ({reason})")
             return
         seconds = time.monotonic() - bound_at
@@ -381,7 +383,9 @@ class SandboxKubelet:
         assert running.sandbox is not None
         deadline = time.monotonic() + self.ready_timeout_s
         check = self._probe(running.sandbox, container)
-        while time.monotonic() < deadline and not running.stopped:
+        # stop() waits for the start-up tasks: one waiting for a pod that never gets ready
+        # (a checkpoint pod of a broken template) must end then, not after ready_timeout_s.
+        while time.monotonic() < deadline and not running.stopped and not self._stop.is_set():
             if not running.sandbox.alive():
                 return False
             if check():

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from kubernetes import client
 
-from autoscaler.cluster.adapter import Cluster
+from autoscaler.cluster.adapter import Cluster, wait_until
 from autoscaler.cluster.fake_kubelet import FakeKubelet, staged_label_decider
 from autoscaler.cluster.kubeplane import (
     ControlPlane,
@@ -64,7 +64,30 @@ def namespace(kube_api: client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
+    empty_namespace(kube_api, name)
     core.delete_namespace(name)
+
+
+def empty_namespace(kube_api: client.ApiClient, name: str) -> None:
+    """Delete the workloads and pods of a test's namespace now, before the namespace itself.
+
+    Namespace deletion is asynchronous: until the namespace controller gets to it, its
+    ReplicaSets keep their pods, and pods the scheduler had not placed yet (no node of their
+    own test was left) would be bound to the next test's fresh GPU nodes and take their GPUs.
+    On a loaded machine that made a later test's replicas stay Pending."""
+    apps, core = client.AppsV1Api(kube_api), client.CoreV1Api(kube_api)
+    with contextlib.suppress(client.ApiException):
+        for delete in (apps.delete_collection_namespaced_deployment,
+                       apps.delete_collection_namespaced_replica_set,
+                       apps.delete_collection_namespaced_daemon_set):  # fmt: skip
+            delete(name, propagation_policy="Background")
+
+        def no_pods() -> bool:  # a ReplicaSet may still create one before it sees its deletion
+            core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+            return not core.list_namespaced_pod(name).items
+
+        if not wait_until(no_pods, 30, poll=0.2):
+            raise AssertionError(f"pods of namespace {name} were not deleted")
 
 
 @pytest.fixture

@@ -100,13 +100,19 @@ def test_preferred_affinity_places_new_pods_on_staged_nodes(
     term = tmpl.spec.affinity.node_affinity.preferred_during_scheduling_ignored_during_execution[0]
     assert term.preference.match_expressions[0].key == staged_label_key("chat")
 
+    def where() -> list:  # for a failure message: which pods, where, in which phase
+        return [(p.metadata.name, p.spec.node_name, p.status.phase)
+                for p in cluster.pods(namespace, "app=llm")] + fake_kubelet.errors  # fmt: skip
+
     cluster.apply_scale(namespace, "llm", lambda s: 2)
-    assert wait_until(lambda: cluster.read_deployment(namespace, "llm").ready_replicas == 2, 30)
+    assert wait_until(lambda: cluster.read_deployment(namespace, "llm").ready_replicas == 2,
+                      60), where()  # fmt: skip
     placed = [p.spec.node_name for p in cluster.pods(namespace, "app=llm")]
     assert placed == [staged, staged]  # both GPUs of the staged node, none elsewhere
     # The staged node is full: the third replica goes to another node (preferred, not required).
     cluster.apply_scale(namespace, "llm", lambda s: 3)
-    assert wait_until(lambda: cluster.read_deployment(namespace, "llm").ready_replicas == 3, 30)
+    assert wait_until(lambda: cluster.read_deployment(namespace, "llm").ready_replicas == 3,
+                      60), where()  # fmt: skip
     placed = sorted(p.spec.node_name for p in cluster.pods(namespace, "app=llm"))
     assert placed.count(staged) == 2 and len(set(placed)) == 2
 

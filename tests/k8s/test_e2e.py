@@ -108,7 +108,9 @@ def controller_config(world: World, prom_url: str, origin: pd.Timestamp, *, lead
         "controller": {
             "kubernetes": {"namespace": world.namespace},
             "leader": {"enabled": leader, "namespace": world.namespace,
-                       "identity": identity, "lease_duration_s": 3, "renew_deadline_s": 2,
+                       # Durations long enough that a loaded machine never lets a lease lapse
+                       # (stop() releases it, so the takeover the test waits for is at once).
+                       "identity": identity, "lease_duration_s": 15, "renew_deadline_s": 10,
                        "retry_period_s": 0.5},
             "prometheus": {"url": prom_url, "history": "2D", "templates": "generic",
                            "timeout_s": 2, "retries": 0},
