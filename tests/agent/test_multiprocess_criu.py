@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -158,6 +159,20 @@ def test_two_process_worker_checkpointed_as_one_tree_and_restored(
         assert ready["reason"] == "restored"
 
 
+def _wait_dead(pid: int, limit_s: float = 30.0) -> bool:
+    """True once `pid` is a zombie or gone (polled; the limit only bounds a hang)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_a_rank_gone_before_the_lock_is_a_clear_error_and_nothing_is_dumped(
     criu_binary: Path, tp_worker, tmp_path: Path
 ) -> None:
@@ -165,6 +180,9 @@ def test_a_rank_gone_before_the_lock_is_a_clear_error_and_nothing_is_dumped(
     worker = tp_worker()
     root, child = worker.proc.pid, worker.child_pid
     kill_pid(child)  # rank 0 does not reap it: it stays a zombie, which counts as gone
+    # SIGKILL is delivered asynchronously: wait until the kernel shows the rank dead, so the
+    # checkpoint below meets a gone rank on any machine, fast or slow.
+    assert _wait_dead(child), f"pid {child} still running 30 s after SIGKILL"
     request = GroupCheckpointRequest(
         artifact_id="tp2-broken", root_pid=root, workload="tp2-mlp", cuda="off",
         cuda_pids=(root, child), handshake_dir=str(worker.handshake), ranks=2,
