@@ -23,12 +23,19 @@ from rich.table import Table
 from autoscaler.plan.replicas import WorkloadState, plan_replicas
 from autoscaler.plan.staging import NodeInventory, StageRequest, plan_staging, replicas_to_stage
 from autoscaler.plan.startpaths import LeadTimes, StartPath
+from autoscaler.signals.series import step_of
 from autoscaler.sim.cli import run_with_progress
 from autoscaler.sim.engine import SimConfig, SimContext
 from autoscaler.sim.policies import POLICY_NAMES
 from autoscaler.sim.report import console as report_console
 from autoscaler.sim.report import plot, print_report, write_json
 from autoscaler.sim.scenario import load_series, make_scenario
+
+
+def _duration(step: pd.Timedelta) -> str:
+    """A step as a person writes it: 10 min, 1 min, 30 s."""
+    seconds = int(step.total_seconds())
+    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -47,7 +54,7 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(
         Panel.fit(
             "[bold]Snapshot-aware predictive autoscaling: forecast -> plan -> simulate[/bold]\n"
-            f"trace: {label}, {len(series)} windows of {series.index.freq} "
+            f"trace: {label}, {len(series)} windows of {_duration(step_of(series))} "
             f"({args.days:g} days, {gaps} gap windows treated as missing data, never as zero)",
         )
     )
