@@ -18,6 +18,8 @@ def test_demo_runs_the_full_path_and_writes_its_report(tmp_path: Path, capsys) -
     printed = capsys.readouterr().out
     # the report names the trace, the plan, the stage plan and every policy
     assert "servegen-m-mid" in printed and "windows of 10 min" in printed
+    # the history went through a real Prometheus (backfilled, read back, checked equal)
+    assert "read them back through the Prometheus source" in printed
     assert "planner:" in printed and "stage plan:" in printed
     for name in POLICIES:
         assert name in printed

@@ -88,6 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--forecaster", default="holt-winters")
     d.add_argument("--out", default="out/demo", help="folder for the JSON and the plot")
+    d.add_argument(
+        "--no-prometheus",
+        dest="prometheus",
+        action="store_false",
+        help="read the bundled file directly instead of backfilling a local Prometheus and "
+        "reading the history back through the Prometheus source",
+    )
     d.set_defaults(func=_run_demo)
 
 
