@@ -34,6 +34,7 @@ from autoscaler.forecast.common import (
     as_history,
     ffill_array,
     finalize,
+    finalize_values,
     grid_after,
     history_step,
     interpolate_gaps,
@@ -55,6 +56,9 @@ class ErrorBandForecaster(Forecaster):
     """A point-forecast model whose quantiles come from its own past errors per horizon."""
 
     anchor = True
+    #: True when the model conditions on the new grid points alone (`_condition_new`), so a
+    #: caller that holds the series as an array can skip the pandas round trip.
+    conditions_on_new_points = False
 
     def __init__(
         self,
@@ -87,6 +91,11 @@ class ErrorBandForecaster(Forecaster):
     def _point_path(self, horizon: int) -> np.ndarray:
         """Point forecasts for steps 1..horizon from the current state."""
 
+    def _condition_new(self, new: np.ndarray) -> None:
+        """Move the state over `new`: the grid points right after the current end (NaN = gap).
+        Only models with `conditions_on_new_points` supply it."""
+        raise NotImplementedError(f"{self.name} conditions on its history, not on new points")
+
     # -- the Forecaster interface
     def fit(self, history: pd.Series) -> ErrorBandForecaster:
         hist = as_history(history)
@@ -110,9 +119,37 @@ class ErrorBandForecaster(Forecaster):
             raise RuntimeError(f"{self.name}: predict before fit")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1 step, got {horizon}")
+        return finalize(self._quantile_values(horizon, quantiles), quantiles)
+
+    def _quantile_values(self, horizon: int, quantiles: Sequence[float]) -> np.ndarray:
+        """(horizon x levels) point + error-band offsets, before `finalize`."""
         point = self._point_path(horizon)
         offsets = self._bands.offsets(horizon, quantiles)
-        return finalize(point[:, None] + offsets, quantiles)
+        return point[:, None] + offsets
+
+    def predict_after(
+        self,
+        new: np.ndarray,
+        end: pd.Timestamp,
+        horizon: int,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    ) -> np.ndarray:
+        """`predict_from` for a caller holding the series as an array (the simulator): `new`
+        are the grid points right after the fitted/conditioned end, `end` the last one's time.
+        Same numbers as `predict_from(history ending at end)`, as a (horizon x levels) array
+        (`finalize_values`), without building pandas objects on every step."""
+        if not self.conditions_on_new_points:
+            raise NotImplementedError(f"{self.name} conditions on its history, not new points")
+        if self._bands is None or self._end is None:
+            raise RuntimeError(f"{self.name}: predict_after before fit")
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1 step, got {horizon}")
+        if end < self._end:
+            raise ValueError(f"{self.name}: predict_after cannot go back before {self._end}")
+        if len(new):
+            self._condition_new(np.asarray(new, dtype=float))
+        self._end = end
+        return finalize_values(self._quantile_values(horizon, quantiles), quantiles)
 
     def predict_from(
         self, history: pd.Series, horizon: int, quantiles: Sequence[float] = DEFAULT_QUANTILES
@@ -232,9 +269,13 @@ class EWMA(ErrorBandForecaster):
         self._level = _last_finite(lv, "history for ewma")
         return np.repeat(lv[:, None], self._hmax, axis=1)
 
+    conditions_on_new_points = True
+
     def _condition(self, history: pd.Series) -> None:
-        new = grid_after(history, self._end, self.step)
-        for v in observed_values(new):
+        self._condition_new(observed_values(grid_after(history, self._end, self.step)))
+
+    def _condition_new(self, new: np.ndarray) -> None:
+        for v in new:
             if np.isfinite(v):
                 self._level += self.alpha * (v - self._level)
 
@@ -339,11 +380,17 @@ class HoltWinters(ErrorBandForecaster):
         self._season = sea_hist[n : n + m].copy() if m else np.zeros(1)
         return levels, trends, sea_hist
 
+    conditions_on_new_points = True
+
     def _condition(self, history: pd.Series) -> None:
         new = grid_after(history, self._end, self.step)
         if new.empty:
             return
-        self._run(observed_values(new), self._level, self._trend, self._season)
+        self._condition_new(observed_values(new))
+
+    def _condition_new(self, new: np.ndarray) -> None:
+        if len(new):
+            self._run(new, self._level, self._trend, self._season)
 
     def _point_path(self, horizon: int) -> np.ndarray:
         damp = np.cumsum(self.phi ** np.arange(1, horizon + 1))
@@ -374,13 +421,20 @@ class StateSpaceAnchor(ErrorBandForecaster):
             self._res = self._fit_results(yw)
         return state_space_past_forecasts(self._res, self._hmax)
 
+    conditions_on_new_points = True
+
     def _condition(self, history: pd.Series) -> None:
         new = grid_after(history, self._end, self.step)
         if new.empty:
             return
+        self._condition_new(observed_values(new))
+
+    def _condition_new(self, new: np.ndarray) -> None:
+        if not len(new):
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._res = self._res.extend(observed_values(new))
+            self._res = self._res.extend(new)
 
     def _point_path(self, horizon: int) -> np.ndarray:
         with warnings.catch_warnings():

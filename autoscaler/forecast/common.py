@@ -121,6 +121,16 @@ def finalize(values: np.ndarray, quantiles: Sequence[float]) -> pd.DataFrame:
     """Turn a (horizon x levels) array into the forecast frame: non-negative, monotone across
     levels (a higher level never forecasts less), index = step 1..H, columns = levels."""
     levels = sorted_levels(quantiles)
+    out = finalize_values(values, levels)
+    return pd.DataFrame(
+        out, index=pd.RangeIndex(1, out.shape[0] + 1, name="step"), columns=pd.Index(levels)
+    )
+
+
+def finalize_values(values: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
+    """`finalize` without the frame: the cleaned (horizon x levels) array, columns in the
+    caller's level order (for hot loops that read the numbers only)."""
+    levels = sorted_levels(quantiles)
     arr = np.asarray(values, dtype=float).reshape(-1, len(levels))
     if not np.all(np.isfinite(arr)):
         raise FloatingPointError("a forecast came out non-finite")
@@ -129,9 +139,7 @@ def finalize(values: np.ndarray, quantiles: Sequence[float]) -> pd.DataFrame:
     ordered = np.maximum.accumulate(arr[:, order], axis=1)
     out = np.empty_like(arr)
     out[:, order] = ordered
-    return pd.DataFrame(
-        out, index=pd.RangeIndex(1, arr.shape[0] + 1, name="step"), columns=pd.Index(levels)
-    )
+    return out
 
 
 def pinball(actual: np.ndarray, forecast: np.ndarray, q: float) -> np.ndarray:

@@ -51,6 +51,11 @@ class ForecastRunner:
     ) -> None:
         self.history = history
         self.values = history.to_numpy(dtype=float, na_value=np.nan)
+        self._index = history.index
+        # a DatetimeIndex with a freq has no holes, so array positions are grid steps
+        self._regular = (
+            isinstance(history.index, pd.DatetimeIndex) and history.index.freq is not None
+        )
         self.step = pd.Timedelta(history.index.freq or (history.index[1] - history.index[0]))
         self.step_s = self.step.total_seconds()
         self.factory = factory
@@ -148,12 +153,26 @@ class ForecastRunner:
         if k < self._model_k:
             # asked to go back in time (a policy on another schedule): refit up to k
             self._fit(k)
+        self.max_index_seen = max(self.max_index_seen, k - 1)
+        if (
+            self._regular
+            and getattr(self._model, "conditions_on_new_points", False)
+            and k >= self._model_k
+            and self._model._end == self._index[self._model_k - 1]
+        ):
+            # the same numbers as predict_from on the tail, from the array: the model's state
+            # ends at window model_k - 1, so the new points are values[model_k:k]
+            arr = self._model.predict_after(
+                self.values[self._model_k : k], self._index[k - 1], horizon, self.quantiles
+            )
+            self._model_k = k
+            self.predicts += 1
+            return {q: np.ascontiguousarray(arr[:, j]) for j, q in enumerate(self.quantiles)}
         if getattr(self._model, "anchor", False):
             lo = max(0, min(self._model_k, k) - 2)
         else:
             lo = max(0, k - self.context_points)
         tail = self.history.iloc[lo:k]
-        self.max_index_seen = max(self.max_index_seen, k - 1)
         frame = self._model.predict_from(tail, horizon, self.quantiles)
         self._model_k = k
         self.predicts += 1
