@@ -435,6 +435,10 @@ def run_policy(ctx: SimContext, policy: Policy) -> PolicyResult:
     step = max(1, round(policy.interval_s / dt))
     leads = cfg.leads
     lead_of = {p: leads.of(p) for p in StartPath}
+    # cold and store starts take the same path whatever the cluster holds: look it up once
+    fixed_path = (
+        cluster.peek_path("", 1, policy.start_mode) if policy.start_mode in (COLD, STORE) else None
+    )
     for t_idx in range(start, n, step):
         now = t_idx * dt
         cluster.land_transfers(now)
@@ -457,7 +461,9 @@ def run_policy(ctx: SimContext, policy: Policy) -> PolicyResult:
         desired_all = []
         for w, wl in enumerate(ctx.workloads):
             rt = runtime[w]
-            path = cluster.peek_path(wl.artifact, wl.spec.gpus_per_replica, policy.start_mode)
+            path = fixed_path or cluster.peek_path(
+                wl.artifact, wl.spec.gpus_per_replica, policy.start_mode
+            )
             rt.next_path = path.value
             rt.next_lead_s = lead_of[path]
             desired_all.append(policy.decide(ctx, w, t_idx, rt))
@@ -475,6 +481,8 @@ def run_policy(ctx: SimContext, policy: Policy) -> PolicyResult:
             granted = allocate_gpu_budget(claims, cfg.gpu_budget).granted
             desired_all = [granted[wl.name] for wl in ctx.workloads]
         for w, wl in enumerate(ctx.workloads):
+            if desired_all[w] == runtime[w].current:
+                continue  # nothing to do (as _apply would find), without the call
             _apply(
                 cluster,
                 wl,

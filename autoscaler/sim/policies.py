@@ -141,8 +141,9 @@ class KPA(Policy):
     def decide(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> int:
         spec = ctx.workloads[w].spec
         now = t_idx * ctx.dt
-        stable = ctx.observed_mean(w, t_idx, self.stable_window_s)
-        panic = ctx.observed_mean(w, t_idx, self.panic_window_s)
+        observed = ctx.prefix[w]  # the same means as ctx.observed_mean, one call fewer each
+        stable = observed.mean(t_idx, self.stable_window_s)
+        panic = observed.mean(t_idx, self.panic_window_s)
         if not (math.isfinite(stable) and math.isfinite(panic)):
             return rt.current
         target = spec.capacity_per_replica * self.target_utilisation
