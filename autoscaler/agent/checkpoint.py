@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.cuda import driver_info, get_api, process_uses_cuda
@@ -103,7 +104,7 @@ def checkpoint_worker(
             timings["criu_dump"] = dumped.seconds
             say("sealing the artifact (sha256 of every file)")
             t = time.perf_counter()
-            info = _artifact_info(request, dumped, api is not None, target is not None)
+            info = artifact_info(request, dumped, api is not None, target is not None)
             manifest = writer.commit(info)
             timings["seal"] = time.perf_counter() - t
     except BaseException:
@@ -115,9 +116,16 @@ def checkpoint_worker(
     return CheckpointResult(manifest=manifest, seconds=timings)
 
 
-def _artifact_info(
-    request: CheckpointRequest, dumped: criu_mod.DumpResult, has_cuda: bool, namespaced: bool
+def artifact_info(
+    request: CheckpointRequest | Any,
+    dumped: criu_mod.DumpResult,
+    has_cuda: bool,
+    namespaced: bool,
+    extra: dict[str, Any] | None = None,
 ) -> ArtifactInfo:
+    """What the manifest records of a dump: identity, versions, GPU, PIDs. `request` is any
+    checkpoint request with workload, model, handshake_dir and extra (single or group);
+    `extra` adds (and overrides) manifest extras, e.g. a group's per-process records."""
     gpu = driver_info() if has_cuda else {"driver_version": None, "gpu_model": None}
     return ArtifactInfo(
         workload=request.workload,
@@ -129,7 +137,7 @@ def _artifact_info(
         root_pid=dumped.root_pid,
         pids=dumped.pids,
         namespaced=namespaced,
-        extra={"handshake": request.handshake_dir is not None, **request.extra},
+        extra={"handshake": request.handshake_dir is not None, **request.extra, **(extra or {})},
     )
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Protocol
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent.cuda import driver_info, get_api, parse_gpu_uuid, process_uses_cuda
+from autoscaler.agent.checkpoint import artifact_info
+from autoscaler.agent.cuda import get_api, parse_gpu_uuid, process_uses_cuda
 from autoscaler.agent.errors import AgentError, ArtifactExists, CudaError, ProcessNotFound
 from autoscaler.agent.hooks import Handshake, rank_handshake_dir
 from autoscaler.agent.store import ArtifactInfo, ArtifactStore, Manifest, validate_artifact_id
@@ -504,20 +505,12 @@ def _group_info(
     records: Sequence[ProcessRecord],
     namespaced: bool,
 ) -> ArtifactInfo:
-    has_cuda = any(r.cuda for r in records)
-    gpu = driver_info() if has_cuda else {"driver_version": None, "gpu_model": None}
-    return ArtifactInfo(
-        workload=request.workload,
-        model=dict(request.model),
-        criu_version=criu_mod.criu_version(),
-        driver_version=gpu["driver_version"],
-        gpu_model=gpu["gpu_model"],
-        has_cuda_state=has_cuda,
-        root_pid=dumped.root_pid,
-        pids=dumped.pids,
+    return artifact_info(
+        request,
+        dumped,
+        has_cuda=any(r.cuda for r in records),
         namespaced=namespaced,
         extra={
-            **request.extra,
             "format": GROUP_FORMAT,
             "handshake": request.handshake_dir is not None,
             "ranks": request.ranks,
