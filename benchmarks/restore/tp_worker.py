@@ -103,13 +103,16 @@ class TorchShard(NumpyShard):
         self.device = torch.device(device)
         torch.cuda.set_device(self.device)
         torch.backends.cuda.matmul.allow_tf32 = False
-        self.w1 = torch.from_numpy(self.w1).to(self.device)
-        self.w2 = torch.from_numpy(self.w2).to(self.device)
+        # float32 throughout: numpy may hand float64, and a matmul refuses mixed dtypes
+        self.w1 = torch.from_numpy(self.w1).to(self.device, dtype=torch.float32)
+        self.w2 = torch.from_numpy(self.w2).to(self.device, dtype=torch.float32)
         # some GPU memory that must come back with the process (a stand-in for a KV cache)
         self.scratch = torch.arange(1 << 22, device=self.device, dtype=torch.float32)
 
     def example(self, seed: int) -> Any:
-        return self.torch.from_numpy(super().example(seed)).to(self.device)
+        return self.torch.from_numpy(super().example(seed)).to(
+            self.device, dtype=self.torch.float32
+        )
 
     def partial(self, x: Any) -> Any:
         out = self.torch.relu(x @ self.w1) @ self.w2
