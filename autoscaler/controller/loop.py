@@ -360,6 +360,8 @@ class Controller:
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
         self._affinity_done: set[str] = set()
+        # Deployments now held on missing data: the Event is written when a hold begins.
+        self._holding: set[str] = set()
         # Deployments whose adoption rollout is under way: cycles a scale-up may still wait.
         self._adopting: dict[str, int] = {}
         self.artifacts: ArtifactManager | None = None
@@ -613,11 +615,18 @@ class Controller:
         self.metrics.model_fallbacks.labels(name, source.error_type or "error").inc()
         log.error("%s: saved model %s not used, fitted a fresh one instead: %s",
                   name, source.path, source.error)  # fmt: skip
+        self._event(d, "ModelFallback", source.message, type_="Warning")
+
+    def _event(
+        self, d: ManagedDeployment, reason: str, message: str, type_: str = "Normal"
+    ) -> None:
+        """An Event on the Deployment (kubectl describe shows it); none in dry-run. A failed
+        write is logged, never fatal to the cycle."""
         if self.dry_run or not self.settings.events:
             return
         try:
-            self.cluster.record_event(d.namespace, "Deployment", d.name, d.uid, "ModelFallback",
-                                      source.message, type_="Warning")  # fmt: skip
+            self.cluster.record_event(d.namespace, "Deployment", d.name, d.uid, reason, message,
+                                      type_=type_)  # fmt: skip
         except ClusterError as exc:
             log.warning("event not recorded: %s", exc)
 
@@ -774,12 +783,14 @@ class Controller:
             self.metrics.scale_writes.labels(d.workload, direction).inc()
             log.info("scaled %s %d -> %d: %s", d.key, result.before.spec_replicas,
                      result.written, ex.summary())  # fmt: skip
-            if self.settings.events:
-                reason = "ScaledUp" if direction == "up" else "ScaledDown"
-                msg = (f"{result.before.spec_replicas} -> {result.written}: {ex.summary()}")
-                try:
-                    self.cluster.record_event(d.namespace, "Deployment", d.name, d.uid,
-                                              reason, msg)  # fmt: skip
-                except ClusterError as exc:
-                    log.warning("event not recorded: %s", exc)
+            reason = "ScaledUp" if direction == "up" else "ScaledDown"
+            self._event(d, reason, f"{result.before.spec_replicas} -> {result.written}: "
+                        f"{ex.summary()}")  # fmt: skip
+        # The demand signal lost (Prometheus down, no samples): one Warning when the hold
+        # begins. A hold only while the first fit runs is routine, not worth an Event.
+        if not signal_ok and ex.missing_data and d.key not in self._holding:
+            self._holding.add(d.key)
+            self._event(d, "HoldingOnMissingData", ex.summary(), type_="Warning")
+        elif signal_ok:
+            self._holding.discard(d.key)
         return outcome

@@ -281,6 +281,9 @@ def test_prometheus_stopping_mid_run_never_scales_down(
     assert not out.signal_ok and out.binding == "missing-data-hold", out.summary
     assert c.metrics.signal_up.labels("chat")._value.get() == 0
     assert c.metrics.scale_writes.labels("chat", "down")._value.get() == 0
+    holds = [e for e in world.cluster.events(world.namespace, "chat-server")
+             if e.reason == "HoldingOnMissingData"]  # fmt: skip
+    assert len(holds) == 1, [e.reason for e in holds]  # one Event when the hold began, no spam
 
 
 def test_restarting_the_controller_causes_no_duplicate_scaling(
