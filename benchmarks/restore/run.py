@@ -6,8 +6,11 @@ For each model (Qwen3-shaped 0.6B and 8B, random bf16 weights in a safetensors f
   memory    fast-path artifact (no weights, no KV cache in the CRIU image), staged in the page
             cache together with the weights file: CRIU restore + CUDA restore + parallel pinned
             weight reload + KV re-allocation, to the first correct response
-  disk      the same artifact and weights file after dropping the page caches; a prefetch of
-            the images and the weights starts with the restore
+  disk      the same artifact and weights file after dropping the page caches: the agent's
+            verification reads the images (parallel, into the page cache), then CRIU restores
+            while the preloader reads the weights
+The memory and disk paths include the agent's verification of the artifact (sha256 of every
+file against its manifest, as the agent does on every read; `--no-verify` leaves it out).
   baseline  the upstream path: the weights inside the CRIU image (only the KV cache released),
             restored from the page cache
 Every response is compared token for token (and logit for logit) with the cold worker's.
@@ -41,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from autoscaler.agent import criu as criu_mod  # noqa: E402
 from autoscaler.agent import fastload  # noqa: E402
+from autoscaler.agent import store as store_mod  # noqa: E402
 from autoscaler.agent.hooks import Handshake  # noqa: E402
 
 GiB = 1 << 30
@@ -201,6 +205,25 @@ class ModelRun:
     reference: dict[str, Any] | None = None
     pid: int | None = None
     proc: Any = None
+    verify_roots: dict[Path, Path] = field(default_factory=dict)
+
+    def seal_for_verify(self, images: Path) -> Path:
+        """An agent-store view of a CRIU images directory: hard links of its files under
+        `<images>.artifact/images` and a manifest (sha256 of every file and of each 64 MiB
+        block), so a restore can be timed with the agent's own verification."""
+        root = images.parent / f"{images.name}.artifact"
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "images").mkdir(parents=True)
+        for f in image_files(images):
+            os.link(f, root / "images" / f.name)
+        t = time.perf_counter()
+        store_mod.seal_directory(
+            root, root.name, store_mod.ArtifactInfo(workload=f"restore-bench-{self.model}")
+        )
+        log(f"{self.model}: sealed {images.name} for verification in "
+            f"{time.perf_counter() - t:.2f} s")  # fmt: skip
+        self.verify_roots[images] = root
+        return root
 
     @property
     def preload_socket(self) -> Path:
@@ -330,19 +353,33 @@ class ModelRun:
         if not port_free(self.port):
             raise RuntimeError(f"port {self.port} is taken before the restore")
         hs.prepare_restore()
-        prefetch_thread = None
+        verify_root = self.verify_roots.get(images) if self.args.verify else None
+        threads, chunk = self.load
+
+        def start_preload() -> None:  # the preloader reads the weights while CRIU and CUDA run
+            if preload:
+                fastload.request_preload(
+                    str(self.preload_socket), str(self.weights), threads, chunk << 20
+                )
+
         t0 = time.perf_counter()
-        if preload:  # the preloader reads the weights while CRIU and CUDA restore
-            threads, chunk = self.load
-            fastload.request_preload(
-                str(self.preload_socket), str(self.weights), threads, chunk << 20
-            )
+        # From memory the weights and the images are both in the page cache: start at once.
+        # From disk the images come first (CRIU needs them now, the worker needs the weights
+        # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
+        if path != "disk":
+            start_preload()
+        if verify_root is not None:  # what the agent does on every read of an artifact
+            store_mod.verify_directory(verify_root.name, verify_root)
+        elif path == "disk":
+            fastload.prefetch(image_files(images), threads=16)
+        t_verify = time.perf_counter() - t0
         if path == "disk":
-            ahead = [p for p in staged if not (preload and p == self.weights)]
-            prefetch_thread = threading.Thread(
-                target=fastload.prefetch, args=(ahead,), kwargs={"threads": 8}, daemon=True
-            )
-            prefetch_thread.start()
+            start_preload()
+            if not preload and weights_needed:  # the worker reads them itself after restore
+                threading.Thread(
+                    target=fastload.prefetch, args=([self.weights],),
+                    kwargs={"threads": threads}, daemon=True,
+                ).start()  # fmt: skip
         restored = criu_mod.restore(
             images, logs, self.criu_options, log_name=f"restore-{path}-{time.time():.0f}.log"
         )
@@ -356,9 +393,8 @@ class ModelRun:
         seconds = time.perf_counter() - t0
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         ok = self.reference is not None and same_output(body, self.reference)
-        if prefetch_thread is not None:
-            prefetch_thread.join()
-        log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f}, cuda "
+        log(f"{self.model} restore {path}: {seconds:.3f} s (verify {t_verify:.3f}, criu "
+            f"{t_criu - t_verify:.3f}, cuda "
             f"{t_cuda - t_criu:.3f}) ok={ok} worker={health.get('restore_phases')}")  # fmt: skip
         self.runs.append({
             "model": self.model, "path": path, "seconds_to_first_response": round(seconds, 3),
@@ -367,7 +403,9 @@ class ModelRun:
             "weights_bytes": self.weights.stat().st_size if weights_needed else 0,
             "weights_source": health.get("weights_source") if weights_needed else "image",
             "resident_before": resident,
-            "phases": {"criu_restore_s": round(t_criu, 3),
+            "verified": verify_root is not None,
+            "phases": {"verify_s": round(t_verify, 3),
+                       "criu_restore_s": round(t_criu - t_verify, 3),
                        "cuda_restore_s": round(t_cuda - t_criu, 3),
                        "worker_s": round(seconds - t_cuda, 3),
                        "worker": health.get("restore_phases"),
@@ -439,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         "--thp-experiment", action="store_true",
         help="one more memory restore with transparent huge pages 'always' (path memory_thp)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_false",
+        help="leave the agent's artifact verification out of the memory and disk restores",
+    )  # fmt: skip
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -505,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             run.cold_start()
             fast_images = mwork / "fast"
             ckpt = run.checkpoint("fast", fast_images)
+            if args.verify:
+                run.seal_for_verify(fast_images)
             if "memory" in paths:
                 for _ in range(args.memory_repeats):
                     run.restore("memory", fast_images, ckpt)
