@@ -20,6 +20,7 @@ Without /work/shared the bundled aggregates of the same traces are used (autosca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from autoscaler.forecast.ensemble import rule_names
-from autoscaler.forecast.evaluate import compare_models
+from autoscaler.forecast.evaluate import compare_models, ensemble_ratio_interval
 from autoscaler.forecast.registry import make_forecaster, model_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,12 +119,19 @@ def accuracy(traces: Path | None, models: list[str], only: list[str]) -> list[di
                 "fit_seconds": {k: v.fit_seconds for k, v in scores.items()},
                 "skipped": cmp.skipped,
                 "backtest_seconds": took,
+                "ratio_bootstrap": {r: _interval(cmp, r, h) for r in rule_names()},
             }
             rows.append(row)
             print(f"{name:17s} h={m:>2}min static={sel:15s} {row['static_selected_pinball']:.4g} "
                   f"best anchor={best:14s} {row['best_anchor_pinball']:.4g} "
                   f"static ratio={row['static_ratio']:.3f}", flush=True)
     return rows
+
+
+def _interval(cmp, rule: str, h: int) -> dict | None:
+    """How noisy the rule's ratio to the best anchor is on these evaluation targets."""
+    iv = ensemble_ratio_interval(cmp, rule, h)
+    return None if iv is None else dataclasses.asdict(iv)
 
 
 def choose_rule(rows: list[dict]) -> tuple[str, dict[str, float]]:
@@ -156,6 +164,37 @@ def apply_rule(rows: list[dict], rule: str) -> None:
             if row["trace"] in MULTI_DAY else None
         )
         row["target_within_5pct"] = bool(row["ratio"] is not None and row["ratio"] <= 1.05)
+        row["selected_ratio_bootstrap"] = row["ratio_bootstrap"].get(rule)
+
+
+def servegen_structure(traces: Path | None) -> dict:
+    """Is there per-customer or seasonal structure a forecaster could use? Autocorrelations
+    and the oracle bound of autoscaler.forecast.structure on every ServeGen folder (parts =
+    customers; windows judged = the evaluation window, the last 30%; customers picked as
+    seasonal on data before it)."""
+    from autoscaler.forecast.evaluate import windows
+    from autoscaler.forecast.structure import summarize_parts
+    from autoscaler.signals.traces import read_servegen
+
+    out: dict = {}
+    for name in MULTI_DAY:
+        rel, _, step, minutes, _ = TRACES[name]
+        if traces is None or not (traces / rel).is_dir():
+            out[name] = {"skipped": "needs the per-customer ServeGen folders (/work/shared)"}
+            continue
+        w = read_servegen(traces / rel)
+        step_td = pd.Timedelta(step)
+        if pd.Timedelta(seconds=w.window_s) != step_td:
+            out[name] = {"skipped": f"windows are {w.window_s} s, not {step}"}
+            continue
+        _, eval_start = windows(w.rate.shape[1], 0.3)
+        hs = [round(pd.Timedelta(minutes=m) / step_td) for m in minutes]
+        out[name] = summarize_parts(
+            w.rate, hs, round(pd.Timedelta("1D") / step_td), round(pd.Timedelta("7D") / step_td),
+            eval_start, names=w.customers,
+        )
+        out[name]["horizon_steps"] = hs
+    return out
 
 
 def two_weeks_of_minutes(traces: Path | None, seed: int = 0) -> pd.Series:
@@ -229,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     print("rule chosen on the development windows:", rule,
           {k: round(v, 3) for k, v in sorted(dev_scores.items(), key=lambda kv: kv[1])})
     costs = [] if args.skip_cost else cost(traces, models)
+    structure = servegen_structure(traces)
     result = {
         "benchmark": "forecast",
         "command": "python " + " ".join(["benchmarks/forecast.py", *(argv or sys.argv[1:])]),
@@ -244,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average_1min": os.getloadavg()[0],
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "accuracy": rows,
+        "servegen_structure": structure,
         "cost_14d_1min": {
             "data": "ServeGen m-large 10-min total rate interpolated to 1 min, scaled to "
                     "~20 req/s, Poisson counts per minute; 20,160 points; horizon 15 steps; "

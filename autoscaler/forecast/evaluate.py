@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from autoscaler.forecast.backtest import BacktestResult, rolling_origin, score_forecasts
-from autoscaler.forecast.common import DAY, as_history, history_step, season_length
+from autoscaler.forecast.common import DAY, as_history, history_step, pinball, season_length
 from autoscaler.forecast.ensemble import RULES, combine_backtests
 from autoscaler.forecast.registry import ANCHORS, make_forecaster
 
@@ -67,6 +67,9 @@ class EnsembleScore:
     coverage: float
     n_scored: int
     members: tuple[str, ...]
+    #: the combination's evaluation rows (target, actual, the level): for per-target analysis
+    #: such as `bootstrap_ratio`
+    eval_frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -272,5 +275,115 @@ def _score_ensembles(
                     coverage=float(ev_s.at[h, f"coverage@{quantile}"]),
                     n_scored=int(ev_s.at[h, "n"]),
                     members=tuple(frames),
+                    eval_frame=ev[["target", "actual", quantile]].reset_index(drop=True),
                 )
     return out
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def per_target_pinball(frame: pd.DataFrame, level: float) -> pd.Series:
+    """Pinball loss at `level` per observed target (index: target time), from a forecasts
+    frame (columns target, actual, `level`; one horizon)."""
+    ok = np.isfinite(frame["actual"].to_numpy(float)) & np.isfinite(
+        frame[level].to_numpy(float)
+    )
+    g = frame[ok]
+    loss = pinball(g["actual"].to_numpy(float), g[level].to_numpy(float), level)
+    return pd.Series(loss, index=pd.DatetimeIndex(g["target"]), name=level)
+
+
+def block_resample(n: int, block: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot x n) positions of a moving-block bootstrap: blocks of `block` consecutive
+    targets (neighbouring forecast errors are correlated, more so at longer horizons)."""
+    if n < 1:
+        raise ValueError("nothing to resample")
+    block = int(np.clip(block, 1, n))
+    n_blocks = math.ceil(n / block)
+    starts = rng.integers(0, n - block + 1, size=(n_boot, n_blocks))
+    pos = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(n_boot, -1)
+    return pos[:, :n]
+
+
+@dataclass(frozen=True)
+class RatioInterval:
+    """How noisy a ratio of mean pinball losses is on the targets it was measured on."""
+
+    ratio: float  # on the targets as they are: ours / the hindsight best anchor
+    n_targets: int
+    block: int
+    #: percentiles (5, 50, 95) of the resampled ratio, the best anchor re-chosen with hindsight
+    #: in every resample (the yardstick the targets define), and against one fixed anchor
+    hindsight: tuple[float, float, float]
+    fixed: tuple[float, float, float] | None
+    #: share of resamples in which the hindsight ratio is at or below 1.05 / at or below 0.6
+    p_within_5pct: float
+    p_40pct_below: float
+
+
+def bootstrap_ratio(
+    ours: pd.Series,
+    anchors: dict[str, pd.Series],
+    *,
+    fixed: str | None = None,
+    block: int = 1,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> RatioInterval:
+    """Moving-block bootstrap of mean(ours) / min over anchors of mean(anchor), per-target
+    losses aligned on the targets every series scored. Why: with 17 evaluation targets a
+    ratio against the best of several anchors picked with hindsight moves a lot from luck
+    alone; this says how much."""
+    if not anchors:
+        raise ValueError("no anchor to compare with")
+    common = ours.index
+    for s in anchors.values():
+        common = common.intersection(s.index)
+    if len(common) == 0:
+        raise ValueError("ours and the anchors share no scored target")
+    names = list(anchors)
+    a = np.column_stack([anchors[k].reindex(common).to_numpy(float) for k in names])
+    o = ours.reindex(common).to_numpy(float)
+    pos = block_resample(len(common), block, n_boot, np.random.default_rng(seed))
+    o_mean = o[pos].mean(axis=1)
+    a_mean = a[pos].mean(axis=1)  # (n_boot x anchors)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hind = o_mean / a_mean.min(axis=1)
+        fixed_r = o_mean / a_mean[:, names.index(fixed)] if fixed in anchors else None
+        point = float(o.mean() / a.mean(axis=0).min())
+
+    def pct(x: np.ndarray) -> tuple[float, float, float]:
+        lo, mid, hi = np.nanpercentile(x, [5, 50, 95])
+        return float(lo), float(mid), float(hi)
+
+    return RatioInterval(
+        ratio=point,
+        n_targets=len(common),
+        block=int(np.clip(block, 1, len(common))),
+        hindsight=pct(hind),
+        fixed=pct(fixed_r) if fixed_r is not None else None,
+        p_within_5pct=float(np.mean(hind <= 1.05)),
+        p_40pct_below=float(np.mean(hind <= 0.6)),
+    )
+
+
+def ensemble_ratio_interval(
+    cmp: Comparison, rule: str, h: int, *, n_boot: int = 2000, seed: int = 0
+) -> RatioInterval | None:
+    """`bootstrap_ratio` of a combination rule against the anchors eligible as the yardstick
+    at horizon h (blocks of max(h, 2) targets)."""
+    ens = cmp.ensembles.get(rule, {}).get(h)
+    if ens is None or ens.eval_frame is None or h not in cmp.best_anchor:
+        return None
+    q = cmp.quantile
+    n_need = MIN_ANCHOR_COVERAGE * cmp.n_forecasts[h]
+    anchors = {}
+    for k, v in cmp.scores[h].items():
+        if v.anchor and v.n_scored >= n_need:
+            fc = v.result.forecasts
+            g = fc[(fc["step"] == h) & (fc["target"] >= cmp.eval_start)]
+            anchors[k] = per_target_pinball(g, q)
+    ours = per_target_pinball(ens.eval_frame, q)
+    return bootstrap_ratio(ours, anchors, fixed=cmp.best_anchor[h], block=max(h, 2),
+                           n_boot=n_boot, seed=seed)
