@@ -17,6 +17,7 @@ from autoscaler.forecast.ensemble import (
     combine_values,
     log_shift,
     rule_weights,
+    trimmed_members,
 )
 
 STEP = pd.Timedelta("10min")
@@ -54,6 +55,19 @@ def test_combined_quantiles_are_monotone_without_any_sorting(rule: str) -> None:
         out = combine_values(values, losses, rule)
         assert out.shape == (4, 3)
         assert np.all(np.diff(out, axis=1) >= -1e-12)
+
+
+def test_trimmed_drops_the_worst_scored_members_but_keeps_three() -> None:
+    losses = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 50.0, "e": 90.0}
+    assert trimmed_members(losses) == ["a", "b", "c"]
+    assert trimmed_members({k: losses[k] for k in "abcd"}) == ["a", "b", "c"]
+    assert trimmed_members({k: losses[k] for k in "abc"}) == ["a", "b", "c"]
+    assert rule_weights(losses, "trimmed") == pytest.approx({k: 1 / 3 for k in "abc"})
+    # the far-off member is dropped from the median; an unscored member stays in
+    values = {k: np.array([v]) for k, v in
+              {"a": 10.0, "b": 11.0, "c": 12.0, "d": 100.0, "e": 200.0, "new": 13.0}.items()}
+    assert combine_values(values, losses, "trimmed") == pytest.approx([11.5])
+    assert combine_values(values, losses, "median") == pytest.approx([12.5])
 
 
 def test_unscored_members_fall_back_to_the_equal_mean() -> None:

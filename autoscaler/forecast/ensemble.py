@@ -23,8 +23,14 @@ from autoscaler.forecast.common import pinball
 
 #: Combination rules. select: the member with the lowest recent loss; mean: equal weights over
 #: every member; median: the members' median; top3: equal weights over the three lowest recent
-#: losses; inverse: inverse-loss weights over the best three, shrunk halfway to equal weights.
-RULES: tuple[str, ...] = ("select", "mean", "median", "top3", "inverse")
+#: losses; inverse: inverse-loss weights over the best three, shrunk halfway to equal weights;
+#: trimmed: the median after dropping the members with the worst recent losses (up to
+#: `TRIM_WORST`, keeping at least `TRIM_KEEP` scored ones), a robust median that ignores a
+#: member which has been clearly off lately.
+RULES: tuple[str, ...] = ("select", "mean", "median", "top3", "inverse", "trimmed")
+#: How many of the worst-scored members `trimmed` drops, and how many scored ones it keeps.
+TRIM_WORST = 2
+TRIM_KEEP = 3
 #: Fewest past residuals the conformal shift needs before it moves a forecast.
 MIN_CALIBRATION = 10
 
@@ -42,12 +48,24 @@ def rule_weights(losses: Mapping[str, float], rule: str, shrink: float = 0.5) ->
         return {ranked[0]: 1.0}
     if rule in ("mean", "median"):
         return {k: 1.0 / len(names) for k in names}
+    if rule == "trimmed":
+        kept = trimmed_members(losses)
+        return {k: 1.0 / len(kept) for k in kept}
     top = ranked[:3]
     if rule == "top3":
         return {k: 1.0 / len(top) for k in top}
     inv = np.array([1.0 / max(losses[k], 1e-12) for k in top])
     w = (1.0 - shrink) * inv / inv.sum() + shrink / len(top)
     return dict(zip(top, (float(x) for x in w), strict=True))
+
+
+def trimmed_members(losses: Mapping[str, float]) -> list[str]:
+    """The scored members `trimmed` keeps: all but the `TRIM_WORST` worst recent losses, never
+    fewer than `TRIM_KEEP` (ties keep the earlier name)."""
+    names = [k for k, v in losses.items() if np.isfinite(v)]
+    drop = min(TRIM_WORST, max(0, len(names) - TRIM_KEEP))
+    ranked = sorted(names, key=lambda k: losses[k])
+    return ranked[: len(ranked) - drop]
 
 
 def combine_values(
@@ -63,6 +81,11 @@ def combine_values(
     scored = {k: v for k, v in losses.items() if k in values and np.isfinite(v)}
     if rule == "median":
         return np.median(np.stack(list(values.values())), axis=0)
+    if rule == "trimmed":
+        # unscored members stay in; the median of a fixed subset keeps levels monotone
+        worst = set(scored) - set(trimmed_members(scored))
+        kept = [np.asarray(v, float) for k, v in values.items() if k not in worst]
+        return np.median(np.stack(kept), axis=0)
     if rule == "mean" or not scored:
         return np.mean(np.stack(list(values.values())), axis=0)
     weights = rule_weights(scored, rule)
