@@ -143,7 +143,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     outcome = restore_artifact(RestoreRequest(
         artifact_id=args.id, handshake_dir=args.handshake_dir, health_url=args.health_url,
         namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
-        ready_timeout_s=args.timeout, use_store=not args.local_only,
+        ready_timeout_s=args.timeout, use_store=not args.local_only, verify=args.verify,
     ), _cache(args), _store(args), _progress)
     _print(outcome.to_dict())
     return 0 if outcome.ok else 1
@@ -222,6 +222,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-pair", action="append", default=[], help="OLD_UUID=NEW_UUID")
     p.add_argument("--timeout", type=float, default=120.0, help="ready timeout (s)")
     p.add_argument("--local-only", action="store_true", help="never restore from the store")
+    p.add_argument(
+        "--verify", choices=("alongside", "before"), default="alongside",
+        help="hash the copy while CRIU restores it stopped (default), or before CRIU starts",
+    )  # fmt: skip
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("inventory", help="what the node cache holds")

@@ -14,9 +14,11 @@ images and the logs must then be visible at the same paths inside that mount nam
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import threading
@@ -110,6 +112,7 @@ class CriuOptions:
     link_remap: bool = True  # files unlinked while open
     shell_job: bool = False  # the tree belongs to a terminal session
     leave_running: bool = False  # dump only: keep the original running
+    leave_stopped: bool = False  # restore only: the tree stays stopped until continue_tree()
     manage_cgroups: bool = False
     verbosity: int = 2
     extra_args: tuple[str, ...] = ()
@@ -130,6 +133,8 @@ class CriuOptions:
             out.append("--shell-job")
         if self.leave_running and operation == "dump":
             out.append("--leave-running")
+        if self.leave_stopped and operation == "restore":
+            out.append("--leave-stopped")
         if self.manage_cgroups:
             out.append("--manage-cgroups")
         out.extend(self.extra_args)
@@ -273,6 +278,31 @@ def restore(
     if target is None:
         reap_when_exits(host)
     return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path)
+
+
+def tree_pids(host_pid: int) -> list[int]:
+    """A process and all its descendants (host PIDs, parents first), from /proc's children."""
+    out: list[int] = []
+    todo = [host_pid]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                children = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+                todo.extend(int(c) for c in children.split())
+    return out
+
+
+def continue_tree(host_pid: int) -> None:
+    """SIGCONT a tree restored with leave_stopped (every process of it)."""
+    for pid in tree_pids(host_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 # --- PIDs and namespaces ---------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Restore a worker from the best copy of an artifact, or report exactly why not.
 
 Order of copies: memory tier, disk tier, then the store itself. Each is verified (sha256 of every
-file) before use; a corrupt copy is quarantined and the next one tried. Then: CRIU restore
+file) before anything restored from it runs: by default alongside CRIU, which restores the tree
+stopped until every file matched (see restore_while_verifying); a corrupt copy is quarantined and
+the next one tried. Then: CRIU restore
 (detached, into the target pod's namespaces when given), CUDA restore + unlock when the image
 holds CUDA state, tell the worker it was restored, wait for its ready signal, check that it
 answers over HTTP. On any failure after CRIU started, everything restored is killed, the
@@ -20,7 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
@@ -35,9 +38,16 @@ from autoscaler.agent.errors import (
 )
 from autoscaler.agent.hooks import Handshake
 from autoscaler.agent.staging import NodeCache
-from autoscaler.agent.store import ArtifactStore, VerifiedArtifact, validate_artifact_id
+from autoscaler.agent.store import (
+    ArtifactStore,
+    VerifiedArtifact,
+    validate_artifact_id,
+    verify_directory,
+)
 
 Progress = Callable[[str], None]
+VERIFY_MODES = ("alongside", "before")
+MAX_COPIES = 3  # memory, disk, store: one restore attempt per copy at most
 CLONE_NEWNET = 0x40000000
 
 
@@ -62,6 +72,13 @@ class RestoreRequest:
     # multi-process workers: where the ranks rebuild their communicators (None: the agent
     # picks a free port on 127.0.0.1); gpu_pairs then map the manifest's source GPU UUIDs
     rendezvous: dict[str, object] | None = None
+    # "alongside": hash the copy's files while CRIU restores it (stopped) and let it run only
+    # when every file matched; "before": hash first, then restore (slower by the hashing time)
+    verify: str = "alongside"
+
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {self.verify!r}")
 
 
 @dataclass(frozen=True)
@@ -102,8 +119,10 @@ def choose_copy(
     use_store: bool,
     quarantined: list[str],
     progress: Progress,
+    check_contents: bool = True,
 ) -> tuple[str, VerifiedArtifact, ArtifactStore]:
-    """The best verified copy; corrupt copies are quarantined on the way."""
+    """The best verified copy; corrupt copies are quarantined on the way (check_contents
+    False: the contents are left for the caller to hash, see restore_while_verifying)."""
     candidates: list[tuple[str, ArtifactStore]] = []
     if cache is not None:
         candidates.extend(cache.best_copies(artifact_id))
@@ -119,7 +138,7 @@ def choose_copy(
     for source, holder in candidates:
         progress(f"verifying the {source} copy of {artifact_id}")
         try:
-            verified = holder.open(artifact_id)
+            verified = holder.open(artifact_id, check_contents=check_contents)
         except ArtifactCorrupt as exc:
             quarantined.append(holder.quarantine(artifact_id, str(exc)))
             last = exc
@@ -153,37 +172,55 @@ def restore_artifact(
     timings: dict[str, float] = {}
     quarantined: list[str] = []
     t0 = time.perf_counter()
-    try:
-        source, verified, holder = choose_copy(
-            artifact_id, cache, store, request.use_store, quarantined, say
-        )
-    except AgentError as exc:
-        return _failure(artifact_id, exc, quarantined=tuple(quarantined))
-    timings["verify"] = time.perf_counter() - t0
-
     target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
     logs = _log_dir(log_root, cache, artifact_id)
-    records = multiproc.process_records(verified.manifest)
-    handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
-    rank_handshakes = (
-        multiproc.rank_handshakes(request.handshake_dir, records)
-        if records and request.handshake_dir else []
-    )
-    if rank_handshakes:
-        handshake = None  # a multi-process worker hands shakes per rank
-    for hs in [*([handshake] if handshake else []), *rank_handshakes]:
-        hs.prepare_restore()
-    say(f"CRIU restore from the {source} copy" + (f" into {target.describe()}" if target else ""))
-    try:
-        restored = criu_mod.restore(
-            verified.images_dir, logs, request.criu_options, target, log_name="restore.log"
+    alongside = request.verify == "alongside"
+    corrupt: ArtifactCorrupt | None = None  # the last copy found corrupt alongside CRIU
+    for _attempt in range(MAX_COPIES):
+        try:
+            source, verified, holder = choose_copy(
+                artifact_id, cache, store, request.use_store, quarantined, say,
+                check_contents=not alongside,
+            )  # fmt: skip
+        except AgentError as exc:
+            why = corrupt if corrupt is not None and isinstance(exc, ArtifactNotFound) else exc
+            return _failure(artifact_id, why, quarantined=tuple(quarantined))
+        timings["verify"] = time.perf_counter() - t0
+        records = multiproc.process_records(verified.manifest)
+        handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
+        rank_handshakes = (
+            multiproc.rank_handshakes(request.handshake_dir, records)
+            if records and request.handshake_dir else []
         )
-    except PidTaken as exc:  # nothing was restored and the artifact is fine
-        return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
-    except AgentError as exc:
-        where = _quarantine_local(holder, source, artifact_id, exc, quarantined)
-        return _failure(artifact_id, exc, source=source, quarantined=tuple(where),
-                        log_path=str(logs / "restore.log"))
+        if rank_handshakes:
+            handshake = None  # a multi-process worker hands shakes per rank
+        for hs in [*([handshake] if handshake else []), *rank_handshakes]:
+            hs.prepare_restore()
+        say(f"CRIU restore from the {source} copy"
+            + (f" into {target.describe()}" if target else "")
+            + (", its files hashed alongside" if alongside else ""))  # fmt: skip
+        check = _content_check(artifact_id, verified, timings) if alongside else None
+        try:
+            restored = restore_while_verifying(
+                verified.images_dir, logs, request.criu_options, target, check, "restore.log"
+            )
+        except PidTaken as exc:  # nothing was restored and the artifact is fine
+            return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
+        except ArtifactCorrupt as exc:  # found alongside CRIU: nothing of it ever ran
+            say(f"the {source} copy is corrupt ({exc}); trying the next copy")
+            quarantined.append(holder.quarantine(artifact_id, str(exc)))
+            corrupt = exc
+            continue
+        except AgentError as exc:
+            where = _quarantine_local(holder, source, artifact_id, exc, quarantined)
+            return _failure(artifact_id, exc, source=source, quarantined=tuple(where),
+                            log_path=str(logs / "restore.log"))
+        break
+    else:
+        return _failure(
+            artifact_id, corrupt or ArtifactNotFound(artifact_id, "an intact copy"),
+            quarantined=tuple(quarantined),
+        )  # fmt: skip
     timings["criu_restore"] = restored.seconds
     try:
         if verified.manifest.has_cuda_state and records:
@@ -234,6 +271,57 @@ def restore_artifact(
         quarantined=tuple(quarantined),
         log_path=str(restored.log_path),
     )
+
+
+def restore_while_verifying(
+    images_dir: Path,
+    logs_dir: Path,
+    options: criu_mod.CriuOptions,
+    target: criu_mod.NamespaceTarget | None,
+    check: Callable[[], object] | None,
+    log_name: str = "restore.log",
+) -> criu_mod.RestoreResult:
+    """CRIU restore with the copy's contents checked at the same time.
+
+    Why alongside: hashing a 1.4 GB image costs ~0.15 s on 16 cores even from memory, and from
+    disk its parallel reads are the fastest way to pull the images into the page cache, which
+    CRIU, trailing behind, then finds there. The tree is restored stopped (--leave-stopped) and
+    continued only after every file matched: a corrupt copy is killed before it runs one
+    instruction, and its ArtifactCorrupt is raised (also when it made CRIU itself fail).
+    check=None: a plain restore (the contents were checked before).
+    """
+    if check is None:
+        return criu_mod.restore(images_dir, logs_dir, options, target, log_name=log_name)
+    stopped = replace(options, leave_stopped=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
+        checked = pool.submit(check)
+        try:
+            restored = criu_mod.restore(images_dir, logs_dir, stopped, target, log_name=log_name)
+        except AgentError:
+            checked.result()  # a corrupt copy explains a failed restore: raise that instead
+            raise
+        try:
+            checked.result()
+        except BaseException:
+            kill_restored(restored.host_pid)
+            raise
+    criu_mod.continue_tree(restored.host_pid)
+    return restored
+
+
+def _content_check(
+    artifact_id: str, verified: VerifiedArtifact, timings: dict[str, float]
+) -> Callable[[], object]:
+    """The hashing half of verify_directory for one opened copy, timed into timings."""
+
+    def check() -> object:
+        t = time.perf_counter()
+        try:
+            return verify_directory(artifact_id, verified.path)
+        finally:
+            timings["verify_contents"] = time.perf_counter() - t
+
+    return check
 
 
 def _inner_to_host(target: criu_mod.NamespaceTarget | None) -> Callable[[int], int]:

@@ -131,6 +131,7 @@ class RestoreBody(_Body):
     ready_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     health_timeout_s: float = Field(default=30.0, gt=0, le=600)
     use_store: bool = True
+    verify: Literal["alongside", "before"] = "alongside"
 
 
 @dataclass
@@ -306,6 +307,7 @@ class Agent:
             health_url=body.health_url, namespace_pid=body.namespace_pid,
             gpu_pairs=tuple(body.gpu_pairs), ready_timeout_s=body.ready_timeout_s,
             health_timeout_s=body.health_timeout_s, use_store=body.use_store,
+            verify=body.verify,
         )
         with self._lock_for(body.artifact_id):
             outcome = restore_artifact(request, self.config.cache, self.config.store, progress,

@@ -207,10 +207,12 @@ class ArtifactInfo:
 
 @dataclass(frozen=True)
 class VerifiedArtifact:
-    """An artifact whose every file matched its manifest when it was opened."""
+    """An artifact whose every file matched its manifest when it was opened (contents_checked
+    False: only the file set and sizes were checked, the caller hashes the contents itself)."""
 
     manifest: Manifest
     path: Path
+    contents_checked: bool = True
 
     @property
     def images_dir(self) -> Path:
@@ -297,8 +299,13 @@ def verify_directory(
     root: Path,
     progress: ProgressCallback | None = None,
     threads: int = 0,
+    check_contents: bool = True,
 ) -> Manifest:
-    """Check that root holds exactly the manifest's files with their sizes and hashes."""
+    """Check that root holds exactly the manifest's files with their sizes and hashes.
+
+    check_contents=False stops after the cheap part (manifest, file set, sizes): a restore then
+    hashes the contents alongside CRIU (autoscaler.agent.restore) before anything runs.
+    """
     manifest_path = root / MANIFEST_NAME
     try:
         text = manifest_path.read_text()
@@ -316,6 +323,8 @@ def verify_directory(
             raise ArtifactCorrupt(
                 artifact_id, rel, f"size {size} bytes, manifest says {entry.size} (truncated?)"
             )
+    if not check_contents:
+        return manifest
     total = manifest.total_bytes
     done = [0]
     lock = threading.Lock()
@@ -362,6 +371,7 @@ def _fsync_path(path: Path) -> None:
 
 def seal_directory(staging: Path, artifact_id: str, info: ArtifactInfo) -> Manifest:
     """Hash every file, restrict permissions, write the manifest and fsync it all."""
+
     def seal_file(rel: str) -> FileEntry:
         full = staging / rel
         os.chmod(full, FILE_MODE)
@@ -466,8 +476,14 @@ class ArtifactStore(ABC):
         """Start writing a new artifact."""
 
     @abstractmethod
-    def open(self, artifact_id: str, progress: ProgressCallback | None = None) -> VerifiedArtifact:
-        """Verify every file against the manifest and return a handle (directory backends)."""
+    def open(
+        self,
+        artifact_id: str,
+        progress: ProgressCallback | None = None,
+        check_contents: bool = True,
+    ) -> VerifiedArtifact:
+        """Verify every file against the manifest and return a handle (directory backends);
+        check_contents=False checks only the file set and sizes (see verify_directory)."""
 
     @abstractmethod
     def delete(self, artifact_id: str) -> None: ...
@@ -563,12 +579,17 @@ class DirectoryStore(ArtifactStore):
             raise
         _fsync_path(self.root)
 
-    def open(self, artifact_id: str, progress: ProgressCallback | None = None) -> VerifiedArtifact:
+    def open(
+        self,
+        artifact_id: str,
+        progress: ProgressCallback | None = None,
+        check_contents: bool = True,
+    ) -> VerifiedArtifact:
         path = self._path(artifact_id)
         if not (path / MANIFEST_NAME).is_file():
             raise ArtifactNotFound(artifact_id, self.describe())
-        manifest = verify_directory(artifact_id, path, progress)
-        return VerifiedArtifact(manifest=manifest, path=path)
+        manifest = verify_directory(artifact_id, path, progress, check_contents=check_contents)
+        return VerifiedArtifact(manifest=manifest, path=path, contents_checked=check_contents)
 
     def delete(self, artifact_id: str) -> None:
         path = self._path(artifact_id)

@@ -7,10 +7,12 @@ For each model (Qwen3-shaped 0.6B and 8B, random bf16 weights in a safetensors f
             cache together with the weights file: CRIU restore + CUDA restore + parallel pinned
             weight reload + KV re-allocation, to the first correct response
   disk      the same artifact and weights file after dropping the page caches: the agent's
-            verification reads the images (parallel, into the page cache), then CRIU restores
-            while the preloader reads the weights
+            verification reads the images (parallel, into the page cache) while CRIU restores
+            behind it; then the preloader reads the weights
 The memory and disk paths include the agent's verification of the artifact (sha256 of every
-file against its manifest, as the agent does on every read; `--no-verify` leaves it out).
+file against its manifest, as the agent does on every read), run as the agent runs it:
+alongside CRIU, the tree restored stopped until every file matched (`--no-verify` leaves it
+out).
   baseline  the upstream path: the weights inside the CRIU image (only the KV cache released),
             restored from the page cache
 Every response is compared token for token (and logit for logit) with the cold worker's.
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from autoscaler.agent import criu as criu_mod  # noqa: E402
 from autoscaler.agent import fastload  # noqa: E402
+from autoscaler.agent import restore as restore_mod  # noqa: E402
 from autoscaler.agent import store as store_mod  # noqa: E402
 from autoscaler.agent.hooks import Handshake  # noqa: E402
 
@@ -362,28 +365,38 @@ class ModelRun:
                     str(self.preload_socket), str(self.weights), threads, chunk << 20
                 )
 
+        log_name = f"restore-{path}-{time.time():.0f}.log"
+        verify_s = [0.0]
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
         if path != "disk":
             start_preload()
-        if verify_root is not None:  # what the agent does on every read of an artifact
-            store_mod.verify_directory(verify_root.name, verify_root)
-        elif path == "disk":
-            fastload.prefetch(image_files(images), threads=16)
-        t_verify = time.perf_counter() - t0
-        if path == "disk":
-            start_preload()
-            if not preload and weights_needed:  # the worker reads them itself after restore
-                threading.Thread(
-                    target=fastload.prefetch, args=([self.weights],),
-                    kwargs={"threads": threads}, daemon=True,
-                ).start()  # fmt: skip
-        restored = criu_mod.restore(
-            images, logs, self.criu_options, log_name=f"restore-{path}-{time.time():.0f}.log"
-        )
+        if verify_root is not None:  # as the agent does: hash alongside CRIU, tree stopped
+
+            def check() -> None:
+                t = time.perf_counter()
+                store_mod.verify_directory(verify_root.name, verify_root)
+                verify_s[0] = time.perf_counter() - t
+                if path == "disk":  # the images are in the page cache now
+                    start_preload()
+
+            restored = restore_mod.restore_while_verifying(
+                images, logs, self.criu_options, None, check, log_name
+            )
+        else:
+            if path == "disk":
+                fastload.prefetch(image_files(images), threads=16)
+                start_preload()
+            restored = criu_mod.restore(images, logs, self.criu_options, log_name=log_name)
+        if path == "disk" and not preload and weights_needed:  # the worker reads them itself
+            threading.Thread(
+                target=fastload.prefetch, args=([self.weights],),
+                kwargs={"threads": threads}, daemon=True,
+            ).start()  # fmt: skip
         t_criu = time.perf_counter() - t0
+        t_verify = verify_s[0]
         pid = restored.host_pid
         if self.api is not None:
             self.api.restore_process(pid)
@@ -393,8 +406,8 @@ class ModelRun:
         seconds = time.perf_counter() - t0
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         ok = self.reference is not None and same_output(body, self.reference)
-        log(f"{self.model} restore {path}: {seconds:.3f} s (verify {t_verify:.3f}, criu "
-            f"{t_criu - t_verify:.3f}, cuda "
+        log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f} incl. verify "
+            f"{t_verify:.3f} alongside, cuda "
             f"{t_cuda - t_criu:.3f}) ok={ok} worker={health.get('restore_phases')}")  # fmt: skip
         self.runs.append({
             "model": self.model, "path": path, "seconds_to_first_response": round(seconds, 3),
@@ -404,8 +417,8 @@ class ModelRun:
             "weights_source": health.get("weights_source") if weights_needed else "image",
             "resident_before": resident,
             "verified": verify_root is not None,
-            "phases": {"verify_s": round(t_verify, 3),
-                       "criu_restore_s": round(t_criu - t_verify, 3),
+            "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
+                       "criu_restore_s": round(t_criu, 3),
                        "cuda_restore_s": round(t_cuda - t_criu, 3),
                        "worker_s": round(seconds - t_cuda, 3),
                        "worker": health.get("restore_phases"),

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
-from autoscaler.agent.restore import RestoreRequest, restore_artifact
+from autoscaler.agent.criu import CriuOptions
+from autoscaler.agent.restore import RestoreRequest, restore_artifact, restore_while_verifying
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import DirectoryStore
 
@@ -56,9 +57,10 @@ def node_with_copy(tmp_path: Path, dumped: dict) -> tuple[DirectoryStore, NodeCa
     return store, cache
 
 
+@pytest.mark.parametrize("verify", ["alongside", "before"])
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "missing"])
 def test_damaged_artifact_is_detected_and_nothing_restored(
-    tmp_path: Path, dumped: dict, damage: str
+    tmp_path: Path, dumped: dict, damage: str, verify: str
 ) -> None:
     store, cache = node_with_copy(tmp_path, dumped)
     store.delete("w")  # the staged copy is the only one
@@ -74,7 +76,7 @@ def test_damaged_artifact_is_detected_and_nothing_restored(
     else:
         pages.unlink()
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"])),
+        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]), verify=verify),
         cache=cache, store=store,
     )
     assert not outcome.ok
@@ -100,6 +102,59 @@ def test_corrupt_local_copy_falls_back_to_the_store(
     cleanup_pids.append(outcome.host_pid)
     assert outcome.source == "store"
     assert len(outcome.quarantined) == 1
+
+
+def test_content_damage_found_alongside_criu_falls_back_to_the_store(
+    tmp_path: Path, dumped: dict, cleanup_pids: list[int]
+) -> None:
+    """Same sizes, one flipped byte: only the hashing alongside CRIU can see it."""
+    store, cache = node_with_copy(tmp_path, dumped)
+    pages = next((tmp_path / "disk" / "w" / "images").glob("pages-*.img"))
+    with open(pages, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    outcome = restore_artifact(
+        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
+                       health_url=f"http://127.0.0.1:{dumped['port']}/health"),
+        cache=cache, store=store,
+    )  # fmt: skip
+    assert outcome.ok, outcome.reason
+    cleanup_pids.append(outcome.host_pid)
+    assert outcome.source == "store"
+    assert len(outcome.quarantined) == 1 and not cache.holds("w", "disk")
+    assert "verify_contents" in outcome.seconds
+
+
+def test_the_tree_stays_stopped_until_its_files_are_verified(
+    tmp_path: Path, dumped: dict, cleanup_pids: list[int]
+) -> None:
+    store, _cache = node_with_copy(tmp_path, dumped)
+    copy = store.open("w", check_contents=False)
+    pid = dumped["pid"]
+    seen: list[str] = []
+
+    def check() -> None:  # runs while CRIU restores: wait for the tree, note its state
+        wait_for(lambda: Path(f"/proc/{pid}").exists(), 30, "the restored worker")
+        wait_for(lambda: "T (stopped)" in _state(pid), 30, "the tree to be restored stopped")
+        seen.append(_state(pid))
+
+    restored = restore_while_verifying(
+        copy.images_dir, tmp_path / "logs", CriuOptions(), None, check
+    )
+    cleanup_pids.append(restored.host_pid)
+    assert restored.host_pid == pid
+    assert seen == ["T (stopped)"]
+    wait_for(lambda: "T (stopped)" not in _state(pid), 10, "the tree to be continued")
+
+
+def _state(pid: int) -> str:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "gone"
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("State:")), "unknown")  # fmt: skip
 
 
 def test_a_worker_that_does_not_answer_is_killed_and_its_copy_quarantined(
