@@ -308,14 +308,16 @@ def print_table(rows: list[dict], costs: list[dict]) -> None:
 
     t = Table(title=f"pinball@{QUANTILE} over the last 30%: selected model vs best anchor")
     for c in ("trace", "horizon", "selected", "pinball", "cover", "best anchor", "pinball ",
-              "ratio", "static sel.", "gbm", "target"):
+              "ratio", "90% interval", "P(<=1.05)", "static sel.", "gbm", "target"):
         t.add_column(c)
     for r in rows:
         target = "≥40% below" if r["trace"] in MULTI_DAY else "≤5% worse"
         ok = r["target_40pct_below"] if r["trace"] in MULTI_DAY else r["target_within_5pct"]
+        boot = r.get("selected_ratio_bootstrap")
         t.add_row(r["trace"], f"{r['horizon_min']} min", r["selected"],
                   _fmt(r["selected_pinball"]), _fmt(r["selected_coverage"]), r["best_anchor"],
-                  f"{r['best_anchor_pinball']:.4g}", _fmt(r["ratio"]),
+                  f"{r['best_anchor_pinball']:.4g}", _fmt(r["ratio"]), _span(boot),
+                  _fmt(boot["p_within_5pct"]) if boot else "-",
                   f"{r['static_selected']} {_fmt(r['static_ratio'])}",
                   _fmt(r["pinball"].get("gbm")),
                   f"{target}: {'met' if ok else 'MISSED'}")
@@ -328,6 +330,11 @@ def print_table(rows: list[dict], costs: list[dict]) -> None:
             c.add_row(r["model"], f"{r['fit_predict_seconds']:.2f}", f"{r['cpu_seconds']:.2f}",
                       f"{r['peak_python_mib']:.1f}")
         Console().print(c)
+
+
+def _span(boot: dict | None) -> str:
+    """The 5th-95th percentile of the bootstrapped ratio (best anchor re-picked each time)."""
+    return "-" if not boot else f"{boot['hindsight'][0]:.2f}-{boot['hindsight'][2]:.2f}"
 
 
 def _fmt(x: float | None) -> str:
