@@ -6,6 +6,12 @@ desired = replicas whose capacity covers the q-quantile forecast over
 forecast over the next window, or any recommendation of the last stabilisation period, needs),
 min/max replicas and step limits. Missing or stale data never lowers the plan.
 
+Where the caller gives a nowcast band (`autoscaler.plan.nowcast`: the measured rate carried
+ahead with margins calibrated on the recent past) that answers for a window, it stands in for
+the forecast over that window: a forecast on minute (or coarser) steps cannot see inside the
+few seconds a staged restore takes. With `lead_scaled_scale_down`, the scale-down window and
+stabilisation shrink with the lead (`scale_down_horizons`).
+
 Pure functions on frozen dataclasses. `plan_replicas` takes the forecaster's DataFrame;
 `plan_replicas_values` takes one quantile column as a numpy array and is what hot loops call
 (the simulator, a controller deciding 1,000 workloads).
@@ -25,10 +31,12 @@ import pandas as pd
 
 from autoscaler.errors import ConfigError
 from autoscaler.plan.capacity import replicas_needed
+from autoscaler.plan.nowcast import NowcastBand
 from autoscaler.plan.startpaths import DYNAMO_RESTORE_MEMORY_S, StartPath
 
 # Names of the constraint that decided the result (Explanation.binding).
 BINDING_FORECAST = "forecast"
+BINDING_NOWCAST = "nowcast"
 BINDING_REACTIVE_FLOOR = "reactive-floor"
 BINDING_SCALE_DOWN_WINDOW = "scale-down-window"
 BINDING_STABILISATION = "stabilisation"
@@ -64,6 +72,9 @@ class WorkloadSpec:
     reactive_floor: bool = True
     gpus_per_replica: int = 1
     priority: int = 0
+    # Scale-down window and stabilisation no longer than the next replica's start makes useful
+    # (see `scale_down_horizons`): a replica that restores in 3 s need not be held for minutes.
+    lead_scaled_scale_down: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -120,6 +131,9 @@ class WorkloadState:
     start_path: str = StartPath.RESTORE_MEMORY.value
     lead_s: float = DYNAMO_RESTORE_MEMORY_S
     recommendations: tuple[tuple[float, int], ...] = ()
+    # The measured rate carried ahead with calibrated margins (autoscaler.plan.nowcast); where
+    # it answers for a window, it stands in for the forecast over that window.
+    nowcast: NowcastBand | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +156,8 @@ class Explanation:
     headroom: float
     raw_replicas: int
     notes: tuple[str, ...] = ()
+    # The nowcast band's peak over the lead-time window when it stood in for the forecast.
+    nowcast_peak: float = math.nan
     # Why the plan held instead of planning ("" when it planned): consumers that must not act
     # on a held plan (the KEDA scaler withdraws it so KEDA's fallback engages) read this.
     missing_data: str = ""
@@ -163,9 +179,13 @@ class Explanation:
             self.forecast_peak
         ):
             return f"{self.workload}: {arrow} ({self.binding}: {'; '.join(self.notes)})"
+        source = "peak"
+        peak = self.forecast_peak
+        if math.isfinite(self.nowcast_peak):
+            source, peak = "nowcast peak", self.nowcast_peak
         return (
-            f"{self.workload}: {arrow} [{self.binding}] q{self.forecast_quantile} peak "
-            f"{self.forecast_peak:.4g} over next {self.horizon_s:.0f}s "
+            f"{self.workload}: {arrow} [{self.binding}] q{self.forecast_quantile} {source} "
+            f"{peak:.4g} over next {self.horizon_s:.0f}s "
             f"({self.start_path} lead {self.lead_s:.1f}s) / {self.capacity_per_replica:.4g} "
             f"per replica x {1 + self.headroom:.2f}"
         )
@@ -298,18 +318,24 @@ def plan_replicas_values(
 
     scale = (1.0 + spec.headroom) / spec.capacity_per_replica
     observed = state.observed_demand
+    band = state.nowcast
+    nowcast_peak = band.peak(cover_s) if band is not None else math.nan
     binding = BINDING_FORECAST
     demand = peak
+    if math.isfinite(nowcast_peak):
+        demand = nowcast_peak
+        binding = BINDING_NOWCAST
     if spec.reactive_floor and observed > demand:  # NaN compares False: no floor without data
         demand = observed
         binding = BINDING_REACTIVE_FLOOR
     raw = replicas_needed(demand * scale, 1.0)
     candidate = raw
 
-    if candidate < current and spec.scale_down_window_s > cover_s:
-        down_peak, _, _ = _window_peak(
-            values, origin, step, now_s, now_s + spec.scale_down_window_s
-        )
+    window_s, stabilisation_s = scale_down_horizons(spec, state.lead_s)
+    if candidate < current and window_s > cover_s:
+        down_peak = band.peak(window_s) if band is not None else math.nan
+        if not math.isfinite(down_peak):
+            down_peak, _, _ = _window_peak(values, origin, step, now_s, now_s + window_s)
         if not math.isfinite(down_peak):
             down_peak = demand
         down_need = min(current, replicas_needed(max(down_peak, demand) * scale, 1.0))
@@ -317,9 +343,9 @@ def plan_replicas_values(
             candidate = down_need
             binding = BINDING_SCALE_DOWN_WINDOW
 
-    horizon_start = now_s - spec.stabilisation_s
+    horizon_start = now_s - stabilisation_s
     recs = (*tuple(r for r in state.recommendations if r[0] > horizon_start), (now_s, candidate))
-    if candidate < current and spec.stabilisation_s > 0:
+    if candidate < current and stabilisation_s > 0:
         stab = min(current, max(r[1] for r in recs))
         if stab > candidate:
             candidate = stab
@@ -344,8 +370,31 @@ def plan_replicas_values(
             headroom=spec.headroom,
             raw_replicas=raw,
             notes=tuple(notes),
+            nowcast_peak=nowcast_peak,
         ),
         recommendations=recs,
+    )
+
+
+def scale_down_horizons(spec: WorkloadSpec, lead_s: float) -> tuple[float, float]:
+    """(scale-down window, stabilisation) in seconds for a next replica with this lead.
+
+    With `lead_scaled_scale_down`, neither is longer than the start path makes useful. The plan
+    covers [now, now + L + interval] at every cycle. A replica removed now that is needed again
+    x seconds later (x beyond that window) is started again by the first cycle whose window
+    reaches x, at most L + interval before x: it is paid for no longer than if it had been kept.
+    So a window of L + interval (the plan's own) loses nothing a longer one would save, unless
+    the estimate is wrong, and its quantile already prices that. Stabilisation holds a replica
+    that a recent cycle wanted, against a flap down and up again; a flap costs the L seconds of
+    the replacement's start, so holding for longer than L costs more than the flap it avoids.
+    For a cold start (~59 s) these are near the configured defaults; for a memory restore
+    (~3 s), seconds."""
+    if not spec.lead_scaled_scale_down or not math.isfinite(lead_s):
+        return spec.scale_down_window_s, spec.stabilisation_s
+    lead = max(0.0, lead_s)
+    return (
+        min(spec.scale_down_window_s, lead + spec.interval_s),
+        min(spec.stabilisation_s, lead),
     )
 
 

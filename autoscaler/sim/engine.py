@@ -4,7 +4,8 @@ fluid queue per workload.
 
 How a replay runs (one policy at a time, every policy over the same demand and window):
 1. the first `warmup_s` of the trace is history only (forecasters fit on it); the replay starts
-   after it with every policy at the replicas the demand then needs, all ready;
+   after it with every policy at the replicas the demand then needs, all ready, and the copies
+   of a staging policy's first stage plan in place;
 2. at each of the policy's control ticks: finished staging copies land on their nodes, starting
    replicas whose lead has passed become ready, the policy decides each workload's replicas
    (optionally cut by a shared GPU budget), new replicas are placed on nodes (which decides
@@ -144,12 +145,22 @@ class SimContext:
             raise ValueError("forecast_every_s must be a multiple of the forecast step")
         self.every_steps = round(every)
         self._windows: dict[int, pd.Series] = {}
+        self._fine: dict[tuple[int, float], np.ndarray] = {}
         self._runners: dict[tuple, ForecastRunner] = {}
         self.runtime: list[WorkloadRuntime] = []
         self.forecast_seconds = 0.0
 
     def observed_mean(self, w: int, t_idx: int, window_s: float) -> float:
         return self.prefix[w].mean(t_idx, window_s)
+
+    def fine_rates(self, w: int, resolution_s: float) -> np.ndarray:
+        """Mean observed rate per `resolution_s` window over the whole trace (NaN where any
+        tick was not observed). Callers slice it at the simulated clock: window j ends at
+        (j + 1) * resolution_s and may be read only from then on."""
+        key = (w, float(resolution_s))
+        if key not in self._fine:
+            self._fine[key] = window_series(self.workloads[w].ticks, resolution_s).to_numpy()
+        return self._fine[key]
 
     def window_series(self, w: int) -> pd.Series:
         if w not in self._windows:
@@ -431,6 +442,16 @@ def run_policy(ctx: SimContext, policy: Policy) -> PolicyResult:
         rt.current = rt.ready = len(rt.ready_nodes)
         ready_delta[w][start] += rt.ready
         alive_delta[w][start] += rt.ready
+
+    if policy.stages:
+        # The replay starts in steady state: replicas ready, and the copies the first stage
+        # plan asks for already staged (during the warm-up, as a running controller would have);
+        # their traffic counts.
+        requests = policy.stage_requests(ctx, start)
+        if requests:
+            cluster.apply_stage_plan(plan_staging(requests, cluster.inventory(), start * dt), 0.0)
+            cluster.land_transfers(math.inf)
+            cluster.busy_until[:] = 0.0
 
     step = max(1, round(policy.interval_s / dt))
     leads = cfg.leads

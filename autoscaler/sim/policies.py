@@ -15,7 +15,10 @@ then hold). Baseline parameters (documented in docs/planning.md):
 - phpa: Predictive HPA (jthomperoo/predictive-horizontal-pod-autoscaler): the HPA above, plus a
   Holt-Winters forecast of the HPA's replica history; it asks for the max of the two. Cold.
 - predictive (ours): the planner (`autoscaler.plan.plan_replicas_values`) on a quantile
-  forecast of demand, lead of the path the next replica will take, staged restore.
+  forecast of demand and, over the lead-time window when it fits inside one forecast step, the
+  nowcast band (the rate measured over the last interval at 5-s resolution, its trend, and
+  margins calibrated on the last hour); lead of the path the next replica will take; staged
+  restore.
 - oracle: perfect foresight, zero lead: at every tick, the replicas the demand of the next
   `max_queue_delay_s` needs. The lower bound on GPU-hours.
 Ablations: predictive-cold (our forecast and planner, cold start, no staging) and hpa-staged
@@ -31,8 +34,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoscaler.plan.capacity import replicas_needed
-from autoscaler.plan.replicas import WorkloadSpec, WorkloadState, plan_replicas_values
+from autoscaler.plan.nowcast import NowcastBand, band_margins, nowcast_band
+from autoscaler.plan.replicas import (
+    WorkloadSpec,
+    WorkloadState,
+    plan_replicas_values,
+    scale_down_horizons,
+)
 from autoscaler.plan.staging import StageRequest, replicas_to_stage
+from autoscaler.plan.startpaths import StartPath
 
 if TYPE_CHECKING:
     from autoscaler.sim.engine import SimContext, WorkloadRuntime
@@ -200,13 +210,23 @@ class PHPA(HPA):
 
 @dataclass
 class Predictive(Policy):
-    """Ours: quantile forecast + lead time of the next replica's start path + staged restore."""
+    """Ours: quantile forecast + nowcast band + lead time of the next replica's start path +
+    staged restore. The band answers horizons up to one forecast step (inside a step the
+    forecast has no resolution); beyond, the forecast does."""
 
     forecaster: str = "holt-winters"
     staging_interval_s: float = 900.0
     staging_horizon_s: float = 3600.0
     staging_quantile: float = 0.99
     max_trend: float = 0.25  # per interval: caps how far one noisy rise is extrapolated
+    # The nowcast band (autoscaler.plan.nowcast): measured rate per `band_resolution_s`, margins
+    # from the last `band_history_s`, refitted every `band_refit_s` (default: every forecast
+    # step, when the forecast is re-issued too). None: forecast only.
+    band_resolution_s: float | None = 5.0
+    band_history_s: float = 3600.0
+    band_refit_s: float | None = None
+    band_level_s: float | None = None  # default: the control interval
+    band_trend: bool = True
     _recs: list[tuple[tuple[float, int], ...]] = field(default_factory=list)
     last_explanations: list = field(default_factory=list)
 
@@ -219,6 +239,26 @@ class Predictive(Policy):
         ]
         for w in range(len(ctx.workloads)):
             ctx.demand_runner(w, self.forecaster).at(ctx.start_idx * ctx.dt)
+        n = len(ctx.workloads)
+        self._fine = [None] * n
+        self._margins: list = [None] * n
+        self._margins_at = [-math.inf] * n
+        self._band_horizon = [0.0] * n
+        if self.band_resolution_s is not None:
+            # the longest lead this policy's replicas can take sets the longest horizon asked
+            paths = [StartPath.COLD] if self.start_mode == COLD else list(StartPath)
+            if self.start_mode == STORE:
+                paths = [StartPath.RESTORE_STORE]
+            for w in range(n):
+                spec = self._specs[w]
+                horizon = 0.0
+                for path in paths:
+                    lead = ctx.config.leads.of(path)
+                    window, _ = scale_down_horizons(spec, lead)
+                    horizon = max(horizon, lead + spec.interval_s, window)
+                # beyond one forecast step the forecast answers: that is its resolution
+                self._band_horizon[w] = min(horizon, ctx.forecast_step_s)
+                self._fine[w] = ctx.fine_rates(w, self.band_resolution_s)
 
     def decide(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> int:
         spec = self._specs[w]
@@ -230,20 +270,51 @@ class Predictive(Policy):
             if spec.quantile in values
             else min((c for c in values if c >= spec.quantile), default=max(values))
         )
+        band = self.band(ctx, w, t_idx)
         state = WorkloadState(
             current_replicas=rt.current,
             last_observed_s=runner.last_observed_s(now),
             forecast_origin_s=origin,
-            observed_demand=self.nowcast(ctx, w, t_idx, rt),
+            observed_demand=self.nowcast(ctx, w, t_idx, rt) if band is None else band.measured,
             ready_replicas=rt.ready,
             start_path=rt.next_path,
             lead_s=rt.next_lead_s,
             recommendations=self._recs[w],
+            nowcast=band,
         )
         decision = plan_replicas_values(state, values[q], spec, now, quantile_used=q)
         self._recs[w] = decision.recommendations
         self.last_explanations[w] = decision.explanation
         return decision.desired_replicas
+
+    def band(self, ctx: SimContext, w: int, t_idx: int) -> NowcastBand | None:
+        """The nowcast band at tick t_idx from the fine-grained rates measured by then (the
+        windows that ended by now); margins refitted every `band_refit_s`."""
+        fine = self._fine[w]
+        if fine is None:
+            return None
+        res = self.band_resolution_s
+        assert res is not None
+        now = t_idx * ctx.dt
+        k = min(len(fine), math.floor(now / res + 1e-9))  # windows complete by now
+        if now - self._margins_at[w] >= (self.band_refit_s or ctx.forecast_step_s):
+            lo = max(0, k - round(self.band_history_s / res))
+            margins = band_margins(
+                fine[lo:k], res, self._band_level_s(), self._band_horizon[w],
+                self._specs[w].quantile, trend=self.band_trend,
+            )  # fmt: skip
+            self._margins[w] = None if margins is None else tuple(margins.tolist())
+            self._margins_at[w] = now
+        if self._margins[w] is None:
+            return None
+        level_s = self._band_level_s()
+        return nowcast_band(
+            fine[max(0, k - round(level_s / res)) : k], res, level_s, self._margins[w],
+            self._specs[w].quantile, trend=self.band_trend,
+        )  # fmt: skip
+
+    def _band_level_s(self) -> float:
+        return self.band_level_s or self.interval_s
 
     def nowcast(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> float:
         """The reactive floor's input: the rate measured over the last interval, carried along

@@ -93,13 +93,14 @@ def make_scenario(
         step_s = pd.Timedelta(series.index.freq or (series.index[1] - series.index[0]))
         coarse = series if step_s >= pd.Timedelta("1min") else series.resample("1min").mean()
         capacity = capacity_for_peak(coarse, peak_replicas)
-    spec = WorkloadSpec(
+    fields = dict(
         name=name,
         capacity_per_replica=capacity.per_replica,
         min_replicas=min_replicas,
         max_replicas=max_replicas or 2 * peak_replicas,
         interval_s=15.0,
-        **(spec_overrides or {}),
+        lead_scaled_scale_down=True,
     )
+    spec = WorkloadSpec(**{**fields, **(spec_overrides or {})})
     ticks = to_ticks(series, 1.0, shape)
     return Scenario(label, series, capacity, SimWorkload(name, ticks, spec, artifact_gb))

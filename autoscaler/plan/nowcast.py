@@ -1,0 +1,160 @@
+"""The nowcast band: the q-quantile of peak demand over the next h seconds, from the rate
+measured over the last few seconds and the rises the recent past has shown.
+
+Why: a forecast on a grid of S-second steps says nothing about how demand moves inside one
+step, yet when the next replica restores in seconds from a staged copy, the window the plan must
+cover (lead + control interval) is shorter than one step. On bursty traffic (per-minute counts
+that are close to white noise, as in Azure's code trace) the forecast's q-quantile for the
+current step is then about the q-quantile of the whole recent distribution, and a plan built on
+it holds near-peak capacity all the time. The measured rate, carried a few seconds ahead with an
+empirical margin, is far sharper over such a short window.
+
+The band is conformal: margin(h) is the empirical q-quantile of
+    (peak of the fine-grained rate over the next h seconds) - (level at that time)
+over the recent past, counted only where the whole next h seconds had already been measured
+(strict time order: the band at time t never uses data after t). Margins are non-decreasing
+in h. `level` is the mean rate over the last `level_window_s` (the controller's own rate query).
+
+Pure functions on numpy arrays; the simulator and a controller keep the fine-grained history.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class NowcastBand:
+    """q-quantile of peak demand over the next h seconds: `level + margins[k-1]` for
+    h in ((k-1)*step, k*step]; beyond the last margin the band has no answer (NaN)."""
+
+    level: float
+    horizon_step_s: float
+    margins: tuple[float, ...]
+    quantile: float
+    samples: int
+    # trend (requests/s per second) across the level's window, whose centre is `lag_s` before
+    # now: the rate now is level + slope * lag_s; only a rising trend is carried further ahead
+    slope: float = 0.0
+    lag_s: float = 0.0
+    measured: float = math.nan  # the latest fine-grained window's measured rate
+
+    @property
+    def max_horizon_s(self) -> float:
+        return self.horizon_step_s * len(self.margins)
+
+    def peak(self, horizon_s: float) -> float:
+        """Upper (q) estimate of the peak demand over [now, now + horizon_s]; NaN when the band
+        was not calibrated that far or has no level."""
+        if not math.isfinite(self.level) or not self.margins or not math.isfinite(horizon_s):
+            return math.nan
+        k = max(1, math.ceil(horizon_s / self.horizon_step_s - 1e-9))
+        if k > len(self.margins):
+            return math.nan
+        point = _point(self.level, self.slope, self.lag_s, k * self.horizon_step_s)
+        return max(0.0, point + self.margins[k - 1])
+
+
+def _rolling_mean(x: np.ndarray, w: int) -> np.ndarray:
+    """Mean of x[i-w+1 .. i] at each i >= w-1 (NaN if any is NaN); NaN before."""
+    out = np.full(len(x), math.nan)
+    if len(x) < w:
+        return out
+    gap = ~np.isfinite(x)
+    c = np.concatenate(([0.0], np.cumsum(np.where(gap, 0.0, x))))
+    g = np.concatenate(([0], np.cumsum(gap)))
+    out[w - 1 :] = np.where(g[w:] - g[:-w] > 0, math.nan, (c[w:] - c[:-w]) / w)
+    return out
+
+
+def _point(level, slope, lag, horizon):
+    """The band's centre for the peak over the next `horizon`: the rate now (the level carried
+    along its trend from its window's centre), and a rising trend carried to the horizon."""
+    return level + slope * lag + np.maximum(slope, 0.0) * horizon
+
+
+def _levels(x: np.ndarray, w: int, trend: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """(level, slope, lag) at each time: the mean of the last w windows, and with `trend` the
+    slope across them and the lag of their centre (all in windows)."""
+    level = _rolling_mean(x, w)
+    if not trend or w < 2:
+        return level, np.zeros(len(x)), 0.0
+    slope = np.full(len(x), math.nan)
+    slope[w - 1 :] = (x[w - 1 :] - x[: len(x) - w + 1]) / (w - 1)
+    return level, slope, (w - 1) / 2
+
+
+def band_margins(
+    rates: np.ndarray,
+    resolution_s: float,
+    level_window_s: float,
+    max_horizon_s: float,
+    quantile: float,
+    min_samples: int = 60,
+    trend: bool = False,
+) -> np.ndarray | None:
+    """Margins of the band for horizons resolution_s, 2*resolution_s, ... up to max_horizon_s.
+
+    `rates`: mean measured rate per `resolution_s` window, oldest first, the last one ending
+    now (NaN = not measured). Samples are the times i whose level and whole next max_horizon_s
+    are measured; None when fewer than `min_samples` are (too little history to calibrate)."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    x = np.asarray(rates, dtype=float)
+    w = max(1, round(level_window_s / resolution_s))
+    k_max = max(1, math.ceil(max_horizon_s / resolution_s - 1e-9))
+    n = len(x) - k_max  # sample times 0..n-1 have their whole next k_max windows measured
+    if n <= 0:
+        return None
+    level, slope, lag = _levels(x, w, trend)
+    level, slope = level[:n], slope[:n]
+    resid = np.empty((k_max, n))
+    running = np.full(n, -math.inf)
+    for k in range(1, k_max + 1):
+        running = np.maximum(running, x[k : k + n])  # NaN propagates
+        resid[k - 1] = running - _point(level, slope, lag, k)
+    ok = np.isfinite(resid).all(axis=0)
+    if int(ok.sum()) < min_samples:
+        return None
+    margins = np.quantile(resid[:, ok], quantile, axis=1)
+    return margins if trend else np.maximum.accumulate(margins)
+
+
+def nowcast_band(
+    rates: np.ndarray,
+    resolution_s: float,
+    level_window_s: float,
+    margins: np.ndarray | tuple[float, ...] | None,
+    quantile: float,
+    samples: int = 0,
+    trend: bool = False,
+) -> NowcastBand | None:
+    """The band now: the level from the last `level_window_s` of `rates` and margins fitted by
+    `band_margins` (possibly a little earlier: they change slowly). None without margins or
+    without a measured level."""
+    if margins is None or len(margins) == 0:
+        return None
+    w = max(1, round(level_window_s / resolution_s))
+    if len(rates) < w:
+        return None
+    tail = [float(v) for v in rates[-w:]]  # a few numbers: plain floats are faster than numpy
+    level = math.fsum(tail) / w
+    if not math.isfinite(level):
+        return None
+    slope, lag = 0.0, 0.0
+    if trend and w >= 2:
+        slope = (tail[-1] - tail[0]) / (w - 1) / resolution_s
+        lag = (w - 1) / 2 * resolution_s
+    return NowcastBand(
+        measured=tail[-1],
+        slope=slope,
+        lag_s=lag,
+        level=level,
+        horizon_step_s=float(resolution_s),
+        margins=margins if isinstance(margins, tuple) else tuple(float(m) for m in margins),
+        quantile=float(quantile),
+        samples=int(samples),
+    )
