@@ -244,7 +244,9 @@ class ModelRun:
 
     @property
     def criu_options(self) -> criu_mod.CriuOptions:
-        return criu_mod.CriuOptions(verbosity=self.args.criu_verbosity)
+        return criu_mod.CriuOptions(
+            verbosity=self.args.criu_verbosity, extra_args=tuple(shlex.split(self.args.criu_extra))
+        )
 
     @property
     def hs(self) -> Handshake:
@@ -489,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--thp-experiment", action="store_true",
         help="one more memory restore with transparent huge pages 'always' (path memory_thp)",
+    )  # fmt: skip
+    p.add_argument(
+        "--criu-extra", default="",
+        help="more CRIU options for dump and restore, e.g. '--file-validation filesize'",
     )  # fmt: skip
     p.add_argument(
         "--no-verify", dest="verify", action="store_false",
