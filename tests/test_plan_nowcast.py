@@ -109,3 +109,21 @@ def test_property_peak_grows_with_horizon_without_trend(values, shift):
     assert band is not None
     peaks = [band.peak(h) for h in (5.0, 10.0, 20.0, 40.0)]
     assert all(b >= a for a, b in itertools.pairwise(peaks))
+
+
+def test_a_margin_does_not_depend_on_how_far_the_others_reach():
+    rng = np.random.default_rng(5)
+    rates = rng.gamma(2.0, 5.0, size=500)
+    short = band_margins(rates, RES, 15.0, 20.0, 0.9, trend=True)
+    long = band_margins(rates, RES, 15.0, 60.0, 0.9, trend=True)
+    assert short is not None and long is not None
+    assert np.array_equal(short, long[: len(short)])
+    # and each is the plain empirical quantile of its own horizon's residuals
+    level = np.convolve(rates, np.ones(3) / 3, mode="full")[: len(rates)]
+    slope = np.concatenate(([np.nan, np.nan], (rates[2:] - rates[:-2]) / 2))
+    k = 2
+    n = len(rates) - k
+    peak = np.maximum(rates[1 : 1 + n], rates[2 : 2 + n])
+    point = level[:n] + slope[:n] * 1.0 + np.maximum(slope[:n], 0.0) * k
+    resid = (peak - point)[2:]
+    assert short[k - 1] == pytest.approx(np.quantile(resid, 0.9))

@@ -181,3 +181,17 @@ def test_a_changed_future_never_changes_past_decisions():
     a, b = (r.workloads[0].ready[:same_until] for r in runs)
     assert np.array_equal(a, b)
     assert not np.array_equal(runs[0].workloads[0].ready, runs[1].workloads[0].ready)
+
+
+def test_clairvoyant_bound_sits_between_the_oracle_and_ours():
+    """Perfect foresight at ours' interval, leads and headroom: above the zero-lead oracle,
+    serves everything, and no causal policy of ours does better on GPU-hours and served."""
+    series = _trace("wave", hours=4)
+    names = ["clairvoyant", "predictive", "oracle"]
+    result = simulate(
+        [_workload(series)], [make_policy(n, forecaster="double") for n in names], _config()
+    )
+    p = result.policies
+    assert p["clairvoyant"].served_fraction > 0.9999
+    assert p["oracle"].gpu_hours <= p["clairvoyant"].gpu_hours <= p["predictive"].gpu_hours
+    assert set(p["clairvoyant"].starts) == {"restore-memory"}

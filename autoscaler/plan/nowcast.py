@@ -54,7 +54,8 @@ class NowcastBand:
         k = max(1, math.ceil(horizon_s / self.horizon_step_s - 1e-9))
         if k > len(self.margins):
             return math.nan
-        point = _point(self.level, self.slope, self.lag_s, k * self.horizon_step_s)
+        rise = self.slope * k * self.horizon_step_s if self.slope > 0.0 else 0.0
+        point = self.level + self.slope * self.lag_s + rise  # = _point, on plain floats
         return max(0.0, point + self.margins[k - 1])
 
 
@@ -87,6 +88,15 @@ def _levels(x: np.ndarray, w: int, trend: bool) -> tuple[np.ndarray, np.ndarray,
     return level, slope, (w - 1) / 2
 
 
+def _quantile(v: np.ndarray, q: float) -> float:
+    """np.quantile(v, q) (linear interpolation), without its per-call overhead."""
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    part = np.partition(v, (lo, hi))
+    return float(part[lo] + (part[hi] - part[lo]) * (pos - lo))
+
+
 def band_margins(
     rates: np.ndarray,
     resolution_s: float,
@@ -99,27 +109,28 @@ def band_margins(
     """Margins of the band for horizons resolution_s, 2*resolution_s, ... up to max_horizon_s.
 
     `rates`: mean measured rate per `resolution_s` window, oldest first, the last one ending
-    now (NaN = not measured). Samples are the times i whose level and whole next max_horizon_s
-    are measured; None when fewer than `min_samples` are (too little history to calibrate)."""
+    now (NaN = not measured). The samples of horizon h are the times whose level and whole next
+    h are measured (so a margin does not depend on how far the others reach); None when the
+    longest horizon has fewer than `min_samples` (too little history to calibrate)."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     x = np.asarray(rates, dtype=float)
     w = max(1, round(level_window_s / resolution_s))
     k_max = max(1, math.ceil(max_horizon_s / resolution_s - 1e-9))
-    n = len(x) - k_max  # sample times 0..n-1 have their whole next k_max windows measured
-    if n <= 0:
+    if len(x) <= k_max:
         return None
     level, slope, lag = _levels(x, w, trend)
-    level, slope = level[:n], slope[:n]
-    resid = np.empty((k_max, n))
-    running = np.full(n, -math.inf)
+    margins = np.empty(k_max)
+    running = x[1:].copy()  # running[i] = peak of x[i+1 .. i+k]; NaN propagates
     for k in range(1, k_max + 1):
-        running = np.maximum(running, x[k : k + n])  # NaN propagates
-        resid[k - 1] = running - _point(level, slope, lag, k)
-    ok = np.isfinite(resid).all(axis=0)
-    if int(ok.sum()) < min_samples:
-        return None
-    margins = np.quantile(resid[:, ok], quantile, axis=1)
+        n = len(x) - k  # times 0..n-1 have their next k windows measured
+        if k > 1:
+            running = np.maximum(running[:n], x[k:])
+        resid = running - _point(level[:n], slope[:n], lag, k)
+        resid = resid[np.isfinite(resid)]
+        if len(resid) < min_samples:
+            return None
+        margins[k - 1] = _quantile(resid, quantile)
     return margins if trend else np.maximum.accumulate(margins)
 
 

@@ -643,6 +643,18 @@ def _collect(
     )
 
 
+def covering_demand(rate: np.ndarray, win: int) -> np.ndarray:
+    """At each tick, the highest mean demand of any `win`-tick window holding it: what must be
+    served there for every request to wait less than the window (the oracle's need)."""
+    n = len(rate)
+    csum = np.concatenate(([0.0], np.cumsum(rate)))
+    hi = np.minimum(np.arange(n) + win, n)
+    fwd = (csum[hi] - csum[np.arange(n)]) / (hi - np.arange(n))
+    # the max over windows [s, s + win) with s in (t - win, t]: a sliding max
+    padded = np.concatenate((np.zeros(win - 1), fwd))
+    return np.lib.stride_tricks.sliding_window_view(padded, win).max(axis=1)
+
+
 def run_oracle(ctx: SimContext, name: str = "oracle", t_wall: float | None = None) -> PolicyResult:
     """Perfect foresight, zero lead: at every tick, enough replicas for the mean demand of any
     `max_queue_delay_s`-long window that holds the tick (so every request is served within the
@@ -653,13 +665,7 @@ def run_oracle(ctx: SimContext, name: str = "oracle", t_wall: float | None = Non
     win = max(1, round(cfg.max_queue_delay_s / dt))
     ready_delta, alive_delta = [], []
     for wl in ctx.workloads:
-        rate = wl.ticks.rate
-        csum = np.concatenate(([0.0], np.cumsum(rate)))
-        hi = np.minimum(np.arange(n) + win, n)
-        fwd = (csum[hi] - csum[np.arange(n)]) / (hi - np.arange(n))
-        # the max over windows [s, s + win) with s in (t - win, t]: a sliding max
-        padded = np.concatenate((np.zeros(win - 1), fwd))
-        covering = np.lib.stride_tricks.sliding_window_view(padded, win).max(axis=1)
+        covering = covering_demand(wl.ticks.rate, win)
         need = np.ceil(covering / wl.spec.capacity_per_replica - 1e-9)
         need = np.clip(need, wl.spec.min_replicas, wl.spec.max_replicas)
         need[:start] = 0

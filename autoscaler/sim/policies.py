@@ -55,6 +55,8 @@ INSTANT = "instant"
 
 POLICY_NAMES = ("hpa-cold", "hpa-restore", "kpa", "phpa", "predictive", "oracle")
 ABLATION_NAMES = ("predictive-cold", "hpa-staged")
+#: a bound, not a policy (reads the future): ours' interval, leads and headroom, perfect foresight
+CLAIRVOYANT = "clairvoyant"
 
 
 @dataclass
@@ -246,9 +248,9 @@ class Predictive(Policy):
         self._band_horizon = [0.0] * n
         if self.band_resolution_s is not None:
             # the longest lead this policy's replicas can take sets the longest horizon asked
-            paths = [StartPath.COLD] if self.start_mode == COLD else list(StartPath)
-            if self.start_mode == STORE:
-                paths = [StartPath.RESTORE_STORE]
+            paths = [p for p in StartPath if p is not StartPath.COLD]  # staged: store at worst
+            if self.start_mode in (COLD, STORE):
+                paths = [StartPath.COLD if self.start_mode == COLD else StartPath.RESTORE_STORE]
             for w in range(n):
                 spec = self._specs[w]
                 horizon = 0.0
@@ -383,6 +385,30 @@ class StagedHPA(HPA):
 
 
 @dataclass
+class Clairvoyant(StagedHPA):
+    """A bound, not a policy: ours with perfect foresight. Every interval it asks for what the
+    oracle's need peaks at over [now, now + lead of the next replica + interval], times
+    (1 + headroom), and starts replicas along the same staged paths. What the best possible
+    estimator could reach at this interval, lead and headroom; it reads the future on purpose
+    and is reported apart from the policies."""
+
+    headroom: float = 0.05
+
+    def prepare(self, ctx: SimContext) -> None:
+        super().prepare(ctx)
+        from autoscaler.sim.engine import covering_demand
+
+        win = max(1, round(ctx.config.max_queue_delay_s / ctx.dt))
+        self._need = [covering_demand(wl.ticks.rate, win) for wl in ctx.workloads]
+
+    def decide(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> int:
+        spec = ctx.workloads[w].spec
+        hi = t_idx + math.ceil((rt.next_lead_s + self.interval_s) / ctx.dt - 1e-9) + 1
+        peak = float(self._need[w][t_idx:hi].max())
+        return _clamp(replicas_needed(peak * (1 + self.headroom), spec.capacity_per_replica), spec)
+
+
+@dataclass
 class Oracle(Policy):
     """Perfect foresight, zero lead; computed in closed form by the engine."""
 
@@ -408,6 +434,8 @@ def make_policy(name: str, forecaster: str = "holt-winters", interval_s: float =
         return Predictive("predictive-cold", interval_s, COLD, stages=False, forecaster=forecaster)
     if name == "oracle":
         return Oracle("oracle", 1.0, INSTANT)
+    if name == CLAIRVOYANT:
+        return Clairvoyant(CLAIRVOYANT, interval_s, STAGED, stages=True)
     known = ", ".join(POLICY_NAMES + ABLATION_NAMES)
     from autoscaler.errors import ConfigError
 
