@@ -8,7 +8,10 @@ For each model (Qwen3-shaped 0.6B and 8B, random bf16 weights in a safetensors f
             weight reload + KV re-allocation, to the first correct response
   disk      the same artifact and weights file after dropping the page caches: the agent's
             verification reads the images (parallel, into the page cache) while CRIU restores
-            behind it; then the preloader reads the weights
+            behind it; then the preloader reads the weights (disk_bytes_read: every byte read
+            from the disk meanwhile, the worker's libraries included, as drop_caches evicts them)
+  disk_artifact  the same, but only the artifact and weights files are evicted: the worker's
+            libraries stay cached, as on a node that already runs this image
 The memory and disk paths include the agent's verification of the artifact (sha256 of every
 file against its manifest, as the agent does on every read), run as the agent runs it:
 alongside CRIU, the tree restored stopped until every file matched (`--no-verify` leaves it
@@ -82,12 +85,26 @@ class Caches:
         else:
             self.method = "fadvise"
 
-    def drop(self, files: list[Path]) -> None:
+    def drop(self, files: list[Path], only_files: bool = False) -> None:
         os.sync()
-        if self.method == "drop_caches":
+        if self.method == "drop_caches" and not only_files:
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
         for f in files:  # also after drop_caches: cheap, and certain for our own files
             fastload.evict_from_page_cache(f)
+
+
+def disk_read_bytes(path: Path) -> int | None:
+    """Bytes read so far from the block device under path (/proc/diskstats), or None."""
+    try:
+        dev = os.stat(path).st_dev
+        name = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if f[2] == name:
+                return int(f[5]) * 512  # sectors read
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
 
 
 def image_files(images: Path) -> list[Path]:
@@ -345,8 +362,10 @@ class ModelRun:
         preload = self.args.preload if preload is None else preload
         preload = preload and weights_needed
         staged = [*image_files(images), *([self.weights] if weights_needed else [])]
-        if path == "disk":
-            self.caches.drop(staged)
+        from_disk = path in ("disk", "disk_artifact")
+        if from_disk:  # disk_artifact: only our files leave the cache (the worker's libraries
+            # stay, as on a node that already runs this image); disk: everything is dropped
+            self.caches.drop(staged, only_files=path == "disk_artifact")
         else:  # memory / baseline: staged into the page cache ahead of demand (not timed)
             fastload.prefetch(staged, threads=16)
         resident = {
@@ -369,11 +388,12 @@ class ModelRun:
 
         log_name = f"restore-{path}-{time.time():.0f}.log"
         verify_s = [0.0]
+        read_before = disk_read_bytes(images)
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
-        if path != "disk":
+        if not from_disk:
             start_preload()
         if verify_root is not None:  # as the agent does: hash alongside CRIU, tree stopped
 
@@ -381,18 +401,18 @@ class ModelRun:
                 t = time.perf_counter()
                 store_mod.verify_directory(verify_root.name, verify_root)
                 verify_s[0] = time.perf_counter() - t
-                if path == "disk":  # the images are in the page cache now
+                if from_disk:  # the images are in the page cache now
                     start_preload()
 
             restored = restore_mod.restore_while_verifying(
                 images, logs, self.criu_options, None, check, log_name
             )
         else:
-            if path == "disk":
+            if from_disk:
                 fastload.prefetch(image_files(images), threads=16)
                 start_preload()
             restored = criu_mod.restore(images, logs, self.criu_options, log_name=log_name)
-        if path == "disk" and not preload and weights_needed:  # the worker reads them itself
+        if from_disk and not preload and weights_needed:  # the worker reads them itself
             threading.Thread(
                 target=fastload.prefetch, args=([self.weights],),
                 kwargs={"threads": threads}, daemon=True,
@@ -406,6 +426,7 @@ class ModelRun:
         hs.signal_restored()
         body = first_response(self.port, self.args.timeout, lambda: pid_alive(pid), pid)
         seconds = time.perf_counter() - t0
+        read_after = disk_read_bytes(images)
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         ok = self.reference is not None and same_output(body, self.reference)
         log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f} incl. verify "
@@ -418,6 +439,10 @@ class ModelRun:
             "weights_bytes": self.weights.stat().st_size if weights_needed else 0,
             "weights_source": health.get("weights_source") if weights_needed else "image",
             "resident_before": resident,
+            # every read of the disk meanwhile, the worker's libraries included
+            "disk_bytes_read": (read_after - read_before
+                                if read_before is not None and read_after is not None
+                                else None),
             "verified": verify_root is not None,
             "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
                        "criu_restore_s": round(t_criu, 3),
@@ -461,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON results file")
     p.add_argument("--work", default="/var/tmp/restore-bench", help="on a real disk")
     p.add_argument("--models", default="0.6b,8b")
-    p.add_argument("--paths", default="cold,memory,disk,baseline")
+    p.add_argument("--paths", default="cold,memory,disk,disk_artifact,baseline")
     p.add_argument("--memory-repeats", type=int, default=3)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--kv-gib", type=float, default=16.0)
@@ -577,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("memory_thp", fast_images, ckpt)
             if "disk" in paths:
                 run.restore("disk", fast_images, ckpt)
+            if "disk_artifact" in paths:
+                run.restore("disk_artifact", fast_images, ckpt)
             # The baseline artifact is taken from a restored worker that loaded its weights
             # itself (a preloader's imported allocation is shared memory, which the CUDA
             # checkpoint is not asked to handle). With a preloader this restore doubles as the
