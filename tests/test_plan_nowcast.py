@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoscaler.plan.nowcast import NowcastBand, band_margins, nowcast_band
+from autoscaler.plan.nowcast import NowcastBand, band_margins, nowcast_band, rolling_levels
 
 RES = 5.0
 
@@ -127,3 +127,38 @@ def test_a_margin_does_not_depend_on_how_far_the_others_reach():
     point = level[:n] + slope[:n] * 1.0 + np.maximum(slope[:n], 0.0) * k
     resid = (peak - point)[2:]
     assert short[k - 1] == pytest.approx(np.quantile(resid, 0.9))
+
+
+@pytest.mark.parametrize("trend", [False, True])
+def test_rolling_levels_are_what_the_band_computes_at_each_time(trend):
+    rng = np.random.default_rng(9)
+    rates = rng.gamma(2.0, 5.0, size=300)
+    rates[100:104] = np.nan
+    level, slope, lag = rolling_levels(rates, RES, 15.0, trend)
+    margins = (1.0, 2.0)
+    for k in range(3, len(rates) + 1):
+        band = nowcast_band(rates[:k], RES, 15.0, margins, 0.9, trend=trend)
+        if band is None:
+            assert math.isnan(level[k - 1])
+            continue
+        assert level[k - 1] == pytest.approx(band.level)
+        assert slope[k - 1] == pytest.approx(band.slope, abs=1e-12)
+        assert lag == band.lag_s
+
+
+@pytest.mark.parametrize("trend", [False, True])
+def test_only_the_horizons_asked_are_calibrated(trend):
+    rng = np.random.default_rng(11)
+    rates = rng.gamma(2.0, 5.0, size=400)
+    full = band_margins(rates, RES, 15.0, 60.0, 0.9, trend=trend)
+    some = band_margins(rates, RES, 15.0, 60.0, 0.9, trend=trend, horizons_s=[18.1, 38.3])
+    assert full is not None and some is not None
+    asked = [3, 7]  # steps holding 18.1 s and 38.3 s
+    assert np.isnan(np.delete(some, asked)).all()
+    if trend:
+        assert np.array_equal(some[asked], full[asked])
+    else:  # non-decreasing over the asked steps, from the same raw quantiles
+        assert some[3] == full[3] and some[7] >= some[3]
+    band = nowcast_band(rates, RES, 15.0, some, 0.9, trend=trend)
+    assert band is not None
+    assert math.isfinite(band.peak(18.1)) and math.isnan(band.peak(25.0))

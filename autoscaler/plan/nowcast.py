@@ -21,6 +21,7 @@ Pure functions on numpy arrays; the simulator and a controller keep the fine-gra
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,11 +49,11 @@ class NowcastBand:
 
     def peak(self, horizon_s: float) -> float:
         """Upper (q) estimate of the peak demand over [now, now + horizon_s]; NaN when the band
-        was not calibrated that far or has no level."""
+        was not calibrated for that horizon or has no level."""
         if not math.isfinite(self.level) or not self.margins or not math.isfinite(horizon_s):
             return math.nan
         k = max(1, math.ceil(horizon_s / self.horizon_step_s - 1e-9))
-        if k > len(self.margins):
+        if k > len(self.margins) or not math.isfinite(self.margins[k - 1]):
             return math.nan
         rise = self.slope * k * self.horizon_step_s if self.slope > 0.0 else 0.0
         point = self.level + self.slope * self.lag_s + rise  # = _point, on plain floats
@@ -105,13 +106,16 @@ def band_margins(
     quantile: float,
     min_samples: int = 60,
     trend: bool = False,
+    horizons_s: Sequence[float] | None = None,
 ) -> np.ndarray | None:
     """Margins of the band for horizons resolution_s, 2*resolution_s, ... up to max_horizon_s.
 
     `rates`: mean measured rate per `resolution_s` window, oldest first, the last one ending
     now (NaN = not measured). The samples of horizon h are the times whose level and whole next
     h are measured (so a margin does not depend on how far the others reach); None when the
-    longest horizon has fewer than `min_samples` (too little history to calibrate)."""
+    longest horizon has fewer than `min_samples` (too little history to calibrate). With
+    `horizons_s`, only the steps holding those horizons are calibrated (the rest are NaN: the
+    band has no answer there), which is all a planner with a few start paths asks."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     x = np.asarray(rates, dtype=float)
@@ -119,19 +123,38 @@ def band_margins(
     k_max = max(1, math.ceil(max_horizon_s / resolution_s - 1e-9))
     if len(x) <= k_max:
         return None
+    wanted = set(range(1, k_max + 1))
+    if horizons_s is not None:
+        wanted = {min(k_max, max(1, math.ceil(h / resolution_s - 1e-9))) for h in horizons_s}
     level, slope, lag = _levels(x, w, trend)
-    margins = np.empty(k_max)
+    margins = np.full(k_max, math.nan)
     running = x[1:].copy()  # running[i] = peak of x[i+1 .. i+k]; NaN propagates
-    for k in range(1, k_max + 1):
+    for k in range(1, max(wanted) + 1):
         n = len(x) - k  # times 0..n-1 have their next k windows measured
         if k > 1:
             running = np.maximum(running[:n], x[k:])
+        if k not in wanted:
+            continue
         resid = running - _point(level[:n], slope[:n], lag, k)
         resid = resid[np.isfinite(resid)]
         if len(resid) < min_samples:
             return None
         margins[k - 1] = _quantile(resid, quantile)
-    return margins if trend else np.maximum.accumulate(margins)
+    if not trend:  # the peak over a longer window is never lower: keep margins non-decreasing
+        done = np.isfinite(margins)
+        margins[done] = np.maximum.accumulate(margins[done])
+    return margins
+
+
+def rolling_levels(
+    rates: np.ndarray, resolution_s: float, level_window_s: float, trend: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(level, slope per second, lag in seconds) after each window of `rates`: what
+    `nowcast_band` computes from the windows up to and including that one, for every window at
+    once (a replay reads them in time order; each uses no later window)."""
+    w = max(1, round(level_window_s / resolution_s))
+    level, slope, lag = _levels(np.asarray(rates, dtype=float), w, trend)
+    return level, slope / resolution_s, lag * resolution_s
 
 
 def nowcast_band(

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoscaler.plan.capacity import replicas_needed
-from autoscaler.plan.nowcast import NowcastBand, band_margins, nowcast_band
+from autoscaler.plan.nowcast import NowcastBand, band_margins, rolling_levels
 from autoscaler.plan.replicas import (
     WorkloadSpec,
     WorkloadState,
@@ -246,6 +246,9 @@ class Predictive(Policy):
         self._margins: list = [None] * n
         self._margins_at = [-math.inf] * n
         self._band_horizon = [0.0] * n
+        self._band_horizons: list[list[float]] = [[] for _ in range(n)]
+        self._levels: list = [None] * n
+        self._lag_s = 0.0
         if self.band_resolution_s is not None:
             # the longest lead this policy's replicas can take sets the longest horizon asked
             paths = [p for p in StartPath if p is not StartPath.COLD]  # staged: store at worst
@@ -253,14 +256,24 @@ class Predictive(Policy):
                 paths = [StartPath.COLD if self.start_mode == COLD else StartPath.RESTORE_STORE]
             for w in range(n):
                 spec = self._specs[w]
-                horizon = 0.0
+                # the horizons the planner asks: each path's lead window and scale-down window;
+                # beyond one forecast step the forecast answers (that is its resolution)
+                asked = set()
                 for path in paths:
                     lead = ctx.config.leads.of(path)
-                    window, _ = scale_down_horizons(spec, lead)
-                    horizon = max(horizon, lead + spec.interval_s, window)
-                # beyond one forecast step the forecast answers: that is its resolution
-                self._band_horizon[w] = min(horizon, ctx.forecast_step_s)
-                self._fine[w] = ctx.fine_rates(w, self.band_resolution_s)
+                    asked.update((lead + spec.interval_s, scale_down_horizons(spec, lead)[0]))
+                self._band_horizons[w] = sorted(h for h in asked if h <= ctx.forecast_step_s)
+                self._band_horizon[w] = max(self._band_horizons[w], default=0.0)
+                if not self._band_horizons[w]:
+                    continue
+                fine = ctx.fine_rates(w, self.band_resolution_s)
+                self._fine[w] = fine
+                # the band's level and trend after each window (each from earlier windows only),
+                # as nowcast_band computes them, looked up per tick instead of recomputed
+                level, slope, self._lag_s = rolling_levels(
+                    fine, self.band_resolution_s, self._band_level_s(), self.band_trend
+                )
+                self._levels[w] = (level.tolist(), slope.tolist(), fine.tolist())
 
     def decide(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> int:
         spec = self._specs[w]
@@ -304,16 +317,26 @@ class Predictive(Policy):
             margins = band_margins(
                 fine[lo:k], res, self._band_level_s(), self._band_horizon[w],
                 self._specs[w].quantile, trend=self.band_trend,
+                horizons_s=self._band_horizons[w],
             )  # fmt: skip
             self._margins[w] = None if margins is None else tuple(margins.tolist())
             self._margins_at[w] = now
-        if self._margins[w] is None:
+        margins = self._margins[w]
+        if margins is None or k <= 0:
             return None
-        level_s = self._band_level_s()
-        return nowcast_band(
-            fine[max(0, k - round(level_s / res)) : k], res, level_s, self._margins[w],
-            self._specs[w].quantile, trend=self.band_trend,
-        )  # fmt: skip
+        level, slope, measured = self._levels[w]
+        if not math.isfinite(level[k - 1]):  # a gap inside the last interval
+            return None
+        return NowcastBand(
+            level=level[k - 1],
+            horizon_step_s=res,
+            margins=margins,
+            quantile=self._specs[w].quantile,
+            samples=0,
+            slope=slope[k - 1],
+            lag_s=self._lag_s,
+            measured=measured[k - 1],
+        )
 
     def _band_level_s(self) -> float:
         return self.band_level_s or self.interval_s
