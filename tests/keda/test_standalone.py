@@ -13,7 +13,6 @@ import pytest
 
 from autoscaler.config import parse_config
 from autoscaler.decisions import DecisionBook, NoDecision, WithdrawnDecision
-from autoscaler.errors import PrometheusError
 from autoscaler.forecast.registry import make_forecaster
 from autoscaler.keda import externalscaler_pb2 as pb
 from autoscaler.keda import externalscaler_pb2_grpc as pb_grpc
@@ -21,31 +20,11 @@ from autoscaler.keda.server import ScalerServer
 from autoscaler.keda.standalone import PlanningLoop, book_for
 from autoscaler.signals.bundled import load_bundled
 from tests.keda.support import hpa_desired, keda_milli_target, keda_milli_value, ref
+from tests.replay_doubles import StepClock, TraceDemand
 
 STEP = pd.Timedelta("1min")
 
 
-class TraceDemand:
-    """Demand from a recorded series; `fail` makes it behave like an unreachable Prometheus."""
-
-    def __init__(self, series: pd.Series) -> None:
-        self.series = series
-        self.fail: str | None = None
-
-    def demand(self, workload, start, end, step) -> pd.Series:
-        if self.fail:
-            raise PrometheusError("http://prometheus:9090", f"rate({workload.name})", self.fail)
-        return self.series[(self.series.index >= start) & (self.series.index < end)]
-
-
-class StepClock:
-    speedup = 1.0
-
-    def __init__(self, now: pd.Timestamp) -> None:
-        self.now = now
-
-    def now_s(self) -> float:
-        return self.now.timestamp()
 
 
 def _config(budget: int | None = None, names: tuple[str, ...] = ("azure-conv",)):

@@ -18,26 +18,11 @@ from autoscaler.forecast.registry import make_forecaster
 from autoscaler.keda.standalone import PlanningLoop, book_for
 from autoscaler.model_store import MODEL_FILE, TrainingData, save_model
 from autoscaler.signals.bundled import load_bundled
+from tests.replay_doubles import StepClock, TraceDemand
 
 NAME = "chat"
 
 
-class TraceDemand:
-    def __init__(self, series: pd.Series) -> None:
-        self.series = series
-
-    def demand(self, workload, start, end, step) -> pd.Series:
-        return self.series[(self.series.index >= start) & (self.series.index < end)]
-
-
-class StepClock:
-    speedup = 1.0
-
-    def __init__(self, now: pd.Timestamp) -> None:
-        self.now = now
-
-    def now_s(self) -> float:
-        return self.now.timestamp()
 
 
 @pytest.fixture(scope="module")
