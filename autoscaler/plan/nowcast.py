@@ -21,10 +21,14 @@ Pure functions on numpy arrays; the simulator and a controller keep the fine-gra
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from autoscaler.plan.replicas import WorkloadSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,3 +196,62 @@ def nowcast_band(
         quantile=float(quantile),
         samples=int(samples),
     )
+
+
+# -- how a planner builds its band: one recipe for the simulator and the product ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class BandSettings:
+    """How a planner builds its band each cycle. The simulator's `predictive` policy and the
+    controller / KEDA scaler use the same defaults, so the product plans as the benchmark
+    measured: measured rate per 5-s window, margins from the last hour refitted at every
+    forecast step, level (and trend) over the control interval."""
+
+    resolution_s: float = 5.0
+    history_s: float = 3600.0
+    level_window_s: float | None = None  # None: the control interval
+    refit_s: float | None = None  # None: every forecast step (when the forecast is re-issued)
+    trend: bool = True
+    min_samples: int = 60
+
+    def level_s(self, interval_s: float) -> float:
+        return self.level_window_s or interval_s
+
+    def refit_every_s(self, forecast_step_s: float) -> float:
+        return self.refit_s or forecast_step_s
+
+    def history_windows(self) -> int:
+        return round(self.history_s / self.resolution_s)
+
+
+def band_horizons(spec: WorkloadSpec, leads: Iterable[float]) -> list[float]:
+    """The horizons the planner asks of the band when the next replica starts with one of these
+    leads: each lead's window (lead + interval) and its scale-down window, only those within one
+    forecast step (beyond one step the forecast answers: that is its resolution)."""
+    from autoscaler.plan.replicas import scale_down_horizons  # replicas imports this module
+
+    asked: set[float] = set()
+    for lead in leads:
+        asked.update((lead + spec.interval_s, scale_down_horizons(spec, lead)[0]))
+    return sorted(h for h in asked if h <= spec.forecast_step_s)
+
+
+def fit_band_margins(
+    rates: np.ndarray,
+    settings: BandSettings,
+    interval_s: float,
+    quantile: float,
+    horizons_s: Sequence[float],
+) -> tuple[float, ...] | None:
+    """Margins for `horizons_s` from the last `settings.history_s` of `rates` (the windows up to
+    now, oldest first); None without horizons or with too little history."""
+    if not horizons_s:
+        return None
+    x = np.asarray(rates, dtype=float)
+    lo = max(0, len(x) - settings.history_windows())
+    margins = band_margins(
+        x[lo:], settings.resolution_s, settings.level_s(interval_s), max(horizons_s), quantile,
+        min_samples=settings.min_samples, trend=settings.trend, horizons_s=horizons_s,
+    )  # fmt: skip
+    return None if margins is None else tuple(margins.tolist())

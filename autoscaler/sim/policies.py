@@ -34,12 +34,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoscaler.plan.capacity import replicas_needed
-from autoscaler.plan.nowcast import NowcastBand, band_margins, rolling_levels
+from autoscaler.plan.nowcast import (
+    BandSettings,
+    NowcastBand,
+    band_horizons,
+    fit_band_margins,
+    rolling_levels,
+)
 from autoscaler.plan.replicas import (
     WorkloadSpec,
     WorkloadState,
     plan_replicas_values,
-    scale_down_horizons,
 )
 from autoscaler.plan.staging import StageRequest, replicas_to_stage
 from autoscaler.plan.startpaths import StartPath
@@ -245,25 +250,24 @@ class Predictive(Policy):
         self._fine = [None] * n
         self._margins: list = [None] * n
         self._margins_at = [-math.inf] * n
-        self._band_horizon = [0.0] * n
         self._band_horizons: list[list[float]] = [[] for _ in range(n)]
         self._levels: list = [None] * n
         self._lag_s = 0.0
+        self._band_settings = None
         if self.band_resolution_s is not None:
+            # the same recipe as the controller and the KEDA scaler (autoscaler.plan.nowcast)
+            self._band_settings = BandSettings(
+                resolution_s=self.band_resolution_s, history_s=self.band_history_s,
+                level_window_s=self.band_level_s, refit_s=self.band_refit_s,
+                trend=self.band_trend,
+            )  # fmt: skip
             # the longest lead this policy's replicas can take sets the longest horizon asked
             paths = [p for p in StartPath if p is not StartPath.COLD]  # staged: store at worst
             if self.start_mode in (COLD, STORE):
                 paths = [StartPath.COLD if self.start_mode == COLD else StartPath.RESTORE_STORE]
             for w in range(n):
-                spec = self._specs[w]
-                # the horizons the planner asks: each path's lead window and scale-down window;
-                # beyond one forecast step the forecast answers (that is its resolution)
-                asked = set()
-                for path in paths:
-                    lead = ctx.config.leads.of(path)
-                    asked.update((lead + spec.interval_s, scale_down_horizons(spec, lead)[0]))
-                self._band_horizons[w] = sorted(h for h in asked if h <= ctx.forecast_step_s)
-                self._band_horizon[w] = max(self._band_horizons[w], default=0.0)
+                leads = [ctx.config.leads.of(path) for path in paths]
+                self._band_horizons[w] = band_horizons(self._specs[w], leads)
                 if not self._band_horizons[w]:
                     continue
                 fine = ctx.fine_rates(w, self.band_resolution_s)
@@ -312,14 +316,13 @@ class Predictive(Policy):
         assert res is not None
         now = t_idx * ctx.dt
         k = min(len(fine), math.floor(now / res + 1e-9))  # windows complete by now
-        if now - self._margins_at[w] >= (self.band_refit_s or ctx.forecast_step_s):
-            lo = max(0, k - round(self.band_history_s / res))
-            margins = band_margins(
-                fine[lo:k], res, self._band_level_s(), self._band_horizon[w],
-                self._specs[w].quantile, trend=self.band_trend,
-                horizons_s=self._band_horizons[w],
+        settings = self._band_settings
+        assert settings is not None
+        if now - self._margins_at[w] >= settings.refit_every_s(ctx.forecast_step_s):
+            self._margins[w] = fit_band_margins(
+                fine[:k], settings, self.interval_s, self._specs[w].quantile,
+                self._band_horizons[w],
             )  # fmt: skip
-            self._margins[w] = None if margins is None else tuple(margins.tolist())
             self._margins_at[w] = now
         margins = self._margins[w]
         if margins is None or k <= 0:
