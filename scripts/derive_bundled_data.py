@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from autoscaler.signals.traces import read_servegen, read_trace_frame, servegen_total_rate
+from autoscaler.signals.traces import (
+    describe_edge_windows,
+    edge_windows,
+    read_servegen,
+    read_trace_frame,
+    servegen_total_rate,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +37,8 @@ PER_10MIN = {
     "servegen-m-large": "servegen/language/m-large",
     "servegen-m-mid": "servegen/language/m-mid",
 }
-AZURE_SLICE_ROWS = 300
+# enough rows for four whole minutes between the partial first and last ones
+AZURE_SLICE_ROWS = 1200
 MOONCAKE_SLICE_ROWS = 200
 SERVEGEN_SLICE_MODEL = "m-mid"
 SERVEGEN_SLICE_CUSTOMERS = 4
@@ -39,9 +46,12 @@ WINDOWS_PER_DAY = 144
 
 
 def write_per_minute(traces: Path, out: Path) -> None:
-    """Per-minute request counts and token sums (integers, so nothing is rounded away)."""
+    """Per-minute request counts and token sums (integers, so nothing is rounded away), over
+    the minutes the trace covers fully: the partial first and last minutes are left out (the
+    reader's default) and named on stdout."""
     for name, (rel, fmt) in PER_MINUTE.items():
         frame = read_trace_frame(traces / rel, format=fmt, step="1min")
+        print(f"{name}: {describe_edge_windows(edge_windows(frame)) or 'no partial window'}")
         counts = pd.DataFrame(
             {
                 "requests": np.rint(frame["requests_per_s"] * 60).astype(int),

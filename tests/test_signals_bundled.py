@@ -53,9 +53,27 @@ def test_bundled_mid_agrees_with_the_bundled_servegen_slice_on_gap_windows() -> 
 def test_azure_conv_bundle_agrees_with_its_raw_slice() -> None:
     counts = load_bundled_counts("azure-conv")
     head = read_trace(slice_path("azure-conv-head"), step="1min") * 60
-    # the slice holds the trace's first rows: all but its last (cut) minute match exactly
-    full = head.iloc[:-1]
-    np.testing.assert_allclose(counts["requests"].reindex(full.index).to_numpy(), full.to_numpy())
+    # the slice holds the trace's first rows; the reader keeps only its whole minutes, which
+    # are the bundle's first minutes exactly (the trace's partial 18:15 is in neither)
+    assert len(head) == 4 and counts.index[0] == head.index[0]
+    np.testing.assert_allclose(counts["requests"].iloc[:4].to_numpy(), head.to_numpy())
+
+
+@pytest.mark.parametrize(
+    ("name", "first", "last"),
+    [
+        ("azure-conv", "2023-11-16 18:16", "2023-11-16 19:13"),
+        ("azure-code", "2023-11-16 18:18", "2023-11-16 19:13"),
+        ("mooncake-conv", "2024-01-01 00:00", "2024-01-01 00:57"),
+    ],
+)
+def test_request_level_bundles_hold_only_whole_minutes(name: str, first: str, last: str) -> None:
+    # the sources start at 18:15:46 / 18:17:04 / t = 0 and end at 19:14:08 / 19:14:20 /
+    # 00:58:57: the partial first and last minutes were left out when the files were derived
+    # (Mooncake starts on a minute boundary, so its first minute is whole and kept)
+    counts = load_bundled_counts(name)
+    assert counts.index[0] == pd.Timestamp(first, tz="UTC")
+    assert counts.index[-1] == pd.Timestamp(last, tz="UTC")
 
 
 def test_token_columns_where_the_source_has_them() -> None:

@@ -1,7 +1,9 @@
-"""Trace readers: every format, gaps as NaN, malformed input named by file, line and column."""
+"""Trace readers: every format, gaps as NaN, malformed input named by file, line and column,
+partial edge windows of request-level traces dropped and reported."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -11,11 +13,14 @@ import pandas as pd
 import pytest
 
 from autoscaler.errors import ConfigError, TraceFormatError
+from autoscaler.signals import cli as signals_cli
 from autoscaler.signals.bundled import slice_path
 from autoscaler.signals.traces import (
     TRACE_EPOCH,
     arrival_times,
+    describe_edge_windows,
     detect_format,
+    edge_windows,
     read_requests,
     read_servegen,
     read_trace,
@@ -31,6 +36,10 @@ SERVEGEN = slice_path("servegen-m-mid-day9")
 
 def _azure_rows(path: Path) -> list[str]:
     return path.read_text().splitlines()
+
+
+def _azure_times(path: Path) -> pd.DatetimeIndex:
+    return pd.to_datetime([r.split(",")[0] for r in _azure_rows(path)[1:]], utc=True)
 
 
 # ---------------------------------------------------------------- detection and dispatch
@@ -58,13 +67,14 @@ def test_unknown_format_and_missing_path_are_named(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- Azure
 
 
-def test_azure_counts_per_minute_match_the_rows() -> None:
-    rows = _azure_rows(AZURE)[1:]
-    times = pd.to_datetime([r.split(",")[0] for r in rows], utc=True)
-    expected = pd.Series(1, index=times).resample("1min").count()
+def test_azure_counts_per_minute_match_the_rows_of_the_whole_minutes() -> None:
+    times = _azure_times(AZURE)
+    # the slice runs 18:15:46 .. 18:20:00.16: 18:15 and 18:20 are partial, 18:16..18:19 whole
+    expected = pd.Series(1, index=times).resample("1min").count().iloc[1:-1]
     series = read_trace(AZURE, step="1min")
     assert series.index.tz is not None and str(series.index.tz) == "UTC"
     assert series.index.freq == pd.Timedelta("1min")
+    assert len(series) == 4 and series.index[0] == pd.Timestamp("2023-11-16 18:16", tz="UTC")
     np.testing.assert_allclose(series.to_numpy() * 60, expected.to_numpy())
     assert (series.index == expected.index).all()
 
@@ -72,8 +82,120 @@ def test_azure_counts_per_minute_match_the_rows() -> None:
 def test_azure_token_series_are_sums_per_second() -> None:
     frame = read_trace_frame(AZURE, step="1min")
     rows = [r.split(",") for r in _azure_rows(AZURE)[1:]]
-    assert frame["prompt_tokens_per_s"].sum() * 60 == pytest.approx(sum(int(r[1]) for r in rows))
-    assert frame["output_tokens_per_s"].sum() * 60 == pytest.approx(sum(int(r[2]) for r in rows))
+    whole = (_azure_times(AZURE).floor("1min") >= frame.index[0]) & (
+        _azure_times(AZURE).floor("1min") <= frame.index[-1]
+    )
+    inside = [r for r, ok in zip(rows, whole, strict=True) if ok]
+    assert 0 < len(inside) < len(rows)
+    assert frame["prompt_tokens_per_s"].sum() * 60 == pytest.approx(sum(int(r[1]) for r in inside))
+    assert frame["output_tokens_per_s"].sum() * 60 == pytest.approx(sum(int(r[2]) for r in inside))
+
+
+# ---------------------------------------------------------------- partial edge windows
+
+
+def test_partial_first_and_last_windows_are_dropped_and_reported() -> None:
+    times = _azure_times(AZURE)
+    raw = pd.Series(1, index=times).resample("1min").count()
+    series = read_trace(AZURE, step="1min")
+    first, last = edge_windows(series)
+    assert (first.side, first.start, first.dropped) == ("first", raw.index[0], True)
+    assert (last.side, last.start, last.dropped) == ("last", raw.index[-1], True)
+    assert first.covered_s == pytest.approx((raw.index[1] - times[0]).total_seconds())
+    assert last.covered_s == pytest.approx((times[-1] - raw.index[-1]).total_seconds())
+    assert (first.requests, last.requests) == (raw.iloc[0], raw.iloc[-1])
+    assert first.start not in series.index and last.start not in series.index
+    # the frame carries the same report, and the summary line names both windows
+    assert edge_windows(read_trace_frame(AZURE, step="1min")) == (first, last)
+    text = describe_edge_windows((first, last))
+    assert "dropped 2 partial edge window(s)" in text and "18:15:00" in text and "18:20:00" in text
+
+
+def test_keep_partial_windows_keeps_the_raw_counts() -> None:
+    times = _azure_times(AZURE)
+    raw = pd.Series(1, index=times).resample("1min").count()
+    kept = read_trace(AZURE, step="1min", keep_partial_windows=True)
+    assert kept.index.equals(raw.index) and kept.index.freq == pd.Timedelta("1min")
+    np.testing.assert_allclose(kept.to_numpy() * 60, raw.to_numpy())
+    edges = edge_windows(kept)
+    assert [w.side for w in edges] == ["first", "last"] and not any(w.dropped for w in edges)
+    assert "kept 2 partial edge window(s)" in describe_edge_windows(edges)
+    frame = read_trace_frame(AZURE, step="1min", keep_partial_windows=True)
+    assert frame.index.equals(raw.index)
+
+
+def test_a_trace_starting_on_a_boundary_keeps_its_first_window(tmp_path: Path) -> None:
+    # Mooncake starts at t = 0 (a boundary): the first 10-s window is whole, the last is not
+    records = [json.loads(x) for x in MOONCAKE.read_text().splitlines()]
+    frame = read_trace_frame(MOONCAKE, step="10s")
+    assert frame.index[0] == TRACE_EPOCH
+    (edge,) = edge_windows(frame)
+    last_ms = max(r["timestamp"] for r in records)
+    assert edge.side == "last" and edge.start == TRACE_EPOCH + pd.Timedelta(
+        milliseconds=last_ms // 10_000 * 10_000
+    )
+    # a trace ending exactly on a boundary: the window before it is whole and kept, the one
+    # that holds only the last instant is dropped
+    f = tmp_path / "r.csv"
+    f.write_text("time\n2024-03-01T10:00:00Z\n2024-03-01T10:00:30Z\n2024-03-01T10:02:00Z\n")
+    series = read_trace(f, format="csv", step="1min")
+    assert series.index.tolist() == [
+        pd.Timestamp("2024-03-01T10:00Z"), pd.Timestamp("2024-03-01T10:01Z")
+    ]
+    np.testing.assert_allclose(series.to_numpy() * 60, [2, 0])
+    (edge,) = edge_windows(series)
+    assert (edge.side, edge.covered_s, edge.requests) == ("last", 0.0, 1)
+
+
+def test_a_trace_shorter_than_one_window_is_refused_unless_kept(tmp_path: Path) -> None:
+    f = tmp_path / "short.csv"
+    f.write_text("time\n2024-03-01T10:00:05Z\n2024-03-01T10:00:50Z\n")
+    with pytest.raises(ConfigError, match="less than one whole") as err:
+        read_trace(f, format="csv", step="1min")
+    assert "keep_partial_windows" in str(err.value)
+    kept = read_trace(f, format="csv", step="1min", keep_partial_windows=True)
+    np.testing.assert_allclose(kept.to_numpy() * 60, [2])
+    (edge,) = edge_windows(kept)
+    assert (edge.side, edge.covered_s) == ("only", 45.0)
+
+
+def test_rate_series_have_no_edge_windows() -> None:
+    assert edge_windows(read_trace(SERVEGEN, step="10min")) == ()
+    assert edge_windows(read_trace(SERVEGEN, step="10min", keep_partial_windows=True)) == ()
+
+
+def test_backfill_cli_reports_and_can_keep_the_edge_windows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="autoscaler")
+    signals_cli.register(parser.add_subparsers(dest="command"))
+    base = ["prom", "backfill", str(AZURE), "--out-dir", str(tmp_path), "--no-tsdb",
+            "--end-at", "2024-05-01T12:00:00Z"]
+    args = parser.parse_args(base)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "dropped 2 partial edge window(s)" in out and "18:15:00" in out
+    assert "windows       2024-05-01 11:56:00+00:00 .. 2024-05-01 12:00:00+00:00" in out
+    args = parser.parse_args([*base, "--keep-partial-windows"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "kept 2 partial edge window(s)" in out
+    assert "windows       2024-05-01 11:54:00+00:00 .. 2024-05-01 12:00:00+00:00" in out
+
+
+def test_simulator_scenario_reports_the_dropped_windows_in_its_notes() -> None:
+    from autoscaler.sim.scenario import load_series, make_scenario
+
+    series, label = load_series(trace=str(AZURE))
+    assert len(series) == 4 and label == str(AZURE)
+    (note,) = make_scenario(series, label).workload.notes
+    assert "partial edge windows dropped: 2023-11-16 18:15:00" in note and "18:20:00" in note
+    kept, _ = load_series(trace=str(AZURE), keep_partial_windows=True)
+    assert len(kept) == 6
+    assert "kept (raw counts)" in make_scenario(kept, label).workload.notes[0]
+    # bundled files were derived without the partial minutes: nothing to report
+    bundled, _ = load_series(bundled="azure-conv")
+    assert make_scenario(bundled, "b").workload.notes == []
 
 
 def test_azure_bad_number_names_file_line_and_column(tmp_path: Path) -> None:
@@ -120,7 +242,7 @@ def test_azure_missing_column_is_named(tmp_path: Path) -> None:
 
 def test_arrival_times_are_sorted_seconds_from_first_request() -> None:
     times = arrival_times(AZURE)
-    assert times[0] == 0.0 and np.all(np.diff(times) >= 0) and len(times) == 300
+    assert times[0] == 0.0 and np.all(np.diff(times) >= 0) and len(times) == 1200
     first = pd.Timestamp(_azure_rows(AZURE)[1].split(",")[0], tz="UTC")
     last = pd.Timestamp(_azure_rows(AZURE)[-1].split(",")[0], tz="UTC")
     assert times[-1] == pytest.approx((last - first).total_seconds())
@@ -134,9 +256,13 @@ def test_mooncake_counts_and_epoch() -> None:
     frame = read_trace_frame(MOONCAKE, step="10s")
     assert frame.index[0] == TRACE_EPOCH
     ms = np.array([r["timestamp"] for r in records])
-    expected = np.bincount((ms // 10_000).astype(int))
+    # the last 10-s window is covered only in part: dropped (and reported)
+    expected = np.bincount((ms // 10_000).astype(int))[:-1]
     np.testing.assert_allclose(frame["requests_per_s"].to_numpy() * 10, expected)
-    assert frame["prompt_tokens_per_s"].sum() * 10 == sum(r["input_length"] for r in records)
+    whole = ms < len(expected) * 10_000
+    assert frame["prompt_tokens_per_s"].sum() * 10 == sum(
+        r["input_length"] for r, ok in zip(records, whole, strict=True) if ok
+    )
     requests = read_requests(MOONCAKE)
     assert len(requests) == len(records)
 
@@ -278,13 +404,15 @@ def test_servegen_arrivals_follow_window_rates_and_are_seeded() -> None:
 def test_generic_csv_iso_times_counts_requests(tmp_path: Path) -> None:
     f = tmp_path / "r.csv"
     f.write_text(
-        "when,prompt_tokens\n2024-03-01T10:00:05Z,10\n2024-03-01T10:00:50Z,20\n"
-        "2024-03-01T10:02:10Z,30\n"
+        "when,prompt_tokens\n2024-03-01T10:00:00Z,10\n2024-03-01T10:00:50Z,20\n"
+        "2024-03-01T10:02:10Z,30\n2024-03-01T10:03:00Z,40\n"
     )
     frame = read_trace_frame(f, format="csv", time_column="when")
+    # 10:03 holds only the trace's last instant: dropped; 10:00 starts on the boundary: kept
     np.testing.assert_allclose(frame["requests_per_s"].to_numpy() * 60, [2, 0, 1])
     np.testing.assert_allclose(frame["prompt_tokens_per_s"].to_numpy() * 60, [30, 0, 30])
     assert frame["output_tokens_per_s"].isna().all()
+    assert [w.start for w in edge_windows(frame)] == [pd.Timestamp("2024-03-01T10:03Z")]
 
 
 def test_generic_csv_numeric_times_with_unit_and_rate_column(tmp_path: Path) -> None:
@@ -294,8 +422,10 @@ def test_generic_csv_numeric_times_with_unit_and_rate_column(tmp_path: Path) -> 
     f.write_text("ms,rps\n" + "".join(f"{t},{v}\n" for t, v in rows))
     series = read_trace(f, format="csv", time_column="ms", value_column="rps", time_unit="ms")
     assert series.index[0] == pd.Timestamp("2024-03-01T10:00:00Z")
-    # minute 0 averages 2,3,4; minutes 1 and 2 have no sample: gaps, not zeros
+    # minute 0 averages 2,3,4; minutes 1 and 2 have no sample: gaps, not zeros; a rate
+    # column has no edge effect, so its last window (one sample) is kept
     np.testing.assert_allclose(series.to_numpy(), [3.0, np.nan, np.nan, 9.0], equal_nan=True)
+    assert edge_windows(series) == ()
 
 
 def test_generic_csv_errors_name_the_problem(tmp_path: Path) -> None:

@@ -25,7 +25,14 @@ from autoscaler.errors import ConfigError
 from autoscaler.signals.bundled import bundled_names, load_bundled_frame
 from autoscaler.signals.prometheus import TemplateSet, template_set
 from autoscaler.signals.promserver import find_binary
-from autoscaler.signals.traces import OUTPUT_TOKENS, PROMPT_TOKENS, REQUESTS, read_trace_frame
+from autoscaler.signals.traces import (
+    OUTPUT_TOKENS,
+    PROMPT_TOKENS,
+    REQUESTS,
+    EdgeWindow,
+    edge_windows,
+    read_trace_frame,
+)
 
 #: keep the newest few hours free for live scraping (Prometheus's head block)
 HEAD_MARGIN = pd.Timedelta(hours=3)
@@ -50,6 +57,9 @@ class BackfillResult:
     shift: pd.Timedelta  # added to the trace's own times
     step: pd.Timedelta
     series: dict[str, int]  # counter name -> samples written
+    #: partial first/last windows of a request-level trace, in the trace's own times (dropped
+    #: unless the backfill was asked to keep them)
+    edge_windows: tuple[EdgeWindow, ...] = ()
 
 
 def load_demand_frame(
@@ -59,9 +69,12 @@ def load_demand_frame(
     time_column: str | None = None,
     value_column: str | None = None,
     time_unit: str | None = None,
+    keep_partial_windows: bool = False,
 ) -> pd.DataFrame:
     """Per-second demand frame of a trace file, or of a bundled series named ``bundled:NAME``
-    (bundled series keep their own window; a coarser `step` averages)."""
+    (bundled series keep their own window; a coarser `step` averages). A request-level trace
+    file loses its partial edge windows unless `keep_partial_windows` (listed in the frame's
+    ``attrs["edge_windows"]``)."""
     text = str(trace)
     if text.startswith(BUNDLED_PREFIX):
         name = text[len(BUNDLED_PREFIX):]
@@ -76,7 +89,10 @@ def load_demand_frame(
         if td < native or td % native != pd.Timedelta(0):
             raise ConfigError("step", f"{name} has {native} windows; use a multiple of it")
         return frame.resample(td, origin="epoch").mean()
-    return read_trace_frame(trace, format, step, time_column, value_column, time_unit)
+    return read_trace_frame(
+        trace, format, step, time_column, value_column, time_unit,
+        keep_partial_windows=keep_partial_windows,
+    )
 
 
 def end_time(end_at: str | pd.Timestamp, step: pd.Timedelta,
@@ -200,12 +216,16 @@ def backfill(
     time_unit: str | None = None,
     create_tsdb: bool = True,
     now: pd.Timestamp | None = None,
+    keep_partial_windows: bool = False,
 ) -> BackfillResult:
     """Write a trace as OpenMetrics counters under `out_dir` (``backfill.om``) and, unless
     `create_tsdb` is False, TSDB blocks in ``out_dir/tsdb`` ready for a Prometheus to open."""
     ts = template_set(templates)
     td = pd.Timedelta(step)
-    frame = load_demand_frame(trace, format, td, time_column, value_column, time_unit)
+    frame = load_demand_frame(
+        trace, format, td, time_column, value_column, time_unit, keep_partial_windows
+    )
+    edges = edge_windows(frame)
     frame = frame.copy()
     frame.index.freq = pd.Timedelta(frame.index.freq or td)
     td = pd.Timedelta(frame.index.freq)
@@ -226,6 +246,7 @@ def backfill(
     return BackfillResult(
         openmetrics_path=om_path, tsdb_dir=tsdb, workload=name,
         start=frame.index[0] + shift, end=end, shift=shift, step=td, series=counts,
+        edge_windows=edges,
     )
 
 

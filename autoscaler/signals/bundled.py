@@ -2,7 +2,10 @@
 (see autoscaler/data/ATTRIBUTION.md), so the demo and the tests need no external data.
 
 Each bundled file holds whole request counts (and token sums where the trace has them) per
-window: 1 minute for Azure and Mooncake, 10 minutes for ServeGen. Empty cells are gaps.
+window: 1 minute for Azure and Mooncake, 10 minutes for ServeGen. Empty cells are gaps. The
+request-level traces (Azure, Mooncake) hold only the minutes the source covers fully: their
+partial first and last minutes were left out when the files were derived (the trace readers'
+edge-window rule, see autoscaler.signals.traces), so no row is a fragment of a minute.
 """
 
 from __future__ import annotations

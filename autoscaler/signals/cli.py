@@ -9,7 +9,7 @@ import pandas as pd
 
 from autoscaler.signals.backfill import backfill
 from autoscaler.signals.prometheus import SIGNALS, TEMPLATE_SETS, PrometheusSource
-from autoscaler.signals.traces import FORMATS, TIME_UNITS
+from autoscaler.signals.traces import FORMATS, TIME_UNITS, describe_edge_windows
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bf.add_argument("--time-column", default=None)
     bf.add_argument("--value-column", default=None)
     bf.add_argument("--time-unit", default=None, choices=list(TIME_UNITS))
+    bf.add_argument("--keep-partial-windows", action="store_true",
+                    help="keep the first/last windows a request-level trace covers only in "
+                    "part (raw counts); by default they are dropped and reported")
     bf.add_argument("--no-tsdb", action="store_true",
                     help="only write the OpenMetrics file, do not run promtool")
     bf.set_defaults(func=_backfill)
@@ -65,11 +68,14 @@ def _backfill(args: argparse.Namespace) -> int:
         workload=args.workload, end_at=args.end_at, templates=args.templates,
         namespace=args.namespace, time_column=args.time_column,
         value_column=args.value_column, time_unit=args.time_unit,
-        create_tsdb=not args.no_tsdb,
+        create_tsdb=not args.no_tsdb, keep_partial_windows=args.keep_partial_windows,
     )
     span = result.end - result.start
     print(f"workload      {result.workload}")
     print(f"windows       {result.start} .. {result.end} ({span}, step {result.step})")
+    if result.edge_windows:
+        print(f"edge windows  {describe_edge_windows(result.edge_windows)} "
+              "[trace's own times]")
     print(f"shifted by    {result.shift}")
     for name, n in result.series.items():
         print(f"counter       {name}: {n} samples")

@@ -16,6 +16,14 @@ Formats (see docs/signals.md):
 Request-level traces give counts per window; a window with no request inside the trace's span
 is a real zero. Every reader returns series on a grid aligned to the Unix epoch, so windows of
 different traces and of Prometheus queries line up.
+
+Edge windows: a request-level trace covers [first request, last request] and nothing else, so
+the epoch-aligned windows holding its first and last requests are usually covered only in part
+(Azure conv starts at 18:15:46.68: its 18:15 minute holds 13 s of traffic, not a low minute).
+A window is kept only if [start, start + step) lies inside [first, last]; the partial ones are
+dropped and reported in the result's ``attrs["edge_windows"]`` (see `edge_windows`), never
+silently. ``keep_partial_windows=True`` keeps the raw counts. Rate series (ServeGen, a CSV with
+a value column) average rates, so they have no such edge effect and are left as they are.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ SERVEGEN_FILE = re.compile(r"^chunk-(\d+)-trace\.csv$")
 SERVEGEN_PATTERNS = ("Gamma", "Weibull")
 TIME_UNITS = ("s", "ms", "us", "ns")
 _DEFAULT_TIME_COLUMNS = ("timestamp", "time", "t", "ts", "datetime", "date")
+#: key of ``DataFrame.attrs`` / ``Series.attrs`` holding the partial edge windows of a
+#: request-level read (a tuple of `EdgeWindow`, empty when the trace has none)
+EDGE_WINDOWS_ATTR = "edge_windows"
 
 
 # --------------------------------------------------------------------------- format detection
@@ -379,15 +390,99 @@ def window_starts(times: pd.Series, step: pd.Timedelta) -> pd.DatetimeIndex:
     return pd.DatetimeIndex(epoch + ((times - epoch) // step) * step)
 
 
-def requests_to_frame(requests: pd.DataFrame, step: str | pd.Timedelta) -> pd.DataFrame:
+@dataclass(frozen=True)
+class EdgeWindow:
+    """A window at a trace's start or end that the trace covers only in part: its count is
+    not the demand of that window, only of the `covered_s` seconds the trace saw."""
+
+    start: pd.Timestamp  # window start (UTC)
+    side: str  # "first", "last", or "only" (one window holds the whole trace)
+    covered_s: float  # seconds of the window inside [first request, last request]
+    window_s: float
+    requests: int  # requests the trace has in the window
+    dropped: bool  # False when the caller asked to keep partial windows
+
+    def describe(self) -> str:
+        return (
+            f"{self.side} window {self.start:%Y-%m-%d %H:%M:%S} "
+            f"({self.covered_s:.1f} s of {self.window_s:g} s covered, {self.requests} requests)"
+        )
+
+
+def partial_edge_windows(
+    first: pd.Timestamp,
+    last: pd.Timestamp,
+    step: pd.Timedelta,
+    counts: pd.Series,
+    dropped: bool,
+) -> tuple[EdgeWindow, ...]:
+    """The windows of the grid from `first` to `last` that [first, last] does not cover fully:
+    at most the first and the last. A trace starting exactly on a window boundary keeps its
+    first window; one ending on a boundary has a last window holding only that instant."""
+    grid = _grid(first, last, step)
+    out: list[EdgeWindow] = []
+    ends = [grid[0]] if len(grid) == 1 else [grid[0], grid[-1]]
+    for w in ends:
+        covered = min(w + step, last) - max(w, first)
+        if covered >= step:
+            continue
+        side = "only" if len(grid) == 1 else ("first" if w == grid[0] else "last")
+        out.append(
+            EdgeWindow(
+                start=w,
+                side=side,
+                covered_s=max(covered, pd.Timedelta(0)).total_seconds(),
+                window_s=step.total_seconds(),
+                requests=int(counts.get(w, 0)),
+                dropped=dropped,
+            )
+        )
+    return tuple(out)
+
+
+def edge_windows(data: pd.Series | pd.DataFrame) -> tuple[EdgeWindow, ...]:
+    """The partial edge windows a reader found (dropped or, if asked, kept); empty for rate
+    series and for traces that start and end on window boundaries."""
+    return tuple(data.attrs.get(EDGE_WINDOWS_ATTR, ()))
+
+
+def describe_edge_windows(windows: tuple[EdgeWindow, ...]) -> str:
+    """One line for a CLI summary; empty when there is nothing to report."""
+    if not windows:
+        return ""
+    dropped = [w for w in windows if w.dropped]
+    kept = [w for w in windows if not w.dropped]
+    parts = []
+    if dropped:
+        parts.append(
+            f"dropped {len(dropped)} partial edge window(s): "
+            + "; ".join(w.describe() for w in dropped)
+            + " (--keep-partial-windows keeps them)"
+        )
+    if kept:
+        parts.append(
+            f"kept {len(kept)} partial edge window(s) as raw counts: "
+            + "; ".join(w.describe() for w in kept)
+        )
+    return "; ".join(parts)
+
+
+def requests_to_frame(
+    requests: pd.DataFrame,
+    step: str | pd.Timedelta,
+    keep_partial_windows: bool = False,
+) -> pd.DataFrame:
     """Counts and token sums per window, divided by the window length: a frame of
-    requests/s, prompt tokens/s and output tokens/s over the trace's span. Windows without a
-    request inside the span are real zeros."""
+    requests/s, prompt tokens/s and output tokens/s over the windows the trace covers fully
+    (windows without a request inside them are real zeros). The partial first/last windows are
+    dropped unless `keep_partial_windows`; either way they are listed in
+    ``attrs["edge_windows"]``."""
     td = _step(step)
     seconds = td.total_seconds()
     if len(requests) == 0:
         raise ConfigError("trace", "the trace holds no request")
-    grid = _grid(requests["time"].iloc[0], requests["time"].iloc[-1], td)
+    first, last = requests["time"].iloc[0], requests["time"].iloc[-1]
+    grid = _grid(first, last, td)
     keys = window_starts(requests["time"], td)
     grouped = requests.assign(_w=keys).groupby("_w")
     counts = grouped.size().reindex(grid, fill_value=0).astype(float)
@@ -398,7 +493,18 @@ def requests_to_frame(requests: pd.DataFrame, step: str | pd.Timedelta) -> pd.Da
             out[dst] = sums.to_numpy(dtype=float) / seconds
         else:
             out[dst] = np.nan
-    out.index.freq = td
+    edges = partial_edge_windows(first, last, td, counts, dropped=not keep_partial_windows)
+    if not keep_partial_windows and edges:
+        out = out.drop(index=[w.start for w in edges])
+        if len(out) == 0:
+            raise ConfigError(
+                "step",
+                f"the trace spans {last - first} ({first} .. {last}), less than one whole "
+                f"{td} window; use a shorter step, or keep_partial_windows=True "
+                "(--keep-partial-windows) for the raw counts",
+            )
+    out.index = pd.DatetimeIndex(out.index, name="time", freq=td)
+    out.attrs[EDGE_WINDOWS_ATTR] = edges
     return out
 
 
@@ -409,12 +515,17 @@ def read_trace_frame(
     time_column: str | None = None,
     value_column: str | None = None,
     time_unit: str | None = None,
+    *,
+    keep_partial_windows: bool = False,
 ) -> pd.DataFrame:
     """All demand signals a trace carries, per window: ``requests_per_s``,
     ``prompt_tokens_per_s``, ``output_tokens_per_s`` (NaN columns where the trace has no
-    tokens, as for ServeGen or a rate CSV)."""
+    tokens, as for ServeGen or a rate CSV). Request-level traces keep only the windows they
+    cover fully unless `keep_partial_windows`; ``attrs["edge_windows"]`` lists the partial
+    ones (empty for rate series)."""
     fmt = _resolve_format(path, format)
     td = _step(step)
+    edges: tuple[EdgeWindow, ...] = ()
     if fmt == "servegen":
         rate = _servegen_total(Path(path), td)
         frame = pd.DataFrame({REQUESTS: rate, PROMPT_TOKENS: np.nan, OUTPUT_TOKENS: np.nan})
@@ -424,13 +535,16 @@ def read_trace_frame(
             rate = _rates_to_grid(raw, td)
             frame = pd.DataFrame({REQUESTS: rate, PROMPT_TOKENS: np.nan, OUTPUT_TOKENS: np.nan})
         else:
-            frame = requests_to_frame(raw, td)
+            frame = requests_to_frame(raw, td, keep_partial_windows)
+            edges = edge_windows(frame)
     else:
         if value_column is not None:
             raise ConfigError("value_column", f"the {fmt} format has no value column")
-        frame = requests_to_frame(read_requests(path, fmt), td)
+        frame = requests_to_frame(read_requests(path, fmt), td, keep_partial_windows)
+        edges = edge_windows(frame)
     frame.index.name = "time"
     frame.index.freq = td
+    frame.attrs[EDGE_WINDOWS_ATTR] = edges
     return frame
 
 
@@ -449,13 +563,20 @@ def read_trace(
     time_column: str | None = None,
     value_column: str | None = None,
     time_unit: str | None = None,
+    *,
+    keep_partial_windows: bool = False,
 ) -> pd.Series:
     """The request-rate demand series of a trace (requests/s per window, UTC grid of `step`,
-    NaN for gaps)."""
-    frame = read_trace_frame(path, format, step, time_column, value_column, time_unit)
+    NaN for gaps; partial edge windows of request-level traces dropped unless
+    `keep_partial_windows`, and listed in ``attrs["edge_windows"]``)."""
+    frame = read_trace_frame(
+        path, format, step, time_column, value_column, time_unit,
+        keep_partial_windows=keep_partial_windows,
+    )
     series = frame[REQUESTS].copy()
     series.name = REQUESTS
     series.index.freq = _step(step)
+    series.attrs[EDGE_WINDOWS_ATTR] = edge_windows(frame)
     return series
 
 

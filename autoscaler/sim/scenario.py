@@ -42,12 +42,18 @@ def load_series(
     fmt: str = "auto",
     step: str | None = None,
     prefer_shared: bool = False,
+    keep_partial_windows: bool = False,
 ) -> tuple[pd.Series, str]:
     """The demand series of a trace file or a bundled name: request-level formats are counted
     per minute by default (`step="1s"` replays raw per-second counts: sub-minute bursts are then
     the replica's batching queue's problem, which no scaling policy can solve), ServeGen at its
     10-minute windows; the replay interpolates either linearly down to 1 s ticks. With
-    `prefer_shared`, a bundled name is read from /work/shared/traces when that folder exists."""
+    `prefer_shared`, a bundled name is read from /work/shared/traces when that folder exists.
+
+    A request-level trace's first and last windows, which it covers only in part, are dropped
+    (as the bundled files were derived) unless `keep_partial_windows`: replayed, they would read
+    as a real dip in demand. The series' ``attrs["edge_windows"]`` lists them, and
+    `make_scenario` turns that into a note of the simulation's report."""
     from autoscaler.signals.bundled import load_bundled
     from autoscaler.signals.traces import detect_format, read_trace
 
@@ -58,19 +64,38 @@ def load_series(
         if (SHARED_TRACES / rel).exists():
             trace, fmt = str(SHARED_TRACES / rel), shared_fmt
             label = f"{bundled} (full resolution, {SHARED_TRACES / rel})"
-            return _read(trace, fmt, step, read_trace, detect_format), label
+            series = _read(trace, fmt, step, read_trace, detect_format, keep_partial_windows)
+            return series, label
     if bundled:
         return load_bundled(bundled), f"{bundled} (bundled)"
     if not trace:
         raise ConfigError("--trace", "give a trace file (--trace PATH) or --bundled NAME")
-    return _read(trace, fmt, step, read_trace, detect_format), str(trace)
+    return _read(trace, fmt, step, read_trace, detect_format, keep_partial_windows), str(trace)
 
 
-def _read(trace, fmt, step, read_trace, detect_format) -> pd.Series:
+def _read(trace, fmt, step, read_trace, detect_format, keep_partial_windows) -> pd.Series:
     resolved = detect_format(trace) if fmt == "auto" else fmt
     if step is None:
         step = "10min" if resolved == "servegen" else "1min"
-    return read_trace(trace, format=resolved, step=step)
+    return read_trace(
+        trace, format=resolved, step=step, keep_partial_windows=keep_partial_windows
+    )
+
+
+def edge_note(series: pd.Series) -> str:
+    """A short report note on the partial edge windows of a request-level read ("" if none)."""
+    from autoscaler.signals.traces import edge_windows
+
+    edges = edge_windows(series)
+    if not edges:
+        return ""
+    verb = "dropped" if edges[0].dropped else "kept (raw counts)"
+    parts = ", ".join(
+        f"{w.start:%Y-%m-%d %H:%M:%S} ({w.covered_s:.1f} of {w.window_s:g} s covered, "
+        f"{w.requests} requests)"
+        for w in edges
+    )
+    return f"trace: partial edge windows {verb}: {parts}"
 
 
 def make_scenario(
@@ -103,4 +128,6 @@ def make_scenario(
     )
     spec = WorkloadSpec(**{**fields, **(spec_overrides or {})})
     ticks = to_ticks(series, 1.0, shape)
-    return Scenario(label, series, capacity, SimWorkload(name, ticks, spec, artifact_gb))
+    note = edge_note(series)
+    workload = SimWorkload(name, ticks, spec, artifact_gb, notes=[note] if note else [])
+    return Scenario(label, series, capacity, workload)
