@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from autoscaler.agent import criu as criu_mod
+from autoscaler.agent import external
 from autoscaler.agent.cuda import driver_info, get_api, process_uses_cuda
 from autoscaler.agent.errors import AgentError, ArtifactExists, ProcessNotFound
 from autoscaler.agent.hooks import Handshake
-from autoscaler.agent.store import ArtifactInfo, ArtifactStore, Manifest, validate_artifact_id
+from autoscaler.agent.store import (
+    ArtifactInfo,
+    ArtifactStore,
+    ExternalFile,
+    Manifest,
+    validate_artifact_id,
+)
 
 Progress = Callable[[str], None]
 
@@ -63,10 +70,11 @@ def checkpoint_worker(
         raise ArtifactExists(request.artifact_id, store.describe())
     timings: dict[str, float] = {}
     handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
+    offer: dict[str, Any] = {}
     if handshake:
         say(f"waiting for {request.handshake_dir}/ready-for-checkpoint")
         t = time.perf_counter()
-        handshake.wait_ready_for_checkpoint(request.handshake_timeout_s)
+        offer = handshake.wait_ready_for_checkpoint(request.handshake_timeout_s)
         timings["handshake"] = time.perf_counter() - t
 
     target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
@@ -89,24 +97,30 @@ def checkpoint_worker(
     api = get_api() if use_cuda else None
     cuda_checkpointed = False
     try:
-        if api is not None:
-            say("CUDA lock + checkpoint")
-            t = time.perf_counter()
-            api.checkpoint_process(request.pid, request.lock_timeout_ms)
-            cuda_checkpointed = True
-            timings["cuda_checkpoint"] = time.perf_counter() - t
-        with store.create(request.artifact_id) as writer:
-            say(f"CRIU dump of pid {dump_pid}" + (f" in {target.describe()}" if target else ""))
-            options = replace(request.criu_options, leave_running=request.leave_running)
-            dumped = criu_mod.dump(
-                dump_pid, writer.images_dir, writer.logs_dir, options, target  # type: ignore[arg-type]
-            )
-            timings["criu_dump"] = dumped.seconds
-            say("sealing the artifact (sha256 of every file)")
-            t = time.perf_counter()
-            info = artifact_info(request, dumped, api is not None, target is not None)
-            manifest = writer.commit(info)
-            timings["seal"] = time.perf_counter() - t
+        with record_external_files(offer, request.pid, say) as recording:
+            if api is not None:
+                say("CUDA lock + checkpoint")
+                t = time.perf_counter()
+                api.checkpoint_process(request.pid, request.lock_timeout_ms)
+                cuda_checkpointed = True
+                timings["cuda_checkpoint"] = time.perf_counter() - t
+            with store.create(request.artifact_id) as writer:
+                say(f"CRIU dump of pid {dump_pid}"
+                    + (f" in {target.describe()}" if target else ""))  # fmt: skip
+                options = replace(request.criu_options, leave_running=request.leave_running)
+                dumped = criu_mod.dump(
+                    dump_pid, writer.images_dir, writer.logs_dir, options, target  # type: ignore[arg-type]
+                )
+                timings["criu_dump"] = dumped.seconds
+                externals = recording.result() if recording else ()
+                if recording:
+                    timings["external_files"] = recording.seconds
+                say("sealing the artifact (sha256 of every file)")
+                t = time.perf_counter()
+                info = artifact_info(request, dumped, api is not None, target is not None,
+                                     external_files=externals)  # fmt: skip
+                manifest = writer.commit(info)
+                timings["seal"] = time.perf_counter() - t
     except BaseException:
         _put_back(request, api if cuda_checkpointed else None, handshake)
         raise
@@ -122,6 +136,7 @@ def artifact_info(
     has_cuda: bool,
     namespaced: bool,
     extra: dict[str, Any] | None = None,
+    external_files: tuple[ExternalFile, ...] = (),
 ) -> ArtifactInfo:
     """What the manifest records of a dump: identity, versions, GPU, PIDs. `request` is any
     checkpoint request with workload, model, handshake_dir and extra (single or group);
@@ -138,7 +153,38 @@ def artifact_info(
         pids=dumped.pids,
         namespaced=namespaced,
         extra={"handshake": request.handshake_dir is not None, **request.extra, **(extra or {})},
+        external_files=tuple(external_files),
     )
+
+
+@contextlib.contextmanager
+def record_external_files(
+    offers: dict[str, Any] | list[tuple[dict[str, Any], int | None]],
+    pid: int | None,
+    say: Progress,
+) -> Iterator[external.Recording | None]:
+    """The files the worker declared (or every rank: a list of (offer, host pid)), opened
+    through the declaring process's root now and hashed in the background while CUDA and CRIU
+    work; None when nothing was declared. A declared file that is missing fails the checkpoint.
+    Ranks of one worker share a mount namespace: the first declaring process's root is used."""
+    pairs = offers if isinstance(offers, list) else [(offers, pid)]
+    declared = [(external.parse_offer(o), p) for o, p in pairs]
+    merged = external.merge_declared(d for d, _ in declared)
+    if not merged:
+        yield None
+        return
+    root = next(p for group, p in declared if group)
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done == total:
+            last[0] = now
+            say(f"hashing {len(merged)} external file(s): {done}/{total} bytes")
+
+    say("recording external files: " + ", ".join(d.path for d in merged))
+    with external.Recording(merged, root, report) as recording:
+        yield recording
 
 
 def _put_back(request: CheckpointRequest, api: object | None, handshake: Handshake | None) -> None:

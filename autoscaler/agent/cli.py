@@ -91,6 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy=PidPolicy(tuple(args.allow_cgroup), tuple(args.allow_ancestor)),
         handshake_root=Path(args.handshake_root) if args.handshake_root else None,
         log_root=Path(args.log_dir) if args.log_dir else None,
+        preload_socket=args.preload_socket,
     )
     server = serve(Agent(config), args.host, args.port)
     host, port = server.server_address[:2]
@@ -144,6 +145,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         artifact_id=args.id, handshake_dir=args.handshake_dir, health_url=args.health_url,
         namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
         ready_timeout_s=args.timeout, use_store=not args.local_only, verify=args.verify,
+        preload_socket=args.preload_socket,
     ), _cache(args), _store(args), _progress)
     _print(outcome.to_dict())
     return 0 if outcome.ok else 1
@@ -161,6 +163,14 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-budget", default="100G", help="disk cache budget (e.g. 200G)")
     p.add_argument("--memory-dir", default=None, help="tmpfs directory for the memory tier")
     p.add_argument("--memory-budget", default="0", help="memory tier budget (e.g. 32G)")
+
+
+def _add_preload_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preload-socket", default=None,
+        help="the node's weight preloader (python -m autoscaler.agent.fastload preload "
+        "--socket S): restores ask it to load the worker's weights while CRIU runs",
+    )  # fmt: skip
 
 
 def _add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -188,6 +198,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="PID whose descendants requests may touch")
     p.add_argument("--handshake-root", help="handshake directories must lie under this")
     p.add_argument("--log-dir", help="where restore logs go (default: beside the disk cache)")
+    _add_preload_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("checkpoint", help="checkpoint a running worker into the store")
@@ -226,6 +237,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--verify", choices=("alongside", "before"), default="alongside",
         help="hash the copy while CRIU restores it stopped (default), or before CRIU starts",
     )  # fmt: skip
+    _add_preload_arg(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("inventory", help="what the node cache holds")

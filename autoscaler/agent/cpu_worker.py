@@ -6,6 +6,13 @@ only after the checkpoint point, then report ready. Answers are deterministic (f
 restored copy must answer exactly what the original answered.
 
     python -m autoscaler.agent.cpu_worker --port 8123 [--handshake-dir DIR] [--kv-mib 64]
+        [--params FILE]
+    python -m autoscaler.agent.cpu_worker --write-params FILE [--params-seed N]
+
+With --params the weights come from a small .npz file: loaded at start, dropped before the
+checkpoint and read again after a restore, as a GPU engine does with its weights file on the
+fast path. The file is declared to the agent as an external file, so a restore is refused when
+it changed (what the CRIU integration tests exercise without a GPU).
 
 HTTP: GET /health, GET /info, GET /predict?seed=N (input drawn from seed N), POST /predict
 {"inputs": [[...]]}.
@@ -43,6 +50,24 @@ class MLP:
         self.biases = [rng.standard_normal(b) * 0.01 for b in sizes[1:]]
         self.input_size = sizes[0]
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the parameters as .npz (w0.., b0..), atomically."""
+        arrays = {f"w{i}": w for i, w in enumerate(self.weights)}
+        arrays.update({f"b{i}": b for i, b in enumerate(self.biases)})
+        tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Read the parameters from a file written by save(); the layer sizes must match."""
+        with np.load(path) as data:
+            weights = [data[f"w{i}"] for i in range(len(self.weights))]
+            biases = [data[f"b{i}"] for i in range(len(self.biases))]
+        if [w.shape for w in weights] != [w.shape for w in self.weights]:
+            raise ValueError(f"{path}: layer shapes {[w.shape for w in weights]} do not match")
+        self.weights, self.biases = weights, biases
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         h = np.atleast_2d(np.asarray(x, dtype=np.float64))
         if h.shape[1] != self.input_size:
@@ -62,8 +87,11 @@ class MLP:
 class Worker:
     """Model, KV buffer and counters; the HTTP handler reads from here."""
 
-    def __init__(self, kv_mib: int) -> None:
+    def __init__(self, kv_mib: int, params: str | None = None) -> None:
         self.model = MLP()
+        self.params = params
+        if params is not None:
+            self.model.load(params)
         self.kv_bytes = kv_mib << 20
         self.kv: np.ndarray | None = None
         self.allocate_kv()
@@ -76,6 +104,15 @@ class Worker:
 
     def release_kv(self) -> None:
         self.kv = None
+
+    def release_params(self) -> None:
+        """Before the checkpoint: drop the weights (they are re-read from the file after)."""
+        self.model.weights, self.model.biases = [np.empty(0)], [np.empty(0)]
+
+    def reload_params(self) -> None:
+        if self.params is not None:
+            self.model = MLP()
+            self.model.load(self.params)
 
 
 def _make_handler(worker: Worker, hooks: WorkerHooks) -> type[BaseHTTPRequestHandler]:
@@ -102,6 +139,7 @@ def _make_handler(worker: Worker, hooks: WorkerHooks) -> type[BaseHTTPRequestHan
                     "start_reason": hooks.start_reason,
                     "requests": worker.requests,
                     "kv_bytes": 0 if worker.kv is None else int(worker.kv.nbytes),
+                    "params": worker.params,
                 })
             elif url.path == "/predict":
                 try:
@@ -143,13 +181,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--handshake-dir", default=None)
     parser.add_argument("--kv-mib", type=int, default=16)
+    parser.add_argument("--params", default=None, help="load the weights from this .npz file")
+    parser.add_argument("--write-params", default=None, help="write weights to FILE and exit")
+    parser.add_argument("--params-seed", type=int, default=MODEL_SEED)
     args = parser.parse_args(argv)
+    if args.write_params:
+        MLP(seed=args.params_seed).save(args.write_params)
+        return 0
 
     t0 = time.monotonic()
-    worker = Worker(args.kv_mib)
     hooks = WorkerHooks(args.handshake_dir)
+    params = hooks.external_file(args.params) if args.params else None
+    worker = Worker(args.kv_mib, params)
     hooks.before_checkpoint(worker.release_kv)
     hooks.after_restore(worker.allocate_kv)
+    if params is not None:
+        hooks.before_checkpoint(worker.release_params)
+        hooks.after_restore(worker.reload_params)
     reason = hooks.checkpoint_point()  # the checkpoint happens in here, before any listener
     server = ThreadingHTTPServer((args.host, args.port), _make_handler(worker, hooks))
     server.daemon_threads = True

@@ -45,6 +45,26 @@ class ArtifactCorrupt(AgentError):
         super().__init__(f"artifact {artifact_id!r} is corrupt: {path}: {reason}")
 
 
+class ExternalFileError(AgentError):
+    """A file the worker declared it re-reads after a restore (its weights) is unusable: a bad
+    declaration, or missing or changing while the checkpoint records it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"external file {path}: {reason}")
+
+
+class ExternalFileChanged(ExternalFileError):
+    """At restore, an external file is missing or differs from what the checkpoint recorded:
+    the restored worker would serve other weights. The artifact itself is fine (not
+    quarantined); the caller starts cold."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, f"{reason}; the restored worker would re-read other contents "
+                               "than were checkpointed, so it is not restored (start cold)")
+
+
 # --- staging ---------------------------------------------------------------------------------
 class BudgetExceeded(AgentError):
     """Staging an artifact would exceed the node's disk or memory budget even after eviction."""

@@ -844,14 +844,17 @@ class WeightPreloader:
         with conn:
             req, _ = _recv_json(conn)
             path = str(req.get("path"))
+            # a load is filed under `key` (the path as the restored worker names it, which in a
+            # pod differs from the node's path the preloader reads); take names the key
+            key = str(req.get("key") or path)
             if req.get("op") == "load":
                 job = _PreloadJob(
                     path, threads=int(req.get("threads") or self.threads),
                     chunk_bytes=int(req.get("chunk_bytes") or self.chunk_bytes),
                 )  # fmt: skip
                 with self.lock:
-                    old = self.jobs.pop(path, None)
-                    self.jobs[path] = job
+                    old = self.jobs.pop(key, None)
+                    self.jobs[key] = job
                 if old is not None:
                     old.done.wait()
                     self._drop(old)
@@ -859,7 +862,7 @@ class WeightPreloader:
                 _send_json(conn, {"ok": True})
             elif req.get("op") == "take":
                 with self.lock:
-                    job = self.jobs.pop(path, None)
+                    job = self.jobs.pop(key, None)
                 if job is None:
                     _send_json(conn, {"ok": False, "error": f"no preload of {path}"})
                     return
@@ -904,16 +907,19 @@ class WeightPreloader:
 
 def request_preload(
     socket_path: str, weights_path: str, threads: int | None = None,
-    chunk_bytes: int | None = None, timeout_s: float = 5.0,
+    chunk_bytes: int | None = None, timeout_s: float = 5.0, key: str | None = None,
 ) -> None:  # fmt: skip
-    """Ask the preloader to start loading a weights file now (returns at once)."""
+    """Ask the preloader to start loading a weights file now (returns at once).
+
+    `key`: the name a later `take_preloaded` uses (default the path itself); the node agent
+    reads a pod's file through /proc/<pid>/root and files it under the worker's own path."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout_s)
         conn.connect(socket_path)
         _send_json(
             conn,
             {"op": "load", "path": str(weights_path), "threads": threads,
-             "chunk_bytes": chunk_bytes},
+             "chunk_bytes": chunk_bytes, **({"key": key} if key else {})},
         )  # fmt: skip
         reply, _ = _recv_json(conn)
     if not reply.get("ok"):

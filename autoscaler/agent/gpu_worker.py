@@ -843,6 +843,18 @@ def serve(args: argparse.Namespace) -> int:
     worker.alloc_kv()
     worker.warm_up()
     hooks = WorkerHooks(args.handshake_dir)
+    weights_path = os.path.abspath(args.weights)
+    args.weights = weights_path  # the name the preloader files its load under (see below)
+
+    def declare_weights() -> None:
+        # The fast path re-reads the weights file after a restore: the agent records it in the
+        # artifact, refuses a restore where it changed, and can have the preloader load it.
+        if worker.mode == "fast":
+            hooks.external_file(weights_path, preload=True)
+        else:
+            hooks.external_files.pop(weights_path, None)
+
+    hooks.before_checkpoint(declare_weights)
     hooks.before_checkpoint(worker.release)
     hooks.before_checkpoint(stdio.detach)
     hooks.after_restore(stdio.attach)

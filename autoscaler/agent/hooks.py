@@ -17,6 +17,10 @@ Files (each holds a small JSON object):
   restore-complete      agent -> worker  you are a restored copy: re-allocate and serve
   checkpoint-done       agent -> worker  the dump is over (or was abandoned): carry on
   ready                 worker -> agent  listeners open, answering
+
+A worker that re-reads files after a restore (its weights, on the fast path) declares them with
+`WorkerHooks.external_file(path)`; they go into ready-for-checkpoint as `external_files`, and
+the agent records and checks them (autoscaler/agent/external.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ READY_FOR_CHECKPOINT = "ready-for-checkpoint"
 RESTORE_COMPLETE = "restore-complete"
 CHECKPOINT_DONE = "checkpoint-done"
 READY = "ready"
+EXTERNAL_FILES_KEY = "external_files"
 ALL_SENTINELS = (READY_FOR_CHECKPOINT, RESTORE_COMPLETE, CHECKPOINT_DONE, READY)
 
 
@@ -109,6 +114,11 @@ class Handshake:
 Callback = Callable[[], None]
 
 
+def external_declaration(path: str | os.PathLike[str], preload: bool = False) -> dict[str, Any]:
+    """One external-file entry of the offer: the absolute path as the worker sees it."""
+    return {"path": os.path.abspath(os.fspath(path)), "preload": bool(preload)}
+
+
 class WorkerHooks:
     """What a snapshot-enabled worker calls. Without a handshake directory it is a no-op, so the
     same worker runs plainly when nobody asked for a checkpoint."""
@@ -118,6 +128,7 @@ class WorkerHooks:
         self.handshake = Handshake(directory) if directory else None
         self._before: list[Callback] = []
         self._after: list[Callback] = []
+        self.external_files: dict[str, dict[str, Any]] = {}
         self.start_reason = "cold"
         self.answer: dict[str, Any] = {}  # the agent's restore-complete / checkpoint-done
 
@@ -131,6 +142,15 @@ class WorkerHooks:
         self._after.append(fn)
         return fn
 
+    def external_file(self, path: str | os.PathLike[str], preload: bool = False) -> str:
+        """Declare a file the worker re-reads after a restore (its weights): the agent records
+        its size, mtime and sha256 in the artifact, and refuses a restore where it changed.
+        `preload`: a node preloader may load it (a safetensors weights file) while CRIU
+        restores. Returns the absolute path the worker should go on using."""
+        entry = external_declaration(path, preload)
+        self.external_files[str(entry["path"])] = entry
+        return str(entry["path"])
+
     def checkpoint_point(self, timeout_s: float | None = None, **offer: Any) -> str:
         """Offer a checkpoint here; returns 'cold' (none requested), 'restored' or 'resumed'.
 
@@ -143,6 +163,8 @@ class WorkerHooks:
         for fn in self._before:
             fn()
         self.handshake.clear(RESTORE_COMPLETE, CHECKPOINT_DONE, READY)
+        if self.external_files:
+            offer.setdefault(EXTERNAL_FILES_KEY, list(self.external_files.values()))
         self.handshake.write(READY_FOR_CHECKPOINT, **offer)
         name, info = self.handshake.wait_any((RESTORE_COMPLETE, CHECKPOINT_DONE), timeout_s)
         self.answer = info

@@ -31,11 +31,17 @@ from pathlib import Path
 from typing import Protocol
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent.checkpoint import artifact_info
+from autoscaler.agent.checkpoint import artifact_info, record_external_files
 from autoscaler.agent.cuda import get_api, parse_gpu_uuid, process_uses_cuda
 from autoscaler.agent.errors import AgentError, ArtifactExists, CudaError, ProcessNotFound
 from autoscaler.agent.hooks import Handshake, rank_handshake_dir
-from autoscaler.agent.store import ArtifactInfo, ArtifactStore, Manifest, validate_artifact_id
+from autoscaler.agent.store import (
+    ArtifactInfo,
+    ArtifactStore,
+    ExternalFile,
+    Manifest,
+    validate_artifact_id,
+)
 
 Progress = Callable[[str], None]
 GROUP_FORMAT = "multi-process/1"
@@ -419,24 +425,32 @@ def checkpoint_group(
         api = get_api()
     cuda_done = False
     try:
-        if cuda_pids:
-            say(f"CUDA lock of {len(cuda_pids)} processes, then checkpoint of each")
-            t = time.perf_counter()
-            lock_and_checkpoint_all(api, cuda_pids, request.lock_timeout_ms)  # type: ignore[arg-type]
-            cuda_done = True
-            timings["cuda_checkpoint"] = time.perf_counter() - t
-        with store.create(request.artifact_id) as writer:
-            dump_pid = ns_pid(request.root_pid, target)
-            say(f"CRIU dump of the tree of pid {dump_pid}")
-            options = replace(request.criu_options, leave_running=request.leave_running)
-            dumped = criu_mod.dump(dump_pid, writer.images_dir, writer.logs_dir, options, target)
-            timings["criu_dump"] = dumped.seconds
-            missing = sorted({r.pid for r in records} - set(dumped.pids))
-            if missing:
-                raise ProcessNotInTree(missing[0], dump_pid)
-            t = time.perf_counter()
-            manifest = writer.commit(_group_info(request, dumped, records, target is not None))
-            timings["seal"] = time.perf_counter() - t
+        with record_external_files(
+            [(o, pid) for pid, o in offers.items()], None, say
+        ) as recording:  # the ranks' declared weights, hashed while CUDA and CRIU work
+            if cuda_pids:
+                say(f"CUDA lock of {len(cuda_pids)} processes, then checkpoint of each")
+                t = time.perf_counter()
+                lock_and_checkpoint_all(api, cuda_pids, request.lock_timeout_ms)  # type: ignore[arg-type]
+                cuda_done = True
+                timings["cuda_checkpoint"] = time.perf_counter() - t
+            with store.create(request.artifact_id) as writer:
+                dump_pid = ns_pid(request.root_pid, target)
+                say(f"CRIU dump of the tree of pid {dump_pid}")
+                options = replace(request.criu_options, leave_running=request.leave_running)
+                dumped = criu_mod.dump(
+                    dump_pid, writer.images_dir, writer.logs_dir, options, target
+                )
+                timings["criu_dump"] = dumped.seconds
+                missing = sorted({r.pid for r in records} - set(dumped.pids))
+                if missing:
+                    raise ProcessNotInTree(missing[0], dump_pid)
+                externals = recording.result() if recording else ()
+                t = time.perf_counter()
+                manifest = writer.commit(
+                    _group_info(request, dumped, records, target is not None, externals)
+                )
+                timings["seal"] = time.perf_counter() - t
     except BaseException:
         _put_back_group(api if cuda_done else None, cuda_pids)
         _tell_ranks_done(handshakes, request.rendezvous_host)
@@ -504,12 +518,14 @@ def _group_info(
     dumped: criu_mod.DumpResult,
     records: Sequence[ProcessRecord],
     namespaced: bool,
+    external_files: tuple[ExternalFile, ...] = (),
 ) -> ArtifactInfo:
     return artifact_info(
         request,
         dumped,
         has_cuda=any(r.cuda for r in records),
         namespaced=namespaced,
+        external_files=external_files,
         extra={
             "format": GROUP_FORMAT,
             "handshake": request.handshake_dir is not None,

@@ -9,6 +9,12 @@ holds CUDA state, tell the worker it was restored, wait for its ready signal, ch
 answers over HTTP. On any failure after CRIU started, everything restored is killed, the
 node-local copy used is quarantined, and a RestoreOutcome with ok=False says why, so the caller
 falls back to a cold start. Nothing here raises for an expected failure; errors become outcomes.
+
+The files the worker re-reads after the restore (its weights: the manifest's external files)
+are checked alongside CRIU too, before the tree runs; a missing or changed one fails the
+restore (ExternalFileChanged) without quarantining the artifact, which is fine. With a
+preloader socket the agent asks the node's preloader to start loading them when the restore
+starts, so the load overlaps CRIU and the CUDA restore.
 """
 
 from __future__ import annotations
@@ -21,18 +27,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import multiproc
+from autoscaler.agent import external, multiproc
 from autoscaler.agent.cuda import get_api
 from autoscaler.agent.errors import (
     AgentError,
     ArtifactCorrupt,
     ArtifactNotFound,
+    ExternalFileChanged,
     PidTaken,
     WorkerNotReady,
 )
@@ -40,6 +48,7 @@ from autoscaler.agent.hooks import Handshake
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import (
     ArtifactStore,
+    ExternalFile,
     VerifiedArtifact,
     validate_artifact_id,
     verify_directory,
@@ -75,6 +84,9 @@ class RestoreRequest:
     # "alongside": hash the copy's files while CRIU restores it (stopped) and let it run only
     # when every file matched; "before": hash first, then restore (slower by the hashing time)
     verify: str = "alongside"
+    # the node's weight preloader (fastload preload): asked to load the manifest's preloadable
+    # external files when the restore starts; None: the restored worker reads them itself
+    preload_socket: str | None = None
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -96,6 +108,11 @@ class RestoreOutcome:
     quarantined: tuple[str, ...] = ()
     log_path: str | None = None
     fallback: str | None = None  # "cold-start" when not ok
+    # the external files checked: path, bytes, how ("record": unchanged since this node
+    # verified it, one stat; "hashed"), seconds
+    external_files: tuple[dict, ...] = ()
+    preloaded: tuple[str, ...] = ()  # external files the preloader was asked to load
+    warnings: tuple[str, ...] = ()  # e.g. a preloader that did not answer (not a failure)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,6 +169,38 @@ def choose_copy(
     raise last
 
 
+class Preloads:
+    """The preload requests of one restore: started once (whichever copy is tried), released
+    when the restore fails so the preloader's GPU memory is free for the cold start."""
+
+    def __init__(
+        self, socket_path: str | None, resolve: Callable[[str], Path],
+        threads: int | None = None, chunk_bytes: int | None = None,
+    ) -> None:  # fmt: skip
+        self.socket_path = socket_path
+        self.resolve = resolve
+        self.threads = threads
+        self.chunk_bytes = chunk_bytes
+        self.started = False
+        self.requested: list[str] = []
+        self.warnings: list[str] = []
+
+    def start(self, files: Sequence[ExternalFile]) -> None:
+        if self.started or not self.socket_path:
+            return
+        self.started = True
+        requested, warnings = external.request_preloads(
+            self.socket_path, files, self.resolve, self.threads, self.chunk_bytes
+        )
+        self.requested.extend(requested)
+        self.warnings.extend(warnings)
+
+    def release(self) -> None:
+        if self.socket_path and self.requested:
+            external.release_preloads(self.socket_path, self.requested)
+            self.requested = []
+
+
 def restore_artifact(
     request: RestoreRequest,
     cache: NodeCache | None = None,
@@ -163,6 +212,30 @@ def restore_artifact(
     """Restore one worker (one process, or a multi-process tree whose manifest records its
     processes: then every rank's CUDA state and handshake); never raises for an expected
     failure (see RestoreOutcome)."""
+    preloads = Preloads(
+        request.preload_socket, lambda p: external.node_path(p, request.namespace_pid)
+    )
+    checked: list[external.Checked] = []
+    outcome = _restore(request, cache, store, progress, log_root, cuda_api, preloads, checked)
+    requested = tuple(preloads.requested)
+    if not outcome.ok:
+        preloads.release()
+    return replace(
+        outcome, external_files=tuple(c.to_dict() for c in checked),
+        preloaded=requested, warnings=tuple(preloads.warnings),
+    )  # fmt: skip
+
+
+def _restore(
+    request: RestoreRequest,
+    cache: NodeCache | None,
+    store: ArtifactStore | None,
+    progress: Progress | None,
+    log_root: Path | None,
+    cuda_api: multiproc.CheckpointApi | None,
+    preloads: Preloads,
+    checked: list[external.Checked],
+) -> RestoreOutcome:
     say = progress or (lambda _m: None)
     artifact_id = request.artifact_id
     try:
@@ -186,6 +259,21 @@ def restore_artifact(
             why = corrupt if corrupt is not None and isinstance(exc, ArtifactNotFound) else exc
             return _failure(artifact_id, why, quarantined=tuple(quarantined))
         timings["verify"] = time.perf_counter() - t0
+        files = verified.manifest.external_files
+        known = cache.verified if cache is not None else None
+        # From disk the images come first (CRIU needs them now; the worker needs its weights
+        # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
+        preload_after_images = alongside and source == "disk"
+        if not preload_after_images:
+            preloads.start(files)
+        if files and not alongside:
+            say(f"checking {len(files)} external file(s)")
+            try:
+                t = time.perf_counter()
+                checked[:] = external.check_all(files, preloads.resolve, known)
+                timings["external_check"] = time.perf_counter() - t
+            except ExternalFileChanged as exc:  # nothing restored; the artifact is fine
+                return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
         records = multiproc.process_records(verified.manifest)
         handshake = Handshake(request.handshake_dir) if request.handshake_dir else None
         rank_handshakes = (
@@ -199,13 +287,20 @@ def restore_artifact(
         say(f"CRIU restore from the {source} copy"
             + (f" into {target.describe()}" if target else "")
             + (", its files hashed alongside" if alongside else ""))  # fmt: skip
-        check = _content_check(artifact_id, verified, timings) if alongside else None
+        check = artifact_check(
+            artifact_id, verified, files, preloads.resolve, known, timings, checked,
+            after_images=partial(preloads.start, files) if preload_after_images else None,
+        ) if alongside else None  # fmt: skip
         try:
             restored = restore_while_verifying(
                 verified.images_dir, logs, request.criu_options, target, check, "restore.log"
             )
         except PidTaken as exc:  # nothing was restored and the artifact is fine
             return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
+        except ExternalFileChanged as exc:  # killed while stopped; the artifact is fine
+            say(f"not restored: {exc}")
+            return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined),
+                            log_path=str(logs / "restore.log"))
         except ArtifactCorrupt as exc:  # found alongside CRIU: nothing of it ever ran
             say(f"the {source} copy is corrupt ({exc}); trying the next copy")
             quarantined.append(holder.quarantine(artifact_id, str(exc)))
@@ -309,17 +404,39 @@ def restore_while_verifying(
     return restored
 
 
-def _content_check(
-    artifact_id: str, verified: VerifiedArtifact, timings: dict[str, float]
+def artifact_check(
+    artifact_id: str,
+    verified: VerifiedArtifact | None,
+    files: Sequence[ExternalFile],
+    resolve: Callable[[str], Path],
+    known: external.VerifiedFiles | None,
+    timings: dict[str, float],
+    checked: list[external.Checked],
+    after_images: Callable[[], None] | None = None,
 ) -> Callable[[], object]:
-    """The hashing half of verify_directory for one opened copy, timed into timings."""
+    """What runs alongside CRIU for one copy: the hashing half of verify_directory (verified
+    None: the images were hashed before), then `after_images` (e.g. start the preloads), then
+    the external files (one stat each when this node verified them unchanged, else hashed).
+    Timed into timings; the external results go into `checked`. Raises ArtifactCorrupt or
+    ExternalFileChanged, which restore_while_verifying turns into a killed, never-run tree."""
 
     def check() -> object:
-        t = time.perf_counter()
-        try:
-            return verify_directory(artifact_id, verified.path)
-        finally:
-            timings["verify_contents"] = time.perf_counter() - t
+        manifest = None
+        if verified is not None:
+            t = time.perf_counter()
+            try:
+                manifest = verify_directory(artifact_id, verified.path)
+            finally:
+                timings["verify_contents"] = time.perf_counter() - t
+        if after_images is not None:
+            after_images()
+        if files:
+            t = time.perf_counter()
+            try:
+                checked[:] = external.check_all(files, resolve, known)
+            finally:
+                timings["external_check"] = time.perf_counter() - t
+        return manifest
 
     return check
 

@@ -36,6 +36,8 @@ from autoscaler.agent.errors import (
     ArtifactNotFound,
     BudgetExceeded,
     CriuError,
+    ExternalFileChanged,
+    ExternalFileError,
     InvalidArtifactId,
     NotPermitted,
     PidTaken,
@@ -145,6 +147,9 @@ class AgentConfig:
     handshake_root: Path | None = None
     log_root: Path | None = None
     containers: ContainerRuntime | None = None
+    # the node's weight preloader (`fastload preload --socket`): every restore asks it to load
+    # the artifact's preloadable external files (the weights) while CRIU restores
+    preload_socket: str | None = None
 
 
 class Metrics:
@@ -307,7 +312,7 @@ class Agent:
             health_url=body.health_url, namespace_pid=body.namespace_pid,
             gpu_pairs=tuple(body.gpu_pairs), ready_timeout_s=body.ready_timeout_s,
             health_timeout_s=body.health_timeout_s, use_store=body.use_store,
-            verify=body.verify,
+            verify=body.verify, preload_socket=self.config.preload_socket,
         )
         with self._lock_for(body.artifact_id):
             outcome = restore_artifact(request, self.config.cache, self.config.store, progress,
@@ -365,6 +370,8 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (PidTaken, 409),
     (StagingError, 409),
     (ArtifactCorrupt, 422),
+    (ExternalFileChanged, 409),
+    (ExternalFileError, 422),
     (BudgetExceeded, 507),
     (WorkerNotReady, 504),
     (CriuError, 500),

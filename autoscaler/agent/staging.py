@@ -6,6 +6,9 @@ it is copied, checked against the manifest and only then renamed into place, so 
 or corrupt copy never looks like a staged artifact. When a budget would be exceeded, the least
 recently used artifacts that no plan pins are evicted; pinned ones never are.
 `warm()` pulls a disk copy into the page cache with parallel reads (the cheap memory tier).
+Staging to memory (or with warm) also reads the artifact's external files (the worker's
+weights, autoscaler/agent/external.py) into the page cache and verifies them once; the node
+remembers the verification, so a restore of an unchanged file only stats it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from autoscaler.agent import external
 from autoscaler.agent.errors import (
     ArtifactCorrupt,
     ArtifactNotFound,
@@ -60,6 +64,9 @@ class CachedArtifact:
     staged_at: float
     pinned: bool
     page_cache_bytes: int | None = None  # disk copies: how much is resident in page cache
+    # the worker's external files: path, bytes, state (verified / unverified / changed /
+    # missing, see external.state) and, with page_cache, page_cache_bytes
+    external_files: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +100,10 @@ class NodeCache:
         for store in self.tiers.values():
             (store.root / META_DIR).mkdir(exist_ok=True, mode=DIR_MODE)
             store.cleanup_staging()  # leftovers of copies interrupted by a crash
+        # external files this node hashed (by device and inode), so restores only stat them
+        self.verified = external.VerifiedFiles(
+            self.tiers["disk"].root / META_DIR / "external-verified.json"
+        )
 
     # --- metadata ---------------------------------------------------------------------------
     def _meta_path(self, tier: str, artifact_id: str) -> Path:
@@ -146,8 +157,33 @@ class NodeCache:
                     staged_at=float(meta.get("staged_at", 0.0)),
                     pinned=artifact_id in self.pinned,
                     page_cache_bytes=resident,
+                    external_files=self.external_states(manifest, page_cache),
                 ))
         return out
+
+    def external_states(self, manifest: Manifest, page_cache: bool = False) -> tuple[dict, ...]:
+        """What a restore would find of the artifact's external files on this node (one stat
+        each; page_cache adds how much of each is in the page cache)."""
+        out = []
+        for f in manifest.external_files:
+            where = external.node_path(f.path, None)
+            item: dict = {"path": f.path, "bytes": f.size,
+                          "state": external.state(f, where, self.verified)}  # fmt: skip
+            if page_cache:
+                item["page_cache_bytes"] = (
+                    _file_resident_bytes(where) if item["state"] != "missing" else 0
+                )
+            out.append(item)
+        return tuple(out)
+
+    def warm_external(
+        self, manifest: Manifest, progress: ProgressCallback | None = None
+    ) -> list[dict]:
+        """Read the artifact's external files into the page cache, verifying them once."""
+        return external.warm_and_verify(
+            manifest.external_files, lambda p: external.node_path(p, None), self.verified,
+            progress, threads=8,
+        )  # fmt: skip
 
     def usage(self) -> list[TierUsage]:
         held = self.inventory()
@@ -213,20 +249,26 @@ class NodeCache:
             raise StagingError(f"no {tier!r} tier configured on this node")
         dest = self.tiers[tier]
         with self._lock:
-            if dest.exists(artifact_id):
+            held = dest.exists(artifact_id)
+            if held:
                 self.touch(artifact_id, tier)
-                return self._entry(tier, artifact_id)
-            # Copy from the best copy this node already has (disk -> memory), else the store.
-            origin: ArtifactStore = source
-            if tier == "memory" and self.holds(artifact_id, "disk"):
-                origin = self.tiers["disk"]
-            manifest = origin.read_manifest(artifact_id)
-            self._make_room(tier, manifest.total_bytes)
-        copy_artifact(origin, dest, manifest, progress)
-        now = time.time()
-        self._write_meta(tier, artifact_id, last_used=now, staged_at=now)
-        if warm and tier == "disk":
-            warm_page_cache(dest.root / artifact_id, manifest)
+                manifest = dest.read_manifest(artifact_id)
+            else:
+                # Copy from the best copy this node already has (disk -> memory), else the store.
+                origin: ArtifactStore = source
+                if tier == "memory" and self.holds(artifact_id, "disk"):
+                    origin = self.tiers["disk"]
+                manifest = origin.read_manifest(artifact_id)
+                self._make_room(tier, manifest.total_bytes)
+        if not held:
+            copy_artifact(origin, dest, manifest, progress)
+            now = time.time()
+            self._write_meta(tier, artifact_id, last_used=now, staged_at=now)
+            if warm and tier == "disk":
+                warm_page_cache(dest.root / artifact_id, manifest)
+        if (tier == "memory" or warm) and manifest.external_files:
+            # memory-staged means fast: the weights the restored worker re-reads too
+            self.warm_external(manifest)
         return self._entry(tier, artifact_id)
 
     def _entry(self, tier: str, artifact_id: str) -> CachedArtifact:
@@ -317,6 +359,15 @@ def warm_page_cache(path: Path, manifest: Manifest, threads: int = 8) -> int:
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return sum(pool.map(read, jobs))
+
+
+def _file_resident_bytes(path: Path) -> int:
+    try:
+        from autoscaler.agent.fastload import page_cache_fraction
+
+        return round(page_cache_fraction(path) * os.path.getsize(path))
+    except (OSError, ValueError):
+        return 0
 
 
 def resident_bytes(path: Path, manifest: Manifest) -> int:

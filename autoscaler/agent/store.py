@@ -48,6 +48,10 @@ _ARTIFACT_ID_RE = re.compile(ARTIFACT_ID_PATTERN)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+# Format 2 adds `external_files`; written only when there are some, so an agent that knows
+# nothing of them refuses such an artifact instead of restoring it without the check.
+MANIFEST_FORMAT_EXTERNAL = 2
+MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_EXTERNAL)
 HASH_CHUNK = 4 << 20
 BLOCK_SIZE = 64 << 20  # block digests: verification parallelises within a file
 FILE_MODE = 0o600
@@ -96,6 +100,51 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class ExternalFile:
+    """A file the worker re-reads after a restore (its weights), outside the artifact.
+
+    `path` is the path as the worker sees it (absolute, inside its mount namespace). `blocks`
+    are the sha256 of each BLOCK_SIZE block (hashed by many threads at once); `sha256` is the
+    sha256 of those block digests in order (hex text joined), the file's identity in one value.
+    `preload`: the worker takes it from the node's preloader when one is configured.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    blocks: tuple[str, ...] = ()
+    preload: bool = False
+
+    @staticmethod
+    def digest_of_blocks(blocks: tuple[str, ...]) -> str:
+        return hashlib.sha256("".join(blocks).encode()).hexdigest()
+
+
+def _parse_external(artifact_id: str, raw: object) -> ExternalFile:
+    if not isinstance(raw, dict):
+        raise ValueError("an external file entry is not an object")
+    entry = ExternalFile(
+        path=str(raw["path"]),
+        size=int(raw["size"]),
+        mtime_ns=int(raw["mtime_ns"]),
+        sha256=str(raw["sha256"]),
+        blocks=tuple(str(b) for b in raw.get("blocks", ())),
+        preload=bool(raw.get("preload", False)),
+    )
+    if not entry.path.startswith("/") or "\0" in entry.path:
+        raise ValueError(f"external file path {entry.path!r} is not absolute")
+    if (
+        entry.size < 0
+        or len(entry.blocks) != _block_count(entry.size)
+        or not all(_HEX64.fullmatch(b) for b in entry.blocks)
+        or entry.sha256 != ExternalFile.digest_of_blocks(entry.blocks)
+    ):
+        raise ValueError(f"bad size or digests for external file {entry.path}")
+    return entry
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What an artifact is, where it came from, and the digest of every file it holds."""
 
@@ -114,6 +163,7 @@ class Manifest:
     namespaced: bool = False
     extra: dict[str, object] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+    external_files: tuple[ExternalFile, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -132,6 +182,8 @@ class Manifest:
         data = asdict(self)
         data["pids"] = list(self.pids)
         data["sizes"] = self.sizes()
+        if not self.external_files:
+            del data["external_files"]  # format 1 manifests stay as they were
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -141,7 +193,7 @@ class Manifest:
             data = json.loads(text)
             if not isinstance(data, dict):
                 raise TypeError("not an object")
-            if data.get("format") != MANIFEST_FORMAT:
+            if data.get("format") not in MANIFEST_FORMATS:
                 raise ValueError(f"unknown manifest format {data.get('format')!r}")
             files = {
                 _validate_relpath(artifact_id, str(rel)): FileEntry(
@@ -174,6 +226,10 @@ class Manifest:
                 pids=tuple(int(p) for p in data.get("pids", ())),
                 namespaced=bool(data.get("namespaced", False)),
                 extra=dict(data.get("extra", {})),
+                format=int(data["format"]),
+                external_files=tuple(
+                    _parse_external(artifact_id, e) for e in data.get("external_files", ())
+                ),
             )
         except ArtifactCorrupt:
             raise
@@ -203,6 +259,7 @@ class ArtifactInfo:
     pids: tuple[int, ...] = ()
     namespaced: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    external_files: tuple[ExternalFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -260,20 +317,37 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> File
 
 
 def _hash_range(path: Path, offset: int, length: int, progress: Callable[[int], None]) -> str:
-    digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < length:
-            chunk = os.pread(fd, min(HASH_CHUNK, length - done), offset + done)
-            if not chunk:
-                break
-            digest.update(chunk)
-            done += len(chunk)
-            progress(len(chunk))
+        return hash_fd_range(fd, offset, length, progress)
     finally:
         os.close(fd)
+
+
+def hash_fd_range(fd: int, offset: int, length: int, progress: Callable[[int], None]) -> str:
+    """sha256 of `length` bytes at `offset` of an open file (pread: threads share the fd)."""
+    digest = hashlib.sha256()
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(HASH_CHUNK, length - done), offset + done)
+        if not chunk:
+            break
+        digest.update(chunk)
+        done += len(chunk)
+        progress(len(chunk))
     return digest.hexdigest()
+
+
+def hash_fd_blocks(
+    fd: int, size: int, progress: Callable[[int], None] | None = None, threads: int = 0
+) -> tuple[str, ...]:
+    """The sha256 of every BLOCK_SIZE block of an open file, by several threads at once."""
+    advance = progress or (lambda _n: None)
+    offsets = range(0, size, BLOCK_SIZE)
+    with ThreadPoolExecutor(max_workers=max(1, threads or default_threads())) as pool:
+        return tuple(pool.map(
+            lambda off: hash_fd_range(fd, off, min(BLOCK_SIZE, size - off), advance), offsets
+        ))  # fmt: skip
 
 
 def list_files(artifact_id: str, root: Path) -> list[str]:
@@ -399,6 +473,8 @@ def seal_directory(staging: Path, artifact_id: str, info: ArtifactInfo) -> Manif
         pids=tuple(info.pids),
         namespaced=info.namespaced,
         extra=dict(info.extra),
+        format=MANIFEST_FORMAT_EXTERNAL if info.external_files else MANIFEST_FORMAT,
+        external_files=tuple(info.external_files),
     )
     path = staging / MANIFEST_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
