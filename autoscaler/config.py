@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from autoscaler.errors import ConfigError
 
 if TYPE_CHECKING:
+    from autoscaler.plan.nowcast import BandSettings
     from autoscaler.plan.replicas import WorkloadSpec
 
 StartPathName = Literal["cold", "restore-store", "restore-disk", "restore-memory"]
@@ -176,6 +177,58 @@ class WorkloadConfig(_Strict):
         )
 
 
+class NowcastConfig(_Strict):
+    """The nowcast band in the controller and the KEDA scaler (`autoscaler.plan.nowcast`): the
+    measured rate per `resolution_s` window over the last `history_s`, read from Prometheus (the
+    request-rate template over `rate_window_s`), carried ahead with margins calibrated on that
+    history. Defaults are the recipe the simulator's `predictive` policy was benchmarked with;
+    missing or gappy fine-grained data gives no band (the forecast plans alone), never a lower
+    plan."""
+
+    enabled: bool = True
+    resolution_s: int = Field(default=5, ge=1, description="window of the measured rate, s")
+    history_s: float = Field(default=3600.0, gt=0, description="calibration history, s")
+    # The PromQL range of each window's rate; None: resolution_s. Longer (e.g. 2 x the scrape
+    # interval when it is above resolution_s / 2) gives overlapping, smoothed windows.
+    rate_window_s: int | None = Field(default=None, ge=1)
+    level_window_s: float | None = Field(default=None, gt=0)  # None: interval_s
+    refit_s: float | None = Field(default=None, gt=0)  # None: every forecast step
+    trend: bool = True
+    min_samples: int = Field(default=60, ge=1)
+
+    @field_validator("history_s")
+    @classmethod
+    def _history_holds_samples(cls, value: float, info: ValidationInfo) -> float:
+        res = info.data.get("resolution_s")
+        if res is not None and value < 2 * res:
+            raise ValueError(f"must cover at least two windows of resolution_s ({res} s)")
+        return value
+
+    @field_validator("rate_window_s")
+    @classmethod
+    def _window_covers_resolution(cls, value: int | None, info: ValidationInfo) -> int | None:
+        res = info.data.get("resolution_s")
+        if value is not None and res is not None and value < res:
+            raise ValueError(
+                f"must be >= resolution_s ({res} s): shorter windows would leave requests "
+                "between windows uncounted"
+            )
+        return value
+
+    def band_settings(self) -> BandSettings:
+        """The plain settings the shared helpers of `autoscaler.plan.nowcast` take."""
+        from autoscaler.plan.nowcast import BandSettings
+
+        return BandSettings(
+            resolution_s=float(self.resolution_s), history_s=float(self.history_s),
+            level_window_s=self.level_window_s, refit_s=self.refit_s, trend=self.trend,
+            min_samples=self.min_samples,
+        )  # fmt: skip
+
+    def window_s(self) -> int:
+        return self.rate_window_s or self.resolution_s
+
+
 class ControllerConfig(_Strict):
     """The whole controller: its loop, its forecaster, its GPU budget and its workloads."""
 
@@ -185,6 +238,7 @@ class ControllerConfig(_Strict):
     refit_every: str = "1D"
     gpu_budget: int | None = Field(default=None, ge=0)
     dry_run: bool = False
+    nowcast: NowcastConfig = Field(default_factory=NowcastConfig)
     workloads: list[WorkloadConfig] = Field(default_factory=list)
 
     @field_validator("forecast_step", "refit_every")

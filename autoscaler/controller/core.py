@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ from autoscaler.plan import (
     replicas_to_stage,
     with_budget,
 )
+from autoscaler.plan.nowcast import NowcastBand
 from autoscaler.plan.replicas import quantile_column
 
 
@@ -63,6 +64,10 @@ class WorkloadInputs:
     # adoption rollout (affinity patch this cycle) replaces. They get staged copies like the
     # replicas a scale-up adds, or they would land wherever a GPU is free and start cold.
     unplaced_replicas: int = 0
+    # The nowcast band built this cycle (autoscaler.controller.nowcast), None when there is
+    # none; `nowcast_note` says why not (it goes into the decision's notes).
+    nowcast: NowcastBand | None = None
+    nowcast_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,8 +184,15 @@ def plan_cycle(
             start_path=str(path),
             lead_s=float(lead),
             recommendations=w.recommendations,
+            nowcast=w.nowcast,
         )
-        raw[w.spec.name] = (plan_replicas(state, w.forecast, w.spec, now_s), str(path), lead)
+        decision = plan_replicas(state, w.forecast, w.spec, now_s)
+        if w.nowcast_note:
+            ex = decision.explanation
+            decision = replace(
+                decision, explanation=replace(ex, notes=(*ex.notes, f"nowcast: {w.nowcast_note}"))
+            )
+        raw[w.spec.name] = (decision, str(path), lead)
 
     claims = [
         BudgetClaim(

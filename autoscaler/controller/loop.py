@@ -60,6 +60,7 @@ from autoscaler.controller.models import (
     model_dirs,
     source_of,
 )
+from autoscaler.controller.nowcast import LiveBand, NowcastBands
 from autoscaler.controller.settings import ControllerSettings
 from autoscaler.errors import AutoscalerError, InsufficientData
 from autoscaler.forecast.base import Forecaster
@@ -356,6 +357,8 @@ class Controller:
             model_dirs=model_dirs(config),
         )
         self._model_seen: dict[str, int] = {}
+        self.nowcast = NowcastBands(config.nowcast, config.interval_s, self.step.total_seconds(),
+                                    demand)  # fmt: skip
         self.leads = LeadLearner()
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
@@ -396,6 +399,27 @@ class Controller:
         if series.dropna().empty:
             return None, "no demand data in the history window"
         return series, None
+
+    def _nowcast(
+        self,
+        w: WorkloadConfig,
+        spec: Any,
+        leads: LeadTimes,
+        has_artifact: bool,
+        now_s: float,
+        signal_ok: bool,
+    ) -> LiveBand:
+        """This cycle's nowcast band. Its horizons are those of the paths the next replica may
+        take, as in the simulator: a restore path when the workload has an artifact, else a
+        cold start. Without the forecast-step signal the plan holds anyway: no band needed."""
+        if not self.config.nowcast.enabled:
+            return LiveBand(None)
+        if not signal_ok:
+            return LiveBand(None)
+        paths = [StartPath.COLD]
+        if w.start.path != "cold" and has_artifact:
+            paths = [p for p in StartPath if p is not StartPath.COLD]
+        return self.nowcast.band(w, spec, [leads.of(p) for p in paths], now_s)
 
     def _forecast(
         self, w: WorkloadConfig, series: pd.Series, leads: LeadTimes, now_s: float
@@ -550,6 +574,9 @@ class Controller:
             recs = self.recommendations.get(name)
             if recs is None:  # first cycle (or a restart): the current scale counts as just
                 recs = ((now_s, d.spec_replicas),)  # recommended, so no early scale-down
+            live = self._nowcast(w, spec, leads, record is not None, now_s, series is not None)
+            if live.band is not None:  # as the simulator: the floor reads the latest window
+                observed = live.band.measured
             inputs.append(
                 WorkloadInputs(
                     spec=spec,
@@ -568,8 +595,11 @@ class Controller:
                     staging_quantile=w.plan.staging_quantile,
                     staging_horizon_s=w.plan.staging_horizon_s,
                     unplaced_replicas=min(unplaced, d.spec_replicas),
+                    nowcast=live.band,
+                    nowcast_note=live.note,
                 )
             )
+            self.metrics.nowcast_up.labels(name).set(1 if live.band is not None else 0)
 
         plan = plan_cycle(inputs, inventory, now_s, self.config.gpu_budget)
         report.plan = plan
@@ -582,6 +612,9 @@ class Controller:
             outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s)
             if notes.get(name):
                 outcome.summary += f" [{notes[name]}]"
+            note = by_name[name].nowcast_note
+            if note and note not in outcome.summary:
+                outcome.summary += f" [nowcast: {note}]"
             self._report_model(d, outcome)
             report.outcomes[name] = outcome
             art = current_artifacts.get(name)

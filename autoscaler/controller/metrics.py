@@ -34,6 +34,13 @@ class ControllerMetrics:
         self.forecast_peak = Gauge("autoscaler_forecast_peak",
                                    "Peak of the planning quantile over lead + interval", w,
                                    registry=r)  # fmt: skip
+        self.nowcast_peak = Gauge("autoscaler_nowcast_peak",
+                                  "Nowcast band's peak over lead + interval (NaN: no band or "
+                                  "no answer for that window)", w, registry=r)  # fmt: skip
+        self.nowcast_up = Gauge("autoscaler_nowcast_up",
+                                "1 if a nowcast band was built this cycle (0: the forecast "
+                                "planned alone; the decision's notes say why)", w,
+                                registry=r)  # fmt: skip
         self.lead = Gauge("autoscaler_lead_seconds", "Lead time of the next replica's path",
                           ["workload", "path"], registry=r)  # fmt: skip
         self.capacity = Gauge("autoscaler_capacity_per_replica", "Throughput per replica", w,
@@ -95,6 +102,7 @@ class ControllerMetrics:
         self.ready.labels(name).set(ready)
         self.observed.labels(name).set(_finite(ex.observed_demand))
         self.forecast_peak.labels(name).set(_finite(ex.forecast_peak))
+        self.nowcast_peak.labels(name).set(_finite(ex.nowcast_peak))
         self.lead.labels(name, plan.start_path).set(plan.lead_s)
         self.capacity.labels(name).set(ex.capacity_per_replica)
         self.staged_nodes.labels(name).set(staged)

@@ -67,6 +67,29 @@ class PrometheusDemand:
             workload.name, start, end, step, signal=self.settings.signal
         )
 
+    def fine_rates(
+        self,
+        workload: WorkloadConfig,
+        end: pd.Timestamp,
+        duration: pd.Timedelta,
+        resolution: pd.Timedelta,
+        window: pd.Timedelta,
+    ) -> pd.Series:
+        """The measured rate per `resolution` window over the last `duration` (the nowcast
+        band's input; `PrometheusSource.rate_history`). A workload's own `query` must take
+        its window from `{range}`, or it cannot be read at a finer window."""
+        if workload.query and "{range}" not in workload.query:
+            from autoscaler.errors import ConfigError
+
+            raise ConfigError(
+                f"workloads.{workload.name}.query",
+                "has no {range} placeholder, so it cannot be read over the nowcast's short "
+                "window (set nowcast.enabled: false or write the window as {range})",
+            )
+        return self._source(workload).rate_history(
+            workload.name, end, duration, resolution, window, signal=self.settings.signal
+        )
+
 
 def forecaster_factory(config: ControllerConfig, max_horizon: int | None = None
                        ) -> Callable[[str], Forecaster]:  # fmt: skip

@@ -26,11 +26,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import pandas as pd
 
-from autoscaler.config import ControllerConfig, WorkloadConfig
+from autoscaler.config import ControllerConfig, NowcastConfig, WorkloadConfig
+from autoscaler.controller.nowcast import LiveBand, NowcastBands
 from autoscaler.decisions import DecisionBook, Replanner
 from autoscaler.errors import AutoscalerError, InsufficientData
 from autoscaler.forecast.base import Forecaster
@@ -79,6 +80,16 @@ class WorkloadOutcome:
     model_error: str | None = None
 
 
+class _Planned(NamedTuple):
+    """One workload's plan this cycle and what the re-planner needs to redo it."""
+
+    decision: ReplicaDecision
+    state: WorkloadState
+    forecast: pd.DataFrame
+    spec: WorkloadSpec
+    nowcast: LiveBand
+
+
 @dataclass
 class _Memory:
     """The loop's previous plan of a workload: the planner's `current` and stabilisation."""
@@ -101,14 +112,22 @@ def replanner(
     spec: WorkloadSpec,
     now_s: float,
     cap: int | None = None,
+    nowcast: LiveBand | None = None,
+    nowcast_settings: NowcastConfig | None = None,
 ) -> Replanner:
     """The same plan for other options: the planner's pure function on the same forecast and
     state with `quantile`/`headroom` replaced (a quantile the forecast lacks uses the nearest
-    higher column, as the planner does); capped at `cap` when a GPU budget cut the plan."""
+    higher column, as the planner does); capped at `cap` when a GPU budget cut the plan. The
+    nowcast band, when the plan had one, is recalibrated at the other quantile on the same
+    fine-grained rates."""
 
     def replan(quantile: float, headroom: float) -> int:
+        at = state
+        if nowcast is not None and nowcast_settings is not None and state.nowcast is not None:
+            at = replace(state, nowcast=nowcast.at_quantile(quantile, nowcast_settings,
+                                                             spec.interval_s))  # fmt: skip
         decision = plan_replicas(
-            state, forecast, replace(spec, quantile=quantile, headroom=headroom), now_s
+            at, forecast, replace(spec, quantile=quantile, headroom=headroom), now_s
         )
         return decision.desired_replicas if cap is None else min(cap, decision.desired_replicas)
 
@@ -150,6 +169,8 @@ class PlanningLoop:
             )
         self._model_seen: dict[str, int] = {}
         self._memory: dict[str, _Memory] = {}
+        self.nowcast = NowcastBands(self.config.nowcast, self.config.interval_s,
+                                    self.step.total_seconds(), self.demand)  # fmt: skip
         self._lock = threading.Lock()
         self._scheduler = None
         self.last_outcomes: dict[str, WorkloadOutcome] = {}
@@ -161,8 +182,7 @@ class PlanningLoop:
         """Plan every workload once and publish (or withdraw) each plan."""
         with self._lock:  # never two cycles at once (a manual call racing the schedule)
             now_s = self.clock.now_s()
-            planned: dict[str, tuple[ReplicaDecision, WorkloadState, pd.DataFrame, WorkloadSpec]]
-            planned = {}
+            planned: dict[str, _Planned] = {}
             outcomes: dict[str, WorkloadOutcome] = {}
             for name, w in sorted(self.workloads.items()):
                 outcome = WorkloadOutcome(workload=name)
@@ -198,7 +218,7 @@ class PlanningLoop:
 
     def _plan_one(
         self, w: WorkloadConfig, now_s: float, outcome: WorkloadOutcome
-    ) -> tuple[ReplicaDecision, WorkloadState, pd.DataFrame, WorkloadSpec] | None:
+    ) -> _Planned | None:
         from autoscaler.controller.loop import last_observation
 
         try:
@@ -232,6 +252,12 @@ class PlanningLoop:
         memory = self._memory.get(w.name)
         current = memory.desired if memory is not None else w.min_replicas
         path = StartPath(w.start.path)
+        # The band for the configured path's lead (the only path this loop plans with).
+        live = LiveBand(None)
+        if self.config.nowcast.enabled:
+            live = self.nowcast.band(w, spec, [leads.of(path)], now_s)
+        if live.band is not None:  # as the simulator: the floor reads the latest window
+            observed = live.band.measured
         state = WorkloadState(
             current_replicas=current,
             last_observed_s=last_s,
@@ -240,13 +266,20 @@ class PlanningLoop:
             start_path=path.value,
             lead_s=leads.of(path),
             recommendations=memory.recommendations if memory is not None else (),
+            nowcast=live.band,
         )
         decision = plan_replicas(state, forecast, spec, now_s)
         missing = _missing_data(decision)
         if missing:
             outcome.withdrawn = f"holding, not planning: {missing}"
             return None
-        return decision, state, forecast, spec
+        if live.note:
+            ex = decision.explanation
+            decision = replace(
+                decision,
+                explanation=replace(ex, notes=(*ex.notes, f"nowcast: {live.note}")),
+            )
+        return _Planned(decision, state, forecast, spec, live)
 
     def _report_model(self, name: str, outcome: WorkloadOutcome) -> None:
         """Which forecaster this plan uses; a refused saved model is logged as an error once
@@ -267,7 +300,7 @@ class PlanningLoop:
 
     def _publish(
         self,
-        planned: dict[str, tuple[ReplicaDecision, WorkloadState, pd.DataFrame, WorkloadSpec]],
+        planned: dict[str, _Planned],
         now_s: float,
         outcomes: dict[str, WorkloadOutcome],
     ) -> None:
@@ -281,12 +314,12 @@ class PlanningLoop:
                     gpus_per_replica=spec.gpus_per_replica,
                     priority=spec.priority,
                 )
-                for name, (d, _, _, spec) in planned.items()
+                for name, (d, _, _, spec, _) in planned.items()
             ]
             allocation = allocate_gpu_budget(claims, self.config.gpu_budget)
             granted = {name: allocation.granted[name] for name in allocation.cut}
         at = self._at(now_s)
-        for name, (decision, state, forecast, spec) in planned.items():
+        for name, (decision, state, forecast, spec, live) in planned.items():
             cap = granted.get(name)
             if cap is not None:
                 decision = with_budget(decision, cap)
@@ -297,7 +330,9 @@ class PlanningLoop:
                     at,
                     quantile=spec.quantile,
                     headroom=spec.headroom,
-                    replan=replanner(state, forecast, spec, now_s, cap),
+                    replan=replanner(
+                        state, forecast, spec, now_s, cap, live, self.config.nowcast
+                    ),
                 )
             except ValueError as exc:  # an out-of-order publish (clock went back)
                 outcomes[name].withdrawn = f"not published: {exc}"
@@ -305,6 +340,8 @@ class PlanningLoop:
             self._memory[name] = _Memory(decision.desired_replicas, decision.recommendations)
             outcomes[name].published = decision.desired_replicas
             outcomes[name].summary = decision.explanation.summary()
+            if live.note:
+                outcomes[name].summary += f" [nowcast: {live.note}]"
             if outcomes[name].model_error:
                 outcomes[name].summary += (
                     f" [fresh model, saved one refused: {outcomes[name].model_error}]"

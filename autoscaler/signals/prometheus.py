@@ -210,9 +210,14 @@ class PrometheusSource:
 
     # ------------------------------------------------------------------ queries
 
-    def query(self, workload: str, signal: str, step: str | pd.Timedelta) -> str:
-        """The PromQL this source sends for a workload's signal."""
-        return self.template_set.render(signal, workload, _check_step(step), self.namespace)
+    def query(
+        self, workload: str, signal: str, step: str | pd.Timedelta,
+        window: str | pd.Timedelta | None = None,
+    ) -> str:
+        """The PromQL this source sends for a workload's signal; `{range}` is `window` when
+        given, else `step`."""
+        td = _check_step(step if window is None else window)
+        return self.template_set.render(signal, workload, td, self.namespace)
 
     def demand_with_mask(
         self,
@@ -226,7 +231,39 @@ class PrometheusSource:
         gap mask (True where Prometheus had no value)."""
         td = _check_step(step)
         grid = window_grid(start, end, td)
-        promql = self.query(workload, signal, td)
+        series = self._windows(self.query(workload, signal, td), grid, td, signal)
+        return series, series.isna()
+
+    def rate_history(
+        self,
+        workload: str,
+        end: pd.Timestamp | datetime | str,
+        duration: str | pd.Timedelta,
+        resolution: str | pd.Timedelta = "5s",
+        window: str | pd.Timedelta | None = None,
+        signal: str = "request_rate",
+    ) -> pd.Series:
+        """The fine-grained measured rate the nowcast band is built from: one value per
+        epoch-aligned `resolution` window that has *ended* by `end`, over the last `duration`,
+        labelled by window start (NaN = no value: a gap, never 0). Each value is the signal's
+        template with `{range}` = `window` (default `resolution`) evaluated at the window's
+        end. A rate needs two samples inside its range, so a source scraped less often than
+        every window / 2 reads mostly NaN here (see docs/controller.md)."""
+        td = _check_step(resolution)
+        span = pd.Timedelta(duration)
+        if span < td:
+            raise ConfigError("duration", f"must be at least one window ({td}), got {duration!r}")
+        epoch = pd.Timestamp(0, tz="UTC")
+        last_end = epoch + ((_utc(end) - epoch) // td) * td  # the last window that has ended
+        grid = window_grid(last_end - span, last_end, td)
+        promql = self.query(workload, signal, td, window)
+        return self._windows(promql, grid, td, signal)
+
+    def _windows(
+        self, promql: str, grid: pd.DatetimeIndex, td: pd.Timedelta, name: str
+    ) -> pd.Series:
+        """`promql` evaluated at the end of every window of `grid` (chunked range queries),
+        labelled by window start; NaN where Prometheus has no value."""
         values: dict[pd.Timestamp, float] = {}
         for first_end, last_end in query_chunks(grid, td, self.max_points):
             result = self._call(
@@ -238,12 +275,12 @@ class PrometheusSource:
             )
             for ts, value in _single_series(result, self.url, promql):
                 values[pd.Timestamp(ts, unit="s", tz="UTC") - td] = value
-        series = pd.Series(np.nan, index=grid, name=signal, dtype=float)
+        series = pd.Series(np.nan, index=grid, name=name, dtype=float)
         if values:
             observed = pd.Series(values, dtype=float)
             series.loc[observed.index.intersection(grid)] = observed
         series.index.freq = td
-        return series, series.isna()
+        return series
 
     def demand(
         self,
