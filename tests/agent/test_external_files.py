@@ -27,6 +27,7 @@ from autoscaler.agent.hooks import READY_FOR_CHECKPOINT, Handshake, WorkerHooks
 from autoscaler.agent.restore import RestoreRequest, http_get, restore_artifact
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import ArtifactInfo, DirectoryStore, Manifest
+from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox
 
 from .conftest import free_port, wait_for, wait_handshake, worker_command
 from .test_store import make_artifact
@@ -394,3 +395,68 @@ def test_the_agent_asks_the_preloader_for_preloadable_files_and_releases_them_on
         MLP(seed=PARAMS_SEED).save(params)
     assert failed.error == "ExternalFileChanged"
     assert [r["op"] for r in double.requests] == ["load", "load", "take"]  # released
+
+
+def test_a_pods_weights_are_read_through_its_root_at_checkpoint_and_restore(
+    tmp_path: Path, criu_binary: Path, cleanup_pids: list[int]
+) -> None:
+    """The worker sees its weights at a path that on the host is an empty directory (a volume
+    mounted in the pod's mount namespace): the agent must read them through /proc/<pid>/root."""
+    source_dir = tmp_path / "volume"
+    source_dir.mkdir()
+    mountpoint = tmp_path / "pod-weights"
+    mountpoint.mkdir()
+    MLP(seed=PARAMS_SEED).save(source_dir / "params.npz")
+    in_pod = mountpoint / "params.npz"
+    port = free_port()
+    handshake = tmp_path / "hs"
+    binds = [(str(source_dir), str(mountpoint))]
+    pods: list[PodSandbox] = []
+    try:
+        pods.append(PodSandbox(tmp_path, [*worker_command(port, handshake), "--params",
+                                          str(in_pod)], binds=binds, env=os.environ))
+        wait_handshake(handshake)
+        worker = pods[0].pids()[WORKER_PID_IN_POD]
+        result = checkpoint_worker(DirectoryStore(tmp_path / "store"), CheckpointRequest(
+            artifact_id="pod", pid=worker, workload="cpu-mlp", handshake_dir=str(handshake),
+            namespace_pid=pods[0].init_pid, pid_in_namespace=WORKER_PID_IN_POD,
+        ))  # fmt: skip
+        (entry,) = result.manifest.external_files
+        assert entry.path == str(in_pod) and not in_pod.exists()  # only inside the pod
+        pods[0].stop()
+        store = DirectoryStore(tmp_path / "store")
+        pods.append(PodSandbox(tmp_path, binds=binds, env=os.environ))
+        outcome = restore_artifact(RestoreRequest(
+            artifact_id="pod", handshake_dir=str(handshake), namespace_pid=pods[1].init_pid,
+            health_url=f"http://127.0.0.1:{port}/health",
+        ), store=store)  # fmt: skip
+        assert outcome.ok, outcome.reason
+        cleanup_pids.append(outcome.host_pid)
+        assert [f["how"] for f in outcome.external_files] == ["hashed"]
+        status, body = http_get(f"http://127.0.0.1:{port}/predict?seed=3", 10, pods[1].init_pid)
+        assert status == 200
+        assert [json.loads(body)["outputs"]] == [expected(source_dir / "params.npz")[1]]
+        pods[1].stop()
+        MLP(seed=PARAMS_SEED + 1).save(source_dir / "params.npz")  # the volume's weights change
+        pods.append(PodSandbox(tmp_path, binds=binds, env=os.environ))
+        failed = restore_artifact(RestoreRequest(
+            artifact_id="pod", handshake_dir=str(handshake), namespace_pid=pods[2].init_pid,
+        ), store=store)  # fmt: skip
+        assert failed.error == "ExternalFileChanged" and str(in_pod) in (failed.reason or "")
+        assert WORKER_PID_IN_POD not in pods[2].pids()  # killed while stopped
+    finally:
+        for pod in pods:
+            pod.stop()
+
+
+def test_the_preloader_socket_is_an_option_of_serve_and_restore() -> None:
+    import argparse
+
+    from autoscaler.agent.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    for action in ("serve", "restore"):
+        args = parser.parse_args(["agent", action, "--store", "/s", "--preload-socket", "/p.sock",
+                                  *(["--id", "a"] if action == "restore" else [])])
+        assert args.preload_socket == "/p.sock"
