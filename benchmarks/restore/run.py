@@ -15,7 +15,12 @@ For each model (Qwen3-shaped 0.6B and 8B, random bf16 weights in a safetensors f
 The memory and disk paths include the agent's verification of the artifact (sha256 of every
 file against its manifest, as the agent does on every read), run as the agent runs it:
 alongside CRIU, the tree restored stopped until every file matched (`--no-verify` leaves it
-out).
+out). The weights file is handled by the agent's own functions (autoscaler/agent/external.py):
+recorded in the manifest at checkpoint time (the worker declares it in its handshake offer;
+hashed while CUDA and CRIU work), warmed and verified when staged to memory (the node then
+remembers the verification), checked alongside CRIU before the tree runs (one stat when the
+node verified it unchanged), and the preloader asked to load it by `Preloads`, as the agent's
+restore does.
   baseline  the upstream path: the weights inside the CRIU image (only the KV cache released),
             restored from the page cache
 Every response is compared token for token (and logit for logit) with the cold worker's.
@@ -47,8 +52,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from autoscaler.agent import checkpoint as checkpoint_mod  # noqa: E402
 from autoscaler.agent import criu as criu_mod  # noqa: E402
-from autoscaler.agent import fastload  # noqa: E402
+from autoscaler.agent import external, fastload  # noqa: E402
 from autoscaler.agent import restore as restore_mod  # noqa: E402
 from autoscaler.agent import store as store_mod  # noqa: E402
 from autoscaler.agent.hooks import Handshake  # noqa: E402
@@ -226,11 +232,19 @@ class ModelRun:
     pid: int | None = None
     proc: Any = None
     verify_roots: dict[Path, Path] = field(default_factory=dict)
+    # per images directory: the external files the checkpoint recorded (the fast path's weights)
+    externals: dict[Path, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def verified_files(self) -> external.VerifiedFiles:
+        """The node's record of verified external files (the agent keeps it beside its cache)."""
+        return external.VerifiedFiles(self.work / "external-verified.json")
 
     def seal_for_verify(self, images: Path) -> Path:
         """An agent-store view of a CRIU images directory: hard links of its files under
         `<images>.artifact/images` and a manifest (sha256 of every file and of each 64 MiB
-        block), so a restore can be timed with the agent's own verification."""
+        block, and the external files the checkpoint recorded), so a restore can be timed with
+        the agent's own verification."""
         root = images.parent / f"{images.name}.artifact"
         shutil.rmtree(root, ignore_errors=True)
         (root / "images").mkdir(parents=True)
@@ -238,8 +252,11 @@ class ModelRun:
             os.link(f, root / "images" / f.name)
         t = time.perf_counter()
         store_mod.seal_directory(
-            root, root.name, store_mod.ArtifactInfo(workload=f"restore-bench-{self.model}")
-        )
+            root, root.name, store_mod.ArtifactInfo(
+                workload=f"restore-bench-{self.model}",
+                external_files=self.externals.get(images, ()),
+            ),
+        )  # fmt: skip
         log(f"{self.model}: sealed {images.name} for verification in "
             f"{time.perf_counter() - t:.2f} s")  # fmt: skip
         self.verify_roots[images] = root
@@ -327,15 +344,22 @@ class ModelRun:
         code, body = http(f"http://127.0.0.1:{self.port}/admin/checkpoint?mode={mode}", "POST")
         if code != 202:
             raise RuntimeError(f"checkpoint request refused: {code} {body}")
-        hs.wait_ready_for_checkpoint(timeout_s=120)
+        offer = hs.wait_ready_for_checkpoint(timeout_s=120)
         t_release = time.perf_counter() - t0
         memory = {"released": memory_map(self.pid)}
-        t = time.perf_counter()
-        if self.api is not None:
-            self.api.checkpoint_process(self.pid)
-        t_cuda = time.perf_counter() - t
-        memory["cuda_checkpointed"] = memory_map(self.pid)
-        dumped = criu_mod.dump(self.pid, images, logs, self.criu_options)
+        # As the agent does: the files the worker declared (fast path: its weights) are opened
+        # now and hashed in the background while CUDA and CRIU work; the dump waits for them.
+        with checkpoint_mod.record_external_files(offer, self.pid, log) as recording:
+            t = time.perf_counter()
+            if self.api is not None:
+                self.api.checkpoint_process(self.pid)
+            t_cuda = time.perf_counter() - t
+            memory["cuda_checkpointed"] = memory_map(self.pid)
+            dumped = criu_mod.dump(self.pid, images, logs, self.criu_options)
+            t = time.perf_counter()
+            self.externals[images] = recording.result() if recording else ()
+            t_external_wait = time.perf_counter() - t
+            t_external = recording.seconds if recording else 0.0
         if self.proc is not None and self.proc.pid == self.pid:
             self.proc.wait(timeout=60)
             self.proc = None
@@ -347,6 +371,12 @@ class ModelRun:
             "release_s": round(t_release, 3), "cuda_checkpoint_s": round(t_cuda, 3),
             "criu_dump_s": round(dumped.seconds, 3), "artifact_bytes": dir_bytes(images),
             "criu_pids": len(dumped.pids), "process_memory": memory,
+            # the external files recorded (hashed alongside CUDA and CRIU; the wait after the
+            # dump is inside checkpoint_seconds)
+            "external_files": [{"path": f.path, "bytes": f.size, "preload": f.preload}
+                               for f in self.externals[images]],
+            "external_hash_s": round(t_external, 3),
+            "external_wait_after_dump_s": round(t_external_wait, 3),
         }  # fmt: skip
         log(f"{self.model} checkpoint {mode}: {info}")
         self.details[f"checkpoint_{mode}"] = info
@@ -363,11 +393,22 @@ class ModelRun:
         preload = preload and weights_needed
         staged = [*image_files(images), *([self.weights] if weights_needed else [])]
         from_disk = path in ("disk", "disk_artifact")
+        # the weights as the checkpoint recorded them (the worker declared them); empty for the
+        # baseline, whose weights are inside the image
+        files = self.externals.get(images, ()) if weights_needed else ()
+        known = self.verified_files
+        staging: dict[str, Any] = {}
         if from_disk:  # disk_artifact: only our files leave the cache (the worker's libraries
             # stay, as on a node that already runs this image); disk: everything is dropped
             self.caches.drop(staged, only_files=path == "disk_artifact")
         else:  # memory / baseline: staged into the page cache ahead of demand (not timed)
-            fastload.prefetch(staged, threads=16)
+            fastload.prefetch([f for f in staged if f != self.weights or not files], threads=16)
+            if files:  # as the agent's memory staging: warm the weights, verify them once
+                t = time.perf_counter()
+                staging["external_files"] = external.warm_and_verify(
+                    files, Path, known, threads=16
+                )
+                staging["external_warm_verify_s"] = round(time.perf_counter() - t, 3)
         resident = {
             "images": round(fastload.page_cache_fraction(max(staged[:-1] or staged,
                                                             key=lambda p: p.stat().st_size)), 4),
@@ -379,38 +420,41 @@ class ModelRun:
         hs.prepare_restore()
         verify_root = self.verify_roots.get(images) if self.args.verify else None
         threads, chunk = self.load
-
-        def start_preload() -> None:  # the preloader reads the weights while CRIU and CUDA run
-            if preload:
-                fastload.request_preload(
-                    str(self.preload_socket), str(self.weights), threads, chunk << 20
-                )
-
+        # the agent's preload requests (the preloader loads the weights while CRIU and CUDA
+        # run; a failed restore releases them), with this model's loader settings
+        preloads = restore_mod.Preloads(
+            str(self.preload_socket) if preload else None, Path, threads, chunk << 20
+        )
+        verified = None
+        if verify_root is not None:  # the cheap half of the agent's open (manifest, sizes)
+            manifest = store_mod.verify_directory(
+                verify_root.name, verify_root, check_contents=False
+            )
+            verified = store_mod.VerifiedArtifact(manifest, verify_root, contents_checked=False)
         log_name = f"restore-{path}-{time.time():.0f}.log"
-        verify_s = [0.0]
+        timings: dict[str, float] = {}
+        checked: list[Any] = []
         read_before = disk_read_bytes(images)
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
+        # The agent's restore (restore_artifact) orders them the same way.
         if not from_disk:
-            start_preload()
-        if verify_root is not None:  # as the agent does: hash alongside CRIU, tree stopped
-
-            def check() -> None:
-                t = time.perf_counter()
-                store_mod.verify_directory(verify_root.name, verify_root)
-                verify_s[0] = time.perf_counter() - t
-                if from_disk:  # the images are in the page cache now
-                    start_preload()
-
+            preloads.start(files)
+        if verified is not None:  # as the agent does: hash alongside CRIU, tree stopped, then
+            # the weights checked (one stat when this node verified them unchanged)
+            check = restore_mod.artifact_check(
+                verify_root.name, verified, files, Path, known, timings, checked,  # type: ignore[union-attr]
+                after_images=(lambda: preloads.start(files)) if from_disk else None,
+            )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, self.criu_options, None, check, log_name
             )
         else:
             if from_disk:
                 fastload.prefetch(image_files(images), threads=16)
-                start_preload()
+                preloads.start(files)
             restored = criu_mod.restore(images, logs, self.criu_options, log_name=log_name)
         if from_disk and not preload and weights_needed:  # the worker reads them itself
             threading.Thread(
@@ -418,7 +462,7 @@ class ModelRun:
                 kwargs={"threads": threads}, daemon=True,
             ).start()  # fmt: skip
         t_criu = time.perf_counter() - t0
-        t_verify = verify_s[0]
+        t_verify = timings.get("verify_contents", 0.0)
         pid = restored.host_pid
         if self.api is not None:
             self.api.restore_process(pid)
@@ -444,7 +488,13 @@ class ModelRun:
                                 if read_before is not None and read_after is not None
                                 else None),
             "verified": verify_root is not None,
+            # the weights: how the restore checked them ("record": one stat; "hashed") and
+            # what staging did beforehand (memory paths), and what the preloader was asked
+            "external_check": [c.to_dict() for c in checked],
+            "staging": staging,
+            "preloaded": preloads.requested, "preload_warnings": preloads.warnings,
             "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
+                       "external_check_s": round(timings.get("external_check", 0.0), 4),
                        "criu_restore_s": round(t_criu, 3),
                        "cuda_restore_s": round(t_cuda - t_criu, 3),
                        "worker_s": round(seconds - t_cuda, 3),
