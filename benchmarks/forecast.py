@@ -295,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t0,
     }
     out = Path(args.out)
+    if args.skip_cost and out.exists():
+        # keep the cost part measured earlier (--cost-only) instead of writing an empty one
+        previous = json.loads(out.read_text())
+        if previous.get("cost_14d_1min", {}).get("models"):
+            result["cost_14d_1min"] = previous["cost_14d_1min"]
+            if "cost_command" in previous:
+                result["cost_command"] = previous["cost_command"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print_table(rows, costs)
