@@ -1,10 +1,11 @@
 """The decision part of one control cycle, as pure functions on plain data.
 
 Inputs: per workload its spec, current and ready replicas, the last observed demand, a quantile
-forecast, its current artifact and lead times; the GPU nodes with what they hold. Outputs: the
-replica decision per workload (after the shared GPU budget), the start path its next replica
-will take, and one stage plan for all workloads. No I/O: the controller loop gathers the inputs
-and applies the outputs; the benchmark times exactly this part.
+forecast, the nowcast band (or why there is none), its current artifact and lead times; the
+GPU nodes with what they hold. Outputs: the replica decision per workload (after the shared
+GPU budget), the start path its next replica will take, and one stage plan for all workloads.
+No I/O: the controller loop gathers the inputs and applies the outputs; the benchmark times
+exactly this part.
 """
 
 from __future__ import annotations
