@@ -66,10 +66,10 @@ class PlanConfig(_Strict):
     max_scale_down_step: int | None = Field(default=None, ge=1)
     scale_down_window_s: float = Field(default=120.0, ge=0)
     stabilisation_s: float = Field(default=60.0, ge=0)
-    # shorten both to the lead of the next start (seconds for a staged restore); the simulator's
-    # policy runs with it on; off by default here until the controller feeds the planner the
-    # short-horizon estimate it was measured with (docs/planning.md)
-    lead_scaled_scale_down: bool = False
+    # shorten both to the lead of the next start (seconds for a staged restore), as the
+    # simulator's benchmarked policy does; the controller and the KEDA scaler now feed the planner
+    # the same short-horizon estimate (nowcast:). Set false to keep the windows literal.
+    lead_scaled_scale_down: bool = True
     stale_after_s: float = Field(default=180.0, gt=0)
     on_missing: Literal["hold", "fallback"] = "hold"
     fallback_replicas: int | None = Field(default=None, ge=0, validate_default=True)

@@ -27,14 +27,14 @@ def test_valid_config_builds_a_planner_spec():
     assert spec.interval_s == 15
 
 
-def test_lead_scaled_scale_down_is_off_unless_configured():
+def test_lead_scaled_scale_down_is_on_by_default_as_benchmarked_and_can_be_turned_off():
     cfg = parse_config({"workloads": [_workload()]})
-    assert cfg.workloads[0].to_spec(interval_s=15).lead_scaled_scale_down is False
+    assert cfg.workloads[0].to_spec(interval_s=15).lead_scaled_scale_down is True
     cfg = parse_config(
-        {"workloads": [_workload(plan={"lead_scaled_scale_down": True, "stabilisation_s": 90})]}
+        {"workloads": [_workload(plan={"lead_scaled_scale_down": False, "stabilisation_s": 90})]}
     )
     spec = cfg.workloads[0].to_spec(interval_s=15)
-    assert spec.lead_scaled_scale_down is True and spec.stabilisation_s == 90
+    assert spec.lead_scaled_scale_down is False and spec.stabilisation_s == 90
 
 
 def test_min_above_max_names_max_replicas():
