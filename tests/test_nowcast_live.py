@@ -233,3 +233,219 @@ def test_nowcast_config_errors_name_the_field():
         resolution_s=sim.band_resolution_s, history_s=sim.band_history_s,
         level_window_s=sim.band_level_s, refit_s=sim.band_refit_s, trend=sim.band_trend,
     )  # fmt: skip
+
+
+# -- incremental fetch: the buffer of fine-grained rates ------------------------------------------
+
+
+class LateDouble(FineDouble):
+    """A source whose newest windows are still filling: a window that ended less than `late_s`
+    before the query's end reads `partial` x its final value (late scrapes not yet in)."""
+
+    def __init__(self, rates, start, late_s: float, partial: float = 0.5) -> None:
+        super().__init__(rates, start)
+        self.late = pd.Timedelta(seconds=late_s)
+        self.partial = partial
+
+    def fine_rates(self, workload, end, duration, resolution, window) -> pd.Series:
+        got = super().fine_rates(workload, end, duration, resolution, window).copy()
+        filling = got.index + resolution > end - self.late
+        got[filling] *= self.partial
+        return got
+
+
+def _gappy_rates(n: int) -> np.ndarray:
+    rates = _rates(n, seed=3)
+    rates[800:805] = math.nan  # a 25-s hole
+    rates[850:853] = math.nan
+    return rates
+
+
+def _cycles(bands: NowcastBands, w, t0: pd.Timestamp, n: int, every_s: float = 15.0):
+    return [bands.band(w, SPEC, [3.1], (t0 + pd.Timedelta(seconds=every_s * i)).timestamp())
+            for i in range(n)]  # fmt: skip
+
+
+def _same_band(a, b) -> None:
+    assert a.note == b.note
+    np.testing.assert_array_equal(a.rates, b.rates)  # NaN where the other has NaN
+    assert (a.band is None) == (b.band is None)
+    if a.band is not None:
+        np.testing.assert_array_equal(a.band.margins, b.band.margins)  # NaN: not calibrated
+        assert (a.band.level, a.band.slope, a.band.measured) == (
+            b.band.level, b.band.slope, b.band.measured)
+        for h in (5.0, 18.1, 23.1, 38.3):
+            np.testing.assert_array_equal(a.band.peak(h), b.band.peak(h))
+
+
+def test_the_incremental_buffer_gives_the_band_a_full_fetch_gives():
+    """Cycle after cycle (every 15 s, off the window grid, across gaps), the incremental
+    buffer holds exactly the windows a full fetch reads, so the band is the same; after the
+    first cycle each fetch asks for 3 new windows + 2 re-read, not 720."""
+    w = _workload()
+    source = FineDouble(_gappy_rates(2400), START)
+    fetches: list[tuple[str, int]] = []
+    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, source,
+                       on_fetch=lambda name, kind, points: fetches.append((kind, points)))
+    full = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(_gappy_rates(2400), START),
+                        incremental=False)  # fmt: skip
+    t0 = START + pd.Timedelta(hours=1, seconds=2)
+    got, want = _cycles(inc, w, t0, 60), _cycles(full, w, t0, 60)
+    for a, b in zip(got, want, strict=True):
+        _same_band(a, b)
+        assert len(a.rates) == 720
+    assert sum(a.band is None for a in got) > 0 and sum(a.band is not None for a in got) > 10
+    assert any("gap in the last 15 s" in a.note for a in got)  # the holes reached the level
+    assert fetches[0] == ("full", 720)
+    assert fetches[1:] == [("incremental", 5)] * 59
+    assert inc.points_requested == 720 + 59 * 5 and full.points_requested == 60 * 720
+    # the gaps are held as NaN, never 0
+    held = inc.held("chat")
+    assert held is not None and np.isnan(held.values).sum() == 8
+    assert not (held.values == 0).any()
+    # what the incremental fetch asked: the windows since the last one held, 2 re-read
+    end, duration = source.calls[-1]
+    assert duration == pd.Timedelta(seconds=25) and end.second % 5 == 0
+
+
+def test_late_windows_are_reread_and_overwritten():
+    """The newest window reads low until its late scrapes arrive (5 s later); the overlap
+    re-reads it next cycle, so the buffer then holds its final value, as a full fetch does."""
+    w = _workload()
+    rates = _rates(2400)
+    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, LateDouble(rates, START, late_s=5.0))
+    full = NowcastBands(NowcastConfig(), 15.0, 60.0, LateDouble(rates, START, late_s=5.0),
+                        incremental=False)  # fmt: skip
+    t0 = START + pd.Timedelta(hours=1, seconds=2)
+    got, want = _cycles(inc, w, t0, 12), _cycles(full, w, t0, 12)
+    for a, b in zip(got, want, strict=True):
+        _same_band(a, b)
+    last = got[-1].rates
+    end = int((t0 + pd.Timedelta(seconds=15 * 11)).timestamp()) // 5 * 5
+    final = rates[(end - int(START.timestamp())) // 5 - 720 : (end - int(START.timestamp())) // 5]
+    np.testing.assert_allclose(last[:-1], final[:-1])  # overwritten with the final values
+    assert last[-1] == pytest.approx(0.5 * final[-1])
+
+
+def test_a_late_value_beyond_the_overlap_is_not_seen_again():
+    """The documented limit: data arriving more than the overlap after its window ended stays
+    as first read in the buffer (a full fetch would see it)."""
+    w = _workload()
+    rates = _rates(2400)
+    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, LateDouble(rates, START, late_s=20.0))
+    t0 = START + pd.Timedelta(hours=1, seconds=2)
+    got = _cycles(inc, w, t0, 3)
+    assert all(a.band is not None for a in got)
+    held = inc.held("chat")
+    assert held is not None
+    full = FineDouble(rates, START)
+    end = pd.Timestamp(held.end_ns, unit="ns", tz="UTC")
+    truth = full.fine_rates(w, end, pd.Timedelta(hours=1), pd.Timedelta("5s"), None).to_numpy()
+    differ = ~np.isclose(held.values, truth)
+    assert differ.any() and not differ[:-12].any()  # only windows first read while filling
+
+
+def test_the_whole_history_is_fetched_again_after_a_long_gap_a_clock_jump_or_new_settings():
+    w = _workload()
+    source = FineDouble(_rates(4000), START)
+    kinds: list[tuple[str, int]] = []
+    bands = NowcastBands(NowcastConfig(), 15.0, 60.0, source,
+                         on_fetch=lambda name, kind, points: kinds.append((kind, points)))
+    t0 = START + pd.Timedelta(hours=1)
+
+    def at(offset_s: float):
+        return bands.band(w, SPEC, [3.1], (t0 + pd.Timedelta(seconds=offset_s)).timestamp())
+
+    at(0), at(15), at(15)  # the same window twice: only the overlap is re-read
+    assert kinds == [("full", 720), ("incremental", 5), ("incremental", 2)]
+    at(15 + 3000)  # a 50-min pause: 600 new windows, still incremental
+    assert kinds[-1] == ("incremental", 602)
+    at(15 + 3000 + 3600)  # a pause as long as the buffer: nothing held is usable
+    assert kinds[-1] == ("full", 720)
+    at(15 + 3000 + 3600 - 600)  # time went backwards (a replay restarted)
+    assert kinds[-1] == ("full", 720)
+    custom = w.model_copy(update={"query": "sum(rate(my_requests_total[{range}]))"})
+    bands.band(custom, SPEC, [3.1], (t0 + pd.Timedelta(seconds=6015)).timestamp())
+    assert kinds[-1] == ("full", 720)  # another query is another series
+    # other settings shape other windows: a new buffer, fetched whole
+    coarse = NowcastBands(NowcastConfig(resolution_s=10, rate_window_s=20), 15.0, 60.0, source)
+    assert coarse.overlap_windows == 3
+    coarse.band(w, SPEC, [3.1], t0.timestamp())
+    coarse.band(w, SPEC, [3.1], (t0 + pd.Timedelta(seconds=30)).timestamp())
+    assert coarse.points_requested == 360 + 3 + 3
+
+
+def test_a_failed_incremental_fetch_gives_no_band_and_keeps_the_buffer():
+    w = _workload()
+    rates = _rates(2400)
+    source = FineDouble(rates, START)
+    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, source)
+    full = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(rates, START),
+                        incremental=False)  # fmt: skip
+    t0 = START + pd.Timedelta(hours=1, seconds=2)
+    _cycles(inc, w, t0, 4)
+    before = inc.held("chat")
+    assert before is not None
+    kept = before.values.copy()
+    source.fail = "HTTP 503: overloaded"
+    for i in (4, 5):
+        live = inc.band(w, SPEC, [3.1], (t0 + pd.Timedelta(seconds=15 * i)).timestamp())
+        assert live.band is None and "fine-grained rate unavailable" in live.note
+        assert "overloaded" in live.note
+        assert inc.held("chat") is before
+        np.testing.assert_array_equal(before.values, kept)
+    source.fail = None
+    now = (t0 + pd.Timedelta(seconds=15 * 6)).timestamp()
+    points = inc.points_requested
+    got, want = inc.band(w, SPEC, [3.1], now), full.band(w, SPEC, [3.1], now)
+    assert inc.points_requested - points == 9 + 2  # the 45 s missed + the overlap
+    _same_band(got, want)
+    assert got.band is not None
+
+
+def test_windows_the_source_did_not_return_are_nan_and_a_stopped_source_gives_no_band():
+    w = _workload()
+    rates = _rates(2400)
+    source = FineDouble(rates, START)
+    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, source)
+    full = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(rates, START),
+                        incremental=False)  # fmt: skip
+    t0 = START + pd.Timedelta(hours=1, seconds=2)
+    _cycles(inc, w, t0, 2)
+    _cycles(full, w, t0, 2)
+    # the source stops: its series ends 50 s before the next cycles (stale); Prometheus then
+    # returns no points at all for those windows (not NaN points: missing ones)
+    stop = t0 + pd.Timedelta(seconds=15)
+    for d in (source, full.source):
+        d.series = d.series[d.series.index < stop]
+    for i in range(2, 8):
+        now = (t0 + pd.Timedelta(seconds=15 * i)).timestamp()
+        a, b = inc.band(w, SPEC, [3.1], now), full.band(w, SPEC, [3.1], now)
+        _same_band(a, b)
+    assert a.band is None and "gap in the last 15 s" in a.note
+    held = inc.held("chat")
+    assert held is not None and np.isnan(held.values[-17:]).all()
+    assert np.isfinite(held.values[:-17]).all()
+
+
+def test_plan_fetch_and_merge_fetched_on_plain_data():
+    from autoscaler.controller.nowcast import FineHistory, merge_fetched, plan_fetch
+
+    s = 1_000_000_000
+    key = (5, 5, 6, None)
+    held = FineHistory(key, 100 * s, 5 * s, np.array([0.0, 0.5, 1.0, math.nan, 3.0, 4.0]))
+    assert plan_fetch(None, key, 100 * s, 5 * s, 6, 2) == (70 * s, "full")
+    assert plan_fetch(held, key, 110 * s, 5 * s, 6, 2) == (90 * s, "incremental")
+    assert plan_fetch(held, key, 100 * s, 5 * s, 6, 2) == (90 * s, "incremental")
+    assert plan_fetch(held, (10, 10, 6, None), 110 * s, 5 * s, 6, 2)[1] == "full"
+    assert plan_fetch(held, key, 95 * s, 5 * s, 6, 2)[1] == "full"  # time went backwards
+    assert plan_fetch(held, key, 120 * s, 5 * s, 6, 2)[1] == "full"  # 4 new + 2 >= 6 held
+    fetched = pd.Series(
+        [9.0, 10.0, 11.0, 99.0],
+        index=pd.to_datetime([90, 95, 105, 103], unit="s", utc=True),  # 100 missing, 103 off-grid
+    )
+    merged = merge_fetched(held, fetched, key, 90 * s, 110 * s, 5 * s, 6)
+    # kept: the windows at 80 and 85 (one a gap: NaN stays NaN); re-read: 90, 95 (overwritten);
+    # new: 100 (not returned: NaN), 105
+    np.testing.assert_array_equal(merged.values, [1.0, math.nan, 9.0, 10.0, math.nan, 11.0])
+    assert merged.end_ns == 110 * s and held.values[4] == 3.0  # the held one is unchanged

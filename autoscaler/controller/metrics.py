@@ -41,6 +41,15 @@ class ControllerMetrics:
                                 "1 if a nowcast band was built this cycle (0: the forecast "
                                 "planned alone; the decision's notes say why)", w,
                                 registry=r)  # fmt: skip
+        self.nowcast_points = Counter("autoscaler_nowcast_points_fetched",
+                                      "Fine-grained rate windows (range-query points) the "
+                                      "nowcast asked the demand source for; fetch: full (whole "
+                                      "history) or incremental (new windows + overlap)",
+                                      ["workload", "fetch"], registry=r)  # fmt: skip
+        self.nowcast_fetches = Counter("autoscaler_nowcast_fetches",
+                                       "Fine-grained rate queries the nowcast sent, by fetch "
+                                       "(full or incremental)", ["workload", "fetch"],
+                                       registry=r)  # fmt: skip
         self.lead = Gauge("autoscaler_lead_seconds", "Lead time of the next replica's path",
                           ["workload", "path"], registry=r)  # fmt: skip
         self.capacity = Gauge("autoscaler_capacity_per_replica", "Throughput per replica", w,
@@ -92,6 +101,11 @@ class ControllerMetrics:
                                        "Saved models refused (corrupted, other versions, other "
                                        "step) and replaced by a fresh fit",
                                        ["workload", "error"], registry=r)  # fmt: skip
+
+    def count_nowcast_fetch(self, workload: str, fetch: str, points: int) -> None:
+        """One fine-grained rate query of the nowcast (NowcastBands' `on_fetch`)."""
+        self.nowcast_fetches.labels(workload, fetch).inc()
+        self.nowcast_points.labels(workload, fetch).inc(points)
 
     def record_plan(self, plan: WorkloadPlan, actual: int, ready: int, staged: int,
                     forecast_first: dict[float, float]) -> None:  # fmt: skip

@@ -13,6 +13,17 @@ No band, with the reason, when the nowcast is off, the source cannot give fine-g
 horizon the planner asks lies within one forecast step, or the last interval has a gap (stale or
 missing data). The plan then rests on the forecast alone, exactly as without a nowcast: missing
 fine-grained data never lowers a plan.
+
+The fine-grained history is fetched incrementally: per workload a buffer of the last
+`history_s` of windows on the regular `resolution_s` grid (`FineHistory`), and each cycle only
+the windows that ended since the last one held, plus an overlap of the last
+`ceil(rate_window_s / resolution_s) + 1` windows held, re-fetched and overwritten (their value
+can still change while late scrapes arrive). The whole history is fetched only on the first
+cycle, after a gap as long as the buffer, when time went backwards, or when the settings that
+shape the windows changed. A failed fetch leaves the buffer as it was (and gives no band, as
+before), so the next cycle's fetch covers what was missed. The band is then the one a full
+fetch gives (tests/test_nowcast_live.py, tests/test_nowcast_prometheus.py); only a value that
+changes in Prometheus more than the overlap after its window ended is not seen again.
 """
 
 from __future__ import annotations
@@ -103,6 +114,75 @@ def build_band(
     return band, "", margins
 
 
+FULL = "full"
+INCREMENTAL = "incremental"
+
+
+@dataclass(frozen=True)
+class FineHistory:
+    """The fine-grained rates held for one workload: `values[i]` is the window that starts at
+    `end_ns - (len(values) - i) * res_ns` (ns since the epoch, UTC); the last one ends at
+    `end_ns`. NaN = not measured. Never changed in place: each cycle makes a new one, so a
+    band built from an earlier one keeps its rates."""
+
+    key: tuple[object, ...]
+    end_ns: int
+    res_ns: int
+    values: np.ndarray
+
+    @property
+    def start_ns(self) -> int:
+        return self.end_ns - len(self.values) * self.res_ns
+
+
+def plan_fetch(
+    held: FineHistory | None, key: tuple[object, ...], end_ns: int, res_ns: int, windows: int,
+    overlap: int,
+) -> tuple[int, str]:  # fmt: skip
+    """(first window start to fetch, FULL or INCREMENTAL) to bring `held` up to the windows
+    ending by `end_ns`: from `overlap` windows before the last one held, or the whole
+    `windows` when nothing usable is held (first cycle, other settings, time went backwards,
+    or a gap at least as long as the buffer)."""
+    full_from = end_ns - windows * res_ns
+    if (
+        held is None
+        or held.key != key
+        or held.res_ns != res_ns
+        or len(held.values) != windows
+        or end_ns < held.end_ns
+        or end_ns - held.end_ns + overlap * res_ns >= windows * res_ns
+    ):
+        return full_from, FULL
+    return max(full_from, held.end_ns - overlap * res_ns), INCREMENTAL
+
+
+def merge_fetched(
+    held: FineHistory | None, fetched: pd.Series, key: tuple[object, ...], from_ns: int,
+    end_ns: int, res_ns: int, windows: int,
+) -> FineHistory:  # fmt: skip
+    """The buffer ending at `end_ns`: what `held` has before `from_ns`, then what was fetched
+    for [from_ns, end_ns) (overwriting the held tail; a window the source did not return is
+    NaN, as in a full fetch). Points off the grid or outside the range are ignored."""
+    start_ns = end_ns - windows * res_ns
+    values = np.full(windows, math.nan)
+    if held is not None and held.res_ns == res_ns:
+        # the held window starting at t goes to position (t - start_ns) / res_ns
+        shift = (held.start_ns - start_ns) // res_ns
+        lo, hi = max(0, shift), min(windows, shift + len(held.values))
+        if lo < hi:
+            values[lo:hi] = held.values[lo - shift : hi - shift]
+    values[max(0, (from_ns - start_ns) // res_ns) :] = math.nan  # re-fetched: the fetch decides
+    if len(fetched):
+        index = pd.DatetimeIndex(fetched.index)
+        if index.tz is None:
+            index = index.tz_localize("UTC")
+        at_ns = index.as_unit("ns").asi8
+        pos, off = np.divmod(at_ns - start_ns, res_ns)
+        ok = (off == 0) & (at_ns >= from_ns) & (at_ns + res_ns <= end_ns)
+        values[pos[ok]] = fetched.to_numpy(dtype=float)[ok]
+    return FineHistory(key, end_ns, res_ns, values)
+
+
 @dataclass
 class _Fitted:
     margins: tuple[float, ...] | None
@@ -111,7 +191,14 @@ class _Fitted:
 
 
 class NowcastBands:
-    """Per workload: fetch, refit on schedule, build the band (see the module docstring)."""
+    """Per workload: fetch (incrementally), refit on schedule, build the band (see the module
+    docstring).
+
+    `incremental=False` fetches the whole history every cycle (the reference the tests and the
+    benchmark compare with); `overlap_windows` (default ceil(rate window / resolution) + 1) is
+    how many of the last windows held are re-fetched. `on_fetch(workload, kind, points)` is
+    called with the windows each fetch asks for (kind FULL or INCREMENTAL), before it is sent;
+    `points_requested` counts them all."""
 
     def __init__(
         self,
@@ -119,16 +206,68 @@ class NowcastBands:
         interval_s: float,
         forecast_step_s: float,
         source: object,
+        *,
+        incremental: bool = True,
+        overlap_windows: int | None = None,
+        on_fetch: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.recipe = settings.band_settings()
         self.interval_s = interval_s
         self.forecast_step_s = forecast_step_s
         self.source = source
+        self.incremental = incremental
+        res = settings.resolution_s
+        self.overlap_windows = (
+            math.ceil(settings.window_s() / res) + 1 if overlap_windows is None
+            else overlap_windows
+        )  # fmt: skip
+        if self.overlap_windows < 1:
+            raise ValueError(f"overlap_windows must be >= 1, got {self.overlap_windows}")
+        self.on_fetch = on_fetch
+        self.points_requested = 0
         self._fitted: dict[str, _Fitted] = {}
+        self._held: dict[str, FineHistory] = {}
         self._lock = threading.Lock()
         fetch = getattr(source, "fine_rates", None)
         self._fetch: Callable[..., pd.Series] | None = fetch if callable(fetch) else None
+
+    def held(self, workload: str) -> FineHistory | None:
+        """The fine-grained history held for a workload (None before its first fetch)."""
+        with self._lock:
+            return self._held.get(workload)
+
+    def _rates(self, w: WorkloadConfig, now_s: float) -> np.ndarray:
+        """The workload's rates per window over the last `history_s`, the last one ending at
+        the last window boundary by `now_s`: the buffer brought up to date (see the module
+        docstring). Raises what the source raises; the buffer is then left as it was."""
+        res_s = self.settings.resolution_s
+        res_ns = res_s * 1_000_000_000
+        windows = max(1, math.ceil(self.settings.history_s / res_s - 1e-9))
+        end_ns = math.floor((now_s + 1e-6) / res_s) * res_ns  # the last window that has ended
+        # what shapes the windows: another value means another series (refetch all)
+        key = (res_s, self.settings.window_s(), windows, w.query)
+        with self._lock:
+            held = self._held.get(w.name) if self.incremental else None
+        from_ns, kind = plan_fetch(held, key, end_ns, res_ns, windows, self.overlap_windows)
+        points = (end_ns - from_ns) // res_ns
+        with self._lock:
+            self.points_requested += points
+        if self.on_fetch is not None:
+            self.on_fetch(w.name, kind, points)
+        assert self._fetch is not None
+        fetched = self._fetch(
+            w, pd.Timestamp(end_ns, unit="ns", tz="UTC"), pd.Timedelta(end_ns - from_ns, "ns"),
+            pd.Timedelta(seconds=res_s), pd.Timedelta(seconds=self.settings.window_s()),
+        )  # fmt: skip
+        history = merge_fetched(held if kind == INCREMENTAL else None, fetched, key, from_ns,
+                                end_ns, res_ns, windows)  # fmt: skip
+        if self.incremental:
+            with self._lock:
+                current = self._held.get(w.name)
+                if current is None or current.key != key or current.end_ns <= end_ns:
+                    self._held[w.name] = history  # never replaced by an older cycle's
+        return history.values
 
     def band(
         self, w: WorkloadConfig, spec: WorkloadSpec, leads: Iterable[float], now_s: float
@@ -143,16 +282,10 @@ class NowcastBands:
         if not horizons:
             return LiveBand(None, "no planning horizon within one forecast step "
                             "(the forecast answers)")  # fmt: skip
-        res = pd.Timedelta(seconds=self.settings.resolution_s)
-        end = pd.Timestamp(now_s, unit="s", tz="UTC")
         try:
-            series = self._fetch(w, end, pd.Timedelta(seconds=self.settings.history_s), res,
-                                 pd.Timedelta(seconds=self.settings.window_s()))  # fmt: skip
+            rates = self._rates(w, now_s)
         except AutoscalerError as exc:
             return LiveBand(None, f"fine-grained rate unavailable: {exc}")
-        # Only windows that have ended by now (a replay's store also holds the trace's future).
-        series = series[series.index + res <= end + pd.Timedelta(microseconds=1)]
-        rates = series.to_numpy(dtype=float)
         key = (horizons, spec.quantile)
         with self._lock:
             fitted = self._fitted.get(w.name)

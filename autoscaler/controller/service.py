@@ -143,11 +143,14 @@ def build_controller(
             lease_duration_s=lead.lease_duration_s, renew_deadline_s=lead.renew_deadline_s,
             retry_period_s=lead.retry_period_s,
         )  # fmt: skip
-    return Controller(
+    controller = Controller(
         config, settings, cluster, demand, factory or forecaster_factory(config),
         agents=agents, book=book, clock=clock or make_clock(settings),
         metrics=ControllerMetrics(), elector=elector, dry_run=dry_run,
     )  # fmt: skip
+    # the nowcast's query load, as autoscaler_nowcast_points_fetched_total{workload,fetch}
+    controller.nowcast.on_fetch = controller.metrics.count_nowcast_fetch
+    return controller
 
 
 @dataclass
