@@ -92,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handshake_root=Path(args.handshake_root) if args.handshake_root else None,
         log_root=Path(args.log_dir) if args.log_dir else None,
         preload_socket=args.preload_socket,
+        external_check=args.external_check,
     )
     server = serve(Agent(config), args.host, args.port)
     host, port = server.server_address[:2]
@@ -145,7 +146,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         artifact_id=args.id, handshake_dir=args.handshake_dir, health_url=args.health_url,
         namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
         ready_timeout_s=args.timeout, use_store=not args.local_only, verify=args.verify,
-        preload_socket=args.preload_socket,
+        preload_socket=args.preload_socket, external_check=args.external_check,
     ), _cache(args), _store(args), _progress)
     _print(outcome.to_dict())
     return 0 if outcome.ok else 1
@@ -165,11 +166,17 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default="0", help="memory tier budget (e.g. 32G)")
 
 
-def _add_preload_arg(p: argparse.ArgumentParser) -> None:
+def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preload-socket", default=None,
         help="the node's weight preloader (python -m autoscaler.agent.fastload preload "
         "--socket S): restores ask it to load the worker's weights while CRIU runs",
+    )  # fmt: skip
+    p.add_argument(
+        "--external-check", choices=("hash", "stat"), default="hash",
+        help="an external file (the weights) this node has not verified: hash every block "
+        "at restore (default), or trust it when its size and mtime are the manifest's "
+        "(no read; a same-size rewrite with its mtime put back goes unseen)",
     )  # fmt: skip
 
 
@@ -198,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="PID whose descendants requests may touch")
     p.add_argument("--handshake-root", help="handshake directories must lie under this")
     p.add_argument("--log-dir", help="where restore logs go (default: beside the disk cache)")
-    _add_preload_arg(p)
+    _add_restore_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("checkpoint", help="checkpoint a running worker into the store")
@@ -237,7 +244,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--verify", choices=("alongside", "before"), default="alongside",
         help="hash the copy while CRIU restores it stopped (default), or before CRIU starts",
     )  # fmt: skip
-    _add_preload_arg(p)
+    _add_restore_options(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("inventory", help="what the node cache holds")

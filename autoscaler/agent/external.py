@@ -21,7 +21,9 @@ functions; the file reads, the record file and the preloader socket are the adap
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import stat
 import threading
@@ -39,6 +41,9 @@ from autoscaler.agent.store import ExternalFile, hash_fd_blocks
 OFFER_KEY = EXTERNAL_FILES_KEY  # in the ready-for-checkpoint offer: [{"path", "preload"}]
 MAX_DECLARED = 64
 MAX_RECORDS = 512  # verification records kept per node (oldest dropped)
+CHECK_MODES = ("hash", "stat")  # how a restore checks a file this node has not verified
+
+log = logging.getLogger("autoscaler.agent.external")
 
 ByteProgress = Callable[[int, int], None]
 """progress(done_bytes, total_bytes)."""
@@ -205,18 +210,47 @@ class VerifiedFiles:
     """The files this node hashed, by (device, inode): identity when hashed and the digest found
     (a mismatch is remembered too, so inventory can say 'changed' without hashing again).
 
-    One small JSON file, replaced atomically; guarded by a lock within the agent process."""
+    One small JSON file, shared by every agent process on the node (the server and one-shot
+    CLI commands): an update takes an flock on `<file>.lock`, re-reads the file, changes it and
+    renames a new one into place, so concurrent writers never lose each other's entries and a
+    reader never sees half a file. A file that does not parse is treated as empty, with a
+    warning: nothing in it is trusted, so the files are hashed again and the next update
+    replaces it."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._warned: set[tuple[int, int, int]] = set()
 
     def _load(self) -> dict[str, dict]:
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
             return {}
-        return data if isinstance(data, dict) else {}
+        except OSError as exc:
+            self._warn_corrupt(f"cannot be read ({exc.strerror})")
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            self._warn_corrupt(f"is not JSON ({exc})")
+            return {}
+        if not isinstance(data, dict):
+            self._warn_corrupt("does not hold an object")
+            return {}
+        return data
+
+    def _warn_corrupt(self, why: str) -> None:
+        """Once per version of the damaged file (inventory reads it on every scrape)."""
+        try:
+            st = os.stat(self.path)
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            seen = (0, 0, 0)
+        if seen not in self._warned:
+            self._warned.add(seen)
+            log.warning("the record of verified external files %s %s: ignored, so the "
+                        "files are hashed again", self.path, why)  # fmt: skip
 
     def digest_for(self, identity: FileIdentity) -> str | None:
         """The digest found when this very file (same identity) was last hashed, or None."""
@@ -230,7 +264,10 @@ class VerifiedFiles:
         return digest if seen == now and isinstance(digest, str) else None
 
     def remember(self, identity: FileIdentity, digest: str, path: str) -> None:
-        with self._lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(f"{self.path.name}.lock")
+        with self._lock, open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)  # across processes; released on close
             data = self._load()
             data[identity.key] = {
                 "size": identity.size, "mtime_ns": identity.mtime_ns,
@@ -238,19 +275,30 @@ class VerifiedFiles:
                 "at": time.time(),
             }  # fmt: skip
             if len(data) > MAX_RECORDS:
-                keep = sorted(data, key=lambda k: data[k].get("at", 0.0))[-MAX_RECORDS:]
+                keep = sorted(data, key=lambda k: _entry_time(data[k]))[-MAX_RECORDS:]
                 data = {k: data[k] for k in keep}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(data))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def _entry_time(entry: object) -> float:
+    at = entry.get("at", 0.0) if isinstance(entry, dict) else 0.0
+    return float(at) if isinstance(at, int | float) else 0.0
 
 
 # --- restore: check -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Checked:
     """How one external file was found to match: 'record' (a stat matched this node's earlier
-    verification) or 'hashed' (every block hashed now)."""
+    verification), 'hashed' (every block hashed now) or 'stat' (not verified on this node,
+    trusted because its size and mtime are the manifest's: check mode "stat")."""
 
     path: str
     bytes: int
@@ -267,8 +315,15 @@ def check(
     verified: VerifiedFiles | None = None,
     progress: Callable[[int], None] | None = None,
     threads: int = 0,
+    mode: str = "hash",
 ) -> Checked:
-    """The file at `where` holds what the manifest recorded, else ExternalFileChanged."""
+    """The file at `where` holds what the manifest recorded, else ExternalFileChanged.
+
+    A file this node verified unchanged costs one stat. Else mode "hash" hashes every block;
+    mode "stat" trusts a file whose size and mtime are the manifest's (no read: a same-size
+    rewrite with its mtime put back goes unseen) and hashes one whose mtime differs."""
+    if mode not in CHECK_MODES:
+        raise ValueError(f"external check mode must be one of {CHECK_MODES}, not {mode!r}")
     t = time.perf_counter()
     try:
         fd, st = _open_regular(where, expected.path)
@@ -287,6 +342,8 @@ def check(
                 raise ExternalFileChanged(expected.path, "differs from the checkpoint's "
                                           "(this node hashed it before)")  # fmt: skip
             return Checked(expected.path, expected.size, "record", time.perf_counter() - t)
+        if mode == "stat" and identity.mtime_ns == expected.mtime_ns:
+            return Checked(expected.path, expected.size, "stat", time.perf_counter() - t)
         try:
             blocks = _hash_open(fd, expected.size, expected.path, progress, threads)
         except ExternalFileError as exc:
@@ -315,10 +372,11 @@ def check_all(
     verified: VerifiedFiles | None = None,
     progress: ByteProgress | None = None,
     threads: int = 0,
+    mode: str = "hash",
 ) -> list[Checked]:
     """Check every external file (first failure raises ExternalFileChanged)."""
     advance = _byte_counter(sum(f.size for f in files), progress)
-    return [check(f, resolve(f.path), verified, advance, threads) for f in files]
+    return [check(f, resolve(f.path), verified, advance, threads, mode) for f in files]
 
 
 # --- staging: warm, verify, report ----------------------------------------------------------
@@ -393,6 +451,7 @@ def request_preloads(
     resolve: Callable[[str], Path],
     threads: int | None = None,
     chunk_bytes: int | None = None,
+    timeout_s: float = 5.0,
 ) -> tuple[list[str], list[str]]:
     """Ask the preloader to start loading every preloadable file now; returns (requested
     paths, warnings). The preloader reads the node's path and files the load under the
@@ -406,7 +465,7 @@ def request_preloads(
             continue
         try:
             fastload.request_preload(
-                socket_path, str(resolve(f.path)), threads, chunk_bytes, key=f.path
+                socket_path, str(resolve(f.path)), threads, chunk_bytes, timeout_s, key=f.path
             )
             requested.append(f.path)
         except (OSError, RuntimeError) as exc:

@@ -87,10 +87,19 @@ class RestoreRequest:
     # the node's weight preloader (fastload preload): asked to load the manifest's preloadable
     # external files when the restore starts; None: the restored worker reads them itself
     preload_socket: str | None = None
+    # how long one preload request may wait for the preloader's answer; the restore itself
+    # never waits for it (the request has its own thread)
+    preload_timeout_s: float = 5.0
+    # an external file this node has not verified: "hash" it (every block) or trust a "stat"
+    # (size and mtime as the manifest recorded them; see external.check)
+    external_check: str = "hash"
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {self.verify!r}")
+        if self.external_check not in external.CHECK_MODES:
+            raise ValueError(f"external_check must be one of {external.CHECK_MODES}, "
+                             f"not {self.external_check!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,7 @@ class RestoreOutcome:
     log_path: str | None = None
     fallback: str | None = None  # "cold-start" when not ok
     # the external files checked: path, bytes, how ("record": unchanged since this node
-    # verified it, one stat; "hashed"), seconds
+    # verified it, one stat; "hashed"; "stat": trusted on size and mtime), seconds
     external_files: tuple[dict, ...] = ()
     preloaded: tuple[str, ...] = ()  # external files the preloader was asked to load
     warnings: tuple[str, ...] = ()  # e.g. a preloader that did not answer (not a failure)
@@ -170,35 +179,83 @@ def choose_copy(
 
 
 class Preloads:
-    """The preload requests of one restore: started once (whichever copy is tried), released
+    """The preload requests of one restore: sent once (whichever copy is tried) from their own
+    thread, so a preloader that is slow to answer never holds the restore back (a request
+    still unanswered when the worker is continued is a warning, see not_waited_for); released
     when the restore fails so the preloader's GPU memory is free for the cold start."""
 
     def __init__(
         self, socket_path: str | None, resolve: Callable[[str], Path],
-        threads: int | None = None, chunk_bytes: int | None = None,
+        threads: int | None = None, chunk_bytes: int | None = None, timeout_s: float = 5.0,
     ) -> None:  # fmt: skip
         self.socket_path = socket_path
         self.resolve = resolve
         self.threads = threads
         self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
         self.started = False
-        self.requested: list[str] = []
+        self.requested: list[str] = []  # answered: the preloader is loading them
         self.warnings: list[str] = []
+        self._pending: list[str] = []  # sent or about to be, not answered yet
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._released = False
 
     def start(self, files: Sequence[ExternalFile]) -> None:
+        """Send the requests from a thread of their own; returns at once."""
         if self.started or not self.socket_path:
             return
         self.started = True
-        requested, warnings = external.request_preloads(
-            self.socket_path, files, self.resolve, self.threads, self.chunk_bytes
+        wanted = [f for f in files if f.preload]
+        if not wanted:
+            return
+        self._pending = [f.path for f in wanted]
+        self._thread = threading.Thread(
+            target=self._send, args=(wanted,), name="preload-request", daemon=True
         )
-        self.requested.extend(requested)
-        self.warnings.extend(warnings)
+        self._thread.start()
+
+    def _send(self, files: Sequence[ExternalFile]) -> None:
+        assert self.socket_path is not None
+        for f in files:
+            requested, warnings = external.request_preloads(
+                self.socket_path, [f], self.resolve, self.threads, self.chunk_bytes,
+                self.timeout_s,
+            )  # fmt: skip
+            with self._lock:
+                self.requested.extend(requested)
+                self.warnings.extend(warnings)
+                self._pending.remove(f.path)
+
+    def not_waited_for(self) -> None:
+        """The restored worker was continued: a request the preloader has not answered yet is
+        a warning, never a wait (the worker reads its weights itself unless the load lands
+        before it asks the preloader)."""
+        with self._lock:
+            if self._pending:
+                self.warnings.append(
+                    f"preloader {self.socket_path} had not answered the load of "
+                    f"{', '.join(self._pending)} when the restored worker was continued "
+                    "(not waited for)"
+                )  # fmt: skip
+
+    def so_far(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(requested, warnings) now; a request answered late may still add to them."""
+        with self._lock:
+            return tuple(self.requested), tuple(self.warnings)
 
     def release(self) -> None:
-        if self.socket_path and self.requested:
-            external.release_preloads(self.socket_path, self.requested)
-            self.requested = []
+        """After a failed restore: wait for the requests still in flight (each ends within
+        its timeout), then take back what the preloader accepted."""
+        if self._released:
+            return
+        self._released = True
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            paths = list(self.requested)
+        if self.socket_path and paths:
+            external.release_preloads(self.socket_path, paths)
 
 
 def restore_artifact(
@@ -213,16 +270,17 @@ def restore_artifact(
     processes: then every rank's CUDA state and handshake); never raises for an expected
     failure (see RestoreOutcome)."""
     preloads = Preloads(
-        request.preload_socket, lambda p: external.node_path(p, request.namespace_pid)
-    )
+        request.preload_socket, lambda p: external.node_path(p, request.namespace_pid),
+        timeout_s=request.preload_timeout_s,
+    )  # fmt: skip
     checked: list[external.Checked] = []
     outcome = _restore(request, cache, store, progress, log_root, cuda_api, preloads, checked)
-    requested = tuple(preloads.requested)
     if not outcome.ok:
         preloads.release()
+    requested, warnings = preloads.so_far()
     return replace(
         outcome, external_files=tuple(c.to_dict() for c in checked),
-        preloaded=requested, warnings=tuple(preloads.warnings),
+        preloaded=requested, warnings=warnings,
     )  # fmt: skip
 
 
@@ -270,7 +328,9 @@ def _restore(
             say(f"checking {len(files)} external file(s)")
             try:
                 t = time.perf_counter()
-                checked[:] = external.check_all(files, preloads.resolve, known)
+                checked[:] = external.check_all(
+                    files, preloads.resolve, known, mode=request.external_check
+                )
                 timings["external_check"] = time.perf_counter() - t
             except ExternalFileChanged as exc:  # nothing restored; the artifact is fine
                 return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
@@ -290,6 +350,7 @@ def _restore(
         check = artifact_check(
             artifact_id, verified, files, preloads.resolve, known, timings, checked,
             after_images=partial(preloads.start, files) if preload_after_images else None,
+            mode=request.external_check,
         ) if alongside else None  # fmt: skip
         try:
             restored = restore_while_verifying(
@@ -317,6 +378,7 @@ def _restore(
             quarantined=tuple(quarantined),
         )  # fmt: skip
     timings["criu_restore"] = restored.seconds
+    preloads.not_waited_for()  # the tree runs now, whatever the preloader is doing
     try:
         if verified.manifest.has_cuda_state and records:
             say(f"CUDA restore of {sum(r.cuda for r in records)} processes, then unlock all")
@@ -413,10 +475,13 @@ def artifact_check(
     timings: dict[str, float],
     checked: list[external.Checked],
     after_images: Callable[[], None] | None = None,
+    mode: str = "hash",
 ) -> Callable[[], object]:
     """What runs alongside CRIU for one copy: the hashing half of verify_directory (verified
-    None: the images were hashed before), then `after_images` (e.g. start the preloads), then
-    the external files (one stat each when this node verified them unchanged, else hashed).
+    None: the images were hashed before), then `after_images` (e.g. start the preloads, which
+    must return at once: this runs before the tree may continue), then the external files (one
+    stat each when this node verified them unchanged, else hashed or, mode "stat", trusted on
+    size and mtime).
     Timed into timings; the external results go into `checked`. Raises ArtifactCorrupt or
     ExternalFileChanged, which restore_while_verifying turns into a killed, never-run tree."""
 
@@ -433,7 +498,7 @@ def artifact_check(
         if files:
             t = time.perf_counter()
             try:
-                checked[:] = external.check_all(files, resolve, known)
+                checked[:] = external.check_all(files, resolve, known, mode=mode)
             finally:
                 timings["external_check"] = time.perf_counter() - t
         return manifest

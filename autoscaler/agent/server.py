@@ -150,6 +150,9 @@ class AgentConfig:
     # the node's weight preloader (`fastload preload --socket`): every restore asks it to load
     # the artifact's preloadable external files (the weights) while CRIU restores
     preload_socket: str | None = None
+    # an external file this node has not verified at restore: "hash" it or trust a "stat"
+    # (size and mtime as recorded; RestoreRequest.external_check)
+    external_check: str = "hash"
 
 
 class Metrics:
@@ -313,6 +316,7 @@ class Agent:
             gpu_pairs=tuple(body.gpu_pairs), ready_timeout_s=body.ready_timeout_s,
             health_timeout_s=body.health_timeout_s, use_store=body.use_store,
             verify=body.verify, preload_socket=self.config.preload_socket,
+            external_check=self.config.external_check,
         )
         with self._lock_for(body.artifact_id):
             outcome = restore_artifact(request, self.config.cache, self.config.store, progress,
