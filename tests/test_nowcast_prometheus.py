@@ -260,3 +260,147 @@ def test_prometheus_down_gives_no_band_and_the_reason(tmp_path: Path):
     live = bands.band(config.workloads[0], spec, [3.1], CLEAR_NOW.timestamp())
     assert live.band is None and "fine-grained rate unavailable" in live.note
     assert url in live.note
+
+
+# -- incremental fetch on the real Prometheus -----------------------------------------------------
+
+
+class SwitchableDemand:
+    """The controller's Prometheus demand source, switched to a dead Prometheus on demand (a
+    real connection error in the middle of a run)."""
+
+    def __init__(self, live: PrometheusDemand, dead: PrometheusDemand) -> None:
+        self.live, self.dead = live, dead
+        self.down = False
+
+    def fine_rates(self, *args):
+        return (self.dead if self.down else self.live).fine_rates(*args)
+
+
+def _bands(prom_url: str, incremental: bool, counted: list | None = None):
+    from autoscaler.controller.nowcast import NowcastBands
+
+    config, settings = parse_controller_config(_config(prom_url))
+    on_fetch = None if counted is None else (lambda _w, kind, n: counted.append((kind, n)))
+    bands = NowcastBands(config.nowcast, 30.0, 60.0, PrometheusDemand(settings),
+                         incremental=incremental, on_fetch=on_fetch)  # fmt: skip
+    spec = config.workloads[0].to_spec(interval_s=30.0, forecast_step_s=60.0)
+    return bands, config.workloads[0], spec
+
+
+def _assert_same_band(a, b) -> None:
+    assert a.note == b.note
+    np.testing.assert_array_equal(a.rates, b.rates)
+    assert (a.band is None) == (b.band is None)
+    if a.band is not None:
+        np.testing.assert_array_equal(a.band.margins, b.band.margins)
+        assert (a.band.level, a.band.slope, a.band.measured) == (
+            b.band.level, b.band.slope, b.band.measured)  # fmt: skip
+
+
+def test_the_incremental_fetch_gives_the_full_fetchs_band_on_prometheus(prom_url, trace):
+    """Every 15 s (off the window grid) from 5 min before the 20-s hole to 4 min after it: the
+    buffer fed by incremental range queries holds exactly what a full 1-h query reads (the
+    trace itself, the hole as NaN), so the band and the reason for none are the same; after
+    the first cycle each query asks for 5 points (3 new windows, 2 re-read) instead of 720."""
+    counted: list[tuple[str, int]] = []
+    inc, w, spec = _bands(prom_url, True, counted)
+    full, _, _ = _bands(prom_url, False)
+    lead = LeadTimes().of(StartPath.RESTORE_MEMORY)
+    first = GAP[0] - pd.Timedelta(minutes=5) + pd.Timedelta(seconds=2)
+    times = [first + pd.Timedelta(seconds=15 * i) for i in range(38)]
+    reasons = set()
+    for now in times:
+        a = inc.band(w, spec, [lead], now.timestamp())
+        b = full.band(w, spec, [lead], now.timestamp())
+        _assert_same_band(a, b)
+        want = _ended(trace, now, pd.Timedelta("1h")).to_numpy()
+        np.testing.assert_allclose(a.rates, want, rtol=1e-12)  # gaps NaN (equal_nan), never 0
+        assert np.array_equal(np.isnan(a.rates), np.isnan(want))
+        reasons.add(a.note)
+    assert "" in reasons  # bands were built ...
+    assert any("gap in the last 30 s" in r for r in reasons)  # ... and the hole stopped them
+    assert counted == [("full", 720)] + [("incremental", 5)] * (len(times) - 1)
+    assert full.points_requested == 720 * len(times)
+
+
+def test_a_prometheus_error_mid_run_gives_no_band_and_leaves_the_buffer(prom_url, trace):
+    from autoscaler.controller.nowcast import NowcastBands
+    from autoscaler.signals.promserver import free_port
+
+    config, settings = parse_controller_config(_config(prom_url))
+    _, dead_settings = parse_controller_config(_config(f"http://127.0.0.1:{free_port()}"))
+    source = SwitchableDemand(PrometheusDemand(settings), PrometheusDemand(dead_settings))
+    counted: list[tuple[str, int]] = []
+    bands = NowcastBands(config.nowcast, 30.0, 60.0, source,
+                         on_fetch=lambda _w, kind, n: counted.append((kind, n)))  # fmt: skip
+    w = config.workloads[0]
+    spec = w.to_spec(interval_s=30.0, forecast_step_s=60.0)
+    lead = LeadTimes().of(StartPath.RESTORE_MEMORY)
+    at = [CLEAR_NOW + pd.Timedelta(seconds=15 * i) for i in range(5)]
+    assert bands.band(w, spec, [lead], at[0].timestamp()).band is not None
+    held = bands.held(NAME)
+    source.down = True
+    for now in at[1:3]:
+        live = bands.band(w, spec, [lead], now.timestamp())
+        assert live.band is None and "fine-grained rate unavailable" in live.note
+        assert source.dead.settings.url in live.note
+        assert bands.held(NAME) is held  # untouched
+    source.down = False
+    live = bands.band(w, spec, [lead], at[3].timestamp())
+    full, _, _ = _bands(prom_url, False)
+    _assert_same_band(live, full.band(w, spec, [lead], at[3].timestamp()))
+    assert live.band is not None
+    np.testing.assert_allclose(live.rates, _ended(trace, at[3], pd.Timedelta("1h")).to_numpy(),
+                               rtol=1e-12)  # fmt: skip
+    # the failed queries asked for their windows too; the one after covers all 45 s missed
+    assert counted == [("full", 720), ("incremental", 5), ("incremental", 8),
+                       ("incremental", 11)]  # fmt: skip
+
+
+def test_the_controller_counts_the_points_its_nowcast_asks_prometheus_for(prom_url, trace):
+    from autoscaler.controller.service import build_controller
+
+    config, settings = parse_controller_config(_config(prom_url))
+    clock = StepClock(CLEAR_NOW)
+    controller = build_controller(
+        config, settings, cluster=MemoryCluster(), clock=clock, dry_run=True,
+        factory=lambda _w: make_forecaster(config.forecaster, config.forecast_step),
+    )  # fmt: skip
+    controller.run_cycle()
+    controller.fits.wait_idle()
+    for _ in range(4):
+        clock.now += pd.Timedelta(seconds=30)
+        report = controller.run_cycle()
+        assert report.error is None
+    ex = report.plan.plans[NAME].decision.explanation
+    assert ex.binding == "nowcast" and math.isfinite(ex.nowcast_peak)
+    points = "autoscaler_nowcast_points_fetched_total"
+    fetches = "autoscaler_nowcast_fetches_total"
+    assert _metric(controller, points, fetch="full") == 720
+    assert _metric(controller, fetches, fetch="full") == 1
+    assert _metric(controller, fetches, fetch="incremental") == 4
+    assert _metric(controller, points, fetch="incremental") == 4 * (6 + 2)  # 30 s + 2 re-read
+
+
+def test_the_keda_scaler_fetches_incrementally_too(prom_url, trace):
+    config, settings = parse_controller_config(_config(prom_url))
+    clock = StepClock(CLEAR_NOW)
+    loop = build_loop(config, settings, clock=clock)
+    try:
+        loop.run_cycle()
+        loop.fit_cache.wait_idle()
+        for _ in range(3):
+            clock.now += pd.Timedelta(seconds=30)
+            outcome = loop.run_cycle()[NAME]
+    finally:
+        loop.stop()
+    plan = loop.book.latest(NAME)
+    spec = loop.workloads[NAME].to_spec(interval_s=30.0, forecast_step_s=60.0)
+    lead = LeadTimes().of(StartPath.RESTORE_MEMORY)
+    rates = _ended(trace, clock.now, pd.Timedelta("1h")).to_numpy()
+    band, _, _ = build_band(rates, NowcastConfig(), 30.0, 0.9, band_horizons(spec, [lead]))
+    assert outcome.published == plan.desired_replicas and band is not None
+    assert plan.explanation.nowcast_peak == pytest.approx(band.peak(lead + 30.0), rel=1e-9)
+    # the first band was planned after the first fit: one full query, then 30 s + 2 re-read
+    assert loop.nowcast.points_requested == 720 + 2 * (6 + 2)
