@@ -14,7 +14,8 @@ The files the worker re-reads after the restore (its weights: the manifest's ext
 are checked alongside CRIU too, before the tree runs; a missing or changed one fails the
 restore (ExternalFileChanged) without quarantining the artifact, which is fine. With a
 preloader socket the agent asks the node's preloader to start loading them when the restore
-starts, so the load overlaps CRIU and the CUDA restore.
+starts, so the load overlaps CRIU and the CUDA restore; the request has a thread of its own and
+is never waited for (unanswered when the worker is continued: a warning in the outcome).
 """
 
 from __future__ import annotations
