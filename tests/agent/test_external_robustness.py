@@ -280,6 +280,25 @@ def test_restore_checks_unverified_weights_by_hash_or_by_stat(
     assert state == ("verified" if mode == "hash" else "unverified")
 
 
+def test_the_agents_external_check_option_reaches_its_restores(
+    tmp_path: Path, dumped: dict, cleanup_pids: list[int],  # noqa: F811
+) -> None:  # fmt: skip
+    from autoscaler.agent.server import Agent, AgentConfig, RestoreBody
+
+    store, params = node(tmp_path, dumped)
+    agent = Agent(AgentConfig(
+        store=store, cache=NodeCache(tmp_path / "disk", 1 << 30),
+        handshake_root=dumped["handshake"].parent, external_check="stat",
+    ))  # fmt: skip
+    outcome = agent.restore(RestoreBody(
+        artifact_id="w", handshake_dir=str(dumped["handshake"]),
+        health_url=f"http://127.0.0.1:{dumped['port']}/health",
+    ), lambda _m: None)  # fmt: skip
+    assert outcome["ok"], outcome["reason"]
+    cleanup_pids.append(outcome["host_pid"])
+    assert [(f["path"], f["how"]) for f in outcome["external_files"]] == [(str(params), "stat")]
+
+
 def test_stat_mode_still_hashes_weights_with_another_mtime_and_fails_changed_ones(
     tmp_path: Path, dumped: dict,  # noqa: F811
 ) -> None:  # fmt: skip
