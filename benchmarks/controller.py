@@ -10,7 +10,14 @@ API server: list the GPU nodes, list the managed Deployments, list the active po
 writes of a typical cycle (scale writes for 10% of the workloads with their resourceVersion,
 staged-label patches on 1% of the nodes).
 
+Nowcast query load: the points (5-s windows of a range query) the nowcast band asks its
+demand source for per cycle, for 1,000 workloads in steady state (a 15-s interval, the default
+1-h history at 5 s), with the full-history fetch of every cycle and with the incremental
+buffer (autoscaler.controller.nowcast). The source is in memory and counts the points it is
+asked for: a count of the query load a Prometheus would get, not a timing.
+
 Run: .cache/venv/bin/python benchmarks/controller.py  (writes benchmarks/results/controller.json)
+     --parts nowcast runs only that part and keeps the other fields of the JSON as they were.
 """
 
 from __future__ import annotations
@@ -148,19 +155,100 @@ def _deployment(j: int):
     )  # fmt: skip
 
 
+class CountingFineSource:
+    """An in-memory FineRateSource: a deterministic rate per 5-s window for every workload,
+    counting the points (windows) each query asks for."""
+
+    def __init__(self) -> None:
+        self.points = 0
+        self.queries = 0
+
+    def fine_rates(self, workload, end, duration, resolution, window) -> pd.Series:
+        index = pd.date_range(end - duration, end - resolution, freq=resolution)
+        self.points += len(index)
+        self.queries += 1
+        seed = sum(map(ord, workload.name))
+        t = index.asi8 // 1_000_000_000
+        return pd.Series(20 + 8 * np.sin(t / 300.0 + seed) + (t * 7919 + seed) % 11,
+                         index=index, dtype=float)  # fmt: skip
+
+
+def nowcast_part(workloads: int, cycles: int = 8, interval_s: float = 15.0) -> dict:
+    """Points asked of the source per cycle, first cycle and steady state (mean over the
+    following `cycles`), full vs incremental; both paths must build the same bands."""
+    from autoscaler.config import NowcastConfig
+    from autoscaler.controller.nowcast import NowcastBands
+
+    config = NowcastConfig()
+    specs = []
+    for j in range(workloads):
+        w = parse_workload({"name": f"w{j}", "capacity": {"throughput_per_replica": 10.0}})
+        specs.append((w, w.to_spec(interval_s=interval_s, forecast_step_s=60)))
+    leads = [LeadTimes().of(p) for p in ("restore-memory", "restore-disk", "restore-store")]
+    out: dict[str, dict] = {}
+    peaks: dict[str, list[float]] = {}
+    for mode in ("full", "incremental"):
+        source = CountingFineSource()
+        bands = NowcastBands(config, interval_s, 60.0, source, incremental=mode == "incremental")
+        per_cycle, queries, built = [], [], 0
+        peaks[mode] = []
+        now_s = 1.7e9 + 2.0  # off the window grid, as a real clock is
+        for _ in range(cycles + 1):
+            before, q_before = source.points, source.queries
+            for w, spec in specs:
+                live = bands.band(w, spec, leads, now_s)
+                built += live.band is not None
+                peaks[mode].append(live.band.peak(interval_s + 3.1) if live.band else np.nan)
+            per_cycle.append(source.points - before)
+            queries.append(source.queries - q_before)
+            now_s += interval_s
+        steady = per_cycle[1:]
+        out[mode] = {
+            "first_cycle_points": per_cycle[0],
+            "steady_points_per_cycle": float(np.mean(steady)),
+            "steady_points_per_workload_per_cycle": float(np.mean(steady)) / workloads,
+            "queries_per_cycle": int(np.mean(queries)),
+            "bands_built": built,
+        }  # fmt: skip
+    if not np.array_equal(peaks["full"], peaks["incremental"], equal_nan=True):
+        raise AssertionError("the incremental buffer built other bands than the full fetch")
+    full, inc = out["full"], out["incremental"]
+    return {
+        "workloads": workloads, "interval_s": interval_s, "cycles": cycles,
+        "resolution_s": config.resolution_s, "history_s": config.history_s,
+        "full": full, "incremental": inc,
+        "reduction": round(full["steady_points_per_cycle"] / inc["steady_points_per_cycle"], 1),
+        "same_bands": True,
+    }  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=5000)
+    parser.add_argument("--parts", nargs="+", choices=("decision", "api", "nowcast"),
+                        default=["decision", "api", "nowcast"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    cpu, decision_info = decision_part(args.workloads, args.nodes)
-    print(f"decision part: {cpu:.3f} s CPU for {args.workloads} workloads x {args.nodes} nodes "
-          f"({decision_info})")  # fmt: skip
-    api_s, api_info = api_part(args.workloads, args.nodes)
-    print(f"API part: {api_s:.3f} s wall against kube-apiserver v1.20.2 ({api_info})")
-    result = {"workloads": args.workloads, "nodes": args.nodes,
-              "cycle_cpu_seconds": round(cpu, 4), "api_seconds": round(api_s, 3)}  # fmt: skip
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if {"decision", "api"} & set(args.parts):
+        result.update({"workloads": args.workloads, "nodes": args.nodes})
+    if "decision" in args.parts:
+        cpu, decision_info = decision_part(args.workloads, args.nodes)
+        print(f"decision part: {cpu:.3f} s CPU for {args.workloads} workloads x {args.nodes} "
+              f"nodes ({decision_info})")  # fmt: skip
+        result["cycle_cpu_seconds"] = round(cpu, 4)
+    if "api" in args.parts:
+        api_s, api_info = api_part(args.workloads, args.nodes)
+        print(f"API part: {api_s:.3f} s wall against kube-apiserver v1.20.2 ({api_info})")
+        result["api_seconds"] = round(api_s, 3)
+    if "nowcast" in args.parts:
+        nowcast = nowcast_part(args.workloads)
+        print(f"nowcast query load, {args.workloads} workloads, steady state: "
+              f"{nowcast['full']['steady_points_per_cycle']:.0f} points/cycle full vs "
+              f"{nowcast['incremental']['steady_points_per_cycle']:.0f} incremental "
+              f"({nowcast['reduction']}x fewer)")  # fmt: skip
+        result["nowcast_points"] = nowcast
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
