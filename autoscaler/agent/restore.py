@@ -217,12 +217,15 @@ class Preloads:
         self._thread.start()
 
     def _send(self, files: Sequence[ExternalFile]) -> None:
-        assert self.socket_path is not None
         for f in files:
-            requested, warnings = external.request_preloads(
-                self.socket_path, [f], self.resolve, self.threads, self.chunk_bytes,
-                self.timeout_s,
-            )  # fmt: skip
+            try:
+                requested, warnings = external.request_preloads(
+                    str(self.socket_path), [f], self.resolve, self.threads, self.chunk_bytes,
+                    self.timeout_s,
+                )  # fmt: skip
+            except Exception as exc:  # e.g. a reply that is not JSON: still only a warning
+                requested, warnings = [], [f"preloader {self.socket_path} did not take "
+                                           f"{f.path}: {exc!r}"]  # fmt: skip
             with self._lock:
                 self.requested.extend(requested)
                 self.warnings.extend(warnings)
