@@ -56,7 +56,11 @@ class FineRateSource(Protocol):
         duration: pd.Timedelta,
         resolution: pd.Timedelta,
         window: pd.Timedelta,
-    ) -> pd.Series: ...
+    ) -> pd.Series:
+        """The rate per `resolution` window (range `window`) for the windows that start in
+        [end - duration, end), labelled by window start; `end` is on the epoch-aligned grid.
+        Called with the whole history or, incrementally, the last few windows."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ def merge_fetched(
         pos, off = np.divmod(at_ns - start_ns, res_ns)
         ok = (off == 0) & (at_ns >= from_ns) & (at_ns + res_ns <= end_ns)
         values[pos[ok]] = fetched.to_numpy(dtype=float)[ok]
+    values.flags.writeable = False  # shared with the bands built from it
     return FineHistory(key, end_ns, res_ns, values)
 
 

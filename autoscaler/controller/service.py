@@ -76,8 +76,10 @@ class PrometheusDemand:
         window: pd.Timedelta,
     ) -> pd.Series:
         """The measured rate per `resolution` window over the last `duration` (the nowcast
-        band's input; `PrometheusSource.rate_history`). A workload's own `query` must take
-        its window from `{range}`, or it cannot be read at a finer window."""
+        band's input; `PrometheusSource.rate_history`): the whole history on a first cycle,
+        then only the windows since the last one the nowcast holds (see
+        autoscaler.controller.nowcast). A workload's own `query` must take its window from
+        `{range}`, or it cannot be read at a finer window."""
         if workload.query and "{range}" not in workload.query:
             from autoscaler.errors import ConfigError
 
