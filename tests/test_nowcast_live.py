@@ -364,8 +364,10 @@ def test_the_whole_history_is_fetched_again_after_a_long_gap_a_clock_jump_or_new
     assert kinds[-1] == ("full", 720)
     at(15 + 3000 + 3600 - 600)  # time went backwards (a replay restarted)
     assert kinds[-1] == ("full", 720)
+    at(15 + 3000 + 3600 - 585)  # and goes on from there
+    assert kinds[-1] == ("incremental", 5)
     custom = w.model_copy(update={"query": "sum(rate(my_requests_total[{range}]))"})
-    bands.band(custom, SPEC, [3.1], (t0 + pd.Timedelta(seconds=6015)).timestamp())
+    bands.band(custom, SPEC, [3.1], (t0 + pd.Timedelta(seconds=6030)).timestamp())
     assert kinds[-1] == ("full", 720)  # another query is another series
     # other settings shape other windows: a new buffer, fetched whole
     coarse = NowcastBands(NowcastConfig(resolution_s=10, rate_window_s=20), 15.0, 60.0, source)

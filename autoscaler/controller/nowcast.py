@@ -269,9 +269,7 @@ class NowcastBands:
                                 end_ns, res_ns, windows)  # fmt: skip
         if self.incremental:
             with self._lock:
-                current = self._held.get(w.name)
-                if current is None or current.key != key or current.end_ns <= end_ns:
-                    self._held[w.name] = history  # never replaced by an older cycle's
+                self._held[w.name] = history
         return history.values
 
     def band(
