@@ -181,11 +181,14 @@ class NowcastConfig(_Strict):
     """The nowcast band in the controller and the KEDA scaler (`autoscaler.plan.nowcast`): the
     measured rate per `resolution_s` window over the last `history_s`, read from Prometheus (the
     request-rate template over `rate_window_s`), carried ahead with margins calibrated on that
-    history. Defaults are the recipe the simulator's `predictive` policy was benchmarked with;
-    missing or gappy fine-grained data gives no band (the forecast plans alone), never a lower
-    plan."""
+    history. The other defaults are the recipe the simulator's `predictive-band` variant was
+    benchmarked with; missing or gappy fine-grained data gives no band (the forecast plans alone),
+    never a lower plan. Off by default: replayed from per-second arrivals (what a 5-s rate of
+    real traffic looks like) the band plans for noise the replica's queue absorbs and costs more
+    GPU-hours than the forecast alone (docs/planning.md); it pays only where 5-s rates are smooth
+    (high request rates)."""
 
-    enabled: bool = True
+    enabled: bool = False
     resolution_s: int = Field(default=5, ge=1, description="window of the measured rate, s")
     history_s: float = Field(default=3600.0, gt=0, description="calibration history, s")
     # The PromQL range of each window's rate; None: resolution_s. Longer (e.g. 2 x the scrape

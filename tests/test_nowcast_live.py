@@ -27,6 +27,8 @@ from autoscaler.plan.nowcast import (
 )
 from autoscaler.plan.replicas import WorkloadSpec, WorkloadState, plan_replicas_values
 
+ON = NowcastConfig(enabled=True)  # the band is off by default; these tests are about it
+
 RES = 5.0
 SPEC = WorkloadSpec("chat", capacity_per_replica=5.0, interval_s=15.0, forecast_step_s=60.0,
                     lead_scaled_scale_down=True)  # fmt: skip
@@ -67,7 +69,7 @@ def test_build_band_equals_the_simulators_lookup_of_levels():
     """The simulator looks the level and trend up from `rolling_levels`; the product computes
     them with `nowcast_band` on the windows up to now: the same band."""
     rates = _rates(1500)
-    config = NowcastConfig()
+    config = ON
     horizons = band_horizons(SPEC, [3.1, 8.1, 23.3])
     for k in (900, 1200, 1500):
         band, note, margins = build_band(rates[:k], config, 15.0, 0.9, horizons)
@@ -84,7 +86,7 @@ def test_build_band_equals_the_simulators_lookup_of_levels():
 
 def test_build_band_says_why_there_is_none():
     rates = _rates(900)
-    config = NowcastConfig()
+    config = ON
     gap = rates.copy()
     gap[-2] = math.nan  # inside the last interval
     band, note, margins = build_band(gap, config, 15.0, 0.9, [18.1])
@@ -103,7 +105,7 @@ def test_a_band_with_a_gap_leaves_the_plan_as_the_forecast_alone_makes_it():
     alone = plan_replicas_values(state, values, SPEC, 1000.0, 0.9)
     gap = _rates(900)
     gap[-1] = math.nan
-    band, _, _ = build_band(gap, NowcastConfig(), 15.0, 0.9, [18.1])
+    band, _, _ = build_band(gap, ON, 15.0, 0.9, [18.1])
     with_gap = plan_replicas_values(
         WorkloadState(**{**_fields(state), "nowcast": band}), values, SPEC, 1000.0, 0.9
     )
@@ -145,7 +147,7 @@ def _workload():
 
 def test_the_adapter_refits_every_forecast_step_and_when_horizons_change(monkeypatch):
     source = FineDouble(_rates(2000), START)
-    bands = NowcastBands(NowcastConfig(), 15.0, 60.0, source)
+    bands = NowcastBands(ON, 15.0, 60.0, source)
     fits = []
     import autoscaler.controller.nowcast as live_module
 
@@ -175,17 +177,17 @@ def test_the_adapter_gives_no_band_with_the_reason_when_data_is_missing():
     rates = _rates(2000)
     stale = rates.copy()
     stale[710:] = math.nan  # the source stopped 50 s before now
-    bands = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(stale, START))
+    bands = NowcastBands(ON, 15.0, 60.0, FineDouble(stale, START))
     live = bands.band(w, SPEC, [3.1], now)
     assert live.band is None and "gap in the last 15 s" in live.note
 
     source = FineDouble(rates, START)
     source.fail = "unreachable"
-    live = NowcastBands(NowcastConfig(), 15.0, 60.0, source).band(w, SPEC, [3.1], now)
+    live = NowcastBands(ON, 15.0, 60.0, source).band(w, SPEC, [3.1], now)
     assert live.band is None and "fine-grained rate unavailable" in live.note
     assert "unreachable" in live.note
 
-    live = NowcastBands(NowcastConfig(), 15.0, 60.0, object()).band(w, SPEC, [3.1], now)
+    live = NowcastBands(ON, 15.0, 60.0, object()).band(w, SPEC, [3.1], now)
     assert live.band is None and "no fine-grained rates" in live.note
 
     off = NowcastConfig(enabled=False)
@@ -197,12 +199,12 @@ def test_the_adapter_gives_no_band_with_the_reason_when_data_is_missing():
 def test_a_replan_at_another_quantile_recalibrates_on_the_same_rates():
     w = _workload()
     now = (START + pd.Timedelta(hours=1)).timestamp()
-    live = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(_rates(2000), START)).band(
+    live = NowcastBands(ON, 15.0, 60.0, FineDouble(_rates(2000), START)).band(
         w, SPEC, [3.1], now
     )
     assert live.band is not None
-    same = live.at_quantile(0.9, NowcastConfig(), 15.0)
-    high = live.at_quantile(0.99, NowcastConfig(), 15.0)
+    same = live.at_quantile(0.9, ON, 15.0)
+    high = live.at_quantile(0.99, ON, 15.0)
     assert same is live.band
     assert high is not None and high.quantile == 0.99 and high.peak(18.1) > live.band.peak(18.1)
     expected = nowcast_band(live.rates, RES, 15.0, fit_band_margins(
@@ -225,10 +227,13 @@ def test_nowcast_config_errors_name_the_field():
     config = parse_config({"nowcast": {"resolution_s": 2, "rate_window_s": 4, "history_s": 1800}})
     assert config.nowcast.window_s() == 4
     assert config.nowcast.band_settings() == BandSettings(resolution_s=2.0, history_s=1800.0)
-    # the product's defaults are the recipe the simulator's `predictive` policy is measured with
+    # the product's defaults are what the simulator measures: no band for `predictive` (off by
+    # default), and the band's recipe is the `predictive-band` variant's
     from autoscaler.sim.policies import make_policy
 
-    sim = make_policy("predictive")
+    assert parse_config({}).nowcast.enabled is False
+    assert make_policy("predictive").band_resolution_s is None
+    sim = make_policy("predictive-band")
     assert parse_config({}).nowcast.band_settings() == BandSettings(
         resolution_s=sim.band_resolution_s, history_s=sim.band_history_s,
         level_window_s=sim.band_level_s, refit_s=sim.band_refit_s, trend=sim.band_trend,
@@ -285,9 +290,9 @@ def test_the_incremental_buffer_gives_the_band_a_full_fetch_gives():
     w = _workload()
     source = FineDouble(_gappy_rates(2400), START)
     fetches: list[tuple[str, int]] = []
-    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, source,
+    inc = NowcastBands(ON, 15.0, 60.0, source,
                        on_fetch=lambda name, kind, points: fetches.append((kind, points)))
-    full = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(_gappy_rates(2400), START),
+    full = NowcastBands(ON, 15.0, 60.0, FineDouble(_gappy_rates(2400), START),
                         incremental=False)  # fmt: skip
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     got, want = _cycles(inc, w, t0, 60), _cycles(full, w, t0, 60)
@@ -313,8 +318,8 @@ def test_late_windows_are_reread_and_overwritten():
     re-reads it next cycle, so the buffer then holds its final value, as a full fetch does."""
     w = _workload()
     rates = _rates(2400)
-    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, LateDouble(rates, START, late_s=5.0))
-    full = NowcastBands(NowcastConfig(), 15.0, 60.0, LateDouble(rates, START, late_s=5.0),
+    inc = NowcastBands(ON, 15.0, 60.0, LateDouble(rates, START, late_s=5.0))
+    full = NowcastBands(ON, 15.0, 60.0, LateDouble(rates, START, late_s=5.0),
                         incremental=False)  # fmt: skip
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     got, want = _cycles(inc, w, t0, 12), _cycles(full, w, t0, 12)
@@ -332,7 +337,7 @@ def test_a_late_value_beyond_the_overlap_is_not_seen_again():
     as first read in the buffer (a full fetch would see it)."""
     w = _workload()
     rates = _rates(2400)
-    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, LateDouble(rates, START, late_s=20.0))
+    inc = NowcastBands(ON, 15.0, 60.0, LateDouble(rates, START, late_s=20.0))
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     got = _cycles(inc, w, t0, 3)
     assert all(a.band is not None for a in got)
@@ -349,7 +354,7 @@ def test_the_whole_history_is_fetched_again_after_a_long_gap_a_clock_jump_or_new
     w = _workload()
     source = FineDouble(_rates(4000), START)
     kinds: list[tuple[str, int]] = []
-    bands = NowcastBands(NowcastConfig(), 15.0, 60.0, source,
+    bands = NowcastBands(ON, 15.0, 60.0, source,
                          on_fetch=lambda name, kind, points: kinds.append((kind, points)))
     t0 = START + pd.Timedelta(hours=1)
 
@@ -370,7 +375,8 @@ def test_the_whole_history_is_fetched_again_after_a_long_gap_a_clock_jump_or_new
     bands.band(custom, SPEC, [3.1], (t0 + pd.Timedelta(seconds=6030)).timestamp())
     assert kinds[-1] == ("full", 720)  # another query is another series
     # other settings shape other windows: a new buffer, fetched whole
-    coarse = NowcastBands(NowcastConfig(resolution_s=10, rate_window_s=20), 15.0, 60.0, source)
+    coarse_config = NowcastConfig(enabled=True, resolution_s=10, rate_window_s=20)
+    coarse = NowcastBands(coarse_config, 15.0, 60.0, source)
     assert coarse.overlap_windows == 3
     coarse.band(w, SPEC, [3.1], t0.timestamp())
     coarse.band(w, SPEC, [3.1], (t0 + pd.Timedelta(seconds=30)).timestamp())
@@ -381,8 +387,8 @@ def test_a_failed_incremental_fetch_gives_no_band_and_keeps_the_buffer():
     w = _workload()
     rates = _rates(2400)
     source = FineDouble(rates, START)
-    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, source)
-    full = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(rates, START),
+    inc = NowcastBands(ON, 15.0, 60.0, source)
+    full = NowcastBands(ON, 15.0, 60.0, FineDouble(rates, START),
                         incremental=False)  # fmt: skip
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     _cycles(inc, w, t0, 4)
@@ -409,8 +415,8 @@ def test_windows_the_source_did_not_return_are_nan_and_a_stopped_source_gives_no
     w = _workload()
     rates = _rates(2400)
     source = FineDouble(rates, START)
-    inc = NowcastBands(NowcastConfig(), 15.0, 60.0, source)
-    full = NowcastBands(NowcastConfig(), 15.0, 60.0, FineDouble(rates, START),
+    inc = NowcastBands(ON, 15.0, 60.0, source)
+    full = NowcastBands(ON, 15.0, 60.0, FineDouble(rates, START),
                         incremental=False)  # fmt: skip
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     _cycles(inc, w, t0, 2)

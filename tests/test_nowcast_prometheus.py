@@ -34,6 +34,8 @@ from autoscaler.signals.prometheus import GENERIC_TEMPLATES, PrometheusSource
 from autoscaler.signals.traces import REQUESTS
 from tests.replay_doubles import StepClock
 
+ON = NowcastConfig(enabled=True)  # the band is off by default; these tests are about it
+
 pytestmark = pytest.mark.integration
 
 NAME = "chat"
@@ -170,7 +172,7 @@ def test_the_controller_plans_with_the_band_prometheus_data_gives(prom_url, trac
     spec = controller.workloads[NAME].to_spec(interval_s=30.0, forecast_step_s=60.0)
     leads = [LeadTimes().of(p) for p in StartPath if p is not StartPath.COLD]
     rates = _ended(trace, CLEAR_NOW, pd.Timedelta("1h")).to_numpy()
-    band, note, _ = build_band(rates, NowcastConfig(), 30.0, 0.9, band_horizons(spec, leads))
+    band, note, _ = build_band(rates, ON, 30.0, 0.9, band_horizons(spec, leads))
     assert band is not None and note == ""
     assert math.isfinite(ex.nowcast_peak)
     assert ex.nowcast_peak == pytest.approx(band.peak(ex.horizon_s), rel=1e-9)
@@ -224,12 +226,12 @@ def test_the_keda_scaler_plans_with_the_band_prometheus_data_gives(prom_url, tra
     spec = loop.workloads[NAME].to_spec(interval_s=30.0, forecast_step_s=60.0)
     lead = LeadTimes().of(StartPath.RESTORE_MEMORY)  # the configured path: no inventory here
     rates = _ended(trace, CLEAR_NOW, pd.Timedelta("1h")).to_numpy()
-    band, _, _ = build_band(rates, NowcastConfig(), 30.0, 0.9, band_horizons(spec, [lead]))
+    band, _, _ = build_band(rates, ON, 30.0, 0.9, band_horizons(spec, [lead]))
     assert band is not None and outcome.published == plan.desired_replicas
     assert ex.nowcast_peak == pytest.approx(band.peak(lead + 30.0), rel=1e-9)
     assert ex.binding == "nowcast" and "nowcast peak" in outcome.summary
     # a trigger asking for q0.99 gets the band recalibrated at q0.99 on the same rates
-    high, _, _ = build_band(rates, NowcastConfig(), 30.0, 0.99, band_horizons(spec, [lead]))
+    high, _, _ = build_band(rates, ON, 30.0, 0.99, band_horizons(spec, [lead]))
     assert high is not None and high.peak(lead + 30.0) > band.peak(lead + 30.0)
     assert plan.replan is not None and plan.replan(0.99, 0.05) >= plan.desired_replicas
     expected_high = math.ceil(high.peak(lead + 30.0) * 1.05 / 2.0 - 1e-9)
@@ -399,7 +401,7 @@ def test_the_keda_scaler_fetches_incrementally_too(prom_url, trace):
     spec = loop.workloads[NAME].to_spec(interval_s=30.0, forecast_step_s=60.0)
     lead = LeadTimes().of(StartPath.RESTORE_MEMORY)
     rates = _ended(trace, clock.now, pd.Timedelta("1h")).to_numpy()
-    band, _, _ = build_band(rates, NowcastConfig(), 30.0, 0.9, band_horizons(spec, [lead]))
+    band, _, _ = build_band(rates, ON, 30.0, 0.9, band_horizons(spec, [lead]))
     assert outcome.published == plan.desired_replicas and band is not None
     assert plan.explanation.nowcast_peak == pytest.approx(band.peak(lead + 30.0), rel=1e-9)
     # the first band was planned after the first fit: one full query, then 30 s + 2 re-read

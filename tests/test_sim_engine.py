@@ -151,12 +151,12 @@ def test_predictive_plans_on_the_nowcast_band_with_a_short_lead():
     """With staged restores (3 s), the lead window is inside one forecast step: the measured
     rate and its calibrated margins decide, and the plan follows the ramp closely."""
     series = _trace("wave", hours=4)
-    pol = make_policy("predictive", forecaster="double")
+    pol = make_policy("predictive-band", forecaster="double")
     result = simulate([_workload(series)], [pol, make_policy("oracle")], _config())
     ex = pol.last_explanations[0]
     assert ex.binding in ("nowcast", "reactive-floor", "stabilisation")
     assert math.isfinite(ex.nowcast_peak)
-    p = result.policies["predictive"]
+    p = result.policies["predictive-band"]
     assert p.served_fraction > 0.999
     assert p.gpu_hours_vs_oracle < 1.25
     # without the band (forecast only) the same planner holds more
