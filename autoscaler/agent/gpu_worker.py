@@ -730,7 +730,10 @@ class GpuWorker:
         if not sock or self.regions is None:
             return False
         try:
-            fd, info = fastload.take_preloaded(sock, self.args.weights)
+            # 60 s: a 16 GB load at the slowest disk seen here (1.35 GB/s) takes ~12 s; a
+            # preloader that accepted but never answers must not outlast the agent's 120-s
+            # ready timeout (the worker then reads the file itself)
+            fd, info = fastload.take_preloaded(sock, self.args.weights, timeout_s=60.0)
             try:
                 self.flat = self.regions.map_fd("weights", fd, info["alloc_bytes"])
             finally:
