@@ -36,7 +36,7 @@ from pathlib import Path
 from autoscaler.agent import store as store_mod
 from autoscaler.agent.errors import ExternalFileChanged, ExternalFileError
 from autoscaler.agent.hooks import EXTERNAL_FILES_KEY
-from autoscaler.agent.store import ExternalFile, hash_fd_blocks
+from autoscaler.agent.store import ExternalFile, byte_counter, hash_fd_blocks
 
 OFFER_KEY = EXTERNAL_FILES_KEY  # in the ready-for-checkpoint offer: [{"path", "preload"}]
 MAX_DECLARED = 64
@@ -176,7 +176,7 @@ def record(
     """Hash the opened files into manifest entries (and, with `verified`, remember them as
     verified on this node). A file that changes while it is hashed is an error."""
     total = sum(f.identity.size for f in opened)
-    advance = _byte_counter(total, progress)
+    advance = byte_counter(total, progress)
     out = []
     for f in opened:
         blocks = _hash_open(f.fd, f.identity.size, f.declared.path, advance, threads)
@@ -375,7 +375,7 @@ def check_all(
     mode: str = "hash",
 ) -> list[Checked]:
     """Check every external file (first failure raises ExternalFileChanged)."""
-    advance = _byte_counter(sum(f.size for f in files), progress)
+    advance = byte_counter(sum(f.size for f in files), progress)
     return [check(f, resolve(f.path), verified, advance, threads, mode) for f in files]
 
 
@@ -406,7 +406,7 @@ def warm_and_verify(
     hashing it, and remember the verification. Never raises for a missing or changed file:
     the artifact is still worth staging; the states say what a restore would find."""
     out: list[dict[str, object]] = []
-    advance = _byte_counter(sum(f.size for f in files), progress)
+    advance = byte_counter(sum(f.size for f in files), progress)
     for f in files:
         where = resolve(f.path)
         if state(f, where, verified) == "verified":
@@ -428,20 +428,6 @@ def _read_all(path: Path, threads: int) -> int:
     from autoscaler.agent.fastload import prefetch
 
     return prefetch([path], threads=max(1, threads or 8))
-
-
-def _byte_counter(total: int, progress: ByteProgress | None) -> Callable[[int], None]:
-    done = [0]
-    lock = threading.Lock()
-
-    def advance(n: int) -> None:
-        with lock:
-            done[0] += n
-            now = done[0]
-        if progress:
-            progress(now, total)
-
-    return advance
 
 
 # --- preloader ------------------------------------------------------------------------------

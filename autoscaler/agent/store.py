@@ -281,6 +281,22 @@ class VerifiedArtifact:
 
 
 ProgressCallback = Callable[[int, int], None]
+
+
+def byte_counter(total: int, progress: ProgressCallback | None) -> Callable[[int], None]:
+    """A thread-safe `advance(n)` that adds n bytes and reports (done, total) to `progress`:
+    the parallel hashers of one artifact or one set of files share it."""
+    done = [0]
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            done[0] += n
+            now = done[0]
+        if progress:
+            progress(now, total)
+
+    return advance
 """progress(done_bytes, total_bytes), called as work advances."""
 
 
@@ -399,17 +415,7 @@ def verify_directory(
             )
     if not check_contents:
         return manifest
-    total = manifest.total_bytes
-    done = [0]
-    lock = threading.Lock()
-
-    def advance(n: int) -> None:
-        with lock:
-            done[0] += n
-            now = done[0]
-        if progress:
-            progress(now, total)
-
+    advance = byte_counter(manifest.total_bytes, progress)
     # One job per block (files without block digests: one job for the whole file), so many
     # threads share a single large pages image.
     jobs: list[tuple[str, int, int, str]] = []
