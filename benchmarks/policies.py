@@ -41,7 +41,7 @@ from autoscaler.sim.report import (
     print_report,
 )
 from autoscaler.sim.report import console as report_console
-from autoscaler.sim.scenario import load_series, make_scenario
+from autoscaler.sim.scenario import Scenario, load_series, make_scenario
 
 TRACES = ("servegen-m-large", "servegen-m-mid", "azure-conv", "azure-code")
 #: traces with request-level (sub-minute) data, where the nowcast band and the control interval
@@ -57,9 +57,12 @@ REQUEST_LEVEL_TRACES = ("azure-conv", "azure-code", "mooncake-conv")
 OUT = Path(__file__).parent / "results" / "policies.json"
 
 
-def run_trace(name: str, forecaster: str) -> dict:
-    series, label = load_series(bundled=name, prefer_shared=True)
-    scenario = make_scenario(series, label)
+def load_scenario(name: str, step: str | None = None) -> tuple[Scenario, str]:
+    series, label = load_series(bundled=name, prefer_shared=True, step=step)
+    return make_scenario(series, label), label
+
+
+def run_trace(scenario: Scenario, label: str, name: str, forecaster: str) -> dict:
     config = SimConfig(forecaster=forecaster)
     policies = [make_policy(n, forecaster=forecaster) for n in POLICY_NAMES + ABLATION_NAMES]
     t0 = time.perf_counter()
@@ -106,13 +109,26 @@ def run_trace(name: str, forecaster: str) -> dict:
     }
 
 
-def sensitivity(name: str, forecaster: str) -> dict:
+def policy_rows(scenario: Scenario, label: str, policies: list, forecaster: str,
+                tag: str) -> dict:  # fmt: skip
+    """Simulate `policies` on one scenario; per policy: GPU-hours vs oracle, served, p99 delay."""
+    result = simulate([scenario.workload], policies, SimConfig(forecaster=forecaster), label)
+    rows = {
+        n: {"gpu_hours_vs_oracle": round(r.gpu_hours_vs_oracle, 4),
+            "served_fraction": round(r.served_fraction, 6),
+            "p99_queue_delay_s": round(r.p99_queue_delay_s, 3)}
+        for n, r in result.policies.items()
+    }  # fmt: skip
+    for n, row in rows.items():
+        print(f"  {tag} {n:28s} {row['gpu_hours_vs_oracle']:.3f}x  "
+              f"served {100 * row['served_fraction']:.3f}%")  # fmt: skip
+    return rows
+
+
+def sensitivity(scenario: Scenario, label: str, name: str, forecaster: str) -> dict:
     """Ours under other settings of the two knobs a platform controls: how fine the measured
-    rate is (the band's resolution, bounded by the scrape interval) and the control interval.
-    Reported, not tuned: the headline row keeps the defaults (5-s band, 15-s interval)."""
-    series, label = load_series(bundled=name, prefer_shared=True)
-    scenario = make_scenario(series, label)
-    config = SimConfig(forecaster=forecaster)
+    rate is (the band's resolution, bounded by the scrape interval; none = the default) and the
+    control interval (default 15 s). Reported, not tuned."""
     base = make_policy("predictive", forecaster=forecaster)
     variants = [
         replace(base, name=f"band-{'none' if r is None else f'{r:g}s'}", band_resolution_s=r)
@@ -127,20 +143,11 @@ def sensitivity(name: str, forecaster: str) -> dict:
         replace(make_policy(CLAIRVOYANT, interval_s=i), name=f"clairvoyant-interval-{i:g}s")
         for i in INTERVALS_S
     ]
-    result = simulate([scenario.workload], variants, config, label)
-    rows = {
-        n: {"gpu_hours_vs_oracle": round(r.gpu_hours_vs_oracle, 4),
-            "served_fraction": round(r.served_fraction, 6)}
-        for n, r in result.policies.items()
-    }  # fmt: skip
-    for n, row in rows.items():
-        print(f"  {name} {n:28s} {row['gpu_hours_vs_oracle']:.3f}x  "
-              f"served {100 * row['served_fraction']:.3f}%")  # fmt: skip
     return {
         "what": "ours (predictive) with the nowcast band's resolution varied (none = forecast "
-        "alone) and with the control interval varied, plus the clairvoyant bound per interval; "
-        "the headline figures use a 5-s band and a 15-s interval",
-        "policies": rows,
+        "alone, the default) and with the control interval varied (no band), plus the "
+        "clairvoyant bound per interval; the headline figures use no band and a 15-s interval",
+        "policies": policy_rows(scenario, label, variants, forecaster, name),
     }
 
 
@@ -148,26 +155,14 @@ def request_level(name: str, forecaster: str) -> dict:
     """Every policy on per-second counts of the raw arrivals. Per-minute counts interpolated
     between minute centres are smooth inside a minute, which flatters any estimator that reads
     sub-minute rates (the band); real 5-s rates carry the arrivals' noise."""
-    series, label = load_series(bundled=name, prefer_shared=True, step="1s")
-    scenario = make_scenario(series, label)
-    config = SimConfig(forecaster=forecaster)
+    scenario, label = load_scenario(name, step="1s")
     names = POLICY_NAMES + ABLATION_NAMES
     policies = [make_policy(n, forecaster=forecaster) for n in names] + [make_policy(CLAIRVOYANT)]
-    result = simulate([scenario.workload], policies, config, label)
-    rows = {
-        n: {"gpu_hours_vs_oracle": round(r.gpu_hours_vs_oracle, 4),
-            "served_fraction": round(r.served_fraction, 6),
-            "p99_queue_delay_s": round(r.p99_queue_delay_s, 3)}
-        for n, r in result.policies.items()
-    }  # fmt: skip
-    for n, row in rows.items():
-        print(f"  {name} 1-s replay {n:16s} {row['gpu_hours_vs_oracle']:.3f}x  "
-              f"served {100 * row['served_fraction']:.3f}%")  # fmt: skip
     return {
         "what": "every policy replayed from per-second arrival counts (same capacity and leads)",
         "source": label,
         "capacity_per_replica": scenario.capacity.per_replica,
-        "policies": rows,
+        "policies": policy_rows(scenario, label, policies, forecaster, f"{name} 1-s replay"),
     }
 
 
@@ -181,9 +176,10 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for name in [t.strip() for t in args.traces.split(",") if t.strip()]:
-        results[name] = run_trace(name, args.forecaster)
+        scenario, label = load_scenario(name)
+        results[name] = run_trace(scenario, label, name, args.forecaster)
         if name in SENSITIVITY_TRACES:
-            results[name]["sensitivity"] = sensitivity(name, args.forecaster)
+            results[name]["sensitivity"] = sensitivity(scenario, label, name, args.forecaster)
     request = {}
     if not args.skip_request_level:
         for name in REQUEST_LEVEL_TRACES:
