@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from autoscaler.cluster.adapter import ManagedDeployment, ScaleOutcome, ScaleState
 from autoscaler.cluster.labels import ARTIFACT_RECORD_ANNOTATION
 from autoscaler.config import NowcastConfig
 from autoscaler.controller.loop import Controller
@@ -32,7 +30,7 @@ from autoscaler.plan.nowcast import band_horizons
 from autoscaler.signals.backfill import create_blocks, openmetrics_text
 from autoscaler.signals.prometheus import GENERIC_TEMPLATES, PrometheusSource
 from autoscaler.signals.traces import REQUESTS
-from tests.replay_doubles import StepClock
+from tests.replay_doubles import OneDeploymentCluster, StepClock
 
 ON = NowcastConfig(enabled=True)  # the band is off by default; these tests are about it
 
@@ -99,35 +97,10 @@ def test_rate_history_reads_the_5s_windows_back_with_gaps_as_nan(prom_url, trace
 # -- the controller -------------------------------------------------------------------------------
 
 
-@dataclass
-class MemoryCluster:
+def memory_cluster() -> OneDeploymentCluster:
     """One managed Deployment with a recorded artifact (so its next replica restores)."""
-
-    replicas: int = 1
-    events: list[tuple[str, str]] = field(default_factory=list)
-
-    def list_managed_deployments(self, namespace=None, selector=""):
-        record = json.dumps({"id": "art-1", "identity": "x", "size_gb": 19.0})
-        return [ManagedDeployment("inference", NAME, "uid-1", NAME, self.replicas, self.replicas,
-                                  1, {ARTIFACT_RECORD_ANNOTATION: record}, {}, {})]  # fmt: skip
-
-    def list_gpu_nodes(self, selector=None):
-        return []
-
-    def active_pods(self):
-        return []
-
-    def apply_scale(self, namespace, name, decide, *, max_conflicts=3) -> ScaleOutcome:
-        state = ScaleState(namespace, name, self.replicas, self.replicas, "1")
-        desired = decide(state)
-        if desired is None or desired == self.replicas:
-            return ScaleOutcome(state, None, 0)
-        self.replicas = desired
-        return ScaleOutcome(state, desired, 0)
-
-    def record_event(self, namespace, kind, name, uid, reason, message, *, type_="Normal",
-                     api_version="apps/v1"):  # fmt: skip
-        self.events.append((reason, message))
+    record = json.dumps({"id": "art-1", "identity": "x", "size_gb": 19.0})
+    return OneDeploymentCluster(NAME, annotations={ARTIFACT_RECORD_ANNOTATION: record})
 
 
 def _config(prom_url: str, nowcast: bool = True) -> dict:
@@ -150,7 +123,7 @@ def _controller_cycle(prom_url: str, now: pd.Timestamp, nowcast: bool = True):
     def factory(_w: str):
         return make_forecaster(config.forecaster, config.forecast_step)
 
-    controller = Controller(config, settings, MemoryCluster(), PrometheusDemand(settings),
+    controller = Controller(config, settings, memory_cluster(), PrometheusDemand(settings),
                             factory, clock=StepClock(now), dry_run=True)  # fmt: skip
     controller.run_cycle()  # submits the first (background) fit
     controller.fits.wait_idle()
@@ -366,7 +339,7 @@ def test_the_controller_counts_the_points_its_nowcast_asks_prometheus_for(prom_u
     config, settings = parse_controller_config(_config(prom_url))
     clock = StepClock(CLEAR_NOW)
     controller = build_controller(
-        config, settings, cluster=MemoryCluster(), clock=clock, dry_run=True,
+        config, settings, cluster=memory_cluster(), clock=clock, dry_run=True,
         factory=lambda _w: make_forecaster(config.forecaster, config.forecast_step),
     )  # fmt: skip
     controller.run_cycle()

@@ -13,12 +13,14 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.errors import CriuNotFound
 from autoscaler.agent.hooks import READY_FOR_CHECKPOINT, Handshake
+from autoscaler.agent.restore import RestoreRequest
 from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox, kill_pid, wait_for
 
 __all__ = ["WORKER_PID_IN_POD", "kill_pid", "wait_for"]
@@ -109,3 +111,10 @@ def pods(tmp_path: Path) -> Iterator[Callable[..., Pod]]:
 
 def wait_handshake(handshake_dir: Path, timeout_s: float = 60) -> dict:
     return Handshake(handshake_dir).wait_ready_for_checkpoint(timeout_s)
+
+
+def restore_request(dumped: dict, artifact_id: str = "w", **fields: Any) -> RestoreRequest:
+    """A restore of the artifact a module's `dumped` fixture checkpointed: its handshake
+    directory and its worker's /health (overridable), plus any other request fields."""
+    fields.setdefault("health_url", f"http://127.0.0.1:{dumped['port']}/health")
+    return RestoreRequest(artifact_id=artifact_id, handshake_dir=str(dumped["handshake"]), **fields)

@@ -29,7 +29,7 @@ from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import ArtifactInfo, DirectoryStore, Manifest
 from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox
 
-from .conftest import free_port, wait_for, wait_handshake, worker_command
+from .conftest import free_port, restore_request, wait_for, wait_handshake, worker_command
 from .test_store import make_artifact
 
 MiB = 1 << 20
@@ -286,8 +286,7 @@ def test_memory_staging_warms_and_verifies_then_restore_only_stats_and_answers_t
     assert listed.external_files[0]["state"] == "verified"
     assert listed.external_files[0]["page_cache_bytes"] == params.stat().st_size
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                       health_url=f"http://127.0.0.1:{dumped['port']}/health"),
+        restore_request(dumped),
         cache=cache, store=store,
     )  # fmt: skip
     assert outcome.ok, outcome.reason
@@ -311,8 +310,7 @@ def test_an_unverified_but_unchanged_file_is_hashed_and_the_restore_goes_on(
     store, params = node(tmp_path, dumped)
     os.utime(params)  # touched: a new mtime, same contents
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                       health_url=f"http://127.0.0.1:{dumped['port']}/health"),
+        restore_request(dumped),
         store=store,
     )  # fmt: skip
     assert outcome.ok, outcome.reason
@@ -340,9 +338,7 @@ def test_changed_or_missing_weights_fail_the_restore_and_nothing_runs(
     double = PreloaderDouble(tmp_path / "pre.sock")
     try:
         outcome = restore_artifact(
-            RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                           health_url=f"http://127.0.0.1:{dumped['port']}/health",
-                           verify=verify, preload_socket=str(double.path)),
+            restore_request(dumped, verify=verify, preload_socket=str(double.path)),
             cache=cache, store=store,
         )  # fmt: skip
     finally:
@@ -373,9 +369,7 @@ def test_the_agent_asks_the_preloader_for_preloadable_files_and_releases_them_on
     double = PreloaderDouble(tmp_path / "pre.sock")
     try:
         ok = restore_artifact(
-            RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                           health_url=f"http://127.0.0.1:{dumped['port']}/health",
-                           preload_socket=str(double.path)),
+            restore_request(dumped, preload_socket=str(double.path)),
             store=store,
         )  # fmt: skip
         assert ok.ok, ok.reason
@@ -386,8 +380,7 @@ def test_the_agent_asks_the_preloader_for_preloadable_files_and_releases_them_on
         wait_for(lambda: not Path(f"/proc/{ok.host_pid}").exists(), 10, "the worker to exit")
         params.unlink()
         failed = restore_artifact(
-            RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                           preload_socket=str(double.path)),
+            restore_request(dumped, preload_socket=str(double.path)),
             store=store,
         )  # fmt: skip
     finally:

@@ -24,7 +24,7 @@ from autoscaler.agent.errors import ExternalFileChanged
 from autoscaler.agent.restore import RestoreRequest, restore_artifact
 from autoscaler.agent.staging import NodeCache
 
-from .conftest import wait_for
+from .conftest import restore_request, wait_for
 from .test_external_files import (  # noqa: F401  (dumped: the shared checkpoint fixture)
     PARAMS_SEED,
     MiB,
@@ -102,12 +102,9 @@ def test_a_hung_preloader_never_holds_the_restore_back(
     hung = HungPreloader(tmp_path / "pre.sock")
     try:
         outcome = restore_artifact(
-            RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                           health_url=f"http://127.0.0.1:{dumped['port']}/health",
-                           preload_socket=str(hung.path),
-                           # far longer than any restore: an agent that waited for the answer
-                           # could not have returned while the request is still open
-                           preload_timeout_s=600.0),
+            # far longer than any restore: an agent that waited for the answer could not have
+            # returned while the request is still open
+            restore_request(dumped, preload_socket=str(hung.path), preload_timeout_s=600.0),
             cache=cache if source == "disk" else None, store=store,
         )  # fmt: skip
         assert outcome.ok, outcome.reason
@@ -216,8 +213,7 @@ def test_a_damaged_record_makes_the_restore_hash_the_weights_and_go_on(
     cache.verified.path.write_text('{"truncated": ')
     with caplog.at_level(logging.WARNING, logger="autoscaler.agent.external"):
         outcome = restore_artifact(
-            RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                           health_url=f"http://127.0.0.1:{dumped['port']}/health"),
+            restore_request(dumped),
             cache=cache, store=store,
         )  # fmt: skip
     assert outcome.ok, outcome.reason
@@ -266,9 +262,7 @@ def test_restore_checks_unverified_weights_by_hash_or_by_stat(
     cache.stage(store, "w", "disk")  # no warm: the weights are not verified on this node
     assert cache.external_states(store.read_manifest("w"))[0]["state"] == "unverified"
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                       health_url=f"http://127.0.0.1:{dumped['port']}/health",
-                       external_check=mode),
+        restore_request(dumped, external_check=mode),
         cache=cache, store=store,
     )  # fmt: skip
     assert outcome.ok, outcome.reason
@@ -308,8 +302,7 @@ def test_stat_mode_still_hashes_weights_with_another_mtime_and_fails_changed_one
     assert params.stat().st_size == recorded.size
     try:
         outcome = restore_artifact(
-            RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                           external_check="stat"),
+            restore_request(dumped, external_check="stat"),
             store=store,
         )  # fmt: skip
     finally:

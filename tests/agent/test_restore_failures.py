@@ -18,7 +18,7 @@ from autoscaler.agent.restore import RestoreRequest, restore_artifact, restore_w
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import DirectoryStore
 
-from .conftest import free_port, wait_for, wait_handshake, worker_command
+from .conftest import free_port, restore_request, wait_for, wait_handshake, worker_command
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -76,7 +76,7 @@ def test_damaged_artifact_is_detected_and_nothing_restored(
     else:
         pages.unlink()
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]), verify=verify),
+        restore_request(dumped, verify=verify),
         cache=cache, store=store,
     )
     assert not outcome.ok
@@ -94,8 +94,7 @@ def test_corrupt_local_copy_falls_back_to_the_store(
     store, cache = node_with_copy(tmp_path, dumped)
     os.truncate(next((tmp_path / "disk" / "w" / "images").glob("pages-*.img")), 10)
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                       health_url=f"http://127.0.0.1:{dumped['port']}/health"),
+        restore_request(dumped),
         cache=cache, store=store,
     )
     assert outcome.ok, outcome.reason
@@ -115,8 +114,7 @@ def test_content_damage_found_alongside_criu_falls_back_to_the_store(
         f.seek(0)
         f.write(bytes([byte[0] ^ 0xFF]))
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                       health_url=f"http://127.0.0.1:{dumped['port']}/health"),
+        restore_request(dumped),
         cache=cache, store=store,
     )  # fmt: skip
     assert outcome.ok, outcome.reason
@@ -163,11 +161,10 @@ def test_a_worker_that_does_not_answer_is_killed_and_its_copy_quarantined(
     _store, cache = node_with_copy(tmp_path, dumped)
     wrong_port = free_port()  # the restored worker listens elsewhere: health never passes
     outcome = restore_artifact(
-        RestoreRequest(artifact_id="w", handshake_dir=str(dumped["handshake"]),
-                       health_url=f"http://127.0.0.1:{wrong_port}/health",
-                       health_timeout_s=1.0),
+        restore_request(dumped, health_url=f"http://127.0.0.1:{wrong_port}/health",
+                        health_timeout_s=1.0),
         cache=cache, store=None,
-    )
+    )  # fmt: skip
     assert not outcome.ok
     assert outcome.error == "WorkerNotReady"
     assert outcome.source == "disk"

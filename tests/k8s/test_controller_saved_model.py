@@ -8,12 +8,10 @@ test here; the adapter itself is tested on a real apiserver in test_adapter/test
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
 
-from autoscaler.cluster.adapter import ManagedDeployment, ScaleOutcome, ScaleState
 from autoscaler.controller.loop import Controller
 from autoscaler.controller.settings import parse_controller_config
 from autoscaler.errors import ConfigError
@@ -21,7 +19,7 @@ from autoscaler.forecast.anchors import EWMA
 from autoscaler.forecast.registry import make_forecaster
 from autoscaler.model_store import CARD_FILE, MODEL_FILE, TrainingData, save_model
 from autoscaler.signals.bundled import load_bundled
-from tests.replay_doubles import StepClock, TraceDemand
+from tests.replay_doubles import OneDeploymentCluster, StepClock, TraceDemand
 
 STEP = pd.Timedelta("10min")
 NAME = "chat"
@@ -29,37 +27,9 @@ NAME = "chat"
 
 
 
-@dataclass
-class MemoryCluster:
-    """One managed Deployment, its scale, and the Events written."""
-
-    replicas: int = 2
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # reason, type, message
-
-    def _deployment(self) -> ManagedDeployment:
-        return ManagedDeployment("inference", NAME, "uid-1", NAME, self.replicas, self.replicas,
-                                 1, {}, {}, {})  # fmt: skip
-
-    def list_managed_deployments(self, namespace=None, selector=""):
-        return [self._deployment()]
-
-    def list_gpu_nodes(self, selector=None):
-        return []
-
-    def active_pods(self):
-        return []
-
-    def apply_scale(self, namespace, name, decide, *, max_conflicts=3) -> ScaleOutcome:
-        state = ScaleState(namespace, name, self.replicas, self.replicas, "1")
-        desired = decide(state)
-        if desired is None or desired == self.replicas:
-            return ScaleOutcome(state, None, 0)
-        self.replicas = desired
-        return ScaleOutcome(state, desired, 0)
-
-    def record_event(self, namespace, kind, name, uid, reason, message, *, type_="Normal",
-                     api_version="apps/v1"):  # fmt: skip
-        self.events.append((reason, type_, message))
+def memory_cluster() -> OneDeploymentCluster:
+    """One managed Deployment at 2 replicas, and the Events written (reason, type, message)."""
+    return OneDeploymentCluster(NAME, replicas=2)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +82,7 @@ def _metric(controller: Controller, name: str, **labels) -> float | None:
 
 def test_a_good_saved_model_is_used_and_named_in_the_report(series, model_dir):
     folder, card = model_dir
-    cluster = MemoryCluster()
+    cluster = memory_cluster()
     controller, _ = _controller(series, folder, cluster)
     outcome = _settle(controller)
     assert outcome.model_source == "saved"
@@ -144,7 +114,7 @@ def _other_versions(folder) -> str:
 def test_a_refused_model_falls_back_to_a_fresh_fit_and_says_why(series, model_dir, damage):
     folder, _card = model_dir
     error_type = damage(folder)
-    cluster = MemoryCluster()
+    cluster = memory_cluster()
     controller, _ = _controller(series, folder, cluster)
     outcome = _settle(controller)
     assert outcome.model_source == "fresh" and outcome.model_sha256 is None
@@ -165,7 +135,7 @@ def test_a_refused_model_falls_back_to_a_fresh_fit_and_says_why(series, model_di
 def test_a_repaired_model_replaces_the_fresh_one_at_the_next_refit(series, model_dir):
     folder, _card = model_dir
     _corrupt(folder)
-    cluster = MemoryCluster()
+    cluster = memory_cluster()
     controller, clock = _controller(series, folder, cluster)
     assert _settle(controller).model_source == "fresh"
     train = series.iloc[: 6 * 24 * 4]
@@ -179,7 +149,7 @@ def test_a_repaired_model_replaces_the_fresh_one_at_the_next_refit(series, model
 def test_dry_run_reports_the_fallback_without_writing_an_event(series, model_dir):
     folder, _card = model_dir
     _corrupt(folder)
-    cluster = MemoryCluster()
+    cluster = memory_cluster()
     controller, _ = _controller(series, folder, cluster, dry_run=True)
     outcome = _settle(controller)
     assert outcome.model_source == "fresh" and "sha256" in outcome.model_error
@@ -190,7 +160,7 @@ def test_dry_run_reports_the_fallback_without_writing_an_event(series, model_dir
 
 def test_start_refuses_a_missing_folder_naming_the_field(series, tmp_path):
     with pytest.raises(ConfigError) as err:
-        _controller(series, tmp_path / "nope", MemoryCluster())
+        _controller(series, tmp_path / "nope", memory_cluster())
     assert err.value.field == "workloads[0].forecast.model_dir"
     assert "does not exist" in str(err.value)
 
@@ -198,7 +168,7 @@ def test_start_refuses_a_missing_folder_naming_the_field(series, tmp_path):
 def test_start_refuses_a_model_trained_at_another_step(series, model_dir):
     folder, _card = model_dir
     with pytest.raises(ConfigError) as err:
-        _controller(series, folder, MemoryCluster(), step="1min")
+        _controller(series, folder, memory_cluster(), step="1min")
     assert err.value.field == "workloads[0].forecast.model_dir"
     assert "10:00" in str(err.value) and "forecast_step" in str(err.value)
 
