@@ -10,6 +10,11 @@ Namespaces: CRIU refuses to dump a process of a nested pid namespace from outsid
 worker in a pod both dump and restore run through `nsenter -t <init> -p -m -n -i -u` (the
 pod's init for a dump; a placeholder init that reaps for a restore). The CRIU binary, the
 images and the logs must then be visible at the same paths inside that mount namespace.
+
+Page fill: by default (`page_fill="auto"`) a restore leaves the private anonymous pages to
+autoscaler.agent.pagefill, which copies them into place with many threads while the tree is
+still stopped; CRIU's own fill is single-threaded. "criu" keeps CRIU's fill (and "auto" falls
+back to it, saying so in the result, where the kernel has no usable userfaultfd).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from autoscaler.agent import pagefill
 from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
 
 MIN_VERSION = (4, 2)
@@ -34,6 +40,7 @@ LOG_TAIL_LINES = 25
 PR_SET_CHILD_SUBREAPER = 36
 ALL_NAMESPACES = ("pid", "mnt", "net", "ipc", "uts")
 _NSENTER_FLAGS = {"pid": "-p", "mnt": "-m", "net": "-n", "ipc": "-i", "uts": "-u", "cgroup": "-C"}
+PAGE_FILL_MODES = ("auto", "parallel", "criu")
 
 
 def _repo_root() -> Path:
@@ -116,6 +123,24 @@ class CriuOptions:
     manage_cgroups: bool = False
     verbosity: int = 2
     extra_args: tuple[str, ...] = ()
+    # restore only: who copies the memory pages into place (see the module's docstring)
+    page_fill: str = "auto"
+    page_fill_threads: int = pagefill.DEFAULT_THREADS
+
+    def __post_init__(self) -> None:
+        if self.page_fill not in PAGE_FILL_MODES:
+            raise ValueError(f"page_fill must be one of {PAGE_FILL_MODES}, "
+                             f"not {self.page_fill!r}")  # fmt: skip
+        if self.page_fill_threads < 1:
+            raise ValueError(f"page_fill_threads must be >= 1, not {self.page_fill_threads}")
+
+    def parallel_fill(self) -> bool:
+        """Whether a restore with these options fills pages with autoscaler.agent.pagefill."""
+        if self.page_fill == "criu":
+            return False
+        if self.page_fill == "parallel":
+            return True
+        return pagefill.supported()
 
     def args(self, operation: str) -> list[str]:
         out = [f"-v{self.verbosity}"]
@@ -171,8 +196,10 @@ class DumpResult:
 class RestoreResult:
     pid: int  # the root's PID inside its pid namespace (== host_pid without a target)
     host_pid: int  # the same process seen from the agent
-    seconds: float
+    seconds: float  # CRIU, plus the wait for the parallel page fill when there was one
     log_path: Path
+    # the parallel page fill's figures (pagefill.FillStats.as_dict()); None: CRIU filled them
+    page_fill: dict[str, float | int] | None = None
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -258,26 +285,61 @@ def restore(
     pidfile.unlink(missing_ok=True)
     if target is None:
         become_subreaper()
+    parallel = options.parallel_fill()
+    # with the parallel fill the tree stays stopped until every page is in place
+    run_options = replace(options, leave_stopped=True) if parallel else options
     args = [
         "-D", str(images_dir),
         "--work-dir", str(logs_dir),
         "-o", log_path.name,
         "--pidfile", str(pidfile),
         "--restore-detached",
-        *options.args("restore"),
-    ]
+        *run_options.args("restore"),
+        *(["--lazy-pages"] if parallel else []),
+    ]  # fmt: skip
+    server = (
+        pagefill.LazyPagesServer(images_dir, logs_dir, threads=options.page_fill_threads)
+        if parallel
+        else None
+    )
+    stats: dict[str, float | int] | None = None
+    start = time.perf_counter()
     try:
-        seconds = _run_criu("restore", args, log_path, target, timeout_s)
-    except CriuError as exc:
-        if "File exists" in exc.log_tail and "Can't fork" in exc.log_tail:
-            taken = tree[0].pid
-            raise PidTaken(taken, target.describe() if target else "the host") from exc
-        raise
-    inner = int(pidfile.read_text().strip())
-    host = host_pid_of(target, inner) if target else inner
-    if target is None:
-        reap_when_exits(host)
-    return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path)
+        if server is not None:
+            server.start()
+        try:
+            _run_criu("restore", args, log_path, target, timeout_s)
+        except CriuError as exc:
+            if "File exists" in exc.log_tail and "Can't fork" in exc.log_tail:
+                taken = tree[0].pid
+                raise PidTaken(taken, target.describe() if target else "the host") from exc
+            raise
+        inner = int(pidfile.read_text().strip())
+        host = host_pid_of(target, inner) if target else inner
+        if target is None:
+            reap_when_exits(host)
+        if server is not None:
+            try:
+                stats = server.wait_filled(timeout_s).as_dict()
+            except pagefill.PageFillError as exc:
+                _kill_tree(host)
+                raise CriuError("restore", 0, str(log_path),
+                                f"the parallel page fill failed, the restored tree was "
+                                f"killed: {exc}") from exc  # fmt: skip
+    finally:
+        if server is not None:
+            server.close()
+    seconds = time.perf_counter() - start
+    if parallel and not options.leave_stopped:
+        continue_tree(host)
+    return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path,
+                         page_fill=stats)  # fmt: skip
+
+
+def _kill_tree(host_pid: int) -> None:
+    for pid in reversed(tree_pids(host_pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def tree_pids(host_pid: int) -> list[int]:

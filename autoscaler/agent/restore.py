@@ -123,6 +123,9 @@ class RestoreOutcome:
     external_files: tuple[dict, ...] = ()
     preloaded: tuple[str, ...] = ()  # external files the preloader was asked to load
     warnings: tuple[str, ...] = ()  # e.g. a preloader that did not answer (not a failure)
+    # how the memory pages got into place: the parallel fill's figures (bytes, threads,
+    # seconds; autoscaler.agent.pagefill), or None when CRIU filled them itself
+    page_fill: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -382,6 +385,8 @@ def _restore(
             quarantined=tuple(quarantined),
         )  # fmt: skip
     timings["criu_restore"] = restored.seconds
+    if restored.page_fill is not None:
+        timings["page_fill"] = float(restored.page_fill["fill_s"])
     preloads.not_waited_for()  # the tree runs now, whatever the preloader is doing
     try:
         if verified.manifest.has_cuda_state and records:
@@ -431,6 +436,7 @@ def _restore(
         seconds=timings,
         quarantined=tuple(quarantined),
         log_path=str(restored.log_path),
+        page_fill=restored.page_fill,
     )
 
 

@@ -66,6 +66,10 @@ def test_checkpoint_restore_on_host_gives_same_answers(
     cleanup_pids.append(outcome.host_pid)
     assert outcome.source == "store"
     assert outcome.host_pid == proc.pid  # CRIU restores the same PID
+    # the default fill: every lazy page copied by the agent's threads, none left to CRIU
+    assert outcome.page_fill is not None
+    assert outcome.page_fill["processes"] == 1
+    assert outcome.page_fill["bytes"] > 1 << 20
     after = answers(port)
     assert after == before
     status, body = http_get(f"http://127.0.0.1:{port}/info", 10)
@@ -138,6 +142,8 @@ def test_checkpoint_and_restore_inside_pod_namespaces(
     assert outcome.ok, outcome.reason
     cleanup_pids.append(outcome.host_pid)
     assert outcome.pid == WORKER_PID_IN_POD  # same PID inside the new pod
+    # CRIU ran inside the pod's namespaces and still found the agent's lazy-pages socket
+    assert outcome.page_fill is not None and outcome.page_fill["bytes"] > 1 << 20
     assert outcome.host_pid != WORKER_PID_IN_POD or os.getpid() == 1
     assert target.pids()[WORKER_PID_IN_POD] == outcome.host_pid
     # The listener lives in the new pod's network namespace, not the host's.

@@ -1,0 +1,612 @@
+"""Fill a restored process's memory from its CRIU images with many threads.
+
+Why: upstream CRIU copies a restored process's pages into place on one thread (1.5-2 GB/s on
+the GPU machine), and for a CUDA worker that is most of a memory restore (0.6B: ~0.75 s of
+~1.2 s). CRIU can leave the private anonymous pages out of the restore (`--lazy-pages`) and hand
+each restored process's userfaultfd to a lazy-pages server on `<work dir>/lazy-pages.socket`.
+Upstream's server (`criu lazy-pages`) then serves faults a page at a time and the rest as one
+stream, slower than an eager restore. This server is ours and is not lazy: the moment CRIU says
+the restore finished (the tree is stopped, `--leave-stopped`), `threads` threads copy every lazy
+page into place (UFFDIO_COPY, `chunk_bytes` at a time, from the pages image mapped read-only,
+so from the page cache when the copy is staged in memory); then the userfaultfds are closed.
+The process never runs before all of its memory is in place: it is the process an eager restore
+gives, sooner. Faults that CRIU's restorer itself takes meanwhile are served at once, and its
+mremaps are followed.
+
+The protocol (CRIU 4.x, criu/uffd.c): CRIU connects to `lazy-pages.socket` in its work dir and
+sends, per restored process, its pid as an int, then (pid > 0) one byte carrying the
+userfaultfd as SCM_RIGHTS; a zombie has a negative pid and no fd. Last comes 0x52535446
+("restore finished"). Images read here: pagemap-<pid>.img (which pages are lazy, where their
+bytes are in pages-<id>.img) and mm-<pid>.img (VMA bounds: one UFFDIO_COPY stays in one VMA).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOCKET_NAME = "lazy-pages.socket"
+RESTORE_FINISHED = 0x52535446
+PAGE = mmap.PAGESIZE
+DEFAULT_THREADS = 8
+DEFAULT_CHUNK_BYTES = 2 << 20
+
+# pagemap entry flags (criu/include/pagemap.h)
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+# linux/userfaultfd.h (x86_64 and arm64 share these encodings)
+_UFFDIO_COPY = 0xC028AA03
+_UFFDIO_ZEROPAGE = 0xC020AA04
+_UFFD_EVENT_PAGEFAULT = 0x12
+_UFFD_EVENT_FORK = 0x13
+_UFFD_EVENT_REMAP = 0x14
+_UFFD_EVENT_REMOVE = 0x15
+_UFFD_EVENT_UNMAP = 0x16
+_MSG_SIZE = 32
+
+
+class PageFillError(RuntimeError):
+    """The parallel page fill could not put every page in place (the restore must fail)."""
+
+
+class _UffdioCopy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]  # fmt: skip
+
+
+class _UffdioZeropage(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("zeropage", ctypes.c_int64)]  # fmt: skip
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]  # fmt: skip
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+_MADV_WILLNEED = 3
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+_UFFDIO_API = 0xC018AA3F
+_UFFD_API = 0xAA
+# what `criu restore --lazy-pages` asks of the kernel (criu/uffd.c NEED_UFFD_API_FEATURES)
+_NEED_FEATURES = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6)  # EVENT_FORK, REMAP, REMOVE, UNMAP
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+
+
+class _UffdioApi(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
+                ("ioctls", ctypes.c_uint64)]  # fmt: skip
+
+
+_supported: bool | None = None
+
+
+def supported() -> bool:
+    """Whether this kernel lets CRIU hand out userfaultfds with the events a restore needs
+    (userfaultfd allowed for this process, non-cooperative events present). Probed once."""
+    global _supported
+    if _supported is None:
+        _supported = _probe()
+    return _supported
+
+
+def _probe() -> bool:
+    number = _SYS_USERFAULTFD.get(os.uname().machine)
+    if number is None:
+        return False
+    fd = _libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        return False
+    try:
+        api = _UffdioApi(api=_UFFD_API, features=_NEED_FEATURES, ioctls=0)
+        return _ioctl(fd, _UFFDIO_API, api) == 0 and api.features & _NEED_FEATURES == (
+            _NEED_FEATURES
+        )
+    finally:
+        os.close(fd)
+
+
+# --- images ----------------------------------------------------------------------------------
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(msg: bytes) -> dict[int, list[int | bytes]]:
+    """A protobuf message's fields: varints as ints, length-delimited as bytes."""
+    out: dict[int, list[int | bytes]] = {}
+    pos = 0
+    while pos < len(msg):
+        key, pos = _varint(msg, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(msg, pos)
+            out.setdefault(number, []).append(value)
+        elif wire == 2:
+            length, pos = _varint(msg, pos)
+            out.setdefault(number, []).append(msg[pos : pos + length])
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    return out
+
+
+def _entries(path: Path) -> list[bytes]:
+    """The protobuf entries of a CRIU image: two 32-bit magics, then (u32 size, message)s."""
+    data = path.read_bytes()
+    pos, out = 8, []
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + size > len(data):
+            raise ValueError(f"{path.name}: truncated entry at byte {pos}")
+        out.append(data[pos : pos + size])
+        pos += size
+    return out
+
+
+@dataclass(frozen=True)
+class LazyRange:
+    """Lazy pages at [start, end) (addresses at dump time) whose bytes start at `offset` in the
+    pages image. Never crosses a VMA boundary."""
+
+    start: int
+    end: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class TaskPages:
+    """One process's lazy pages, as its images describe them."""
+
+    pid: int
+    pages_path: Path
+    ranges: tuple[LazyRange, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.end - r.start for r in self.ranges)
+
+
+def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
+    """The lazy ranges of process `pid` (its pid in the images), split at VMA boundaries."""
+    try:
+        pagemap = _entries(images_dir / f"pagemap-{pid}.img")
+        mm = _entries(images_dir / f"mm-{pid}.img")
+    except (OSError, ValueError) as exc:
+        raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
+    if not pagemap or not mm:
+        raise PageFillError(f"images of process {pid}: empty pagemap or mm image")
+    pages_id = int(_fields(pagemap[0]).get(1, [0])[0])  # pagemap_head.pages_id
+    vmas = sorted(
+        (int(_fields(v).get(1, [0])[0]), int(_fields(v).get(2, [0])[0]))  # type: ignore[arg-type]
+        for v in _fields(mm[0]).get(14, [])  # mm_entry.vmas
+    )
+    ranges: list[LazyRange] = []
+    offset = 0
+    v = 0
+    for raw in pagemap[1:]:
+        f = _fields(raw)
+        vaddr = int(f.get(1, [0])[0])  # type: ignore[arg-type]
+        # nr_pages (5) since CRIU 3.x; compat_nr_pages (2, 32-bit) in older images
+        nr = int(f[5][0] if 5 in f else f.get(2, [0])[0])  # type: ignore[arg-type]
+        in_parent = bool(f.get(3, [0])[0])
+        flags = int(f[4][0]) if 4 in f else (PE_PARENT if in_parent else PE_PRESENT)  # type: ignore[arg-type]
+        if flags & PE_PARENT:
+            if flags & PE_LAZY:
+                raise PageFillError(f"process {pid}: lazy pages in a parent image (incremental "
+                                    "dumps are not supported by the parallel fill)")  # fmt: skip
+            continue
+        if not flags & PE_PRESENT:
+            continue
+        start, end = vaddr, vaddr + nr * PAGE
+        if flags & PE_LAZY:
+            at, off = start, offset
+            while at < end:
+                while v < len(vmas) and vmas[v][1] <= at:
+                    v += 1
+                if v == len(vmas) or vmas[v][0] > at:
+                    raise PageFillError(f"process {pid}: lazy page {at:#x} is in no VMA")
+                stop = min(end, vmas[v][1])
+                ranges.append(LazyRange(at, stop, off))
+                off += stop - at
+                at = stop
+        offset += end - start
+    return TaskPages(pid=pid, pages_path=images_dir / f"pages-{pages_id}.img",
+                     ranges=tuple(ranges))  # fmt: skip
+
+
+# --- the server ------------------------------------------------------------------------------
+@dataclass
+class FillStats:
+    """What the fill did: bytes and pages copied, faults served while CRIU ran, timings."""
+
+    processes: int = 0
+    bytes: int = 0
+    pages_existing: int = 0  # already in place (a fault served them first)
+    faults_served: int = 0
+    threads: int = 0
+    wait_s: float = 0.0  # from the start of the restore to CRIU's "restore finished"
+    fill_s: float = 0.0  # the parallel copy itself
+    remaps: int = 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class _Task:
+    pages: TaskPages
+    uffd: int
+    src: int  # address of the pages image mapped read-only
+    src_len: int
+    # runtime address -> dump-time address shifts from UFFD_EVENT_REMAP: (from, to, len)
+    remaps: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
+    if _libc.ioctl(fd, request, ctypes.byref(arg)) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+class LazyPagesServer:
+    """Serves CRIU's lazy-pages socket in `work_dir` for one restore and fills every page.
+
+    Use: `with LazyPagesServer(images, work) as server:` run `criu restore --lazy-pages
+    --leave-stopped` with that work dir, then `server.wait_filled(timeout)`; leaving the block
+    closes the userfaultfds (after a fill) or drops everything (on failure)."""
+
+    def __init__(
+        self,
+        images_dir: Path,
+        work_dir: Path,
+        threads: int = DEFAULT_THREADS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if chunk_bytes < PAGE or chunk_bytes % PAGE:
+            raise ValueError(f"chunk_bytes must be a multiple of {PAGE}, got {chunk_bytes}")
+        self.images_dir = Path(images_dir)
+        self.work_dir = Path(work_dir)
+        self.threads = threads
+        self.chunk_bytes = chunk_bytes
+        self.stats = FillStats(threads=threads)
+        self._tasks: list[_Task] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._dirfd: int | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._done = threading.Event()
+        self._closing = False
+        self._stop_events = False
+        self._error: BaseException | None = None
+        self._t0 = 0.0
+        self._serve_thread: threading.Thread | None = None
+        self._event_thread: threading.Thread | None = None
+
+    # -- lifecycle --
+    def __enter__(self) -> LazyPagesServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / SOCKET_NAME
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = str(path)
+        if len(address.encode()) >= 100:  # sun_path holds 108 bytes: reach the dir by its fd
+            self._dirfd = os.open(self.work_dir, os.O_RDONLY | os.O_DIRECTORY)
+            address = f"/proc/self/fd/{self._dirfd}/{SOCKET_NAME}"
+        listener.bind(address)
+        listener.listen(1)
+        listener.settimeout(0.2)
+        self._listener = listener
+        self._t0 = time.perf_counter()
+        self._serve_thread = threading.Thread(target=self._serve, name="pagefill-serve",
+                                              daemon=True)  # fmt: skip
+        self._serve_thread.start()
+
+    def wait_filled(self, timeout_s: float = 120.0) -> FillStats:
+        """Block until every lazy page is in place (then the userfaultfds are closed)."""
+        if not self._done.wait(timeout_s):
+            got = "received" if self.stats.wait_s > 0 else "not received"
+            raise PageFillError(f"the page fill did not finish within {timeout_s:.0f} s "
+                                f"(CRIU's restore-finished {got})")  # fmt: skip
+        if self._error is not None:
+            raise PageFillError(f"page fill failed: {self._error}") from self._error
+        return self.stats
+
+    def close(self) -> None:
+        self._closing = True
+        with self._lock:
+            os.write(self._wake_w, b"x")
+        for t in (self._serve_thread, self._event_thread):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(OSError):
+            (self.work_dir / SOCKET_NAME).unlink(missing_ok=True)
+        for task in self._tasks:
+            self._release(task)
+        self._tasks.clear()
+        for fd in (self._wake_r, self._wake_w, self._dirfd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._dirfd = None
+
+    @staticmethod
+    def _release(task: _Task) -> None:
+        if task.uffd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(task.uffd)
+            task.uffd = -1
+        if task.src:
+            _libc.munmap(task.src, task.src_len)
+            task.src = 0
+
+    # -- the protocol --
+    def _serve(self) -> None:
+        try:
+            conn = self._accept()
+            if conn is None:
+                return
+            with conn:
+                self._receive(conn)
+            self.stats.wait_s = time.perf_counter() - self._t0
+            self._fill()
+        except BaseException as exc:  # reported by wait_filled
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def _accept(self) -> socket.socket | None:
+        assert self._listener is not None
+        while not self._closing:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            return conn
+        return None
+
+    def _receive(self, conn: socket.socket) -> None:
+        """Read (pid, uffd) pairs until "restore finished"; serve faults meanwhile."""
+        buf = b""
+        fds: list[int] = []
+        want_fd = False
+        while True:
+            need = 1 if want_fd else 4 - len(buf)
+            data, anc, _flags, _addr = conn.recvmsg(need, socket.CMSG_SPACE(4 * 4))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(got)
+            if not data:
+                raise PageFillError("CRIU closed the lazy-pages socket before the restore "
+                                    "finished")  # fmt: skip
+            if want_fd:
+                if not fds:
+                    raise PageFillError("CRIU sent no userfaultfd with a process's pid")
+                self._add_task(self._pending_pid, fds.pop(0))
+                want_fd = False
+                continue
+            buf += data
+            if len(buf) < 4:
+                continue
+            (value,) = struct.unpack("<i", buf)
+            buf = b""
+            if value == RESTORE_FINISHED:
+                return
+            if value < 0:  # a zombie: no memory, no fd
+                continue
+            self._pending_pid = value
+            want_fd = True
+
+    def _add_task(self, pid: int, uffd: int) -> None:
+        pages = read_task_pages(self.images_dir, pid)
+        size = os.path.getsize(pages.pages_path) if pages.ranges else 0
+        src = 0
+        if size:
+            fd = os.open(pages.pages_path, os.O_RDONLY)
+            try:
+                src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
+            finally:
+                os.close(fd)
+            if src in (0, _MAP_FAILED):
+                os.close(uffd)
+                raise PageFillError(f"cannot map {pages.pages_path}: "
+                                    f"{os.strerror(ctypes.get_errno())}")  # fmt: skip
+        task = _Task(pages=pages, uffd=uffd, src=src, src_len=size)
+        with self._lock:
+            self._tasks.append(task)
+            self.stats.processes += 1
+            os.write(self._wake_w, b"x")
+        if self._event_thread is None:
+            self._event_thread = threading.Thread(target=self._events, name="pagefill-events",
+                                                  daemon=True)  # fmt: skip
+            self._event_thread.start()
+
+    # -- faults and events while CRIU runs --
+    def _events(self) -> None:
+        poller = select.poll()
+        watched: set[int] = set()
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while not self._closing and not self._stop_events:
+                with self._lock:
+                    for task in self._tasks:
+                        if task.uffd >= 0 and task.uffd not in watched:
+                            poller.register(task.uffd, select.POLLIN)
+                            watched.add(task.uffd)
+                for fd, _ev in poller.poll(100):
+                    if fd == self._wake_r:
+                        os.read(self._wake_r, 64)
+                        continue
+                    task = next((t for t in self._tasks if t.uffd == fd), None)
+                    if task is not None:
+                        self._handle_events(task)
+        except BaseException as exc:  # reported by wait_filled
+            self._error = self._error or exc
+            # a fault left unserved would hold CRIU's restorer forever: closing the
+            # userfaultfds wakes it (the restore is failed and its tree killed anyway)
+            with self._lock:
+                for task in self._tasks:
+                    if task.uffd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(task.uffd)
+                        task.uffd = -1
+
+    def _handle_events(self, task: _Task) -> None:
+        while True:
+            try:
+                msg = os.read(task.uffd, _MSG_SIZE)
+            except BlockingIOError:
+                return
+            if len(msg) < _MSG_SIZE:
+                return
+            event = msg[0]
+            if event == _UFFD_EVENT_PAGEFAULT:
+                (_flags, address) = struct.unpack_from("<QQ", msg, 8)
+                self._serve_fault(task, address & ~(PAGE - 1))
+            elif event == _UFFD_EVENT_REMAP:
+                src, dst, length = struct.unpack_from("<QQQ", msg, 8)
+                with self._lock:
+                    task.remaps.append((src, dst, length))
+                    self.stats.remaps += 1
+            elif event in (_UFFD_EVENT_REMOVE, _UFFD_EVENT_UNMAP):
+                start, end = struct.unpack_from("<QQ", msg, 8)
+                raise PageFillError(f"process {task.pages.pid} dropped memory "
+                                    f"[{start:#x}, {end:#x}) during the restore")  # fmt: skip
+            elif event == _UFFD_EVENT_FORK:
+                (child,) = struct.unpack_from("<I", msg, 8)
+                os.close(child)
+                raise PageFillError(f"process {task.pages.pid} forked during the restore")
+            else:
+                raise PageFillError(f"unexpected userfaultfd event {event:#x}")
+
+    def _to_runtime(self, task: _Task, address: int) -> int:
+        for src, dst, length in task.remaps:
+            if src <= address < src + length:
+                address = dst + (address - src)
+        return address
+
+    def _to_image(self, task: _Task, address: int) -> int:
+        for src, dst, length in reversed(task.remaps):
+            if dst <= address < dst + length:
+                address = src + (address - dst)
+        return address
+
+    def _serve_fault(self, task: _Task, runtime: int) -> None:
+        image = self._to_image(task, runtime)
+        for r in task.pages.ranges:
+            if r.start <= image < r.end:
+                self._copy(task, runtime, task.src + r.offset + (image - r.start), PAGE)
+                break
+        else:  # not in the image: a page never written before the dump
+            zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
+            err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
+            if err and err != errno.EEXIST:
+                raise PageFillError(f"UFFDIO_ZEROPAGE at {runtime:#x}: {os.strerror(err)}")
+        self.stats.faults_served += 1
+
+    # -- the fill --
+    def _copy(self, task: _Task, dst: int, src: int, length: int) -> tuple[int, int]:
+        """Copy [dst, dst+length) from src; returns (bytes copied, pages already there)."""
+        copied = existing = 0
+        while length > 0:
+            arg = _UffdioCopy(dst=dst, src=src, len=length, mode=0, copy=0)
+            err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
+            done = max(0, arg.copy)
+            if err == 0:
+                copied += done
+                return copied, existing
+            if err == errno.EAGAIN:
+                pass  # the mm is changing; retry what is left
+            elif err == errno.EEXIST or arg.copy == -errno.EEXIST:
+                done += PAGE  # that page is in place (a fault got there first): skip it
+                existing += 1
+            else:
+                raise PageFillError(f"UFFDIO_COPY of {length} bytes at {dst:#x} in process "
+                                    f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
+            copied += max(0, arg.copy)
+            dst, src, length = dst + done, src + done, length - done
+        return copied, existing
+
+    def _fill(self) -> None:
+        t = time.perf_counter()
+        chunks: list[tuple[_Task, int, int, int]] = []
+        with self._lock:
+            for task in self._tasks:
+                for r in task.pages.ranges:
+                    at = r.start
+                    while at < r.end:
+                        n = min(self.chunk_bytes, r.end - at)
+                        chunks.append((task, self._to_runtime(task, at),
+                                       task.src + r.offset + (at - r.start), n))  # fmt: skip
+                        at += n
+        # the largest first keeps the threads busy to the end
+        chunks.sort(key=lambda c: -c[3])
+        def copy(chunk: tuple[_Task, int, int, int]) -> tuple[int, int]:
+            task, dst, src, n = chunk
+            # from disk: one readahead of the whole chunk, not a fault per 128 KiB window
+            _libc.madvise(src - src % PAGE, n + src % PAGE, _MADV_WILLNEED)
+            return self._copy(task, dst, src, n)
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="pagefill") as pool:
+            for copied, existing in pool.map(copy, chunks):
+                self.stats.bytes += copied
+                self.stats.pages_existing += existing
+        self.stats.fill_s = time.perf_counter() - t
+        self._stop_events = True
+        os.write(self._wake_w, b"x")
+        if self._event_thread is not None:
+            self._event_thread.join(timeout=5)
+        if self._error is not None:
+            raise self._error
+        with self._lock:  # every page is in place: the process needs no server any more
+            for task in self._tasks:
+                self._release(task)
