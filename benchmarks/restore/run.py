@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,8 +279,9 @@ class ModelRun:
     @property
     def criu_options(self) -> criu_mod.CriuOptions:
         return criu_mod.CriuOptions(
-            verbosity=self.args.criu_verbosity, extra_args=tuple(shlex.split(self.args.criu_extra))
-        )
+            verbosity=self.args.criu_verbosity, extra_args=tuple(shlex.split(self.args.criu_extra)),
+            page_fill=self.args.page_fill, page_fill_threads=self.args.page_fill_threads,
+        )  # fmt: skip
 
     @property
     def hs(self) -> Handshake:
@@ -385,14 +386,17 @@ class ModelRun:
     # restore ------------------------------------------------------------------------------
     def restore(
         self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
-        preload: bool | None = None,
+        preload: bool | None = None, page_fill: str | None = None,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
+        options = self.criu_options
+        if page_fill is not None:  # a comparison run: who copies the pages into place
+            options = replace(options, page_fill=page_fill)
+        from_disk = path.startswith("disk")
         weights_needed = ckpt["mode"] == "fast"
         preload = self.args.preload if preload is None else preload
         preload = preload and weights_needed
         staged = [*image_files(images), *([self.weights] if weights_needed else [])]
-        from_disk = path in ("disk", "disk_artifact")
         # the weights as the checkpoint recorded them (the worker declared them); empty for the
         # baseline, whose weights are inside the image
         files = self.externals.get(images, ()) if weights_needed else ()
@@ -400,7 +404,7 @@ class ModelRun:
         staging: dict[str, Any] = {}
         if from_disk:  # disk_artifact: only our files leave the cache (the worker's libraries
             # stay, as on a node that already runs this image); disk: everything is dropped
-            self.caches.drop(staged, only_files=path == "disk_artifact")
+            self.caches.drop(staged, only_files=path.startswith("disk_artifact"))
         else:  # memory / baseline: staged into the page cache ahead of demand (not timed)
             fastload.prefetch([f for f in staged if f != self.weights or not files], threads=16)
             if files:  # as the agent's memory staging: warm the weights, verify them once
@@ -449,13 +453,13 @@ class ModelRun:
                 after_images=(lambda: preloads.start(files)) if from_disk else None,
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
-                images, logs, self.criu_options, None, check, log_name
+                images, logs, options, None, check, log_name
             )
         else:
             if from_disk:
                 fastload.prefetch(image_files(images), threads=16)
                 preloads.start(files)
-            restored = criu_mod.restore(images, logs, self.criu_options, log_name=log_name)
+            restored = criu_mod.restore(images, logs, options, log_name=log_name)
         if from_disk and not preload and weights_needed:  # the worker reads them itself
             threading.Thread(
                 target=fastload.prefetch, args=([self.weights],),
@@ -473,8 +477,11 @@ class ModelRun:
         read_after = disk_read_bytes(images)
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         ok = self.reference is not None and same_output(body, self.reference)
+        fill = restored.page_fill
+        filled = (f", page fill {fill['bytes'] / 1e9:.2f} GB in {fill['fill_s']:.3f} s x"
+                  f"{fill['threads']}" if fill else ", CRIU's page fill")  # fmt: skip
         log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f} incl. verify "
-            f"{t_verify:.3f} alongside, cuda "
+            f"{t_verify:.3f} alongside{filled}, cuda "
             f"{t_cuda - t_criu:.3f}) ok={ok} worker={health.get('restore_phases')}")  # fmt: skip
         self.runs.append({
             "model": self.model, "path": path, "seconds_to_first_response": round(seconds, 3),
@@ -493,6 +500,8 @@ class ModelRun:
             "external_check": [c.to_dict() for c in checked],
             "staging": staging,
             "preloaded": preloads.requested, "preload_warnings": preloads.warnings,
+            # the parallel page fill (None: CRIU copied the pages itself)
+            "page_fill": restored.page_fill,
             "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
                        "external_check_s": round(timings.get("external_check", 0.0), 4),
                        "criu_restore_s": round(t_criu, 3),
@@ -572,6 +581,16 @@ def main(argv: list[str] | None = None) -> int:
         help="more CRIU options for dump and restore, e.g. '--file-validation filesize'",
     )  # fmt: skip
     p.add_argument(
+        "--page-fill", default="auto", choices=criu_mod.PAGE_FILL_MODES,
+        help="who copies a restore's memory pages into place (the agent's CriuOptions.page_fill)",
+    )  # fmt: skip
+    p.add_argument("--page-fill-threads", type=int, default=8)
+    p.add_argument(
+        "--compare-page-fill", action="store_true",
+        help="also restore from memory (x --memory-repeats) and from disk with CRIU's own "
+        "single-threaded page fill (paths memory_criu_fill, disk_criu_fill)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="leave the agent's artifact verification out of the memory and disk restores",
     )  # fmt: skip
@@ -646,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" in paths:
                 for _ in range(args.memory_repeats):
                     run.restore("memory", fast_images, ckpt)
+            if args.compare_page_fill and "memory" in paths:
+                for _ in range(args.memory_repeats):
+                    run.restore("memory_criu_fill", fast_images, ckpt, page_fill="criu")
             if args.thp_experiment:
                 with transparent_hugepages("always") as before:
                     mres["thp_setting_before"] = before
@@ -654,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.restore("disk", fast_images, ckpt)
             if "disk_artifact" in paths:
                 run.restore("disk_artifact", fast_images, ckpt)
+            if args.compare_page_fill and "disk" in paths:
+                run.restore("disk_criu_fill", fast_images, ckpt, page_fill="criu")
             # The baseline artifact is taken from a restored worker that loaded its weights
             # itself (a preloader's imported allocation is shared memory, which the CUDA
             # checkpoint is not asked to handle). With a preloader this restore doubles as the
@@ -678,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mres.update(run.details)
             result["runs"].extend(
-                r for r in run.runs if r["path"] in paths or r["path"].startswith("memory_")
+                r for r in run.runs
+                if r["path"] in paths or r["path"].startswith("memory_")
+                or r["path"].endswith("_criu_fill")
             )
             save()
             if args.logs_out:
@@ -722,11 +748,11 @@ def print_table(result: dict[str, Any]) -> None:
     cold = {
         r["model"]: r["seconds_to_first_response"] for r in result["runs"] if r["path"] == "cold"
     }
-    print(f"{'model':6} {'path':9} {'seconds':>8} {'vs cold':>8} {'artifact GB':>11} match")
+    print(f"{'model':6} {'path':16} {'seconds':>8} {'vs cold':>8} {'artifact GB':>11} match")
     for r in result["runs"]:
         c = cold.get(r["model"])
         ratio = f"{c / r['seconds_to_first_response']:.1f}x" if c and r["path"] != "cold" else ""
-        print(f"{r['model']:6} {r['path']:9} {r['seconds_to_first_response']:8.3f} {ratio:>8} "
+        print(f"{r['model']:6} {r['path']:16} {r['seconds_to_first_response']:8.3f} {ratio:>8} "
               f"{r['artifact_bytes'] / 1e9:11.2f} {r['output_matches']}")  # fmt: skip
 
 
