@@ -40,7 +40,9 @@ from pathlib import Path
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
 PAGE = mmap.PAGESIZE
-DEFAULT_THREADS = 8
+# measured on the H200 host (16 cores), 0.6B memory restores: 4 threads 0.75 s, 8 0.74 s,
+# 12 0.70 s, 16 0.71 s (benchmarks/results/restore-explore/pagefill-threads.json)
+DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 DEFAULT_CHUNK_BYTES = 2 << 20
 
 # pagemap entry flags (criu/include/pagemap.h)
@@ -80,9 +82,8 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long]  # fmt: skip
 _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
-_MADV_WILLNEED = 3
+_MAX_RETRIES = 10_000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -261,6 +262,8 @@ class FillStats:
     wait_s: float = 0.0  # from the start of the restore to CRIU's "restore finished"
     fill_s: float = 0.0  # the parallel copy itself
     remaps: int = 0
+    ranges: int = 0  # lazy ranges (pagemap entries split at VMA bounds)
+    chunks: int = 0  # UFFDIO_COPY calls planned
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -454,6 +457,8 @@ class LazyPagesServer:
             fd = os.open(pages.pages_path, os.O_RDONLY)
             try:
                 src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
+                # from disk: start reading the whole image now, while CRIU is still restoring
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
             if src in (0, _MAP_FAILED):
@@ -554,18 +559,23 @@ class LazyPagesServer:
         self.stats.faults_served += 1
 
     # -- the fill --
-    def _copy(self, task: _Task, dst: int, src: int, length: int) -> tuple[int, int]:
+    def _copy(
+        self, task: _Task, dst: int, src: int, length: int, arg: _UffdioCopy | None = None
+    ) -> tuple[int, int]:
         """Copy [dst, dst+length) from src; returns (bytes copied, pages already there)."""
-        copied = existing = 0
+        arg = arg if arg is not None else _UffdioCopy()
+        copied = existing = retries = 0
         while length > 0:
-            arg = _UffdioCopy(dst=dst, src=src, len=length, mode=0, copy=0)
+            arg.dst, arg.src, arg.len, arg.mode, arg.copy = dst, src, length, 0, 0
             err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
             done = max(0, arg.copy)
             if err == 0:
-                copied += done
-                return copied, existing
+                return copied + done, existing
             if err == errno.EAGAIN:
-                pass  # the mm is changing; retry what is left
+                retries += 1  # the mm is changing; retry what is left
+                if retries > _MAX_RETRIES:
+                    raise PageFillError(f"UFFDIO_COPY at {dst:#x} in process {task.pages.pid}: "
+                                        f"EAGAIN {retries} times")  # fmt: skip
             elif err == errno.EEXIST or arg.copy == -errno.EEXIST:
                 done += PAGE  # that page is in place (a fault got there first): skip it
                 existing += 1
@@ -581,6 +591,7 @@ class LazyPagesServer:
         chunks: list[tuple[_Task, int, int, int]] = []
         with self._lock:
             for task in self._tasks:
+                self.stats.ranges += len(task.pages.ranges)
                 for r in task.pages.ranges:
                     at = r.start
                     while at < r.end:
@@ -588,16 +599,27 @@ class LazyPagesServer:
                         chunks.append((task, self._to_runtime(task, at),
                                        task.src + r.offset + (at - r.start), n))  # fmt: skip
                         at += n
-        # the largest first keeps the threads busy to the end
-        chunks.sort(key=lambda c: -c[3])
-        def copy(chunk: tuple[_Task, int, int, int]) -> tuple[int, int]:
-            task, dst, src, n = chunk
-            # from disk: one readahead of the whole chunk, not a fault per 128 KiB window
-            _libc.madvise(src - src % PAGE, n + src % PAGE, _MADV_WILLNEED)
-            return self._copy(task, dst, src, n)
+        self.stats.chunks = len(chunks)
+        # one list per thread, balanced by bytes (largest first to the least loaded), each
+        # copied in a tight loop: per-chunk Python work is what the threads share (the GIL)
+        shares: list[list[tuple[_Task, int, int, int]]] = [[] for _ in range(self.threads)]
+        loads = [0] * self.threads
+        for chunk in sorted(chunks, key=lambda c: -c[3]):
+            i = loads.index(min(loads))
+            shares[i].append(chunk)
+            loads[i] += chunk[3]
+
+        def copy_share(share: list[tuple[_Task, int, int, int]]) -> tuple[int, int]:
+            arg = _UffdioCopy()
+            copied = existing = 0
+            for task, dst, src, n in share:
+                c, e = self._copy(task, dst, src, n, arg)
+                copied += c
+                existing += e
+            return copied, existing
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="pagefill") as pool:
-            for copied, existing in pool.map(copy, chunks):
+            for copied, existing in pool.map(copy_share, [s for s in shares if s]):
                 self.stats.bytes += copied
                 self.stats.pages_existing += existing
         self.stats.fill_s = time.perf_counter() - t
