@@ -93,6 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_root=Path(args.log_dir) if args.log_dir else None,
         preload_socket=args.preload_socket,
         external_check=args.external_check,
+        page_fill=args.page_fill,
+        page_fill_threads=args.page_fill_threads,
     )
     server = serve(Agent(config), args.host, args.port)
     host, port = server.server_address[:2]
@@ -134,6 +136,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from autoscaler.agent.criu import CriuOptions
     from autoscaler.agent.restore import RestoreRequest, restore_artifact
 
     pairs = []
@@ -147,7 +150,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
         ready_timeout_s=args.timeout, use_store=not args.local_only, verify=args.verify,
         preload_socket=args.preload_socket, external_check=args.external_check,
-    ), _cache(args), _store(args), _progress)
+        criu_options=CriuOptions(page_fill=args.page_fill,
+                                 page_fill_threads=args.page_fill_threads),
+    ), _cache(args), _store(args), _progress)  # fmt: skip
     _print(outcome.to_dict())
     return 0 if outcome.ok else 1
 
@@ -167,6 +172,9 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
+    from autoscaler.agent.criu import PAGE_FILL_MODES
+    from autoscaler.agent.pagefill import DEFAULT_THREADS
+
     p.add_argument(
         "--preload-socket", default=None,
         help="the node's weight preloader (python -m autoscaler.agent.fastload preload "
@@ -177,6 +185,16 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
         help="an external file (the weights) this node has not verified: hash every block "
         "at restore (default), or trust it when its size and mtime are the manifest's "
         "(no read; a same-size rewrite with its mtime put back goes unseen)",
+    )  # fmt: skip
+    p.add_argument(
+        "--page-fill", choices=PAGE_FILL_MODES, default="auto",
+        help="who copies a restored worker's memory pages into place: 'parallel' (the agent, "
+        "many threads, the tree stopped until done), 'criu' (CRIU's own single-threaded fill) "
+        "or 'auto' (parallel where the kernel offers userfaultfd, else criu)",
+    )  # fmt: skip
+    p.add_argument(
+        "--page-fill-threads", type=int, default=DEFAULT_THREADS,
+        help=f"threads of the parallel page fill (default {DEFAULT_THREADS}: the CPUs, at most 16)",
     )  # fmt: skip
 
 

@@ -411,6 +411,13 @@ class LazyPagesServer:
                 conn, _ = self._listener.accept()
             except TimeoutError:
                 continue
+            # only CRIU, run by the agent's own user, may hand us a process's memory
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))[1]  # fmt: skip
+            if uid != os.geteuid():
+                conn.close()
+                raise PageFillError(f"a process of uid {uid} connected to the lazy-pages "
+                                    f"socket, not CRIU (uid {os.geteuid()})")  # fmt: skip
             conn.settimeout(None)
             return conn
         return None

@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from autoscaler.agent import criu as criu_mod
+from autoscaler.agent import pagefill
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
 from autoscaler.agent.errors import (
     AgentError,
@@ -153,6 +155,14 @@ class AgentConfig:
     # an external file this node has not verified at restore: "hash" it or trust a "stat"
     # (size and mtime as recorded; RestoreRequest.external_check)
     external_check: str = "hash"
+    # who copies a restore's memory pages into place (CriuOptions.page_fill): "auto" is the
+    # agent's own parallel fill where the kernel allows it, else CRIU's
+    page_fill: str = "auto"
+    page_fill_threads: int = field(default_factory=lambda: pagefill.DEFAULT_THREADS)
+
+    def criu_options(self) -> criu_mod.CriuOptions:
+        return criu_mod.CriuOptions(page_fill=self.page_fill,
+                                    page_fill_threads=self.page_fill_threads)  # fmt: skip
 
 
 class Metrics:
@@ -317,6 +327,7 @@ class Agent:
             health_timeout_s=body.health_timeout_s, use_store=body.use_store,
             verify=body.verify, preload_socket=self.config.preload_socket,
             external_check=self.config.external_check,
+            criu_options=self.config.criu_options(),
         )
         with self._lock_for(body.artifact_id):
             outcome = restore_artifact(request, self.config.cache, self.config.store, progress,
@@ -343,7 +354,6 @@ class Agent:
         """What of this node enters an artifact's restore identity (CRIU and GPU driver
         versions, GPU model; "none" where there is no GPU), probed once."""
         if self._versions is None:
-            from autoscaler.agent import criu as criu_mod
             from autoscaler.agent.cuda import driver_info
 
             try:
