@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from autoscaler.agent import checkpoint as checkpoint_mod  # noqa: E402
 from autoscaler.agent import criu as criu_mod  # noqa: E402
-from autoscaler.agent import external, fastload  # noqa: E402
+from autoscaler.agent import external, fastload, pagefill  # noqa: E402
 from autoscaler.agent import restore as restore_mod  # noqa: E402
 from autoscaler.agent import store as store_mod  # noqa: E402
 from autoscaler.agent.hooks import Handshake  # noqa: E402
@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         "--page-fill", default="auto", choices=criu_mod.PAGE_FILL_MODES,
         help="who copies a restore's memory pages into place (the agent's CriuOptions.page_fill)",
     )  # fmt: skip
-    p.add_argument("--page-fill-threads", type=int, default=8)
+    p.add_argument("--page-fill-threads", type=int, default=pagefill.DEFAULT_THREADS)
     p.add_argument(
         "--compare-page-fill", action="store_true",
         help="also restore from memory (x --memory-repeats) and from disk with CRIU's own "
