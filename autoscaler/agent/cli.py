@@ -194,7 +194,7 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--page-fill-threads", type=int, default=DEFAULT_THREADS,
-        help=f"threads of the parallel page fill (default {DEFAULT_THREADS}: the CPUs, at most 16)",
+        help=f"threads of the parallel page fill (default {DEFAULT_THREADS}: the CPUs, at most 8)",
     )  # fmt: skip
 
 

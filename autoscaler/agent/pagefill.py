@@ -40,9 +40,10 @@ from pathlib import Path
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
 PAGE = mmap.PAGESIZE
-# measured on the H200 host (16 cores), 0.6B memory restores: 4 threads 0.75 s, 8 0.74 s,
-# 12 0.70 s, 16 0.71 s (benchmarks/results/restore-explore/pagefill-threads.json)
-DEFAULT_THREADS = min(16, os.cpu_count() or 1)
+# measured on the H200 host (16 cores), 0.6B memory restores, median of 3: 2 threads 0.80 s,
+# 4 0.70 s, 8 0.58 s, 16 0.65 s (the fill itself 0.26 / 0.18 / 0.11 / 0.11 s for 1.39 GB; more
+# threads only contend with the verification's hashing; restore-explore/pagefill-threads.json)
+DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_CHUNK_BYTES = 2 << 20
 
 # pagemap entry flags (criu/include/pagemap.h)
