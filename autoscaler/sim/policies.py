@@ -237,16 +237,36 @@ class Predictive(Policy):
     band_refit_s: float | None = None
     band_level_s: float | None = None  # default: the control interval
     band_trend: bool = True
+    # The planner's forecast quantile and headroom for this replay, in place of the workload
+    # spec's (None: the spec's, i.e. the product defaults). They replace the WorkloadSpec fields
+    # themselves, so the plan, the reactive floor, the band and staging all see them, as they
+    # would with those values in config. A quantile must be one the replay forecasts
+    # (SimConfig.quantiles): the nearest level above would silently stand in for it.
+    quantile: float | None = None
+    headroom: float | None = None
     _recs: list[tuple[tuple[float, int], ...]] = field(default_factory=list)
     last_explanations: list = field(default_factory=list)
 
     def prepare(self, ctx: SimContext) -> None:
         self._recs = [() for _ in ctx.workloads]
         self.last_explanations = [None] * len(ctx.workloads)
+        if self.quantile is not None and self.quantile not in ctx.config.quantiles:
+            from autoscaler.errors import ConfigError
+
+            raise ConfigError(
+                f"policies.{self.name}.quantile",
+                f"{self.quantile} is not a forecast level of this replay "
+                f"(SimConfig.quantiles = {ctx.config.quantiles}); add it there",
+            )
+        overrides = {
+            k: v for k, v in (("quantile", self.quantile), ("headroom", self.headroom))
+            if v is not None
+        }  # fmt: skip
         self._specs = [
-            replace(wl.spec, interval_s=self.interval_s, forecast_step_s=ctx.forecast_step_s)
+            replace(wl.spec, interval_s=self.interval_s, forecast_step_s=ctx.forecast_step_s,
+                    **overrides)
             for wl in ctx.workloads
-        ]
+        ]  # fmt: skip
         for w in range(len(ctx.workloads)):
             ctx.demand_runner(w, self.forecaster).at(ctx.start_idx * ctx.dt)
         n = len(ctx.workloads)
