@@ -333,15 +333,22 @@ def test_a_prometheus_error_mid_run_gives_no_band_and_leaves_the_buffer(prom_url
                        ("incremental", 11)]  # fmt: skip
 
 
-def test_the_controller_counts_the_points_its_nowcast_asks_prometheus_for(prom_url, trace):
-    from autoscaler.controller.service import build_controller
+@pytest.mark.parametrize("built_by", ["build_controller", "Controller"])
+def test_the_controller_counts_the_points_its_nowcast_asks_prometheus_for(
+    prom_url, trace, built_by
+):
+    from autoscaler.controller.loop import Controller
+    from autoscaler.controller.service import PrometheusDemand, build_controller
 
     config, settings = parse_controller_config(_config(prom_url))
     clock = StepClock(CLEAR_NOW)
-    controller = build_controller(
-        config, settings, cluster=memory_cluster(), clock=clock, dry_run=True,
-        factory=lambda _w: make_forecaster(config.forecaster, config.forecast_step),
-    )  # fmt: skip
+    factory = lambda _w: make_forecaster(config.forecaster, config.forecast_step)  # noqa: E731
+    if built_by == "build_controller":
+        controller = build_controller(config, settings, cluster=memory_cluster(), clock=clock,
+                                      dry_run=True, factory=factory)  # fmt: skip
+    else:  # built directly, as an embedding program would: the metrics hook comes along
+        controller = Controller(config, settings, memory_cluster(), PrometheusDemand(settings),
+                                factory, clock=clock, dry_run=True)  # fmt: skip
     controller.run_cycle()
     controller.fits.wait_idle()
     for _ in range(4):

@@ -357,8 +357,9 @@ class Controller:
             model_dirs=model_dirs(config),
         )
         self._model_seen: dict[str, int] = {}
+        # its query load goes to autoscaler_nowcast_points_fetched_total{workload,fetch}
         self.nowcast = NowcastBands(config.nowcast, config.interval_s, self.step.total_seconds(),
-                                    demand)  # fmt: skip
+                                    demand, on_fetch=self.metrics.count_nowcast_fetch)  # fmt: skip
         self.leads = LeadLearner()
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}

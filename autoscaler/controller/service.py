@@ -150,8 +150,6 @@ def build_controller(
         agents=agents, book=book, clock=clock or make_clock(settings),
         metrics=ControllerMetrics(), elector=elector, dry_run=dry_run,
     )  # fmt: skip
-    # the nowcast's query load, as autoscaler_nowcast_points_fetched_total{workload,fetch}
-    controller.nowcast.on_fetch = controller.metrics.count_nowcast_fetch
     return controller
 
 
