@@ -110,9 +110,11 @@ def run_trace(scenario: Scenario, label: str, name: str, forecaster: str) -> dic
 
 
 def policy_rows(scenario: Scenario, label: str, policies: list, forecaster: str,
-                tag: str) -> dict:  # fmt: skip
-    """Simulate `policies` on one scenario; per policy: GPU-hours vs oracle, served, p99 delay."""
-    result = simulate([scenario.workload], policies, SimConfig(forecaster=forecaster), label)
+                tag: str, config: SimConfig | None = None) -> dict:  # fmt: skip
+    """Simulate `policies` on one scenario; per policy: GPU-hours vs oracle, served, p99 delay.
+    `config` (default: the benchmark's, with `forecaster`) lets a caller replay other settings."""
+    config = config or SimConfig(forecaster=forecaster)
+    result = simulate([scenario.workload], policies, config, label)
     rows = {
         n: {"gpu_hours_vs_oracle": round(r.gpu_hours_vs_oracle, 4),
             "served_fraction": round(r.served_fraction, 6),
