@@ -304,8 +304,13 @@ def restore(
     )
     stats: dict[str, float | int] | None = None
     start = time.perf_counter()
+    prefetched = 0
     try:
         if server is not None:
+            try:  # the few pages CRIU still reads itself: all in flight before it asks
+                prefetched = pagefill.prefetch_eager_pages(images_dir, [e.pid for e in tree])
+            except pagefill.PageFillError as exc:
+                raise CriuError("restore", 0, str(log_path), str(exc)) from exc
             server.start()
         try:
             _run_criu("restore", args, log_path, target, timeout_s)
@@ -320,7 +325,8 @@ def restore(
             reap_when_exits(host)
         if server is not None:
             try:
-                stats = server.wait_filled(timeout_s).as_dict()
+                stats = {**server.wait_filled(timeout_s).as_dict(),
+                         "eager_prefetch_bytes": prefetched}  # fmt: skip
             except pagefill.PageFillError as exc:
                 _kill_tree(host)
                 raise CriuError("restore", 0, str(log_path),

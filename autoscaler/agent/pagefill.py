@@ -202,23 +202,16 @@ class TaskPages:
         return sum(r.end - r.start for r in self.ranges)
 
 
-def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
-    """The lazy ranges of process `pid` (its pid in the images), split at VMA boundaries."""
+def _pagemap(images_dir: Path, pid: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """(pages_id, [(vaddr, nr_pages, flags)]) of process `pid`'s pagemap image."""
     try:
         pagemap = _entries(images_dir / f"pagemap-{pid}.img")
-        mm = _entries(images_dir / f"mm-{pid}.img")
     except (OSError, ValueError) as exc:
         raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
-    if not pagemap or not mm:
-        raise PageFillError(f"images of process {pid}: empty pagemap or mm image")
-    pages_id = int(_fields(pagemap[0]).get(1, [0])[0])  # pagemap_head.pages_id
-    vmas = sorted(
-        (int(_fields(v).get(1, [0])[0]), int(_fields(v).get(2, [0])[0]))  # type: ignore[arg-type]
-        for v in _fields(mm[0]).get(14, [])  # mm_entry.vmas
-    )
-    ranges: list[LazyRange] = []
-    offset = 0
-    v = 0
+    if not pagemap:
+        raise PageFillError(f"images of process {pid}: empty pagemap image")
+    pages_id = int(_fields(pagemap[0]).get(1, [0])[0])  # type: ignore[arg-type]
+    out = []
     for raw in pagemap[1:]:
         f = _fields(raw)
         vaddr = int(f.get(1, [0])[0])  # type: ignore[arg-type]
@@ -226,6 +219,27 @@ def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
         nr = int(f[5][0] if 5 in f else f.get(2, [0])[0])  # type: ignore[arg-type]
         in_parent = bool(f.get(3, [0])[0])
         flags = int(f[4][0]) if 4 in f else (PE_PARENT if in_parent else PE_PRESENT)  # type: ignore[arg-type]
+        out.append((vaddr, nr, flags))
+    return pages_id, out
+
+
+def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
+    """The lazy ranges of process `pid` (its pid in the images), split at VMA boundaries."""
+    pages_id, entries = _pagemap(images_dir, pid)
+    try:
+        mm = _entries(images_dir / f"mm-{pid}.img")
+    except (OSError, ValueError) as exc:
+        raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
+    if not mm:
+        raise PageFillError(f"images of process {pid}: empty mm image")
+    vmas = sorted(
+        (int(_fields(v).get(1, [0])[0]), int(_fields(v).get(2, [0])[0]))  # type: ignore[arg-type]
+        for v in _fields(mm[0]).get(14, [])  # mm_entry.vmas
+    )
+    ranges: list[LazyRange] = []
+    offset = 0
+    v = 0
+    for vaddr, nr, flags in entries:
         if flags & PE_PARENT:
             if flags & PE_LAZY:
                 raise PageFillError(f"process {pid}: lazy pages in a parent image (incremental "
@@ -248,6 +262,58 @@ def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
         offset += end - start
     return TaskPages(pid=pid, pages_path=images_dir / f"pages-{pages_id}.img",
                      ranges=tuple(ranges))  # fmt: skip
+
+
+def eager_spans(images_dir: Path, pids: list[int], gap: int = 256 << 10) -> list[
+    tuple[Path, int, int]
+]:
+    """Where in the pages images CRIU itself reads during a --lazy-pages restore (the pages
+    that are not lazy: file-backed private pages, stacks, ...), as (file, offset, length),
+    spans closer than `gap` merged."""
+    spans: list[tuple[Path, int, int]] = []
+    for pid in pids:
+        if not (images_dir / f"pagemap-{pid}.img").exists():
+            continue  # a zombie: no memory
+        pages_id, entries = _pagemap(images_dir, pid)
+        path = images_dir / f"pages-{pages_id}.img"
+        offset = 0
+        for _vaddr, nr, flags in entries:
+            if flags & PE_PARENT or not flags & PE_PRESENT:
+                continue
+            length = nr * PAGE
+            if not flags & PE_LAZY:
+                last = spans[-1] if spans else None
+                if last and last[0] == path and offset - (last[1] + last[2]) <= gap:
+                    spans[-1] = (path, last[1], offset + length - last[1])
+                else:
+                    spans.append((path, offset, length))
+            offset += length
+    return spans
+
+
+def prefetch_eager_pages(images_dir: Path, pids: list[int]) -> int:
+    """Ask the kernel to read the pages CRIU reads itself (eager_spans) now, all at once.
+
+    Why: from disk, CRIU reads them one small span at a time, each waiting behind the
+    verification's large reads of the same image (measured on the H200, 0.6B, all caches
+    dropped: ~30 reads of 30-95 ms, ~1 s of a 2.6 s restore). Asked here, before CRIU starts,
+    they are in flight together. Returns the bytes asked for; from the page cache it costs
+    only the lookups."""
+    asked = 0
+    opened: dict[Path, int] = {}
+    try:
+        for path, offset, length in eager_spans(images_dir, pids):
+            fd = opened.get(path)
+            if fd is None:
+                fd = opened[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            asked += length
+    except OSError as exc:
+        raise PageFillError(f"prefetch of {images_dir}: {exc}") from exc
+    finally:
+        for fd in opened.values():
+            os.close(fd)
+    return asked
 
 
 # --- the server ------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ def test_restored_memory_is_byte_identical(dumped, tmp_path: Path, page_fill: st
             assert stats["processes"] == 1 and stats["threads"] == 3
             assert stats["bytes"] >= MEMORY_MIB << 20  # the buffer came through the fill
             assert stats["chunks"] >= stats["ranges"] > 0
+            assert stats["eager_prefetch_bytes"] > 0  # CRIU's own pages were asked for first
             assert not (tmp_path / "restore-logs" / pagefill.SOCKET_NAME).exists()
         else:
             assert restored.page_fill is None
@@ -115,6 +116,20 @@ def test_read_task_pages_matches_the_images(dumped) -> None:
         assert r.start >= previous_end  # sorted, disjoint
         assert r.offset >= 0 and r.offset + (r.end - r.start) <= size
         previous_end = r.end
+
+
+@pytest.mark.integration
+def test_eager_spans_are_the_rest_of_the_pages_image(dumped) -> None:
+    pid, images, _out, _digest = dumped
+    lazy = pagefill.read_task_pages(images, pid)
+    exact = pagefill.eager_spans(images, [pid], gap=0)
+    size = lazy.pages_path.stat().st_size
+    # every byte of the pages image is either copied by the fill or read by CRIU itself
+    assert lazy.bytes + sum(length for _p, _o, length in exact) == size
+    assert all(p == lazy.pages_path and o >= 0 and o + n <= size for p, o, n in exact)
+    merged = pagefill.eager_spans(images, [pid])
+    assert len(merged) <= len(exact)
+    assert pagefill.prefetch_eager_pages(images, [pid, 999_999]) == sum(n for _p, _o, n in merged)
 
 
 @pytest.mark.integration
