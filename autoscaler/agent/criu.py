@@ -304,11 +304,14 @@ def restore(
     )
     stats: dict[str, float | int] | None = None
     start = time.perf_counter()
-    prefetched = 0
+    prefetched: dict[str, int] = {}
     try:
         if server is not None:
             try:  # the few pages CRIU still reads itself: all in flight before it asks
-                prefetched = pagefill.prefetch_eager_pages(images_dir, [e.pid for e in tree])
+                root = Path(f"/proc/{target.pid}/root") if target else Path("/")
+                prefetched = pagefill.prefetch_eager_pages(
+                    images_dir, [e.pid for e in tree], root
+                )
             except pagefill.PageFillError as exc:
                 raise CriuError("restore", 0, str(log_path), str(exc)) from exc
             server.start()
@@ -326,7 +329,7 @@ def restore(
         if server is not None:
             try:
                 stats = {**server.wait_filled(timeout_s).as_dict(),
-                         "eager_prefetch_bytes": prefetched}  # fmt: skip
+                         **{f"prefetch_{k}": v for k, v in prefetched.items()}}  # fmt: skip
             except pagefill.PageFillError as exc:
                 _kill_tree(host)
                 raise CriuError("restore", 0, str(log_path),

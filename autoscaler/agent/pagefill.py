@@ -291,28 +291,105 @@ def eager_spans(images_dir: Path, pids: list[int], gap: int = 256 << 10) -> list
     return spans
 
 
-def prefetch_eager_pages(images_dir: Path, pids: list[int]) -> int:
-    """Ask the kernel to read the pages CRIU reads itself (eager_spans) now, all at once.
+VMA_FILE_PRIVATE = 1 << 6  # vma_entry.status (criu/include/image.h)
 
-    Why: from disk, CRIU reads them one small span at a time, each waiting behind the
-    verification's large reads of the same image (measured on the H200, 0.6B, all caches
-    dropped: ~30 reads of 30-95 ms, ~1 s of a 2.6 s restore). Asked here, before CRIU starts,
-    they are in flight together. Returns the bytes asked for; from the page cache it costs
-    only the lookups."""
-    asked = 0
-    opened: dict[Path, int] = {}
+
+def _reg_files(images_dir: Path) -> dict[int, str]:
+    """Regular files of the images by id (files.img: file_entry{type=1 REG, id, reg{name}})."""
+    out: dict[int, str] = {}
     try:
-        for path, offset, length in eager_spans(images_dir, pids):
-            fd = opened.get(path)
+        entries = _entries(images_dir / "files.img")
+    except (OSError, ValueError) as exc:
+        raise PageFillError(f"files.img of {images_dir} unreadable: {exc}") from exc
+    for raw in entries:
+        f = _fields(raw)
+        if f.get(1, [0])[0] != 1 or 3 not in f:
+            continue
+        reg = _fields(f[3][0])  # type: ignore[arg-type]
+        name = reg.get(6, [b""])[0]
+        out[int(f.get(2, [0])[0])] = name.decode(errors="replace")  # type: ignore[union-attr]
+    return out
+
+
+def file_spans(images_dir: Path, pids: list[int], root: Path = Path("/")) -> list[
+    tuple[Path, int, int]
+]:
+    """The parts of mapped files (libraries) that CRIU's restore reads from disk: the pages it
+    writes into private file mappings (a library's relocated data) are copied on write from the
+    file first. As (file under `root`, offset, length), adjacent spans merged."""
+    files = _reg_files(images_dir)
+    spans: dict[Path, list[tuple[int, int]]] = {}
+    for pid in pids:
+        if not (images_dir / f"pagemap-{pid}.img").exists():
+            continue
+        _pages_id, entries = _pagemap(images_dir, pid)
+        try:
+            mm = _entries(images_dir / f"mm-{pid}.img")
+        except (OSError, ValueError) as exc:
+            raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
+        vmas = []
+        for raw in _fields(mm[0]).get(14, []) if mm else []:
+            v = _fields(raw)  # type: ignore[arg-type]
+            if int(v.get(7, [0])[0]) & VMA_FILE_PRIVATE and int(v.get(4, [0])[0]) in files:  # type: ignore[arg-type]
+                vmas.append((int(v[1][0]), int(v[2][0]), int(v.get(3, [0])[0]),  # type: ignore[arg-type]
+                             files[int(v[4][0])]))  # type: ignore[arg-type]  # fmt: skip
+        vmas.sort()
+        for vaddr, nr, flags in entries:
+            if flags & (PE_PARENT | PE_LAZY) or not flags & PE_PRESENT:
+                continue
+            end = vaddr + nr * PAGE
+            for start, stop, pgoff, name in vmas:
+                lo, hi = max(start, vaddr), min(stop, end)
+                if lo < hi:
+                    path = root / name.lstrip("/")
+                    spans.setdefault(path, []).append((pgoff + lo - start, hi - lo))
+    out = []
+    for path, parts in spans.items():
+        parts.sort()
+        merged = [parts[0]]
+        for off, n in parts[1:]:
+            last_off, last_n = merged[-1]
+            if off <= last_off + last_n:
+                merged[-1] = (last_off, max(last_n, off + n - last_off))
+            else:
+                merged.append((off, n))
+        out.extend((path, off, n) for off, n in merged)
+    return out
+
+
+def prefetch_eager_pages(
+    images_dir: Path, pids: list[int], root: Path = Path("/")
+) -> dict[str, int]:
+    """Ask the kernel, before CRIU starts, for everything CRIU reads itself during a
+    --lazy-pages restore, all at once: the non-lazy spans of the pages image (eager_spans) and
+    the library pages its writes into private file mappings copy first (file_spans).
+
+    Why: from disk CRIU reads these one small span at a time, each waiting behind the
+    verification's large reads (H200, 0.6B, all caches dropped: ~30 waits of 30-95 ms, ~1 s of
+    a 2.6 s restore, in relro segments of cuDNN, cuFile, libgomp ...). From the page cache
+    this costs only the lookups. A file that cannot be opened is counted, not raised: CRIU
+    itself reports it, with its own error."""
+    asked = {"image_bytes": 0, "file_bytes": 0, "files_unreadable": 0}
+    opened: dict[Path, int | None] = {}
+    spans = [(p, o, n, "image_bytes") for p, o, n in eager_spans(images_dir, pids)]
+    spans += [(p, o, n, "file_bytes") for p, o, n in file_spans(images_dir, pids, root)]
+    try:
+        for path, offset, length, kind in spans:
+            if path not in opened:
+                try:
+                    opened[path] = os.open(path, os.O_RDONLY)
+                except OSError:
+                    opened[path] = None
+                    asked["files_unreadable"] += 1
+            fd = opened[path]
             if fd is None:
-                fd = opened[path] = os.open(path, os.O_RDONLY)
+                continue
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-            asked += length
-    except OSError as exc:
-        raise PageFillError(f"prefetch of {images_dir}: {exc}") from exc
+            asked[kind] += length
     finally:
         for fd in opened.values():
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
     return asked
 
 

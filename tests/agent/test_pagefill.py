@@ -80,7 +80,9 @@ def test_restored_memory_is_byte_identical(dumped, tmp_path: Path, page_fill: st
             assert stats["processes"] == 1 and stats["threads"] == 3
             assert stats["bytes"] >= MEMORY_MIB << 20  # the buffer came through the fill
             assert stats["chunks"] >= stats["ranges"] > 0
-            assert stats["eager_prefetch_bytes"] > 0  # CRIU's own pages were asked for first
+            # what CRIU reads itself was asked for first: image spans and library pages
+            assert stats["prefetch_image_bytes"] > 0 and stats["prefetch_file_bytes"] > 0
+            assert stats["prefetch_files_unreadable"] == 0
             assert not (tmp_path / "restore-logs" / pagefill.SOCKET_NAME).exists()
         else:
             assert restored.page_fill is None
@@ -129,7 +131,13 @@ def test_eager_spans_are_the_rest_of_the_pages_image(dumped) -> None:
     assert all(p == lazy.pages_path and o >= 0 and o + n <= size for p, o, n in exact)
     merged = pagefill.eager_spans(images, [pid])
     assert len(merged) <= len(exact)
-    assert pagefill.prefetch_eager_pages(images, [pid, 999_999]) == sum(n for _p, _o, n in merged)
+    asked = pagefill.prefetch_eager_pages(images, [pid, 999_999])
+    assert asked["image_bytes"] == sum(n for _p, _o, n in merged)
+    # the library pages CRIU copies on write: ranges of real files, inside them
+    files = pagefill.file_spans(images, [pid])
+    assert files and asked["file_bytes"] == sum(n for _p, _o, n in files)
+    assert any(p.name.startswith("python") or ".so" in p.name for p, _o, _n in files)
+    assert all(p.is_file() and o + n <= p.stat().st_size + pagefill.PAGE for p, o, n in files)
 
 
 @pytest.mark.integration
