@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -199,7 +200,7 @@ class RestoreResult:
     seconds: float  # CRIU, plus the wait for the parallel page fill when there was one
     log_path: Path
     # the parallel page fill's figures (pagefill.FillStats.as_dict()); None: CRIU filled them
-    page_fill: dict[str, float | int] | None = None
+    page_fill: dict[str, float | int | str] | None = None
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -302,18 +303,18 @@ def restore(
         if parallel
         else None
     )
-    stats: dict[str, float | int] | None = None
+    stats: dict[str, float | int | str] | None = None
     start = time.perf_counter()
-    prefetched: dict[str, int] = {}
+    prefetch: Future[dict[str, int]] | None = None
+    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if server else None
     try:
-        if server is not None:
-            try:  # the few pages CRIU still reads itself: all in flight before it asks
-                root = Path(f"/proc/{target.pid}/root") if target else Path("/")
-                prefetched = pagefill.prefetch_eager_pages(
-                    images_dir, [e.pid for e in tree], root
-                )
-            except pagefill.PageFillError as exc:
-                raise CriuError("restore", 0, str(log_path), str(exc)) from exc
+        if server is not None and prefetcher is not None:
+            # what CRIU still reads itself, asked for while it starts (a hint: a failure is
+            # reported in the fill's figures; CRIU reads what it needs regardless)
+            root = Path(f"/proc/{target.pid}/root") if target else Path("/")
+            prefetch = prefetcher.submit(
+                pagefill.prefetch_eager_pages, images_dir, [e.pid for e in tree], root
+            )
             server.start()
         try:
             _run_criu("restore", args, log_path, target, timeout_s)
@@ -328,8 +329,7 @@ def restore(
             reap_when_exits(host)
         if server is not None:
             try:
-                stats = {**server.wait_filled(timeout_s).as_dict(),
-                         **{f"prefetch_{k}": v for k, v in prefetched.items()}}  # fmt: skip
+                stats = {**server.wait_filled(timeout_s).as_dict(), **_prefetched(prefetch)}
             except pagefill.PageFillError as exc:
                 _kill_tree(host)
                 raise CriuError("restore", 0, str(log_path),
@@ -338,11 +338,25 @@ def restore(
     finally:
         if server is not None:
             server.close()
+        if prefetcher is not None:
+            prefetcher.shutdown(wait=False, cancel_futures=True)
     seconds = time.perf_counter() - start
     if parallel and not options.leave_stopped:
         continue_tree(host)
     return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path,
                          page_fill=stats)  # fmt: skip
+
+
+def _prefetched(prefetch: Future[dict[str, int]] | None) -> dict[str, float | int | str]:
+    """The prefetch's figures for the fill's stats (it ran alongside CRIU)."""
+    if prefetch is None:
+        return {}
+    if not prefetch.done():  # still asking (slow metadata reads): never waited for
+        return {"prefetch_unfinished": 1}
+    try:
+        return {f"prefetch_{k}": v for k, v in prefetch.result().items()}
+    except Exception as exc:  # a hint that failed: said, not raised (CRIU read what it needed)
+        return {"prefetch_error": f"{type(exc).__name__}: {exc}"}
 
 
 def _kill_tree(host_pid: int) -> None:

@@ -23,6 +23,7 @@ bytes are in pages-<id>.img) and mm-<pid>.img (VMA bounds: one UFFDIO_COPY stays
 from __future__ import annotations
 
 import array
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -334,15 +335,20 @@ def file_spans(images_dir: Path, pids: list[int], root: Path = Path("/")) -> lis
                 vmas.append((int(v[1][0]), int(v[2][0]), int(v.get(3, [0])[0]),  # type: ignore[arg-type]
                              files[int(v[4][0])]))  # type: ignore[arg-type]  # fmt: skip
         vmas.sort()
+        starts = [v[0] for v in vmas]
         for vaddr, nr, flags in entries:
             if flags & (PE_PARENT | PE_LAZY) or not flags & PE_PRESENT:
                 continue
             end = vaddr + nr * PAGE
-            for start, stop, pgoff, name in vmas:
+            # VMAs do not overlap: the candidates start at the one holding vaddr
+            i = max(0, bisect.bisect_right(starts, vaddr) - 1)
+            while i < len(vmas) and vmas[i][0] < end:
+                start, stop, pgoff, name = vmas[i]
                 lo, hi = max(start, vaddr), min(stop, end)
                 if lo < hi:
                     path = root / name.lstrip("/")
                     spans.setdefault(path, []).append((pgoff + lo - start, hi - lo))
+                i += 1
     out = []
     for path, parts in spans.items():
         parts.sort()
@@ -358,7 +364,7 @@ def file_spans(images_dir: Path, pids: list[int], root: Path = Path("/")) -> lis
 
 
 def prefetch_eager_pages(
-    images_dir: Path, pids: list[int], root: Path = Path("/")
+    images_dir: Path, pids: list[int], root: Path = Path("/"), threads: int = 8
 ) -> dict[str, int]:
     """Ask the kernel, before CRIU starts, for everything CRIU reads itself during a
     --lazy-pages restore, all at once: the non-lazy spans of the pages image (eager_spans) and
@@ -369,27 +375,34 @@ def prefetch_eager_pages(
     a 2.6 s restore, in relro segments of cuDNN, cuFile, libgomp ...). From the page cache
     this costs only the lookups. A file that cannot be opened is counted, not raised: CRIU
     itself reports it, with its own error."""
+    by_file: dict[Path, list[tuple[int, int]]] = {}
+    for path, offset, length in eager_spans(images_dir, pids):
+        by_file.setdefault(path, []).append((offset, length))
+    image_files = set(by_file)
+    for path, offset, length in file_spans(images_dir, pids, root):
+        by_file.setdefault(path, []).append((offset, length))
+
+    def ask(path: Path) -> int | None:
+        """WILLNEED on one file's spans; None when it cannot be opened. In parallel: from
+        disk, even opening a library may wait for its directory's blocks."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            for offset, length in by_file[path]:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        return sum(n for _o, n in by_file[path])
+
     asked = {"image_bytes": 0, "file_bytes": 0, "files_unreadable": 0}
-    opened: dict[Path, int | None] = {}
-    spans = [(p, o, n, "image_bytes") for p, o, n in eager_spans(images_dir, pids)]
-    spans += [(p, o, n, "file_bytes") for p, o, n in file_spans(images_dir, pids, root)]
-    try:
-        for path, offset, length, kind in spans:
-            if path not in opened:
-                try:
-                    opened[path] = os.open(path, os.O_RDONLY)
-                except OSError:
-                    opened[path] = None
-                    asked["files_unreadable"] += 1
-            fd = opened[path]
-            if fd is None:
-                continue
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-            asked[kind] += length
-    finally:
-        for fd in opened.values():
-            if fd is not None:
-                os.close(fd)
+    with ThreadPoolExecutor(threads, thread_name_prefix="prefetch") as pool:
+        for path, got in zip(by_file, pool.map(ask, by_file), strict=True):
+            if got is None:
+                asked["files_unreadable"] += 1
+            else:
+                asked["image_bytes" if path in image_files else "file_bytes"] += got
     return asked
 
 

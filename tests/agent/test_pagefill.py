@@ -80,9 +80,12 @@ def test_restored_memory_is_byte_identical(dumped, tmp_path: Path, page_fill: st
             assert stats["processes"] == 1 and stats["threads"] == 3
             assert stats["bytes"] >= MEMORY_MIB << 20  # the buffer came through the fill
             assert stats["chunks"] >= stats["ranges"] > 0
-            # what CRIU reads itself was asked for first: image spans and library pages
-            assert stats["prefetch_image_bytes"] > 0 and stats["prefetch_file_bytes"] > 0
-            assert stats["prefetch_files_unreadable"] == 0
+            # what CRIU reads itself was asked for alongside it (never waited for: on a slow
+            # machine it may still be asking when the fill ends, and says so)
+            assert "prefetch_error" not in stats
+            if "prefetch_unfinished" not in stats:
+                assert stats["prefetch_image_bytes"] > 0 and stats["prefetch_file_bytes"] > 0
+                assert stats["prefetch_files_unreadable"] == 0
             assert not (tmp_path / "restore-logs" / pagefill.SOCKET_NAME).exists()
         else:
             assert restored.page_fill is None
