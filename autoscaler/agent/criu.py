@@ -24,7 +24,6 @@ import ctypes
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import threading
 import time
@@ -33,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from autoscaler.agent import pagefill
+from autoscaler.agent import images, pagefill
 from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
 
 MIN_VERSION = (4, 2)
@@ -504,72 +503,29 @@ class PstreeEntry:
     threads: tuple[int, ...]
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
 def _decode_pstree_entry(msg: bytes) -> PstreeEntry:
-    """Decode CRIU's pstree_entry protobuf (pid=1, ppid=2, pgid=3, sid=4, threads=5)."""
-    fields: dict[int, list[int]] = {}
-    pos = 0
-    while pos < len(msg):
-        key, pos = _varint(msg, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(msg, pos)
-            fields.setdefault(number, []).append(value)
-        elif wire == 2:
-            length, pos = _varint(msg, pos)
-            chunk = msg[pos : pos + length]
-            pos += length
-            if number == 5:  # packed repeated threads
-                p = 0
-                while p < len(chunk):
-                    value, p = _varint(chunk, p)
-                    fields.setdefault(5, []).append(value)
-        elif wire == 5:
-            pos += 4
-        elif wire == 1:
-            pos += 8
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
+    """Decode CRIU's pstree_entry (pid=1, ppid=2, pgid=3, sid=4, threads=5, packed or not)."""
+    f = images.fields(msg)
+    threads: list[int] = []
+    for value in f.get(5, []):
+        threads.extend(images.packed_varints(value) if isinstance(value, bytes) else [value])
     return PstreeEntry(
-        pid=fields[1][0],
-        ppid=fields.get(2, [0])[0],
-        pgid=fields.get(3, [0])[0],
-        sid=fields.get(4, [0])[0],
-        threads=tuple(fields.get(5, ())),
+        pid=int(f[1][0]),  # type: ignore[arg-type]
+        ppid=int(f.get(2, [0])[0]),  # type: ignore[arg-type]
+        pgid=int(f.get(3, [0])[0]),  # type: ignore[arg-type]
+        sid=int(f.get(4, [0])[0]),  # type: ignore[arg-type]
+        threads=tuple(threads),
     )
 
 
 def read_pstree(images_dir: Path) -> list[PstreeEntry]:
     """The process tree CRIU recorded (root first), read from pstree.img."""
     path = images_dir / "pstree.img"
+    if not path.exists():
+        raise CriuError("read images", 1, str(path), "pstree.img is missing")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CriuError("read images", 1, str(path), "pstree.img is missing") from exc
-    # Image layout: two 32-bit magics, then entries of (u32 length, protobuf message).
-    pos = 8
-    out = []
-    try:
-        while pos + 4 <= len(data):
-            (size,) = struct.unpack_from("<I", data, pos)
-            pos += 4
-            if pos + size > len(data):
-                raise ValueError("truncated entry")
-            out.append(_decode_pstree_entry(data[pos : pos + size]))
-            pos += size
-    except (ValueError, KeyError, IndexError) as exc:
+        out = [_decode_pstree_entry(msg) for msg in images.entries(path)]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
         raise CriuError("read images", 1, str(path), f"pstree.img unreadable: {exc}") from exc
     if not out:
         raise CriuError("read images", 1, str(path), "pstree.img holds no process")

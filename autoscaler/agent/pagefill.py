@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoscaler.agent import images
+
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
 PAGE = mmap.PAGESIZE
@@ -130,56 +132,6 @@ def _probe() -> bool:
 
 
 # --- images ----------------------------------------------------------------------------------
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(msg: bytes) -> dict[int, list[int | bytes]]:
-    """A protobuf message's fields: varints as ints, length-delimited as bytes."""
-    out: dict[int, list[int | bytes]] = {}
-    pos = 0
-    while pos < len(msg):
-        key, pos = _varint(msg, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(msg, pos)
-            out.setdefault(number, []).append(value)
-        elif wire == 2:
-            length, pos = _varint(msg, pos)
-            out.setdefault(number, []).append(msg[pos : pos + length])
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-    return out
-
-
-def _entries(path: Path) -> list[bytes]:
-    """The protobuf entries of a CRIU image: two 32-bit magics, then (u32 size, message)s."""
-    data = path.read_bytes()
-    pos, out = 8, []
-    while pos + 4 <= len(data):
-        (size,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        if pos + size > len(data):
-            raise ValueError(f"{path.name}: truncated entry at byte {pos}")
-        out.append(data[pos : pos + size])
-        pos += size
-    return out
-
-
 @dataclass(frozen=True)
 class LazyRange:
     """Lazy pages at [start, end) (addresses at dump time) whose bytes start at `offset` in the
@@ -203,18 +155,24 @@ class TaskPages:
         return sum(r.end - r.start for r in self.ranges)
 
 
-def _pagemap(images_dir: Path, pid: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """(pages_id, [(vaddr, nr_pages, flags)]) of process `pid`'s pagemap image."""
+def _image(images_dir: Path, name: str, pid: int) -> list[bytes]:
+    """The entries of one of process `pid`'s images (`name`-<pid>.img), never empty."""
     try:
-        pagemap = _entries(images_dir / f"pagemap-{pid}.img")
+        out = images.entries(images_dir / f"{name}-{pid}.img")
     except (OSError, ValueError) as exc:
         raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
-    if not pagemap:
-        raise PageFillError(f"images of process {pid}: empty pagemap image")
-    pages_id = int(_fields(pagemap[0]).get(1, [0])[0])  # type: ignore[arg-type]
+    if not out:
+        raise PageFillError(f"images of process {pid}: empty {name} image")
+    return out
+
+
+def _pagemap(images_dir: Path, pid: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """(pages_id, [(vaddr, nr_pages, flags)]) of process `pid`'s pagemap image."""
+    pagemap = _image(images_dir, "pagemap", pid)
+    pages_id = int(images.fields(pagemap[0]).get(1, [0])[0])  # type: ignore[arg-type]
     out = []
     for raw in pagemap[1:]:
-        f = _fields(raw)
+        f = images.fields(raw)
         vaddr = int(f.get(1, [0])[0])  # type: ignore[arg-type]
         # nr_pages (5) since CRIU 3.x; compat_nr_pages (2, 32-bit) in older images
         nr = int(f[5][0] if 5 in f else f.get(2, [0])[0])  # type: ignore[arg-type]
@@ -224,19 +182,18 @@ def _pagemap(images_dir: Path, pid: int) -> tuple[int, list[tuple[int, int, int]
     return pages_id, out
 
 
+def _vmas(images_dir: Path, pid: int) -> list[dict[int, list[int | bytes]]]:
+    """Process `pid`'s VMAs (mm_entry.vmas: vma_entry{start=1, end=2, pgoff=3, shmid=4, ...,
+    status=7}), sorted by start."""
+    mm = _image(images_dir, "mm", pid)
+    vmas = [images.fields(v) for v in images.fields(mm[0]).get(14, [])]  # type: ignore[arg-type]
+    return sorted(vmas, key=lambda v: int(v.get(1, [0])[0]))  # type: ignore[arg-type]
+
+
 def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
     """The lazy ranges of process `pid` (its pid in the images), split at VMA boundaries."""
     pages_id, entries = _pagemap(images_dir, pid)
-    try:
-        mm = _entries(images_dir / f"mm-{pid}.img")
-    except (OSError, ValueError) as exc:
-        raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
-    if not mm:
-        raise PageFillError(f"images of process {pid}: empty mm image")
-    vmas = sorted(
-        (int(_fields(v).get(1, [0])[0]), int(_fields(v).get(2, [0])[0]))  # type: ignore[arg-type]
-        for v in _fields(mm[0]).get(14, [])  # mm_entry.vmas
-    )
+    vmas = [(int(v.get(1, [0])[0]), int(v.get(2, [0])[0])) for v in _vmas(images_dir, pid)]  # type: ignore[arg-type]
     ranges: list[LazyRange] = []
     offset = 0
     v = 0
@@ -299,14 +256,14 @@ def _reg_files(images_dir: Path) -> dict[int, str]:
     """Regular files of the images by id (files.img: file_entry{type=1 REG, id, reg{name}})."""
     out: dict[int, str] = {}
     try:
-        entries = _entries(images_dir / "files.img")
+        entries = images.entries(images_dir / "files.img")
     except (OSError, ValueError) as exc:
         raise PageFillError(f"files.img of {images_dir} unreadable: {exc}") from exc
     for raw in entries:
-        f = _fields(raw)
+        f = images.fields(raw)
         if f.get(1, [0])[0] != 1 or 3 not in f:
             continue
-        reg = _fields(f[3][0])  # type: ignore[arg-type]
+        reg = images.fields(f[3][0])  # type: ignore[arg-type]
         name = reg.get(6, [b""])[0]
         out[int(f.get(2, [0])[0])] = name.decode(errors="replace")  # type: ignore[union-attr]
     return out
@@ -324,17 +281,11 @@ def file_spans(images_dir: Path, pids: list[int], root: Path = Path("/")) -> lis
         if not (images_dir / f"pagemap-{pid}.img").exists():
             continue
         _pages_id, entries = _pagemap(images_dir, pid)
-        try:
-            mm = _entries(images_dir / f"mm-{pid}.img")
-        except (OSError, ValueError) as exc:
-            raise PageFillError(f"images of process {pid} unreadable: {exc}") from exc
-        vmas = []
-        for raw in _fields(mm[0]).get(14, []) if mm else []:
-            v = _fields(raw)  # type: ignore[arg-type]
-            if int(v.get(7, [0])[0]) & VMA_FILE_PRIVATE and int(v.get(4, [0])[0]) in files:  # type: ignore[arg-type]
-                vmas.append((int(v[1][0]), int(v[2][0]), int(v.get(3, [0])[0]),  # type: ignore[arg-type]
-                             files[int(v[4][0])]))  # type: ignore[arg-type]  # fmt: skip
-        vmas.sort()
+        vmas = [
+            (int(v[1][0]), int(v[2][0]), int(v.get(3, [0])[0]), files[int(v[4][0])])  # type: ignore[arg-type]
+            for v in _vmas(images_dir, pid)
+            if int(v.get(7, [0])[0]) & VMA_FILE_PRIVATE and int(v.get(4, [0])[0]) in files  # type: ignore[arg-type]
+        ]
         starts = [v[0] for v in vmas]
         for vaddr, nr, flags in entries:
             if flags & (PE_PARENT | PE_LAZY) or not flags & PE_PRESENT:
