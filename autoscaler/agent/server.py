@@ -180,6 +180,13 @@ class Metrics:
         self.restore_seconds = Histogram(
             "autoscaler_agent_restore_seconds", "Restore start to healthy worker", ["source"],
             buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120), registry=r)
+        # who put a restored worker's memory in place ("parallel": the agent's page fill,
+        # "criu": CRIU's own, e.g. where the kernel has no usable userfaultfd)
+        self.page_fills = Counter("autoscaler_agent_page_fills_total",
+                                  "Successful restores by page fill", ["mode"], registry=r)
+        self.page_fill_seconds = Histogram(
+            "autoscaler_agent_page_fill_seconds", "The parallel page fill's copy",
+            buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4), registry=r)
         self.stage_seconds = Histogram("autoscaler_agent_stage_seconds", "Staging copy time",
                                        ["tier"], registry=r)
         self.cache_bytes = Gauge("autoscaler_agent_cache_bytes", "Bytes held per tier",
@@ -336,6 +343,11 @@ class Agent:
         self.metrics.restores.labels("ok" if outcome.ok else "error", source).inc()
         if outcome.ok and "total" in outcome.seconds:
             self.metrics.restore_seconds.labels(source).observe(outcome.seconds["total"])
+        if outcome.ok:
+            fill = outcome.page_fill
+            self.metrics.page_fills.labels("parallel" if fill else "criu").inc()
+            if fill:
+                self.metrics.page_fill_seconds.observe(float(fill["fill_s"]))
         return outcome.to_dict()
 
     def inventory(self) -> dict:

@@ -205,6 +205,9 @@ def test_checkpoint_stage_restore_through_the_api(
         assert r.status == 200
     status, text = api.call("GET", "/metrics", token=None)
     assert 'autoscaler_agent_restores_total{result="ok",source="memory"} 1.0' in text
+    # the node's page fill is visible to its operator (the agent's own by default)
+    assert 'autoscaler_agent_page_fills_total{mode="parallel"} 1.0' in text
+    assert "autoscaler_agent_page_fill_seconds_count 1.0" in text
     wait_for(lambda: True, 1, "noop")
 
 
