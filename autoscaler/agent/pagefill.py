@@ -424,6 +424,7 @@ class LazyPagesServer:
         self._done = threading.Event()
         self._closing = False
         self._stop_events = False
+        self._pending_pid = 0  # the pid whose userfaultfd comes next on the socket
         self._error: BaseException | None = None
         self._t0 = 0.0
         self._serve_thread: threading.Thread | None = None
@@ -509,8 +510,19 @@ class LazyPagesServer:
             self._fill()
         except BaseException as exc:  # reported by wait_filled
             self._error = exc
+            self._close_uffds()
         finally:
             self._done.set()
+
+    def _close_uffds(self) -> None:
+        """After a failure: a fault left unserved would hold CRIU's restorer until its timeout;
+        closing the userfaultfds wakes it (the restore is failed and its tree killed anyway)."""
+        with self._lock:
+            for task in self._tasks:
+                if task.uffd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(task.uffd)
+                    task.uffd = -1
 
     def _accept(self) -> socket.socket | None:
         assert self._listener is not None
@@ -565,21 +577,24 @@ class LazyPagesServer:
             want_fd = True
 
     def _add_task(self, pid: int, uffd: int) -> None:
-        pages = read_task_pages(self.images_dir, pid)
-        size = os.path.getsize(pages.pages_path) if pages.ranges else 0
-        src = 0
-        if size:
-            fd = os.open(pages.pages_path, os.O_RDONLY)
-            try:
-                src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
-                # from disk: start reading the whole image now, while CRIU is still restoring
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-            if src in (0, _MAP_FAILED):
-                os.close(uffd)
-                raise PageFillError(f"cannot map {pages.pages_path}: "
-                                    f"{os.strerror(ctypes.get_errno())}")  # fmt: skip
+        try:
+            pages = read_task_pages(self.images_dir, pid)
+            size = os.path.getsize(pages.pages_path) if pages.ranges else 0
+            src = 0
+            if size:
+                fd = os.open(pages.pages_path, os.O_RDONLY)
+                try:
+                    src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
+                    # from disk: start reading the whole image now, while CRIU restores
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+                if src in (0, _MAP_FAILED):
+                    raise PageFillError(f"cannot map {pages.pages_path}: "
+                                        f"{os.strerror(ctypes.get_errno())}")  # fmt: skip
+        except BaseException:
+            os.close(uffd)  # not ours to serve: CRIU's restorer must not wait on it
+            raise
         task = _Task(pages=pages, uffd=uffd, src=src, src_len=size)
         with self._lock:
             self._tasks.append(task)
@@ -611,14 +626,7 @@ class LazyPagesServer:
                         self._handle_events(task)
         except BaseException as exc:  # reported by wait_filled
             self._error = self._error or exc
-            # a fault left unserved would hold CRIU's restorer forever: closing the
-            # userfaultfds wakes it (the restore is failed and its tree killed anyway)
-            with self._lock:
-                for task in self._tasks:
-                    if task.uffd >= 0:
-                        with contextlib.suppress(OSError):
-                            os.close(task.uffd)
-                        task.uffd = -1
+            self._close_uffds()
 
     def _handle_events(self, task: _Task) -> None:
         while True:

@@ -195,6 +195,7 @@ def test_server_reports_a_connection_closed_before_the_restore_finished(tmp_path
 
 def test_server_wants_images_for_the_process_it_is_given(tmp_path: Path) -> None:
     r, w = os.pipe()  # any fd stands in for the userfaultfd
+    before = _fds_on(r)  # both ends of the pipe
     with (
         pagefill.LazyPagesServer(tmp_path / "images", tmp_path / "work") as server,
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client,
@@ -205,8 +206,23 @@ def test_server_wants_images_for_the_process_it_is_given(tmp_path: Path) -> None
                                   array.array("i", [r]).tobytes())])  # fmt: skip
         with pytest.raises(pagefill.PageFillError, match="images of process 4242"):
             server.wait_filled(10)
+        # the userfaultfd it could not serve is closed at once (a restorer waiting on a fault
+        # would otherwise wait for CRIU's timeout): only the pipe's own two ends are left
+        assert _fds_on(r) == before
     os.close(w)
     os.close(r)
+
+
+def _fds_on(fd: int) -> int:
+    """How many of this process's fds refer to the same file as `fd`."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == target
+        except OSError:
+            continue
+    return count
 
 
 def test_long_work_dirs_still_bind(tmp_path: Path) -> None:
