@@ -393,6 +393,9 @@ class ModelRun:
         if page_fill is not None:  # a comparison run: who copies the pages into place
             options = replace(options, page_fill=page_fill)
         from_disk = path.startswith("disk")
+        # the agent's order from disk: the images first, then the weights (one stream at a
+        # time); "_preload_at_once" runs (--compare-disk-preload) start both together
+        preload_at_once = not from_disk or path.endswith("_preload_at_once")
         weights_needed = ckpt["mode"] == "fast"
         preload = self.args.preload if preload is None else preload
         preload = preload and weights_needed
@@ -444,13 +447,13 @@ class ModelRun:
         # From disk the images come first (CRIU needs them now, the worker needs the weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
         # The agent's restore (restore_artifact) orders them the same way.
-        if not from_disk:
+        if preload_at_once:
             preloads.start(files)
         if verified is not None:  # as the agent does: hash alongside CRIU, tree stopped, then
             # the weights checked (one stat when this node verified them unchanged)
             check = restore_mod.artifact_check(
                 verify_root.name, verified, files, Path, known, timings, checked,  # type: ignore[union-attr]
-                after_images=(lambda: preloads.start(files)) if from_disk else None,
+                after_images=None if preload_at_once else (lambda: preloads.start(files)),
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, options, None, check, log_name
@@ -458,7 +461,8 @@ class ModelRun:
         else:
             if from_disk:
                 fastload.prefetch(image_files(images), threads=16)
-                preloads.start(files)
+                if not preload_at_once:
+                    preloads.start(files)
             restored = criu_mod.restore(images, logs, options, log_name=log_name)
         if from_disk and not preload and weights_needed:  # the worker reads them itself
             threading.Thread(
@@ -591,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
         "single-threaded page fill (paths memory_criu_fill, disk_criu_fill)",
     )  # fmt: skip
     p.add_argument(
+        "--compare-disk-preload", action="store_true",
+        help="also restore from disk with the weights' preload started at once, beside the "
+        "images, instead of after them (paths disk_preload_at_once, "
+        "disk_artifact_preload_at_once)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="leave the agent's artifact verification out of the memory and disk restores",
     )  # fmt: skip
@@ -678,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
                 run.restore("disk_artifact", fast_images, ckpt)
             if args.compare_page_fill and "disk" in paths:
                 run.restore("disk_criu_fill", fast_images, ckpt, page_fill="criu")
+            if args.compare_disk_preload:
+                for base in ("disk", "disk_artifact"):
+                    if base in paths:
+                        run.restore(f"{base}_preload_at_once", fast_images, ckpt)
             # The baseline artifact is taken from a restored worker that loaded its weights
             # itself (a preloader's imported allocation is shared memory, which the CUDA
             # checkpoint is not asked to handle). With a preloader this restore doubles as the
@@ -704,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"].extend(
                 r for r in run.runs
                 if r["path"] in paths or r["path"].startswith("memory_")
-                or r["path"].endswith("_criu_fill")
+                or r["path"].endswith(("_criu_fill", "_preload_at_once"))
             )
             save()
             if args.logs_out:
