@@ -20,7 +20,7 @@ import pytest
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.errors import CriuNotFound
 from autoscaler.agent.hooks import READY_FOR_CHECKPOINT, Handshake
-from autoscaler.agent.restore import RestoreRequest
+from autoscaler.agent.restore import RestoreOutcome, RestoreRequest, restore_artifact
 from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox, kill_pid, wait_for
 
 __all__ = ["WORKER_PID_IN_POD", "kill_pid", "wait_for"]
@@ -118,3 +118,14 @@ def restore_request(dumped: dict, artifact_id: str = "w", **fields: Any) -> Rest
     directory and its worker's /health (overridable), plus any other request fields."""
     fields.setdefault("health_url", f"http://127.0.0.1:{dumped['port']}/health")
     return RestoreRequest(artifact_id=artifact_id, handshake_dir=str(dumped["handshake"]), **fields)
+
+
+def restored_ok(
+    dumped: dict, cleanup_pids: list[int], cache: Any = None, store: Any = None, **fields: Any
+) -> RestoreOutcome:
+    """Restore the module's `dumped` worker (restore_request(dumped, **fields)); the restore
+    must succeed, and its worker is killed at teardown (cleanup_pids)."""
+    outcome = restore_artifact(restore_request(dumped, **fields), cache=cache, store=store)
+    assert outcome.ok, outcome.reason
+    cleanup_pids.append(outcome.host_pid)
+    return outcome

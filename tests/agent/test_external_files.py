@@ -29,7 +29,14 @@ from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import ArtifactInfo, DirectoryStore, Manifest
 from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox
 
-from .conftest import free_port, restore_request, wait_for, wait_handshake, worker_command
+from .conftest import (
+    free_port,
+    restore_request,
+    restored_ok,
+    wait_for,
+    wait_handshake,
+    worker_command,
+)
 from .test_store import make_artifact
 
 MiB = 1 << 20
@@ -285,12 +292,7 @@ def test_memory_staging_warms_and_verifies_then_restore_only_stats_and_answers_t
     (listed,) = [a for a in cache.inventory(page_cache=True) if a.tier == "memory"]
     assert listed.external_files[0]["state"] == "verified"
     assert listed.external_files[0]["page_cache_bytes"] == params.stat().st_size
-    outcome = restore_artifact(
-        restore_request(dumped),
-        cache=cache, store=store,
-    )  # fmt: skip
-    assert outcome.ok, outcome.reason
-    cleanup_pids.append(outcome.host_pid)
+    outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store)
     assert outcome.source == "memory"
     assert [(f["path"], f["how"]) for f in outcome.external_files] == [(str(params), "record")]
     assert "external_check" in outcome.seconds
@@ -309,12 +311,7 @@ def test_an_unverified_but_unchanged_file_is_hashed_and_the_restore_goes_on(
 ) -> None:
     store, params = node(tmp_path, dumped)
     os.utime(params)  # touched: a new mtime, same contents
-    outcome = restore_artifact(
-        restore_request(dumped),
-        store=store,
-    )  # fmt: skip
-    assert outcome.ok, outcome.reason
-    cleanup_pids.append(outcome.host_pid)
+    outcome = restored_ok(dumped, cleanup_pids, store=store)
     assert [f["how"] for f in outcome.external_files] == ["hashed"]
     assert answers(dumped["port"]) == expected(params)
 

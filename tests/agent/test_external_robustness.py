@@ -24,7 +24,7 @@ from autoscaler.agent.errors import ExternalFileChanged
 from autoscaler.agent.restore import RestoreRequest, restore_artifact
 from autoscaler.agent.staging import NodeCache
 
-from .conftest import restore_request, wait_for
+from .conftest import restore_request, restored_ok, wait_for
 from .test_external_files import (  # noqa: F401  (dumped: the shared checkpoint fixture)
     PARAMS_SEED,
     MiB,
@@ -212,12 +212,7 @@ def test_a_damaged_record_makes_the_restore_hash_the_weights_and_go_on(
     assert cache.external_states(store.read_manifest("w"))[0]["state"] == "verified"
     cache.verified.path.write_text('{"truncated": ')
     with caplog.at_level(logging.WARNING, logger="autoscaler.agent.external"):
-        outcome = restore_artifact(
-            restore_request(dumped),
-            cache=cache, store=store,
-        )  # fmt: skip
-    assert outcome.ok, outcome.reason
-    cleanup_pids.append(outcome.host_pid)
+        outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store)
     assert [(f["path"], f["how"]) for f in outcome.external_files] == [(str(params), "hashed")]
     assert answers(dumped["port"]) == expected(params)
     assert any("verified external files" in r.getMessage() for r in caplog.records)
@@ -261,12 +256,7 @@ def test_restore_checks_unverified_weights_by_hash_or_by_stat(
     cache = NodeCache(tmp_path / "disk", 1 << 30)
     cache.stage(store, "w", "disk")  # no warm: the weights are not verified on this node
     assert cache.external_states(store.read_manifest("w"))[0]["state"] == "unverified"
-    outcome = restore_artifact(
-        restore_request(dumped, external_check=mode),
-        cache=cache, store=store,
-    )  # fmt: skip
-    assert outcome.ok, outcome.reason
-    cleanup_pids.append(outcome.host_pid)
+    outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store, external_check=mode)
     assert [(f["path"], f["how"]) for f in outcome.external_files] == [(str(params), how)]
     assert answers(dumped["port"]) == expected(params)
     # A stat is not a verification: the node's record only holds what was hashed.

@@ -18,7 +18,14 @@ from autoscaler.agent.restore import RestoreRequest, restore_artifact, restore_w
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import DirectoryStore
 
-from .conftest import free_port, restore_request, wait_for, wait_handshake, worker_command
+from .conftest import (
+    free_port,
+    restore_request,
+    restored_ok,
+    wait_for,
+    wait_handshake,
+    worker_command,
+)
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -93,12 +100,7 @@ def test_corrupt_local_copy_falls_back_to_the_store(
 ) -> None:
     store, cache = node_with_copy(tmp_path, dumped)
     os.truncate(next((tmp_path / "disk" / "w" / "images").glob("pages-*.img")), 10)
-    outcome = restore_artifact(
-        restore_request(dumped),
-        cache=cache, store=store,
-    )
-    assert outcome.ok, outcome.reason
-    cleanup_pids.append(outcome.host_pid)
+    outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store)
     assert outcome.source == "store"
     assert len(outcome.quarantined) == 1
 
@@ -113,12 +115,7 @@ def test_content_damage_found_alongside_criu_falls_back_to_the_store(
         byte = f.read(1)
         f.seek(0)
         f.write(bytes([byte[0] ^ 0xFF]))
-    outcome = restore_artifact(
-        restore_request(dumped),
-        cache=cache, store=store,
-    )  # fmt: skip
-    assert outcome.ok, outcome.reason
-    cleanup_pids.append(outcome.host_pid)
+    outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store)
     assert outcome.source == "store"
     assert len(outcome.quarantined) == 1 and not cache.holds("w", "disk")
     assert "verify_contents" in outcome.seconds
