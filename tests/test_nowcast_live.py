@@ -266,6 +266,16 @@ def _gappy_rates(n: int) -> np.ndarray:
     return rates
 
 
+def _incremental_and_full(make_source, **incremental_options):
+    """The same band twice, each on its own source from `make_source()`: fetched
+    incrementally (the default) and in full every cycle (the reference). Returns
+    (the incremental one's source, incremental, full)."""
+    source = make_source()
+    inc = NowcastBands(ON, 15.0, 60.0, source, **incremental_options)
+    full = NowcastBands(ON, 15.0, 60.0, make_source(), incremental=False)
+    return source, inc, full
+
+
 def _cycles(bands: NowcastBands, w, t0: pd.Timestamp, n: int, every_s: float = 15.0):
     return [bands.band(w, SPEC, [3.1], (t0 + pd.Timedelta(seconds=every_s * i)).timestamp())
             for i in range(n)]  # fmt: skip
@@ -288,12 +298,11 @@ def test_the_incremental_buffer_gives_the_band_a_full_fetch_gives():
     buffer holds exactly the windows a full fetch reads, so the band is the same; after the
     first cycle each fetch asks for 3 new windows + 2 re-read, not 720."""
     w = _workload()
-    source = FineDouble(_gappy_rates(2400), START)
     fetches: list[tuple[str, int]] = []
-    inc = NowcastBands(ON, 15.0, 60.0, source,
-                       on_fetch=lambda name, kind, points: fetches.append((kind, points)))
-    full = NowcastBands(ON, 15.0, 60.0, FineDouble(_gappy_rates(2400), START),
-                        incremental=False)  # fmt: skip
+    source, inc, full = _incremental_and_full(
+        lambda: FineDouble(_gappy_rates(2400), START),
+        on_fetch=lambda name, kind, points: fetches.append((kind, points)),
+    )
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     got, want = _cycles(inc, w, t0, 60), _cycles(full, w, t0, 60)
     for a, b in zip(got, want, strict=True):
@@ -318,9 +327,7 @@ def test_late_windows_are_reread_and_overwritten():
     re-reads it next cycle, so the buffer then holds its final value, as a full fetch does."""
     w = _workload()
     rates = _rates(2400)
-    inc = NowcastBands(ON, 15.0, 60.0, LateDouble(rates, START, late_s=5.0))
-    full = NowcastBands(ON, 15.0, 60.0, LateDouble(rates, START, late_s=5.0),
-                        incremental=False)  # fmt: skip
+    _source, inc, full = _incremental_and_full(lambda: LateDouble(rates, START, late_s=5.0))
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     got, want = _cycles(inc, w, t0, 12), _cycles(full, w, t0, 12)
     for a, b in zip(got, want, strict=True):
@@ -386,10 +393,7 @@ def test_the_whole_history_is_fetched_again_after_a_long_gap_a_clock_jump_or_new
 def test_a_failed_incremental_fetch_gives_no_band_and_keeps_the_buffer():
     w = _workload()
     rates = _rates(2400)
-    source = FineDouble(rates, START)
-    inc = NowcastBands(ON, 15.0, 60.0, source)
-    full = NowcastBands(ON, 15.0, 60.0, FineDouble(rates, START),
-                        incremental=False)  # fmt: skip
+    source, inc, full = _incremental_and_full(lambda: FineDouble(rates, START))
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     _cycles(inc, w, t0, 4)
     before = inc.held("chat")
@@ -414,10 +418,7 @@ def test_a_failed_incremental_fetch_gives_no_band_and_keeps_the_buffer():
 def test_windows_the_source_did_not_return_are_nan_and_a_stopped_source_gives_no_band():
     w = _workload()
     rates = _rates(2400)
-    source = FineDouble(rates, START)
-    inc = NowcastBands(ON, 15.0, 60.0, source)
-    full = NowcastBands(ON, 15.0, 60.0, FineDouble(rates, START),
-                        incremental=False)  # fmt: skip
+    source, inc, full = _incremental_and_full(lambda: FineDouble(rates, START))
     t0 = START + pd.Timedelta(hours=1, seconds=2)
     _cycles(inc, w, t0, 2)
     _cycles(full, w, t0, 2)
