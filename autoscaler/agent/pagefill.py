@@ -190,10 +190,32 @@ def _vmas(images_dir: Path, pid: int) -> list[dict[int, list[int | bytes]]]:
     return sorted(vmas, key=lambda v: int(v.get(1, [0])[0]))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class _ProcessImages:
+    """One process's pagemap and VMAs, parsed once for everything that needs them."""
+
+    pid: int
+    pages_path: Path
+    entries: list[tuple[int, int, int]]  # (vaddr, nr_pages, flags)
+    vmas: list[dict[int, list[int | bytes]]]
+
+
+def _load(images_dir: Path, pid: int) -> _ProcessImages:
+    pages_id, entries = _pagemap(images_dir, pid)
+    return _ProcessImages(pid, images_dir / f"pages-{pages_id}.img", entries,
+                          _vmas(images_dir, pid))  # fmt: skip
+
+
+def _load_all(images_dir: Path, pids: list[int]) -> list[_ProcessImages]:
+    """The processes of `pids` that have memory (a zombie has no pagemap)."""
+    return [_load(images_dir, p) for p in pids if (images_dir / f"pagemap-{p}.img").exists()]
+
+
 def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
     """The lazy ranges of process `pid` (its pid in the images), split at VMA boundaries."""
-    pages_id, entries = _pagemap(images_dir, pid)
-    vmas = [(int(v.get(1, [0])[0]), int(v.get(2, [0])[0])) for v in _vmas(images_dir, pid)]  # type: ignore[arg-type]
+    loaded = _load(images_dir, pid)
+    entries = loaded.entries
+    vmas = [(int(v.get(1, [0])[0]), int(v.get(2, [0])[0])) for v in loaded.vmas]  # type: ignore[arg-type]
     ranges: list[LazyRange] = []
     offset = 0
     v = 0
@@ -218,8 +240,7 @@ def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
                 off += stop - at
                 at = stop
         offset += end - start
-    return TaskPages(pid=pid, pages_path=images_dir / f"pages-{pages_id}.img",
-                     ranges=tuple(ranges))  # fmt: skip
+    return TaskPages(pid=pid, pages_path=loaded.pages_path, ranges=tuple(ranges))
 
 
 def eager_spans(images_dir: Path, pids: list[int], gap: int = 256 << 10) -> list[
@@ -228,14 +249,17 @@ def eager_spans(images_dir: Path, pids: list[int], gap: int = 256 << 10) -> list
     """Where in the pages images CRIU itself reads during a --lazy-pages restore (the pages
     that are not lazy: file-backed private pages, stacks, ...), as (file, offset, length),
     spans closer than `gap` merged."""
+    return _eager_spans(_load_all(images_dir, pids), gap)
+
+
+def _eager_spans(processes: list[_ProcessImages], gap: int = 256 << 10) -> list[
+    tuple[Path, int, int]
+]:
     spans: list[tuple[Path, int, int]] = []
-    for pid in pids:
-        if not (images_dir / f"pagemap-{pid}.img").exists():
-            continue  # a zombie: no memory
-        pages_id, entries = _pagemap(images_dir, pid)
-        path = images_dir / f"pages-{pages_id}.img"
+    for proc in processes:
+        path = proc.pages_path
         offset = 0
-        for _vaddr, nr, flags in entries:
+        for _vaddr, nr, flags in proc.entries:
             if flags & PE_PARENT or not flags & PE_PRESENT:
                 continue
             length = nr * PAGE
@@ -275,19 +299,21 @@ def file_spans(images_dir: Path, pids: list[int], root: Path = Path("/")) -> lis
     """The parts of mapped files (libraries) that CRIU's restore reads from disk: the pages it
     writes into private file mappings (a library's relocated data) are copied on write from the
     file first. As (file under `root`, offset, length), adjacent spans merged."""
-    files = _reg_files(images_dir)
+    return _file_spans(_load_all(images_dir, pids), _reg_files(images_dir), root)
+
+
+def _file_spans(
+    processes: list[_ProcessImages], files: dict[int, str], root: Path
+) -> list[tuple[Path, int, int]]:
     spans: dict[Path, list[tuple[int, int]]] = {}
-    for pid in pids:
-        if not (images_dir / f"pagemap-{pid}.img").exists():
-            continue
-        _pages_id, entries = _pagemap(images_dir, pid)
+    for proc in processes:
         vmas = [
             (int(v[1][0]), int(v[2][0]), int(v.get(3, [0])[0]), files[int(v[4][0])])  # type: ignore[arg-type]
-            for v in _vmas(images_dir, pid)
+            for v in proc.vmas
             if int(v.get(7, [0])[0]) & VMA_FILE_PRIVATE and int(v.get(4, [0])[0]) in files  # type: ignore[arg-type]
         ]
         starts = [v[0] for v in vmas]
-        for vaddr, nr, flags in entries:
+        for vaddr, nr, flags in proc.entries:
             if flags & (PE_PARENT | PE_LAZY) or not flags & PE_PRESENT:
                 continue
             end = vaddr + nr * PAGE
@@ -317,7 +343,7 @@ def file_spans(images_dir: Path, pids: list[int], root: Path = Path("/")) -> lis
 def prefetch_eager_pages(
     images_dir: Path, pids: list[int], root: Path = Path("/"), threads: int = 8
 ) -> dict[str, int]:
-    """Ask the kernel, before CRIU starts, for everything CRIU reads itself during a
+    """Ask the kernel, while CRIU starts, for everything CRIU reads itself during a
     --lazy-pages restore, all at once: the non-lazy spans of the pages image (eager_spans) and
     the library pages its writes into private file mappings copy first (file_spans).
 
@@ -326,11 +352,12 @@ def prefetch_eager_pages(
     a 2.6 s restore, in relro segments of cuDNN, cuFile, libgomp ...). From the page cache
     this costs only the lookups. A file that cannot be opened is counted, not raised: CRIU
     itself reports it, with its own error."""
+    processes = _load_all(images_dir, pids)  # each image parsed once for both kinds
     by_file: dict[Path, list[tuple[int, int]]] = {}
-    for path, offset, length in eager_spans(images_dir, pids):
+    for path, offset, length in _eager_spans(processes):
         by_file.setdefault(path, []).append((offset, length))
     image_files = set(by_file)
-    for path, offset, length in file_spans(images_dir, pids, root):
+    for path, offset, length in _file_spans(processes, _reg_files(images_dir), root):
         by_file.setdefault(path, []).append((offset, length))
 
     def ask(path: Path) -> int | None:
@@ -385,6 +412,12 @@ class _Task:
     src_len: int
     # runtime address -> dump-time address shifts from UFFD_EVENT_REMAP: (from, to, len)
     remaps: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def range_at(self, image_address: int) -> LazyRange | None:
+        """The lazy range holding a dump-time address (ranges are sorted and disjoint)."""
+        ranges = self.pages.ranges
+        i = bisect.bisect_right(ranges, image_address, key=lambda r: r.start) - 1
+        return ranges[i] if i >= 0 and image_address < ranges[i].end else None
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
@@ -670,10 +703,9 @@ class LazyPagesServer:
 
     def _serve_fault(self, task: _Task, runtime: int) -> None:
         image = self._to_image(task, runtime)
-        for r in task.pages.ranges:
-            if r.start <= image < r.end:
-                self._copy(task, runtime, task.src + r.offset + (image - r.start), PAGE)
-                break
+        r = task.range_at(image)
+        if r is not None:
+            self._copy(task, runtime, task.src + r.offset + (image - r.start), PAGE)
         else:  # not in the image: a page never written before the dump
             zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
