@@ -330,7 +330,7 @@ def restore(
             try:
                 stats = {**server.wait_filled(timeout_s).as_dict(), **_prefetched(prefetch)}
             except pagefill.PageFillError as exc:
-                _kill_tree(host)
+                kill_restored(host)
                 raise CriuError("restore", 0, str(log_path),
                                 f"the parallel page fill failed, the restored tree was "
                                 f"killed: {exc}") from exc  # fmt: skip
@@ -358,10 +358,21 @@ def _prefetched(prefetch: Future[dict[str, int]] | None) -> dict[str, float | in
         return {"prefetch_error": f"{type(exc).__name__}: {exc}"}
 
 
-def _kill_tree(host_pid: int) -> None:
-    for pid in reversed(tree_pids(host_pid)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def kill_restored(host_pid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL the restored tree (its process group, the worker being a session leader)."""
+    try:
+        pgid = os.getpgid(host_pid)
+    except ProcessLookupError:
+        return
+    # Never signal our own group (a restored tree that is not a session leader shares it).
+    if pgid != os.getpgid(0):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(host_pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{host_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def tree_pids(host_pid: int) -> list[int]:

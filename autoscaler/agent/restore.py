@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import signal
 import threading
 import time
 import urllib.error
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import external, multiproc
+from autoscaler.agent.criu import kill_restored
 from autoscaler.agent.cuda import get_api
 from autoscaler.agent.errors import (
     AgentError,
@@ -542,23 +542,6 @@ def _quarantine_local(
         with contextlib.suppress(AgentError, OSError):
             done.append(holder.quarantine(artifact_id, f"restore failed: {exc}"))
     return done
-
-
-def kill_restored(host_pid: int, timeout_s: float = 10.0) -> None:
-    """SIGKILL the restored tree (its process group, the worker being a session leader)."""
-    try:
-        pgid = os.getpgid(host_pid)
-    except ProcessLookupError:
-        return
-    # Never signal our own group (a restored tree that is not a session leader shares it).
-    if pgid != os.getpgid(0):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(host_pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout_s
-    while Path(f"/proc/{host_pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def check_health(url: str, timeout_s: float, netns_pid: int | None = None) -> int:
