@@ -204,3 +204,65 @@ def test_block_digests_locate_damage_and_old_manifests_still_verify(
         del entry["blocks"]
     path.write_text(json.dumps(data))
     assert store.open("b2").manifest.files["images/pages-1.img"].blocks == ()
+
+
+def test_read_ahead_verification_hashes_each_block_after_its_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From disk the files are read in order by their own threads and each block is hashed
+    from the page cache; `on_read` fires once, when the last read is issued (so the weights'
+    preload can start), which is before the last block can have been hashed."""
+    from autoscaler.agent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "BLOCK_SIZE", 8 << 20)
+    monkeypatch.setattr(store_mod, "HASH_CHUNK", 1 << 20)
+    monkeypatch.setattr(store_mod, "READ_AHEAD_CHUNK", 2 << 20)  # divides BLOCK_SIZE
+    store = DirectoryStore(tmp_path / "store")
+    manifest = make_artifact(store, "r1", size=(20 << 20) + 123)
+    root = tmp_path / "store" / "r1"
+    hashed: list[int] = []
+    at_read: list[int] = []
+    store_mod.verify_directory(
+        "r1", root, progress=lambda done, _total: hashed.append(done), read_ahead_threads=4,
+        on_read=lambda: at_read.append(hashed[-1] if hashed else 0),
+    )  # fmt: skip
+    assert hashed[-1] == manifest.total_bytes
+    assert len(at_read) == 1 and at_read[0] < manifest.total_bytes
+    # Damage is found and located the same way.
+    pages = root / "images" / "pages-1.img"
+    with open(pages, "r+b") as f:
+        f.seek((16 << 20) + 7)
+        f.write(b"\x00\xff")
+    fired: list[bool] = []
+    with pytest.raises(ArtifactCorrupt, match=f"bytes {16 << 20}..{(20 << 20) + 123}"):
+        store_mod.verify_directory(
+            "r1", root, read_ahead_threads=4, on_read=lambda: fired.append(True)
+        )
+    assert fired == [True]
+    # A manifest without block digests (one job per file, larger than a block) also waits
+    # for every piece of its file, not for a block that is not a job.
+    make_artifact(store, "r2", size=(9 << 20) + 5)
+    path = tmp_path / "store" / "r2" / "manifest.json"
+    data = json.loads(path.read_text())
+    for entry in data["files"].values():
+        del entry["blocks"]
+    path.write_text(json.dumps(data))
+    called: list[bool] = []
+    store_mod.verify_directory(
+        "r2", path.parent, read_ahead_threads=3, on_read=lambda: called.append(True)
+    )
+    assert called == [True]
+
+
+def test_verification_without_read_ahead_calls_on_read_once_hashed(tmp_path: Path) -> None:
+    from autoscaler.agent import store as store_mod
+
+    store = DirectoryStore(tmp_path / "store")
+    manifest = make_artifact(store, "n1", size=1 << 20)
+    hashed: list[int] = []
+    at_read: list[int] = []
+    store_mod.verify_directory(
+        "n1", tmp_path / "store" / "n1", progress=lambda done, _t: hashed.append(done),
+        on_read=lambda: at_read.append(hashed[-1]),
+    )  # fmt: skip
+    assert at_read == [manifest.total_bytes]
