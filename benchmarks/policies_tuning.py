@@ -1,20 +1,27 @@
-"""The planner's forecast quantile and headroom, chosen on a development trace and then tested.
+"""The planner's forecast quantile, headroom and nowcast band, chosen on a development trace and
+then tested.
 
 Development: Mooncake conv (not one of issue #3's four traces), replayed twice as
 `benchmarks/policies.py` does: the headline replay (per-minute counts interpolated to 1-s ticks)
 and the request-level replay (per-second arrival counts). Ours (`predictive`) runs over the grid
-quantile x headroom below, the oracle beside it for the ratio. The rule (`choose`, fixed here
-before any test trace is replayed): among the configs that serve >= 99.8% on both Mooncake
-replays (a margin over the target's 99.5%), the lowest mean over the two replays of GPU-hours /
-oracle; ties go to the higher quantile, then the higher headroom (the safer one).
+quantile x headroom x band below, the oracle beside it for the ratio. The band settings are off
+(the product default) and the nowcast band at a 5-, 15- or 30-s measured-rate resolution, its
+level over the control interval or over 30 / 60 s, with or without its trend (`Predictive`'s
+band_resolution_s, band_level_s, band_trend). The rule (`choose`, fixed here before any test
+trace is replayed): among the configs that serve >= 99.8% on both Mooncake replays (a margin
+over the target's 99.5%), the lowest mean over the two replays of GPU-hours / oracle; ties go to
+the higher quantile, then the higher headroom (the safer one), then the band setting listed
+first in BAND_GRID (off first).
 
 Test: issue #3's four traces (ServeGen m-large and m-mid, Azure conv and code; headline replay,
-and the per-second replays where `benchmarks/policies.py` has them). The chosen config and the
-product default side by side, with every reactive policy, the oracle and the `clairvoyant` bound
-(ours with perfect foresight at the default headroom) replayed in the same run. Per config:
-served, GPU-hours / oracle, p99 queue delay, whether the target is met (>= 99.5% served at
-<= 1.15x) and whether it is better on both axes than every reactive policy. The test traces
-never feed the choice. Nothing here changes the product defaults.
+and the per-second replays where `benchmarks/policies.py` has them). The chosen config, the
+product default (q0.9, 5%, band off), the previous choice of this benchmark (q0.8, 5%, band off,
+from the quantile x headroom grid alone) and the default's quantile and headroom with the chosen
+band (which part of the change the band is) side by side, with every reactive policy, the oracle
+and the `clairvoyant` bound (ours with perfect foresight at the default headroom) replayed in the
+same run. Per config: served, GPU-hours / oracle, p99 queue delay, whether the target is met
+(>= 99.5% served at <= 1.15x) and whether it is better on both axes than every reactive policy.
+The test traces never feed the choice. Nothing here changes the product defaults.
 
     .cache/venv/bin/python benchmarks/policies_tuning.py
 """
@@ -25,7 +32,7 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from policies import REQUEST_LEVEL_TRACES, TRACES, load_scenario, policy_rows
@@ -37,33 +44,93 @@ from autoscaler.sim.report import REACTIVE, TARGET_RATIO, TARGET_SERVED
 DEV_TRACE = "mooncake-conv"
 QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)
 HEADROOMS = (0.0, 0.05, 0.10)
+
+
+@dataclass(frozen=True, slots=True)
+class Band:
+    """One setting of the nowcast band (`Predictive`'s band_* fields). level_s None: the
+    control interval (15 s), or one window where the resolution is longer. The trend is taken
+    across the level's windows, so with one window (level <= resolution) it has none to take."""
+
+    resolution_s: float
+    level_s: float | None
+    trend: bool
+
+    @property
+    def label(self) -> str:
+        level = "int" if self.level_s is None else f"{self.level_s:g}s"
+        return f"b{self.resolution_s:g}s-l{level}-{'trend' if self.trend else 'flat'}"
+
+
+#: None = band off (the product default). 5 s is the delay the replica's queue tolerates (the
+#: oracle's own window); 15 / 30 s and 30 / 60-s levels smooth over it; the trend flag only
+#: where the level spans more than one window (with one window it has none to take)
+BAND_GRID: tuple[Band | None, ...] = (
+    None,
+    Band(5.0, None, True),  # the `predictive-band` variant of benchmarks/policies.py
+    Band(5.0, None, False),
+    Band(5.0, 30.0, True),
+    Band(5.0, 30.0, False),
+    Band(5.0, 60.0, True),
+    Band(5.0, 60.0, False),
+    Band(15.0, None, False),
+    Band(15.0, 60.0, True),
+    Band(15.0, 60.0, False),
+    Band(30.0, None, False),
+    Band(30.0, 60.0, True),
+    Band(30.0, 60.0, False),
+)
+#: the product default and the previous choice of this benchmark (quantile x headroom alone)
+DEFAULT = (0.9, 0.05, None)
+PREVIOUS = (0.8, 0.05, None)
 #: the selection's served floor on the development trace: a margin over the target's 99.5%
 SELECT_SERVED = 0.998
 #: the two replays of a trace: per-minute counts interpolated (headline) and per-second counts
 HEADLINE, PER_SECOND = "headline", "1s"
 TEST_REQUEST_LEVEL = tuple(t for t in REQUEST_LEVEL_TRACES if t in TRACES)
 RULE = (
-    f"among the grid's configs serving >= {100 * SELECT_SERVED:.1f}% on both {DEV_TRACE} "
-    f"replays ({HEADLINE}, {PER_SECOND}), the lowest mean over the two replays of GPU-hours / "
-    "oracle; ties to the higher quantile, then the higher headroom. Fixed before any test "
-    "trace is replayed; the test traces never feed it."
+    f"among the grid's configs (quantile x headroom x band) serving >= "
+    f"{100 * SELECT_SERVED:.1f}% on both {DEV_TRACE} replays ({HEADLINE}, {PER_SECOND}), the "
+    "lowest mean over the two replays of GPU-hours / oracle (rounded to 4 decimals); ties to "
+    "the higher quantile, then the higher headroom, then the band setting listed first in the "
+    "grid (off first). Fixed before any test trace is replayed; the test traces never feed it."
 )
 OUT = Path(__file__).parent / "results" / "policies-tuning.json"
 POLICIES_JSON = Path(__file__).parent / "results" / "policies.json"
 
-
-def variant_name(quantile: float, headroom: float) -> str:
-    return f"predictive-q{quantile:g}-h{headroom:g}"
+Config = tuple[float, float, Band | None]
 
 
-def ours(forecaster: str, quantile: float | None = None, headroom: float | None = None) -> Policy:
-    """`predictive`; with a quantile and headroom, those in place of the workload spec's."""
+def variant_name(quantile: float, headroom: float, band: Band | None = None) -> str:
+    name = f"predictive-q{quantile:g}-h{headroom:g}"
+    return name if band is None else f"{name}-{band.label}"
+
+
+def ours(forecaster: str, config: Config | None = None) -> Policy:
+    """`predictive`; with a config, its quantile, headroom and band in place of the defaults."""
     base = make_policy("predictive", forecaster=forecaster)
-    if quantile is None or headroom is None:
+    if config is None:
         return base
+    quantile, headroom, band = config
+    policy = replace(base, name=variant_name(*config), quantile=quantile, headroom=headroom)
+    if band is None:
+        return policy
     return replace(
-        base, name=variant_name(quantile, headroom), quantile=quantile, headroom=headroom
+        policy,
+        band_resolution_s=band.resolution_s,
+        band_level_s=band.level_s,
+        band_trend=band.trend,
     )
+
+
+def describe(config: Config) -> dict:
+    quantile, headroom, band = config
+    return {
+        "name": variant_name(*config),
+        "quantile": quantile,
+        "headroom": headroom,
+        "band": None if band is None else asdict(band),
+    }
 
 
 def sim_config(forecaster: str) -> SimConfig:
@@ -86,22 +153,26 @@ def replay(
     }
 
 
+def grid() -> list[Config]:
+    return [(q, h, b) for b in BAND_GRID for q in QUANTILES for h in HEADROOMS]
+
+
 def develop(forecaster: str, config: SimConfig) -> dict:
     """Every grid config and the oracle on both development replays."""
-    grid = [(q, h) for q in QUANTILES for h in HEADROOMS]
+    configs = grid()
     replays = {}
     for key, step in ((HEADLINE, None), (PER_SECOND, "1s")):
-        policies = [ours(forecaster, q, h) for q, h in grid] + [make_policy("oracle")]
+        policies = [ours(forecaster, c) for c in configs] + [make_policy("oracle")]
         replays[key] = replay(DEV_TRACE, step, policies, config, f"{DEV_TRACE} {key}")
     candidates = []
-    for q, h in grid:
-        rows = {key: replays[key]["rows"][variant_name(q, h)] for key in replays}
+    for c in configs:
+        rows = {key: replays[key]["rows"][variant_name(*c)] for key in replays}
         served = min(r["served_fraction"] for r in rows.values())
         ratios = [r["gpu_hours_vs_oracle"] for r in rows.values()]
         candidates.append(
             {
-                "quantile": q,
-                "headroom": h,
+                **describe(c),
+                "band_index": BAND_GRID.index(c[2]),
                 **rows,
                 "eligible": served >= SELECT_SERVED,
                 "mean_gpu_hours_vs_oracle": round(sum(ratios) / len(ratios), 4),
@@ -111,7 +182,8 @@ def develop(forecaster: str, config: SimConfig) -> dict:
 
 
 def choose(candidates: list[dict]) -> dict:
-    """The rule (see RULE): eligible configs, lowest mean ratio, ties to the safer one."""
+    """The rule (see RULE): eligible configs, lowest mean ratio, ties to the safer one, then to
+    the band setting listed first."""
     eligible = [c for c in candidates if c["eligible"]]
     if not eligible:
         raise RuntimeError(
@@ -119,8 +191,18 @@ def choose(candidates: list[dict]) -> dict:
             "widen the grid rather than relax the rule"
         )
     return min(
-        eligible, key=lambda c: (c["mean_gpu_hours_vs_oracle"], -c["quantile"], -c["headroom"])
+        eligible,
+        key=lambda c: (
+            c["mean_gpu_hours_vs_oracle"],
+            -c["quantile"],
+            -c["headroom"],
+            c["band_index"],
+        ),
     )
+
+
+def config_of(candidate: dict) -> Config:
+    return candidate["quantile"], candidate["headroom"], BAND_GRID[candidate["band_index"]]
 
 
 def verdict(rows: dict, name: str) -> dict:
@@ -132,6 +214,7 @@ def verdict(rows: dict, name: str) -> dict:
         for r in REACTIVE
     }
     return {
+        "name": name,
         **row,
         "meets_target": row["served_fraction"] >= TARGET_SERVED
         and row["gpu_hours_vs_oracle"] <= TARGET_RATIO,
@@ -160,29 +243,42 @@ def reference_row(trace: str, key: str) -> dict | None:
     return data.get("request_level", {}).get(trace, {}).get("policies", {}).get("predictive")
 
 
-def evaluate(traces: list[str], chosen: dict, forecaster: str, config: SimConfig) -> dict:
-    """The chosen config and the default, with the reactive policies, oracle and bound."""
-    q, h = chosen["quantile"], chosen["headroom"]
-    names = {"default": "predictive", "chosen": variant_name(q, h)}
+def compared(chosen: Config) -> dict[str, Config]:
+    """The configs the test replays side by side (a config listed twice is replayed once)."""
+    return {
+        "chosen": chosen,
+        "default": DEFAULT,
+        "previous": PREVIOUS,
+        "default_with_chosen_band": (DEFAULT[0], DEFAULT[1], chosen[2]),
+    }
+
+
+def evaluate(traces: list[str], chosen: Config, forecaster: str, config: SimConfig) -> dict:
+    """The compared configs, with the reactive policies, oracle and bound, per test replay."""
+    configs = compared(chosen)
+    # the default replays as `predictive` itself (its row must reproduce policies.json)
+    names = {
+        role: "predictive" if c == DEFAULT else variant_name(*c) for role, c in configs.items()
+    }
     out: dict = {}
     for trace in traces:
         steps = [(HEADLINE, None)] + ([(PER_SECOND, "1s")] if trace in TEST_REQUEST_LEVEL else [])
         out[trace] = {}
         for key, step in steps:
             policies = [make_policy(n, forecaster=forecaster) for n in REACTIVE]
-            policies += [
-                ours(forecaster),
-                ours(forecaster, q, h),
-                make_policy("oracle"),
-                make_policy(CLAIRVOYANT),
-            ]
+            policies.append(ours(forecaster))
+            seen = {"predictive"}
+            for role, c in configs.items():
+                if names[role] not in seen:
+                    policies.append(ours(forecaster, c))
+                    seen.add(names[role])
+            policies += [make_policy("oracle"), make_policy(CLAIRVOYANT)]
             result = replay(trace, step, policies, config, f"{trace} {key}")
             rows = result["rows"]
             reference = reference_row(trace, key)
             out[trace][key] = {
                 **result,
-                "default": verdict(rows, names["default"]),
-                "chosen": verdict(rows, names["chosen"]),
+                **{role: verdict(rows, names[role]) for role in configs},
                 "default_as_in_policies_json": None
                 if reference is None
                 else all(rows["predictive"][k] == reference[k] for k in reference),
@@ -199,10 +295,11 @@ def main() -> None:
     config = sim_config(args.forecaster)
     t0 = time.perf_counter()
     development = develop(args.forecaster, config)
-    chosen = choose(development["candidates"])
+    best = choose(development["candidates"])
+    chosen = config_of(best)
     print(
-        f"chosen on {DEV_TRACE}: quantile {chosen['quantile']:g}, headroom "
-        f"{chosen['headroom']:g} (mean {chosen['mean_gpu_hours_vs_oracle']:.3f}x)"
+        f"chosen on {DEV_TRACE}: {variant_name(*chosen)} "
+        f"(mean {best['mean_gpu_hours_vs_oracle']:.3f}x)"
     )
     traces = [t.strip() for t in args.traces.split(",") if t.strip()]
     tested = evaluate(traces, chosen, args.forecaster, config)
@@ -215,7 +312,13 @@ def main() -> None:
         "forecaster": args.forecaster,
         "machine": f"{platform.machine()} {platform.python_version()}",
         "forecast_quantiles": list(config.quantiles),
-        "grid": {"quantile": list(QUANTILES), "headroom": list(HEADROOMS), "reduced": False},
+        "grid": {
+            "quantile": list(QUANTILES),
+            "headroom": list(HEADROOMS),
+            "band": [None if b is None else asdict(b) for b in BAND_GRID],
+            "configs": len(grid()),
+            "reduced": False,
+        },
         "rule": RULE,
         "select_served_at_least": SELECT_SERVED,
         "target": {
@@ -223,11 +326,8 @@ def main() -> None:
             "gpu_hours_vs_oracle_at_most": TARGET_RATIO,
             "better_on_both_than": list(REACTIVE),
         },
-        "chosen": {
-            "quantile": chosen["quantile"],
-            "headroom": chosen["headroom"],
-            "name": variant_name(chosen["quantile"], chosen["headroom"]),
-        },
+        "chosen": describe(chosen),
+        "compared": {role: describe(c) for role, c in compared(chosen).items()},
         "development": development,
         "test": tested,
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -235,7 +335,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out} ({data['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
