@@ -201,25 +201,6 @@ def test_writer_checks_buffers_and_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_prefetch_reports_each_piece_once_and_when_the_last_is_taken(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.write_bytes(os.urandom(10_000))
-    b.write_bytes(os.urandom(4096))
-    pieces: list[tuple[str, int, int]] = []
-    issued: list[int] = []  # how many pieces were reported read when the last was taken
-    fastload.prefetch(
-        [a, b], threads=3, chunk_bytes=4096,
-        on_chunk=lambda p, off, n: pieces.append((p, off, n)),
-        on_issued=lambda: issued.append(len(pieces)),
-    )  # fmt: skip
-    assert sorted(pieces) == [(str(a), 0, 4096), (str(a), 4096, 4096), (str(a), 8192, 1808),
-                              (str(b), 0, 4096)]  # fmt: skip
-    assert len(issued) == 1 and issued[0] < len(pieces)  # before the last piece was read
-    called: list[bool] = []
-    assert fastload.prefetch([tmp_path / "none"][:0], on_issued=lambda: called.append(True)) == 0
-    assert called == [True]  # nothing to read: issued at once
-
-
 def test_prefetch_reads_every_byte_and_evict_runs(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_bytes(os.urandom(70_000))

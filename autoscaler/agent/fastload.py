@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,17 +419,11 @@ def prefetch(
     paths: Sequence[str | os.PathLike[str]],
     threads: int = 8,
     chunk_bytes: int = 8 * MiB,
-    on_chunk: Callable[[str, int, int], None] | None = None,
-    on_issued: Callable[[], None] | None = None,
 ) -> int:
     """Pull files into the page cache with parallel reads (data discarded); returns bytes read.
 
     Run it in the background when a restore starts from disk, so the CRIU images and the
-    weights stream in while CRIU and the CUDA driver work. Files are read in the order given,
-    in `chunk_bytes` pieces at `chunk_bytes` multiples. `on_chunk(path, offset, length)` is
-    called (from a reader thread) once a piece is in the page cache, so a consumer can follow
-    the reads (the artifact verification hashes a block once it is read); `on_issued()` once,
-    when the last piece has been taken, so the next reader can start while these finish.
+    weights stream in while CRIU and the CUDA driver work. Files are read in the order given.
     """
     jobs: list[tuple[str, int, int]] = []
     for p in paths:
@@ -438,8 +432,6 @@ def prefetch(
             (str(p), off, min(chunk_bytes, size - off)) for off in range(0, size, chunk_bytes)
         )
     if not jobs:
-        if on_issued is not None:
-            on_issued()
         return 0
     fds = {p: os.open(p, os.O_RDONLY) for p in {j[0] for j in jobs}}
     lock = threading.Lock()
@@ -451,15 +443,10 @@ def prefetch(
         while True:
             with lock:
                 i = next(cursor, None)
-                last = i == len(jobs) - 1
-            if last and on_issued is not None:
-                on_issued()
             if i is None:
                 return got
             p, off, n = jobs[i]
             got += os.preadv(fds[p], [buf[:n]], off)
-            if on_chunk is not None:
-                on_chunk(p, off, n)
 
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="prefetch") as pool:

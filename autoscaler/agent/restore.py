@@ -58,9 +58,6 @@ from autoscaler.agent.store import (
 Progress = Callable[[str], None]
 VERIFY_MODES = ("alongside", "before")
 MAX_COPIES = 3  # memory, disk, store: one restore attempt per copy at most
-#: readers of a copy on disk or in the store while it is verified (16 x 16 MiB reads in flight
-#: measured the H200 machine's disk at its bandwidth; a copy in memory is hashed as it is)
-READ_AHEAD_THREADS = 16
 CLONE_NEWNET = 0x40000000
 
 
@@ -361,7 +358,6 @@ def _restore(
             artifact_id, verified, files, preloads.resolve, known, timings, checked,
             after_images=partial(preloads.start, files) if preload_after_images else None,
             mode=request.external_check,
-            read_ahead_threads=0 if source == "memory" else READ_AHEAD_THREADS,
         ) if alongside else None  # fmt: skip
         try:
             restored = restore_while_verifying(
@@ -490,14 +486,12 @@ def artifact_check(
     checked: list[external.Checked],
     after_images: Callable[[], None] | None = None,
     mode: str = "hash",
-    read_ahead_threads: int = 0,
 ) -> Callable[[], object]:
     """What runs alongside CRIU for one copy: the hashing half of verify_directory (verified
-    None: the images were hashed before), then the external files (one stat each when this
-    node verified them unchanged, else hashed or, mode "stat", trusted on size and mtime).
-    `after_images` (e.g. start the preloads; it must return at once) runs once the images are
-    read: with `read_ahead_threads` (a copy on disk, see verify_directory) as soon as their
-    last read is issued, while the hashing finishes; otherwise once they are hashed.
+    None: the images were hashed before), then `after_images` (e.g. start the preloads, which
+    must return at once: this runs before the tree may continue), then the external files (one
+    stat each when this node verified them unchanged, else hashed or, mode "stat", trusted on
+    size and mtime).
     Timed into timings; the external results go into `checked`. Raises ArtifactCorrupt or
     ExternalFileChanged, which restore_while_verifying turns into a killed, never-run tree."""
 
@@ -506,13 +500,10 @@ def artifact_check(
         if verified is not None:
             t = time.perf_counter()
             try:
-                manifest = verify_directory(
-                    artifact_id, verified.path, read_ahead_threads=read_ahead_threads,
-                    on_read=after_images,
-                )  # fmt: skip
+                manifest = verify_directory(artifact_id, verified.path)
             finally:
                 timings["verify_contents"] = time.perf_counter() - t
-        elif after_images is not None:
+        if after_images is not None:
             after_images()
         if files:
             t = time.perf_counter()

@@ -53,9 +53,6 @@ MANIFEST_FORMAT = 1
 MANIFEST_FORMAT_EXTERNAL = 2
 MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_EXTERNAL)
 HASH_CHUNK = 4 << 20
-#: read-ahead piece of a verification from disk (divides BLOCK_SIZE; 16 x 16 MiB in flight is
-#: what measured the H200 machine's disk at its bandwidth)
-READ_AHEAD_CHUNK = 16 << 20
 BLOCK_SIZE = 64 << 20  # block digests: verification parallelises within a file
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -387,96 +384,17 @@ def list_files(artifact_id: str, root: Path) -> list[str]:
     return sorted(out)
 
 
-class _ReadAhead:
-    """Reads an artifact's files in order with many threads (fastload.prefetch) and lets each
-    hash job wait until its byte range is in the page cache. A reader error only stops the
-    waiting: the hash jobs then read for themselves (and report what they find)."""
-
-    def __init__(
-        self,
-        root: Path,
-        jobs: list[tuple[str, int, int, str]],
-        threads: int,
-        on_issued: Callable[[], None] | None,
-    ) -> None:
-        self._root = str(root)
-        # files hashed block by block; any other file is one job at offset 0
-        self._by_block = {rel for rel, offset, _length, _sha in jobs if offset > 0}
-        self._events = {(rel, offset): threading.Event() for rel, offset, _l, _s in jobs}
-        self._left = {
-            (rel, offset): -(-length // READ_AHEAD_CHUNK) for rel, offset, length, _s in jobs
-        }
-        for key, left in self._left.items():
-            if left == 0:  # an empty file: nothing to wait for
-                self._events[key].set()
-        self._lock = threading.Lock()
-        self._issued = False
-        self._on_issued = on_issued
-        # small files first: CRIU reads those images itself right away, and a small read
-        # queued behind the large pages file's reads would wait for them
-        sizes: dict[str, int] = {}
-        for rel, _offset, length, _sha in jobs:
-            sizes[rel] = sizes.get(rel, 0) + length
-        paths = [root / rel for rel in sorted(sizes, key=lambda rel: sizes[rel])]
-        threading.Thread(
-            target=self._read, args=(paths, threads), name="verify-read-ahead", daemon=True
-        ).start()
-
-    def _issued_once(self) -> None:
-        with self._lock:
-            first, self._issued = not self._issued, True
-        if first and self._on_issued is not None:
-            self._on_issued()
-
-    def _read(self, paths: list[Path], threads: int) -> None:
-        from autoscaler.agent.fastload import prefetch
-
-        try:
-            prefetch(paths, threads, READ_AHEAD_CHUNK, self._chunk_read, self._issued_once)
-        except OSError:
-            pass  # the hash jobs read for themselves and raise what they find
-        finally:
-            self._issued_once()  # a reader that failed early: the next reader still starts
-            for event in self._events.values():
-                event.set()
-
-    def _chunk_read(self, path: str, offset: int, _length: int) -> None:
-        rel = os.path.relpath(path, self._root)
-        key = (rel, offset - offset % BLOCK_SIZE if rel in self._by_block else 0)
-        with self._lock:
-            self._left[key] -= 1
-            done = self._left[key] == 0
-        if done:
-            self._events[key].set()
-
-    def __call__(self, rel: str, offset: int) -> None:
-        """Wait until the job at (rel, offset) is in the page cache (or the reader stopped)."""
-        self._events[(rel, offset)].wait()
-
-
 def verify_directory(
     artifact_id: str,
     root: Path,
     progress: ProgressCallback | None = None,
     threads: int = 0,
     check_contents: bool = True,
-    read_ahead_threads: int = 0,
-    on_read: Callable[[], None] | None = None,
 ) -> Manifest:
     """Check that root holds exactly the manifest's files with their sizes and hashes.
 
     check_contents=False stops after the cheap part (manifest, file set, sizes): a restore then
     hashes the contents alongside CRIU (autoscaler.agent.restore) before anything runs.
-
-    read_ahead_threads > 0 (a copy on disk): those threads read the files in order, in
-    READ_AHEAD_CHUNK pieces, and each block is hashed from the page cache once it is read.
-    Why: hashing threads that each read their own 64 MiB block keep too little in flight once
-    fewer blocks than threads remain (an 8B artifact: 22 blocks on 16 threads), so the disk
-    idles through the last third; reading in order with many threads is the pattern that
-    reaches the disk's bandwidth. `on_read()` is called once: with read-ahead when the last
-    piece's read has been issued (the next reader, e.g. the weights' preload, can start while
-    the hashing finishes), otherwise when the contents are checked; not at all on an error
-    found before.
     """
     manifest_path = root / MANIFEST_NAME
     try:
@@ -509,22 +427,14 @@ def verify_directory(
         else:
             jobs.append((rel, 0, entry.size, entry.sha256))
 
-    wait_for_read = (
-        _ReadAhead(root, jobs, read_ahead_threads, on_read) if read_ahead_threads else None
-    )
-
     def check(job: tuple[str, int, int, str]) -> str | None:
         rel, offset, length, expected = job
-        if wait_for_read is not None:
-            wait_for_read(rel, offset)
         if _hash_range(root / rel, offset, length, advance) != expected:
             return f"sha256 mismatch at bytes {offset}..{offset + length} (content changed)"
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads or default_threads())) as pool:
         problems = list(pool.map(check, jobs))
-    if wait_for_read is None and on_read is not None:
-        on_read()
     for job, problem in zip(jobs, problems, strict=True):
         if problem:
             raise ArtifactCorrupt(artifact_id, job[0], problem)

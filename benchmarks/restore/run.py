@@ -451,14 +451,9 @@ class ModelRun:
             preloads.start(files)
         if verified is not None:  # as the agent does: hash alongside CRIU, tree stopped, then
             # the weights checked (one stat when this node verified them unchanged)
-            # from disk the agent reads the images ahead of the hashing (verify_directory);
-            # "_hash_reads" runs (--compare-verify-read-ahead) let the hashing threads read
-            read_ahead = 0 if not from_disk or path.endswith("_hash_reads") else (
-                restore_mod.READ_AHEAD_THREADS)
             check = restore_mod.artifact_check(
                 verify_root.name, verified, files, Path, known, timings, checked,  # type: ignore[union-attr]
                 after_images=None if preload_at_once else (lambda: preloads.start(files)),
-                read_ahead_threads=read_ahead,
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, options, None, check, log_name
@@ -606,13 +601,6 @@ def main(argv: list[str] | None = None) -> int:
         "disk_artifact_preload_at_once)",
     )  # fmt: skip
     p.add_argument(
-        "--compare-verify-read-ahead", action="store_true",
-        help="also restore from disk with the hashing threads reading the images themselves "
-        "(the agent's way before the read-ahead; paths disk_hash_reads, "
-        "disk_artifact_hash_reads), alternating with the default in each disk repeat",
-    )  # fmt: skip
-    p.add_argument("--disk-repeats", type=int, default=1, help="rounds of the disk paths")
-    p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="leave the agent's artifact verification out of the memory and disk restores",
     )  # fmt: skip
@@ -694,15 +682,10 @@ def main(argv: list[str] | None = None) -> int:
                 with transparent_hugepages("always") as before:
                     mres["thp_setting_before"] = before
                     run.restore("memory_thp", fast_images, ckpt)
-            for _ in range(args.disk_repeats):
-                if "disk" in paths:
-                    run.restore("disk", fast_images, ckpt)
-                if "disk_artifact" in paths:
-                    run.restore("disk_artifact", fast_images, ckpt)
-                if args.compare_verify_read_ahead:
-                    for base in ("disk", "disk_artifact"):
-                        if base in paths:
-                            run.restore(f"{base}_hash_reads", fast_images, ckpt)
+            if "disk" in paths:
+                run.restore("disk", fast_images, ckpt)
+            if "disk_artifact" in paths:
+                run.restore("disk_artifact", fast_images, ckpt)
             if args.compare_page_fill and "disk" in paths:
                 run.restore("disk_criu_fill", fast_images, ckpt, page_fill="criu")
             if args.compare_disk_preload:
@@ -735,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"].extend(
                 r for r in run.runs
                 if r["path"] in paths or r["path"].startswith("memory_")
-                or r["path"].endswith(("_criu_fill", "_preload_at_once", "_hash_reads"))
+                or r["path"].endswith(("_criu_fill", "_preload_at_once"))
             )
             save()
             if args.logs_out:
