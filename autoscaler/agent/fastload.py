@@ -39,11 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 64 * MiB
 DEFAULT_THREADS = 16
-#: chunks each reader thread asks the kernel for (POSIX_FADV_WILLNEED) ahead of its next read:
-#: a synchronous 8 MiB read per thread keeps too little in flight for a disk (the 8B weights
-#: streamed at 1.7-2.0 GB/s while 16 x 16 MiB reads of the same disk ran at 1.9-2.2 GB/s); from
-#: the page cache the hint costs next to nothing. AUTOSCALER_FASTLOAD_READ_AHEAD overrides it.
-DEFAULT_READ_AHEAD_CHUNKS = 1
 MAX_HEADER_BYTES = 100 * MiB  # the safetensors reference implementation's own limit
 HEADER_ALIGN = 256  # data section starts on this boundary (GPU kernels like aligned pointers)
 
@@ -348,16 +343,8 @@ def load_range(
     dst_offset: int = 0,
     threads: int = DEFAULT_THREADS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    read_ahead_chunks: int | None = None,
 ) -> LoadStats:
-    """Read file bytes [start, end) into the sink at dst_offset + (offset - start).
-
-    Each thread asks the kernel for its next `read_ahead_chunks` chunks before reading the
-    current one (None: AUTOSCALER_FASTLOAD_READ_AHEAD, else DEFAULT_READ_AHEAD_CHUNKS)."""
-    if read_ahead_chunks is None:
-        read_ahead_chunks = int(
-            os.environ.get("AUTOSCALER_FASTLOAD_READ_AHEAD", DEFAULT_READ_AHEAD_CHUNKS)
-        )
+    """Read file bytes [start, end) into the sink at dst_offset + (offset - start)."""
     total = end - start
     threads = max(1, min(threads, -(-total // chunk_bytes) if total else 1))
     chunk_bytes = min(chunk_bytes, max(total, 1))
@@ -369,10 +356,7 @@ def load_range(
     def work(t: int) -> None:
         bufs = sink.open(t, chunk_bytes)
         try:
-            mine = plan[t]
-            for k, (off, n) in enumerate(mine):
-                for ahead_off, ahead_n in mine[k + 1 : k + 1 + read_ahead_chunks]:
-                    os.posix_fadvise(fd, ahead_off, ahead_n, os.POSIX_FADV_WILLNEED)
+            for k, (off, n) in enumerate(plan[t]):
                 slot = k & 1
                 sink.wait(t, slot)
                 pread_full(fd, bufs[slot][:n], off, spath)
