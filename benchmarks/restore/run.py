@@ -411,6 +411,7 @@ class ModelRun:
     def restore(
         self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
         preload: bool | None = None, page_fill: str | None = None,
+        load: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -453,7 +454,7 @@ class ModelRun:
             raise RuntimeError(f"port {self.port} is taken before the restore")
         hs.prepare_restore()
         verify_root = self.verify_roots.get(images) if self.args.verify else None
-        threads, chunk = self.load
+        threads, chunk = load or self.load  # the preload's reader threads x chunk MiB
         # the agent's preload requests (the preloader loads the weights while CRIU and CUDA
         # run; a failed restore releases them), with this model's loader settings
         preloads = restore_mod.Preloads(
@@ -637,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--disk-repeats", type=int, default=1, help="rounds of the disk paths")
     p.add_argument(
+        "--compare-load-configs", default="",
+        help="also restore from disk with the weights' preload at these THREADSxCHUNK_MIB "
+        "(paths disk_loadTxC), in every disk round, e.g. 16x16,32x8",
+    )  # fmt: skip
+    p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="leave the agent's artifact verification out of the memory and disk restores",
     )  # fmt: skip
@@ -723,6 +729,10 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("disk", fast_images, ckpt)
                 if "disk_artifact" in paths:
                     run.restore("disk_artifact", fast_images, ckpt)
+                for cfg in filter(None, args.compare_load_configs.split(",")):
+                    if "disk" in paths:  # the same disk restore, the weights' preload at cfg
+                        t, c = (int(x) for x in cfg.split("x"))
+                        run.restore(f"disk_load{cfg}", fast_images, ckpt, load=(t, c))
             if args.compare_page_fill and "disk" in paths:
                 run.restore("disk_criu_fill", fast_images, ckpt, page_fill="criu")
             if args.compare_disk_preload:
@@ -756,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
                 r for r in run.runs
                 if r["path"] in paths or r["path"].startswith("memory_")
                 or r["path"].endswith(("_criu_fill", "_preload_at_once"))
+                or r["path"].startswith("disk_load")
             )
             save()
             if args.logs_out:
