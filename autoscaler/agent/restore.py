@@ -58,6 +58,13 @@ from autoscaler.agent.store import (
 Progress = Callable[[str], None]
 VERIFY_MODES = ("alongside", "before")
 MAX_COPIES = 3  # memory, disk, store: one restore attempt per copy at most
+#: the weights' preload when the copy came from disk (the weights are then not in the page
+#: cache either): 32 reader threads instead of the preloader's 16 keep enough reads in flight
+#: for the disk (8B on the H200: 6% more of the disk's bandwidth in 7 of 8 paired restores,
+#: benchmarks/results/restore-explore/preload-32x8-2026-11-24.json). Each thread page-locks two
+#: chunks (~0.4 s/GiB to pin), so only files of DISK_PRELOAD_MIN_BYTES or more get them.
+DISK_PRELOAD_THREADS = 32
+DISK_PRELOAD_MIN_BYTES = 4 << 30
 CLONE_NEWNET = 0x40000000
 
 
@@ -191,10 +198,12 @@ class Preloads:
     def __init__(
         self, socket_path: str | None, resolve: Callable[[str], Path],
         threads: int | None = None, chunk_bytes: int | None = None, timeout_s: float = 5.0,
+        disk_threads: int | None = DISK_PRELOAD_THREADS,
     ) -> None:  # fmt: skip
         self.socket_path = socket_path
         self.resolve = resolve
         self.threads = threads
+        self.disk_threads = disk_threads  # None: `threads` from disk too
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
         self.started = False
@@ -205,8 +214,9 @@ class Preloads:
         self._thread: threading.Thread | None = None
         self._released = False
 
-    def start(self, files: Sequence[ExternalFile]) -> None:
-        """Send the requests from a thread of their own; returns at once."""
+    def start(self, files: Sequence[ExternalFile], from_disk: bool = False) -> None:
+        """Send the requests from a thread of their own; returns at once. `from_disk`: the
+        files are read from disk, not the page cache (a large one gets `disk_threads`)."""
         if self.started or not self.socket_path:
             return
         self.started = True
@@ -215,16 +225,22 @@ class Preloads:
             return
         self._pending = [f.path for f in wanted]
         self._thread = threading.Thread(
-            target=self._send, args=(wanted,), name="preload-request", daemon=True
+            target=self._send, args=(wanted, from_disk), name="preload-request", daemon=True
         )
         self._thread.start()
 
-    def _send(self, files: Sequence[ExternalFile]) -> None:
+    def threads_for(self, f: ExternalFile, from_disk: bool) -> int | None:
+        """Reader threads asked for one file (None: the preloader's own default)."""
+        if from_disk and self.disk_threads and f.size >= DISK_PRELOAD_MIN_BYTES:
+            return self.disk_threads
+        return self.threads
+
+    def _send(self, files: Sequence[ExternalFile], from_disk: bool) -> None:
         for f in files:
             try:
                 requested, warnings = external.request_preloads(
-                    str(self.socket_path), [f], self.resolve, self.threads, self.chunk_bytes,
-                    self.timeout_s,
+                    str(self.socket_path), [f], self.resolve, self.threads_for(f, from_disk),
+                    self.chunk_bytes, self.timeout_s,
                 )  # fmt: skip
             except Exception as exc:  # e.g. a reply that is not JSON: still only a warning
                 requested, warnings = [], [f"preloader {self.socket_path} did not take "
@@ -329,8 +345,8 @@ def _restore(
         # From disk the images come first (CRIU needs them now; the worker needs its weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
         preload_after_images = alongside and source == "disk"
-        if not preload_after_images:
-            preloads.start(files)
+        if not preload_after_images:  # a copy not in memory: its weights likely are not
+            preloads.start(files, from_disk=source != "memory")
         if files and not alongside:
             say(f"checking {len(files)} external file(s)")
             try:
@@ -356,7 +372,9 @@ def _restore(
             + (", its files hashed alongside" if alongside else ""))  # fmt: skip
         check = artifact_check(
             artifact_id, verified, files, preloads.resolve, known, timings, checked,
-            after_images=partial(preloads.start, files) if preload_after_images else None,
+            after_images=(
+                partial(preloads.start, files, from_disk=True) if preload_after_images else None
+            ),
             mode=request.external_check,
         ) if alongside else None  # fmt: skip
         try:

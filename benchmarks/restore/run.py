@@ -457,9 +457,12 @@ class ModelRun:
         threads, chunk = load or self.load  # the preload's reader threads x chunk MiB
         # the agent's preload requests (the preloader loads the weights while CRIU and CUDA
         # run; a failed restore releases them), with this model's loader settings
+        # the agent's choice of reader threads from disk (Preloads.threads_for), unless this
+        # run asks for a loader config of its own (disk_loadTxC)
         preloads = restore_mod.Preloads(
-            str(self.preload_socket) if preload else None, Path, threads, chunk << 20
-        )
+            str(self.preload_socket) if preload else None, Path, threads, chunk << 20,
+            disk_threads=None if load else restore_mod.DISK_PRELOAD_THREADS,
+        )  # fmt: skip
         verified = None
         if verify_root is not None:  # the cheap half of the agent's open (manifest, sizes)
             manifest = store_mod.verify_directory(
@@ -476,12 +479,13 @@ class ModelRun:
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
         # The agent's restore (restore_artifact) orders them the same way.
         if preload_at_once:
-            preloads.start(files)
+            preloads.start(files, from_disk=from_disk)
         if verified is not None:  # as the agent does: hash alongside CRIU, tree stopped, then
             # the weights checked (one stat when this node verified them unchanged)
             check = restore_mod.artifact_check(
                 verify_root.name, verified, files, Path, known, timings, checked,  # type: ignore[union-attr]
-                after_images=None if preload_at_once else (lambda: preloads.start(files)),
+                after_images=None if preload_at_once else (
+                    lambda: preloads.start(files, from_disk=from_disk)),
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, options, None, check, log_name
@@ -490,7 +494,7 @@ class ModelRun:
             if from_disk:
                 fastload.prefetch(image_files(images), threads=16)
                 if not preload_at_once:
-                    preloads.start(files)
+                    preloads.start(files, from_disk=True)
             restored = criu_mod.restore(images, logs, options, log_name=log_name)
         if from_disk and not preload and weights_needed:  # the worker reads them itself
             threading.Thread(
