@@ -109,6 +109,10 @@ class WorkloadConfig(_Strict):
     plan: PlanConfig = Field(default_factory=PlanConfig)
     query: str | None = Field(default=None, description="PromQL giving the demand (requests/s)")
     forecast: WorkloadForecastConfig = Field(default_factory=WorkloadForecastConfig)
+    # This workload's nowcast band, in place of the top-level `nowcast.enabled` (None: follow
+    # it). The band pays where 5-s rates are smooth and over-provisions or under-serves on bursty
+    # ones (docs/planning.md), so it is a per-workload choice; its settings stay `nowcast:`'s.
+    nowcast: bool | None = None
 
     @field_validator("max_replicas")
     @classmethod
@@ -243,6 +247,11 @@ class ControllerConfig(_Strict):
     dry_run: bool = False
     nowcast: NowcastConfig = Field(default_factory=NowcastConfig)
     workloads: list[WorkloadConfig] = Field(default_factory=list)
+
+    def nowcast_enabled(self, workload: WorkloadConfig) -> bool:
+        """Whether `workload` plans with the nowcast band (its own `nowcast`, else the
+        top-level `nowcast.enabled`)."""
+        return self.nowcast.enabled if workload.nowcast is None else workload.nowcast
 
     @field_validator("forecast_step", "refit_every")
     @classmethod

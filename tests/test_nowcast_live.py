@@ -458,3 +458,35 @@ def test_plan_fetch_and_merge_fetched_on_plain_data():
     # new: 100 (not returned: NaN), 105
     np.testing.assert_array_equal(merged.values, [1.0, math.nan, 9.0, 10.0, math.nan, 11.0])
     assert merged.end_ns == 110 * s and held.values[4] == 3.0  # the held one is unchanged
+
+
+def test_a_workload_turns_the_band_on_or_off_for_itself():
+    """`workloads[].nowcast` overrides the top-level `nowcast.enabled` for that workload only:
+    the band pays on smooth 5-s rates and misleads on bursty ones (docs/planning.md)."""
+    config = parse_config({
+        "nowcast": {"enabled": False},
+        "workloads": [{"name": "smooth", "nowcast": True}, {"name": "plain"}],
+    })  # fmt: skip
+    smooth, plain = config.workloads
+    assert config.nowcast_enabled(smooth) and not config.nowcast_enabled(plain)
+    config = parse_config({
+        "nowcast": {"enabled": True},
+        "workloads": [{"name": "bursty", "nowcast": False}, {"name": "plain"}],
+    })  # fmt: skip
+    bursty, plain = config.workloads
+    assert not config.nowcast_enabled(bursty) and config.nowcast_enabled(plain)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"workloads": [{"name": "x", "nowcast": "sometimes"}]})
+    assert err.value.field == "workloads[0].nowcast"
+
+    # the adapter follows the workload's choice over its settings' `enabled`
+    w = _workload()
+    now = (START + pd.Timedelta(hours=1)).timestamp()
+    off = NowcastConfig(enabled=False)
+    live = NowcastBands(off, 15.0, 60.0, FineDouble(_rates(2000), START)).band(
+        w, SPEC, [3.1], now, enabled=True
+    )
+    assert live.band is not None
+    source = FineDouble(_rates(2000), START)
+    live = NowcastBands(ON, 15.0, 60.0, source).band(w, SPEC, [3.1], now, enabled=False)
+    assert live.band is None and "nowcast: false" in live.note and source.calls == []

@@ -103,7 +103,7 @@ def memory_cluster() -> OneDeploymentCluster:
     return OneDeploymentCluster(NAME, annotations={ARTIFACT_RECORD_ANNOTATION: record})
 
 
-def _config(prom_url: str, nowcast: bool = True) -> dict:
+def _config(prom_url: str, nowcast: bool = True, workload_nowcast: bool | None = None) -> dict:
     return {
         "interval_s": 30, "forecaster": "ewma", "forecast_step": "1min",
         "nowcast": {"enabled": nowcast},
@@ -111,14 +111,17 @@ def _config(prom_url: str, nowcast: bool = True) -> dict:
             "name": NAME, "namespace": "inference", "min_replicas": 1, "max_replicas": 64,
             "capacity": {"throughput_per_replica": 2.0},
             "start": {"path": "restore-memory"}, "plan": {"quantile": 0.9},
+            **({} if workload_nowcast is None else {"nowcast": workload_nowcast}),
         }],
         "controller": {"prometheus": {"url": prom_url, "history": "2h", "templates": "generic"},
                        "leader": {"enabled": False}, "agents": {"enabled": False}},
     }  # fmt: skip
 
 
-def _controller_cycle(prom_url: str, now: pd.Timestamp, nowcast: bool = True):
-    config, settings = parse_controller_config(_config(prom_url, nowcast))
+def _controller_cycle(
+    prom_url: str, now: pd.Timestamp, nowcast: bool = True, workload_nowcast: bool | None = None
+):
+    config, settings = parse_controller_config(_config(prom_url, nowcast, workload_nowcast))
 
     def factory(_w: str):
         return make_forecaster(config.forecaster, config.forecast_step)
@@ -162,6 +165,26 @@ def test_the_controller_plans_with_the_band_prometheus_data_gives(prom_url, trac
     assert math.isnan(alone.nowcast_peak) and alone.binding != "nowcast"
 
 
+def test_a_workload_plans_with_the_band_by_its_own_choice(prom_url, trace):
+    """`workloads[].nowcast` overrides the top-level `nowcast.enabled`, in the controller and
+    in the KEDA scaler alike: on where the default is off gives the band the default-on run
+    gives; off where the default is on gives the forecast alone."""
+    _, default_on = _controller_cycle(prom_url, CLEAR_NOW)
+    _, own_on = _controller_cycle(prom_url, CLEAR_NOW, nowcast=False, workload_nowcast=True)
+    _, own_off = _controller_cycle(prom_url, CLEAR_NOW, nowcast=True, workload_nowcast=False)
+    on = default_on.plan.plans[NAME].decision.explanation
+    own = own_on.plan.plans[NAME].decision.explanation
+    off = own_off.plan.plans[NAME].decision.explanation
+    assert on.binding == "nowcast" and own.binding == "nowcast"
+    assert own.nowcast_peak == pytest.approx(on.nowcast_peak, rel=1e-9)
+    assert math.isnan(off.nowcast_peak) and off.binding != "nowcast"
+
+    _, _, keda_on = _keda_cycle(prom_url, CLEAR_NOW, nowcast=False, workload_nowcast=True)
+    _, _, keda_off = _keda_cycle(prom_url, CLEAR_NOW, nowcast=True, workload_nowcast=False)
+    assert keda_on.explanation.binding == "nowcast"
+    assert math.isnan(keda_off.explanation.nowcast_peak)
+
+
 @pytest.mark.parametrize("now", [GAP_NOW, STALE_NOW], ids=["gap", "stale"])
 def test_a_gap_in_the_fine_history_gives_no_band_and_no_lower_plan(prom_url, now):
     controller, report = _controller_cycle(prom_url, now)
@@ -181,8 +204,10 @@ def test_a_gap_in_the_fine_history_gives_no_band_and_no_lower_plan(prom_url, now
 # -- the KEDA scaler ------------------------------------------------------------------------------
 
 
-def _keda_cycle(prom_url: str, now: pd.Timestamp, nowcast: bool = True):
-    config, settings = parse_controller_config(_config(prom_url, nowcast))
+def _keda_cycle(
+    prom_url: str, now: pd.Timestamp, nowcast: bool = True, workload_nowcast: bool | None = None
+):
+    config, settings = parse_controller_config(_config(prom_url, nowcast, workload_nowcast))
     loop = build_loop(config, settings, clock=StepClock(now))
     try:
         loop.run_cycle()

@@ -413,14 +413,14 @@ class Controller:
         """This cycle's nowcast band. Its horizons are those of the paths the next replica may
         take, as in the simulator: a restore path when the workload has an artifact, else a
         cold start. Without the forecast-step signal the plan holds anyway: no band needed."""
-        if not self.config.nowcast.enabled:
+        if not self.config.nowcast_enabled(w):
             return LiveBand(None)
         if not signal_ok:
             return LiveBand(None)
         paths = [StartPath.COLD]
         if w.start.path != "cold" and has_artifact:
             paths = [p for p in StartPath if p is not StartPath.COLD]
-        return self.nowcast.band(w, spec, [leads.of(p) for p in paths], now_s)
+        return self.nowcast.band(w, spec, [leads.of(p) for p in paths], now_s, enabled=True)
 
     def _forecast(
         self, w: WorkloadConfig, series: pd.Series, leads: LeadTimes, now_s: float

@@ -273,12 +273,14 @@ class NowcastBands:
         return history.values
 
     def band(
-        self, w: WorkloadConfig, spec: WorkloadSpec, leads: Iterable[float], now_s: float
-    ) -> LiveBand:
+        self, w: WorkloadConfig, spec: WorkloadSpec, leads: Iterable[float], now_s: float,
+        enabled: bool | None = None,
+    ) -> LiveBand:  # fmt: skip
         """This cycle's band for `w`, planned with `spec` by a next replica with one of these
-        `leads` (the paths it may take)."""
-        if not self.settings.enabled:
-            return LiveBand(None, "off (nowcast.enabled: false)")
+        `leads` (the paths it may take). `enabled`: the workload's own choice
+        (ControllerConfig.nowcast_enabled); None: the settings' `enabled`."""
+        if not (self.settings.enabled if enabled is None else enabled):
+            return LiveBand(None, "off (nowcast.enabled: false or the workload's nowcast: false)")
         if self._fetch is None:
             return LiveBand(None, "the demand source gives no fine-grained rates")
         horizons = tuple(band_horizons(spec, leads))

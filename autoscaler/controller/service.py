@@ -86,7 +86,8 @@ class PrometheusDemand:
             raise ConfigError(
                 f"workloads.{workload.name}.query",
                 "has no {range} placeholder, so it cannot be read over the nowcast's short "
-                "window (set nowcast.enabled: false or write the window as {range})",
+                "window (turn the band off for it, nowcast: false, or write the window as "
+                "{range})",
             )
         return self._source(workload).rate_history(
             workload.name, end, duration, resolution, window, signal=self.settings.signal

@@ -254,8 +254,8 @@ class PlanningLoop:
         path = StartPath(w.start.path)
         # The band for the configured path's lead (the only path this loop plans with).
         live = LiveBand(None)
-        if self.config.nowcast.enabled:
-            live = self.nowcast.band(w, spec, [leads.of(path)], now_s)
+        if self.config.nowcast_enabled(w):
+            live = self.nowcast.band(w, spec, [leads.of(path)], now_s, enabled=True)
         if live.band is not None:  # as the simulator: the floor reads the latest window
             observed = live.band.measured
         state = WorkloadState(
