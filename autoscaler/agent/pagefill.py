@@ -522,11 +522,15 @@ class LazyPagesServer:
         self._dirfd = None
 
     @staticmethod
-    def _release(task: _Task) -> None:
+    def _close_uffd(task: _Task) -> None:
         if task.uffd >= 0:
             with contextlib.suppress(OSError):
                 os.close(task.uffd)
             task.uffd = -1
+
+    @classmethod
+    def _release(cls, task: _Task) -> None:
+        cls._close_uffd(task)
         if task.src:
             _libc.munmap(task.src, task.src_len)
             task.src = 0
@@ -552,10 +556,7 @@ class LazyPagesServer:
         closing the userfaultfds wakes it (the restore is failed and its tree killed anyway)."""
         with self._lock:
             for task in self._tasks:
-                if task.uffd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(task.uffd)
-                    task.uffd = -1
+                self._close_uffd(task)
 
     def _accept(self) -> socket.socket | None:
         assert self._listener is not None
@@ -618,7 +619,9 @@ class LazyPagesServer:
                 fd = os.open(pages.pages_path, os.O_RDONLY)
                 try:
                     src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
-                    # from disk: start reading the whole image now, while CRIU restores
+                    # from disk: start reading the image now, while CRIU restores (the kernel
+                    # reads only its first readahead window for a WILLNEED; the verification's
+                    # reads bring the rest)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 finally:
                     os.close(fd)
