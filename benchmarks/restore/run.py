@@ -118,6 +118,9 @@ def image_files(images: Path) -> list[Path]:
     return sorted((p for p in images.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+#: the paths --paths chooses from; the comparison paths (memory_own_load, *_criu_fill, ...)
+#: come from their own options
+MAIN_PATHS = ("cold", "memory", "disk", "disk_artifact", "baseline")
 PROBE_BYTES = 2 << 30
 
 
@@ -430,11 +433,10 @@ class ModelRun:
         files = self.externals.get(images, ()) if weights_needed else ()
         known = self.verified_files
         staging: dict[str, Any] = {}
-        around: list[float] = []
-        if from_disk:  # the disk's bandwidth just before (and after) this restore
-            around.append(measure_read_gbps(self.probe, self.caches, only_file=True))
+        around: list[float] = []  # the disk's bandwidth just before and after this restore
         if from_disk:  # disk_artifact: only our files leave the cache (the worker's libraries
             # stay, as on a node that already runs this image); disk: everything is dropped
+            around.append(measure_read_gbps(self.probe, self.caches, only_file=True))
             self.caches.drop(staged, only_files=path.startswith("disk_artifact"))
         else:  # memory / baseline: staged into the page cache ahead of demand (not timed)
             fastload.prefetch([f for f in staged if f != self.weights or not files], threads=16)
@@ -456,9 +458,9 @@ class ModelRun:
         verify_root = self.verify_roots.get(images) if self.args.verify else None
         threads, chunk = load or self.load  # the preload's reader threads x chunk MiB
         # the agent's preload requests (the preloader loads the weights while CRIU and CUDA
-        # run; a failed restore releases them), with this model's loader settings
-        # the agent's choice of reader threads from disk (Preloads.threads_for), unless this
-        # run asks for a loader config of its own (disk_loadTxC)
+        # run; a failed restore releases them), with this model's loader settings and the
+        # agent's choice of reader threads from disk (Preloads.threads_for), unless this run
+        # asks for a loader config of its own (disk_loadTxC)
         preloads = restore_mod.Preloads(
             str(self.preload_socket) if preload else None, Path, threads, chunk << 20,
             disk_threads=None if load else restore_mod.DISK_PRELOAD_THREADS,
@@ -589,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON results file")
     p.add_argument("--work", default="/var/tmp/restore-bench", help="on a real disk")
     p.add_argument("--models", default="0.6b,8b")
-    p.add_argument("--paths", default="cold,memory,disk,disk_artifact,baseline")
+    p.add_argument("--paths", default=",".join(MAIN_PATHS))
     p.add_argument("--memory-repeats", type=int, default=3)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--kv-gib", type=float, default=16.0)
@@ -766,11 +768,10 @@ def main(argv: list[str] | None = None) -> int:
                     kill_and_wait(run.pid)
         finally:
             mres.update(run.details)
+            # a main path (the cold start always runs) only when asked for; every comparison
+            # path ran because its option asked for it
             result["runs"].extend(
-                r for r in run.runs
-                if r["path"] in paths or r["path"].startswith("memory_")
-                or r["path"].endswith(("_criu_fill", "_preload_at_once"))
-                or r["path"].startswith("disk_load")
+                r for r in run.runs if r["path"] in paths or r["path"] not in MAIN_PATHS
             )
             save()
             if args.logs_out:
