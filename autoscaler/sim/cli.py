@@ -17,6 +17,7 @@ from autoscaler.sim.policies import make_policy, parse_policies
 from autoscaler.sim.report import console as report_console
 from autoscaler.sim.report import plot, print_report, write_json
 from autoscaler.sim.scenario import Scenario, load_series, make_scenario
+from autoscaler.sim.tuning import DEFAULT_CHOICE, SERVED_FLOOR, TuningResult, default_grid, tune
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,45 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(forecast + lead time + staged restore) and an oracle; print a table, write JSON "
         "and a plot.",
     )
-    p.add_argument("--trace", help="trace file or ServeGen folder")
-    p.add_argument("--bundled", help="a bundled series instead of --trace (e.g. servegen-m-mid)")
-    p.add_argument(
-        "--format", default="auto", help="trace format (auto, azure, mooncake, servegen, csv)"
-    )
-    p.add_argument(
-        "--step",
-        default=None,
-        help="read the trace at this step (default: 1s for "
-        "request-level traces, the native 10min for ServeGen)",
-    )
+    _add_replay_args(p)
     p.add_argument("--policies", default="all", help="'all', 'all+ablations' or a comma list")
-    p.add_argument(
-        "--peak-replicas",
-        type=int,
-        default=32,
-        help="size capacity so the trace's peak needs N replicas (default 32)",
-    )
-    p.add_argument(
-        "--capacity",
-        type=float,
-        default=None,
-        help="requests/s one replica sustains (overrides --peak-replicas)",
-    )
-    p.add_argument(
-        "--start-profile",
-        default=None,
-        help="JSON/YAML lead times per start path, e.g. from the agent benchmark",
-    )
-    p.add_argument(
-        "--forecaster", default="holt-winters", help="forecaster of ours (registry name)"
-    )
-    p.add_argument("--warmup", default=None, help="history before the replay, e.g. 2D or 15min")
-    p.add_argument(
-        "--max-queue-delay",
-        type=float,
-        default=5.0,
-        help="seconds a request may wait before it counts as not served",
-    )
     p.add_argument(
         "--shape",
         choices=SHAPES,
@@ -96,6 +60,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reading the history back through the Prometheus source",
     )
     d.set_defaults(func=_run_demo)
+
+    t = subparsers.add_parser(
+        "tune",
+        help="choose a workload's quantile, headroom and nowcast band from its own history",
+        description="Replay a workload's history (a trace, or its demand exported from "
+        "Prometheus) with every candidate planner setting (quantile x headroom x nowcast band "
+        "off/on) and choose the cheapest that served enough of it; print the table and the "
+        "lines to put under the workload in the controller's config.",
+    )
+    _add_replay_args(t)
+    t.add_argument(
+        "--served-floor",
+        type=float,
+        default=SERVED_FLOOR,
+        help=f"share of the demand a setting must serve to be chosen (default {SERVED_FLOOR})",
+    )
+    t.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
+    t.set_defaults(func=run_tune)
+
+
+def _add_replay_args(p: argparse.ArgumentParser) -> None:
+    """The trace and replay options `simulate` and `tune` share."""
+    p.add_argument("--trace", help="trace file or ServeGen folder")
+    p.add_argument("--bundled", help="a bundled series instead of --trace (e.g. servegen-m-mid)")
+    p.add_argument(
+        "--format", default="auto", help="trace format (auto, azure, mooncake, servegen, csv)"
+    )
+    p.add_argument(
+        "--step",
+        default=None,
+        help="read the trace at this step (default: 1min for request-level traces, the "
+        "native 10min for ServeGen; 1s replays per-second arrival counts)",
+    )
+    p.add_argument(
+        "--peak-replicas",
+        type=int,
+        default=32,
+        help="size capacity so the trace's peak needs N replicas (default 32)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="requests/s one replica sustains (overrides --peak-replicas)",
+    )
+    p.add_argument(
+        "--start-profile",
+        default=None,
+        help="JSON/YAML lead times per start path, e.g. from the agent benchmark",
+    )
+    p.add_argument(
+        "--forecaster", default="holt-winters", help="forecaster of ours (registry name)"
+    )
+    p.add_argument("--warmup", default=None, help="history before the replay, e.g. 2D or 15min")
+    p.add_argument(
+        "--max-queue-delay",
+        type=float,
+        default=5.0,
+        help="seconds a request may wait before it counts as not served",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -147,13 +171,17 @@ def run_with_progress(
                 [scenario.workload], policies, config, scenario.label, tick, context=context
             )
         except InsufficientData as exc:
-            raise InsufficientData(
-                exc.needed,
-                exc.got,
-                f"{exc.args[0].split(': need')[0].removeprefix('insufficient ')} "
-                f"[trace {scenario.label}: {len(scenario.series)} points at "
-                f"{scenario.series.index.freq}]",
-            ) from exc
+            raise _naming_the_trace(exc, scenario.label, scenario.series) from exc
+
+
+def _naming_the_trace(exc: InsufficientData, label: str, series) -> InsufficientData:
+    """The simulator's too-little-history error, with the trace it was replaying."""
+    return InsufficientData(
+        exc.needed,
+        exc.got,
+        f"{exc.args[0].split(': need')[0].removeprefix('insufficient ')} "
+        f"[trace {label}: {len(series)} points at {series.index.freq}]",
+    )
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -182,3 +210,103 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def default_out(path: str | None, name: str) -> Path | None:
     return Path(path) / name if path else None
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from autoscaler.errors import ConfigError
+
+    if not 0 < args.served_floor <= 1:
+        raise ConfigError("--served-floor", f"must be in (0, 1], not {args.served_floor}")
+    console = report_console()
+    series, label = load_series(args.trace, args.bundled, args.format, args.step)
+    grid = default_grid()
+    console.print(
+        f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}; replaying "
+        f"{len(grid)} candidate settings and the oracle"
+    )
+    t0 = time.perf_counter()
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("replaying", total=len(grid) + 1)
+
+        def tick(name: str, wall: float) -> None:
+            if wall:
+                progress.advance(task)
+            else:
+                progress.update(task, description=f"replaying {name}")
+
+        try:
+            result = tune(
+                series, label, capacity_per_replica=args.capacity,
+                peak_replicas=args.peak_replicas, floor=args.served_floor,
+                config=config_from_args(args), progress=tick,
+            )  # fmt: skip
+        except InsufficientData as exc:
+            raise _naming_the_trace(exc, label, series) from exc
+    console.print(tune_table(result, Table))
+    for line in tune_verdict(result):
+        console.print(line)
+    console.print("Put under the workload in the controller's (or KEDA scaler's) config:")
+    console.print(result.chosen.config_yaml(), markup=False, highlight=False)
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        console.print(f"JSON: {out}")
+    console.print(f"[dim]{time.perf_counter() - t0:.1f} s[/dim]")
+    return 0
+
+
+def tune_table(result: TuningResult, table_cls) -> object:
+    """The candidates, cheapest first; the chosen one and the default marked."""
+    t = table_cls(
+        title=f"{result.label}: {result.replayed_hours:.2f} h replayed "
+        f"after {result.warmup_hours:.2f} h of warm-up"
+    )
+    for col in ("setting", "served", "vs oracle", "queue p99", ""):
+        t.add_column(col, justify="left" if col in ("setting", "") else "right")
+    for r in sorted(result.rows, key=lambda r: (r.gpu_hours_vs_oracle, -r.served_fraction)):
+        marks = []
+        if r.choice == result.chosen:
+            marks.append("chosen")
+        if r.choice == DEFAULT_CHOICE:
+            marks.append("default")
+        if r.served_fraction < result.floor:
+            marks.append("below floor")
+        t.add_row(
+            r.choice.name,
+            f"{100 * r.served_fraction:.3f}%",
+            f"{r.gpu_hours_vs_oracle:.3f}x",
+            f"{r.p99_queue_delay_s:.2f} s",
+            ", ".join(marks),
+            style="bold green" if r.choice == result.chosen else None,
+        )
+    return t
+
+
+def tune_verdict(result: TuningResult) -> list[str]:
+    chosen = result.row(result.chosen)
+    assert chosen is not None
+    lines = [
+        f"chosen: {result.chosen.name}: served {100 * chosen.served_fraction:.3f}% at "
+        f"{chosen.gpu_hours_vs_oracle:.3f}x the oracle's GPU-hours"
+    ]
+    default = result.row(DEFAULT_CHOICE)
+    if default is not None and default.choice != result.chosen:
+        lines.append(
+            f"the default ({DEFAULT_CHOICE.name}) served {100 * default.served_fraction:.3f}% "
+            f"at {default.gpu_hours_vs_oracle:.3f}x"
+        )
+    if not result.floor_met:
+        lines.append(
+            f"[bold red]warning:[/bold red] no setting served {100 * result.floor:.1f}% of this "
+            "history; the one that served most is shown. Add replicas' capacity or headroom, "
+            "or check the history for gaps."
+        )
+    return lines
