@@ -89,13 +89,23 @@ def _minute_series(minutes: int, seed: int = 1) -> pd.Series:
     return pd.Series(rate, index=idx)
 
 
+def _second_series(minutes: int, seed: int = 2) -> pd.Series:
+    """Per-second Poisson counts around a slow wave: what a request-level trace read at 1 s is."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(minutes * 60)
+    rate = rng.poisson(20 + 8 * np.sin(2 * np.pi * t / 2400)).astype(float)
+    idx = pd.date_range("2024-01-01", periods=len(t), freq="1s", tz="UTC")
+    return pd.Series(rate, index=idx)
+
+
 def test_tune_replays_every_candidate_on_the_history_only():
-    series = _minute_series(90)
+    series = _second_series(60)
     result = tune(series, "synthetic", config=SimConfig(forecaster="last"))
     assert {r.choice for r in result.rows} == set(default_grid())
+    assert result.band_left_out == ""
     assert result.warmup_hours == pytest.approx(warmup_for(series) / 3600)
-    assert result.replayed_hours == pytest.approx((len(series) - 1) / 60 - result.warmup_hours,
-                                                  abs=1 / 60)  # fmt: skip
+    span_h = (series.index[-1] - series.index[0]).total_seconds() / 3600
+    assert result.replayed_hours == pytest.approx(span_h - result.warmup_hours, abs=1 / 60)
     chosen = result.row(result.chosen)
     assert result.floor_met and chosen.served_fraction >= result.floor
     eligible = [r for r in result.rows if r.served_fraction >= result.floor]
@@ -106,6 +116,14 @@ def test_tune_replays_every_candidate_on_the_history_only():
     assert data["chosen"]["name"] == result.chosen.name
     assert data["default_row"]["name"] == DEFAULT_CHOICE.name
     assert len(data["candidates"]) == 30
+
+
+def test_a_history_too_coarse_to_judge_the_band_is_tuned_without_it():
+    result = tune(_minute_series(90), "per-minute", config=SimConfig(forecaster="last"))
+    assert result.rows and not any(r.choice.nowcast for r in result.rows)
+    assert len(result.rows) == 15 and not result.chosen.nowcast
+    assert "coarser than the nowcast band's resolution" in result.band_left_out
+    assert result.to_dict()["band_left_out"] == result.band_left_out
 
 
 def test_tune_refuses_a_bad_floor_and_an_empty_grid():
@@ -132,6 +150,8 @@ def test_tune_command_prints_the_table_and_the_config_lines_and_writes_json(tmp_
     data = json.loads(out.read_text())
     assert data["forecaster"] == "holt-winters" and data["history"] == str(trace)
     assert data["chosen"]["name"] in {c["name"] for c in data["candidates"]}
+    # a request-level trace file is read per second, so the band's candidates are judged too
+    assert len(data["candidates"]) == 30 and data["band_left_out"] is None
     printed = capsys.readouterr().out
     assert "chosen" in printed and "default" in printed
     snippet = printed.split("config:\n", 1)[1]

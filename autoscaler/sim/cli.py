@@ -16,8 +16,15 @@ from autoscaler.sim.engine import SimConfig, SimContext, SimResult, simulate
 from autoscaler.sim.policies import make_policy, parse_policies
 from autoscaler.sim.report import console as report_console
 from autoscaler.sim.report import plot, print_report, write_json
-from autoscaler.sim.scenario import Scenario, load_series, make_scenario
-from autoscaler.sim.tuning import DEFAULT_CHOICE, SERVED_FLOOR, TuningResult, default_grid, tune
+from autoscaler.sim.scenario import REQUEST_LEVEL, Scenario, load_series, make_scenario
+from autoscaler.sim.tuning import (
+    DEFAULT_CHOICE,
+    SERVED_FLOOR,
+    TuningResult,
+    band_left_out,
+    default_grid,
+    tune,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Replay a workload's history (a trace, or its demand exported from "
         "Prometheus) with every candidate planner setting (quantile x headroom x nowcast band "
         "off/on) and choose the cheapest that served enough of it; print the table and the "
-        "lines to put under the workload in the controller's config.",
+        "lines to put under the workload in the controller's config. A request-level trace is "
+        "read as per-second counts (unless --step), as the controller's 5-s rates see it; the "
+        "band is judged only on a history of <= 5-s resolution.",
     )
     _add_replay_args(t)
     t.add_argument(
@@ -222,12 +231,15 @@ def run_tune(args: argparse.Namespace) -> int:
     if not 0 < args.served_floor <= 1:
         raise ConfigError("--served-floor", f"must be in (0, 1], not {args.served_floor}")
     console = report_console()
-    series, label = load_series(args.trace, args.bundled, args.format, args.step)
-    grid = default_grid()
+    series, label = load_series(args.trace, args.bundled, args.format, tune_step(args))
+    left_out = band_left_out(series)
+    grid = [c for c in default_grid() if not (left_out and c.nowcast)]
     console.print(
         f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}; replaying "
         f"{len(grid)} candidate settings and the oracle"
     )
+    if left_out:
+        console.print(f"[yellow]nowcast band not judged:[/yellow] {left_out}")
     t0 = time.perf_counter()
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -261,6 +273,18 @@ def run_tune(args: argparse.Namespace) -> int:
         console.print(f"JSON: {out}")
     console.print(f"[dim]{time.perf_counter() - t0:.1f} s[/dim]")
     return 0
+
+
+def tune_step(args: argparse.Namespace) -> str | None:
+    """The step `tune` reads a trace at: --step, else per-second counts for a request-level
+    trace file (what the controller's 5-s rates see, so the band can be judged), else the
+    trace's own default."""
+    if args.step or not args.trace:
+        return args.step
+    from autoscaler.signals.traces import detect_format
+
+    fmt = detect_format(args.trace) if args.format == "auto" else args.format
+    return "1s" if fmt in REQUEST_LEVEL else None
 
 
 def tune_table(result: TuningResult, table_cls) -> object:
