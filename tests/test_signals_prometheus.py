@@ -221,3 +221,44 @@ def test_cli_query_prints_the_demand_series_as_csv(history, capsys) -> None:
     assert len(printed) == len(expected)
     np.testing.assert_allclose(printed.iloc[:, 0].to_numpy(), expected.to_numpy(), rtol=1e-12,
                                equal_nan=True)
+
+
+def test_a_history_exported_from_prometheus_is_tuned(history, capsys, tmp_path) -> None:
+    """`prom query --csv` then `tune --format csv --value-column`: the history a platform
+    engineer has is replayed as exported (10-min rates, so the band is not judged)."""
+    import argparse
+    import json
+
+    from autoscaler.signals import cli as signals_cli
+    from autoscaler.sim import cli as sim_cli
+
+    server, results = history
+    r = results["mid"]
+    parser = argparse.ArgumentParser(prog="autoscaler")
+    sub = parser.add_subparsers(dest="command")
+    signals_cli.register(sub)
+    sim_cli.register(sub)
+    args = parser.parse_args([
+        "prom", "query", "--url", server.url, "--workload", "m-mid", "--start",
+        r.start.isoformat(), "--end", r.end.isoformat(), "--step", "10min", "--csv",
+    ])
+    assert args.func(args) == 0
+    export = tmp_path / "m-mid.csv"
+    export.write_text(capsys.readouterr().out)
+    assert export.read_text().splitlines()[0] == "time,request_rate"
+    out = tmp_path / "tune.json"
+    args = parser.parse_args([
+        "tune", "--trace", str(export), "--format", "csv", "--value-column", "request_rate",
+        "--step", "10min", "--json", str(out),
+    ])
+    assert args.func(args) == 0
+    data = json.loads(out.read_text())
+    assert "coarser than the nowcast band" in data["band_left_out"]
+    assert len(data["candidates"]) == 15 and data["floor_met"]
+    # the exported history is the backfilled one, gaps included (m-mid has 84)
+    from autoscaler.sim.scenario import CsvColumns, load_series
+
+    series, _ = load_series(str(export), fmt="csv", step="10min",
+                            columns=CsvColumns(value="request_rate"))  # fmt: skip
+    np.testing.assert_allclose(series.to_numpy(), load_bundled("servegen-m-mid").to_numpy(),
+                               rtol=1e-12, equal_nan=True)  # fmt: skip

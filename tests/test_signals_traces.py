@@ -428,6 +428,14 @@ def test_generic_csv_numeric_times_with_unit_and_rate_column(tmp_path: Path) -> 
     assert edge_windows(series) == ()
 
 
+def test_an_empty_rate_cell_is_a_gap_not_a_zero(tmp_path: Path) -> None:
+    f = tmp_path / "export.csv"
+    f.write_text("time,request_rate\n2024-03-01T10:00:00Z,2.5\n2024-03-01T10:01:00Z,\n"
+                 "2024-03-01T10:02:00Z,4\n")  # fmt: skip
+    series = read_trace(f, format="csv", value_column="request_rate")
+    np.testing.assert_allclose(series.to_numpy(), [2.5, np.nan, 4.0], equal_nan=True)
+
+
 def test_generic_csv_errors_name_the_problem(tmp_path: Path) -> None:
     f = tmp_path / "x.csv"
     f.write_text("ts,rps\n1709287200,1\n1709287260,2\n")

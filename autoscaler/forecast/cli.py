@@ -20,6 +20,7 @@ from autoscaler.errors import ConfigError
 from autoscaler.forecast.common import as_history
 from autoscaler.forecast.evaluate import Comparison, compare_models, windows
 from autoscaler.forecast.registry import model_names
+from autoscaler.signals.cli import add_csv_column_args
 
 FORMATS = ("auto", "azure", "mooncake", "servegen", "csv")
 
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--bundled", help="a bundled series (see autoscaler.signals.bundled)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="trace format")
     p.add_argument("--step", default=None, help="grid step (default 10min, or the bundled one)")
+    add_csv_column_args(p)
     p.add_argument("--horizon", default="30min", help="forecast horizon (a multiple of step)")
     p.add_argument("--quantile", type=float, default=0.9, help="quantile level scored")
     p.add_argument("--models", default="all", help="comma-separated model names, or 'all'")
@@ -89,7 +91,9 @@ def load_series(args: argparse.Namespace) -> tuple[pd.Series, str]:
     from autoscaler.signals.traces import read_trace
 
     step = args.step or "10min"
-    return read_trace(args.trace, args.format, step), str(args.trace)
+    series = read_trace(args.trace, args.format, step, time_column=args.time_column,
+                        value_column=args.value_column, time_unit=args.time_unit)  # fmt: skip
+    return series, str(args.trace)
 
 
 def comparison_json(cmp: Comparison, trace: str, horizon: int) -> dict[str, Any]:

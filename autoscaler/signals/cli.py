@@ -12,6 +12,17 @@ from autoscaler.signals.prometheus import SIGNALS, TEMPLATE_SETS, PrometheusSour
 from autoscaler.signals.traces import FORMATS, TIME_UNITS, describe_edge_windows
 
 
+def add_csv_column_args(p: argparse.ArgumentParser) -> None:
+    """How a generic CSV is read (`--format csv`); every command that reads a trace takes them."""
+    p.add_argument("--time-column", default=None,
+                   help="generic CSV: the time column (default: time, timestamp, ...)")
+    p.add_argument("--value-column", default=None,
+                   help="generic CSV: a rate column (requests/s; e.g. `prom query --csv`'s "
+                   "export); without it each row is one request")
+    p.add_argument("--time-unit", default=None, choices=list(TIME_UNITS),
+                   help="generic CSV: unit of numeric Unix times (default: ISO datetimes)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `prom` command group."""
     prom = subparsers.add_parser("prom", help="Prometheus: backfill traces, query demand")
@@ -37,9 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bf.add_argument("--out-dir", default="backfill", help="where backfill.om and tsdb/ go")
     bf.add_argument("--end-at", default="now",
                     help="'now' (= now minus 3 hours, left to live scraping) or an ISO time")
-    bf.add_argument("--time-column", default=None)
-    bf.add_argument("--value-column", default=None)
-    bf.add_argument("--time-unit", default=None, choices=list(TIME_UNITS))
+    add_csv_column_args(bf)
     bf.add_argument("--keep-partial-windows", action="store_true",
                     help="keep the first/last windows a request-level trace covers only in "
                     "part (raw counts); by default they are dropped and reported")
@@ -98,7 +107,8 @@ def _query(args: argparse.Namespace) -> int:
     end = args.end or pd.Timestamp.now(tz="UTC")
     series, mask = source.demand_with_mask(args.workload, args.start, end, args.step, args.signal)
     if args.csv:
-        series.to_csv(sys.stdout, header=True, na_rep="")
+        # columns `time` and the signal's name: what --value-column reads back (simulate, tune)
+        series.rename(args.signal).to_csv(sys.stdout, header=True, index_label="time", na_rep="")
     else:
         print(f"# {source.query(args.workload, args.signal, args.step)}")
         print(f"# {len(series)} windows, {int(mask.sum())} gaps")

@@ -356,7 +356,8 @@ def _read_generic(
         times = _datetime_column(path, frame, time_column, 1)
     out = pd.DataFrame({"time": times})
     if value_column is not None:
-        out["value"] = _numeric_column(path, frame, value_column, 1)
+        # an empty cell is a gap (NaN), as `prom query --csv` writes one; never a zero
+        out["value"] = _numeric_column(path, frame, value_column, 1, allow_empty=True)
     else:
         for name, candidates in (
             ("prompt_tokens", ("prompt_tokens", "input_tokens", "ContextTokens", "input_length")),

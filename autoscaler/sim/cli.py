@@ -11,12 +11,19 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from autoscaler.errors import InsufficientData
 from autoscaler.plan.startpaths import LeadTimes, load_start_profile
+from autoscaler.signals.cli import add_csv_column_args
 from autoscaler.sim.demand import SHAPES
 from autoscaler.sim.engine import SimConfig, SimContext, SimResult, simulate
 from autoscaler.sim.policies import make_policy, parse_policies
 from autoscaler.sim.report import console as report_console
 from autoscaler.sim.report import plot, print_report, write_json
-from autoscaler.sim.scenario import REQUEST_LEVEL, Scenario, load_series, make_scenario
+from autoscaler.sim.scenario import (
+    REQUEST_LEVEL,
+    CsvColumns,
+    Scenario,
+    load_series,
+    make_scenario,
+)
 from autoscaler.sim.tuning import (
     DEFAULT_CHOICE,
     SERVED_FLOOR,
@@ -102,6 +109,7 @@ def _add_replay_args(p: argparse.ArgumentParser) -> None:
         help="read the trace at this step (default: 1min for request-level traces, the "
         "native 10min for ServeGen; 1s replays per-second arrival counts)",
     )
+    add_csv_column_args(p)
     p.add_argument(
         "--peak-replicas",
         type=int,
@@ -129,6 +137,10 @@ def _add_replay_args(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds a request may wait before it counts as not served",
     )
+
+
+def csv_columns(args: argparse.Namespace) -> CsvColumns:
+    return CsvColumns(args.time_column, args.value_column, args.time_unit)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -196,7 +208,8 @@ def _naming_the_trace(exc: InsufficientData, label: str, series) -> Insufficient
 def run_simulate(args: argparse.Namespace) -> int:
     console = report_console()
     names = parse_policies(args.policies)
-    series, label = load_series(args.trace, args.bundled, args.format, args.step)
+    series, label = load_series(args.trace, args.bundled, args.format, args.step,
+                                columns=csv_columns(args))  # fmt: skip
     scenario = make_scenario(series, label, args.peak_replicas, args.capacity, args.shape)
     config = config_from_args(args)
     console.print(
@@ -231,7 +244,8 @@ def run_tune(args: argparse.Namespace) -> int:
     if not 0 < args.served_floor <= 1:
         raise ConfigError("--served-floor", f"must be in (0, 1], not {args.served_floor}")
     console = report_console()
-    series, label = load_series(args.trace, args.bundled, args.format, tune_step(args))
+    series, label = load_series(args.trace, args.bundled, args.format, tune_step(args),
+                                columns=csv_columns(args))  # fmt: skip
     left_out = band_left_out(series)
     grid = [c for c in default_grid() if not (left_out and c.nowcast)]
     console.print(
@@ -284,7 +298,8 @@ def tune_step(args: argparse.Namespace) -> str | None:
     from autoscaler.signals.traces import detect_format
 
     fmt = detect_format(args.trace) if args.format == "auto" else args.format
-    return "1s" if fmt in REQUEST_LEVEL else None
+    request_level = fmt in REQUEST_LEVEL or (fmt == "csv" and args.value_column is None)
+    return "1s" if request_level else None
 
 
 def tune_table(result: TuningResult, table_cls) -> object:

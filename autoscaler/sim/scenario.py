@@ -43,6 +43,7 @@ def load_series(
     step: str | None = None,
     prefer_shared: bool = False,
     keep_partial_windows: bool = False,
+    columns: CsvColumns | None = None,
 ) -> tuple[pd.Series, str]:
     """The demand series of a trace file or a bundled name: request-level formats are counted
     per minute by default (`step="1s"` replays raw per-second counts: sub-minute bursts are then
@@ -53,9 +54,9 @@ def load_series(
     A request-level trace's first and last windows, which it covers only in part, are dropped
     (as the bundled files were derived) unless `keep_partial_windows`: replayed, they would read
     as a real dip in demand. The series' ``attrs["edge_windows"]`` lists them, and
-    `make_scenario` turns that into a note of the simulation's report."""
+    `make_scenario` turns that into a note of the simulation's report. `columns` reads a
+    generic CSV (a rate column, e.g. `autoscaler prom query --csv`'s export of a history)."""
     from autoscaler.signals.bundled import load_bundled
-    from autoscaler.signals.traces import detect_format, read_trace
 
     if trace and bundled:
         raise ConfigError("--bundled", "give either --trace or --bundled, not both")
@@ -64,22 +65,42 @@ def load_series(
         if (SHARED_TRACES / rel).exists():
             trace, fmt = str(SHARED_TRACES / rel), shared_fmt
             label = f"{bundled} (full resolution, {SHARED_TRACES / rel})"
-            series = _read(trace, fmt, step, read_trace, detect_format, keep_partial_windows)
+            series = _read(trace, fmt, step, keep_partial_windows)
             return series, label
     if bundled:
         return load_bundled(bundled), f"{bundled} (bundled)"
     if not trace:
         raise ConfigError("--trace", "give a trace file (--trace PATH) or --bundled NAME")
-    return _read(trace, fmt, step, read_trace, detect_format, keep_partial_windows), str(trace)
+    return _read(trace, fmt, step, keep_partial_windows, columns), str(trace)
 
 
-def _read(trace, fmt, step, read_trace, detect_format, keep_partial_windows) -> pd.Series:
+@dataclass(frozen=True)
+class CsvColumns:
+    """How to read a generic CSV: its time column, rate column (None: each row is a request)
+    and the unit of numeric times (None: ISO datetimes)."""
+
+    time: str | None = None
+    value: str | None = None
+    time_unit: str | None = None
+
+
+def _read(
+    trace: str,
+    fmt: str,
+    step: str | None,
+    keep_partial_windows: bool,
+    columns: CsvColumns | None = None,
+) -> pd.Series:
+    from autoscaler.signals.traces import detect_format, read_trace
+
     resolved = detect_format(trace) if fmt == "auto" else fmt
     if step is None:
         step = "10min" if resolved == "servegen" else "1min"
+    cols = columns or CsvColumns()
     return read_trace(
-        trace, format=resolved, step=step, keep_partial_windows=keep_partial_windows
-    )
+        trace, format=resolved, step=step, time_column=cols.time, value_column=cols.value,
+        time_unit=cols.time_unit, keep_partial_windows=keep_partial_windows,
+    )  # fmt: skip
 
 
 def edge_note(series: pd.Series) -> str:
