@@ -32,9 +32,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
-from policies import REQUEST_LEVEL_TRACES, TRACES
+from policies import REQUEST_LEVEL_TRACES, TRACES, policy_rows
+from policies_tuning import verdict
 
-from autoscaler.sim.engine import SimConfig, simulate
+from autoscaler.sim.engine import SimConfig
 from autoscaler.sim.policies import CLAIRVOYANT, make_policy
 from autoscaler.sim.report import REACTIVE, TARGET_RATIO, TARGET_SERVED
 from autoscaler.sim.scenario import load_series, make_scenario
@@ -50,21 +51,6 @@ def middle(series: pd.Series) -> pd.Timestamp:
     """The split: the whole minute nearest the middle of the trace."""
     start, end = series.index[0], series.index[-1]
     return (start + (end - start) / 2).round("1min")
-
-
-def verdict(rows: dict, name: str) -> dict:
-    row = rows[name]
-    better = {
-        r: row["served_fraction"] >= rows[r]["served_fraction"]
-        and row["gpu_hours_vs_oracle"] <= rows[r]["gpu_hours_vs_oracle"]
-        for r in REACTIVE
-    }
-    return {
-        "meets_target": row["served_fraction"] >= TARGET_SERVED
-        and row["gpu_hours_vs_oracle"] <= TARGET_RATIO,
-        "better_on_both_than": better,
-        "beats_every_reactive": all(better.values()),
-    }
 
 
 def run(name: str, step: str | None, forecaster: str) -> dict:
@@ -91,19 +77,8 @@ def run(name: str, step: str | None, forecaster: str) -> dict:
     policies.append(make_policy("predictive", forecaster=forecaster))
     policies.append(replace(tuned.chosen.policy(forecaster), name=TUNED))
     policies += [make_policy("oracle"), make_policy(CLAIRVOYANT)]
-    result = simulate([scenario.workload], policies, config, label)
-    rows = {
-        n: {
-            "gpu_hours_vs_oracle": round(r.gpu_hours_vs_oracle, 4),
-            "served_fraction": round(r.served_fraction, 6),
-            "p99_queue_delay_s": round(r.p99_queue_delay_s, 3),
-        }
-        for n, r in result.policies.items()
-    }
     tag = f"{name} {HEADLINE if step is None else PER_SECOND}"
-    for n, row in rows.items():
-        ratio, served = row["gpu_hours_vs_oracle"], 100 * row["served_fraction"]
-        print(f"  {tag} {n:18s} {ratio:.3f}x  served {served:.3f}%")
+    rows = policy_rows(scenario, label, policies, forecaster, tag, config)
     return {
         "source": label,
         "split_at": str(cut),
@@ -118,7 +93,7 @@ def run(name: str, step: str | None, forecaster: str) -> dict:
             "seconds": round(tune_s, 1),
         },
         "test": {
-            "replayed_hours": result.replay_s / 3600,
+            "replayed_hours": (series.index[-1] - cut).total_seconds() / 3600,
             "rows": rows,
             TUNED: verdict(rows, TUNED),
             "predictive": verdict(rows, "predictive"),
