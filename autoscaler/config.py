@@ -113,6 +113,9 @@ class WorkloadConfig(_Strict):
     # it). The band pays where 5-s rates are smooth and over-provisions or under-serves on bursty
     # ones (docs/planning.md), so it is a per-workload choice; its settings stay `nowcast:`'s.
     nowcast: bool | None = None
+    # Whether the controller re-tunes this workload's quantile / headroom (/ band) from its own
+    # history, in place of the top-level `tune.enabled` (None: follow it).
+    tune: bool | None = None
 
     @field_validator("max_replicas")
     @classmethod
@@ -236,6 +239,47 @@ class NowcastConfig(_Strict):
         return self.rate_window_s or self.resolution_s
 
 
+def positive_duration(value: str) -> str:
+    """A pandas duration string ("6h", "1D") that is > 0, else ValueError (pydantic names the
+    field)."""
+    import pandas as pd
+
+    try:
+        td = pd.Timedelta(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a duration: {value!r}") from exc
+    if td <= pd.Timedelta(0):
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    return value
+
+
+class TuneConfig(_Strict):
+    """The controller re-tuning a workload's planner settings from its own history
+    (`autoscaler.sim.tuning`, what `autoscaler tune` runs): every `every`, in the background,
+    the history the forecaster sees is replayed with every candidate setting, and the chosen
+    `plan.quantile` / `plan.headroom` replace the configured ones until the next tune. The
+    band is switched only when the history is fine enough to judge it (<= 5 s; the controller's
+    forecast step is usually coarser, so `nowcast` stays as configured). A tune that fails, or
+    finds no setting serving `served_floor` of the history, changes nothing (the configured
+    settings stay, with the reason in the decision's notes). Off by default: it is measured on
+    replays (benchmarks/policies_selftune.py), not yet on a live cluster."""
+
+    enabled: bool = False
+    every: str = "6h"
+    served_floor: float = Field(default=0.998, gt=0, le=1)
+    forecaster: str = "holt-winters"  # of the replay (the benchmarks' own)
+
+    @field_validator("every")
+    @classmethod
+    def _every_is_a_duration(cls, value: str) -> str:
+        return positive_duration(value)
+
+    def every_s(self) -> float:
+        import pandas as pd
+
+        return pd.Timedelta(self.every).total_seconds()
+
+
 class ControllerConfig(_Strict):
     """The whole controller: its loop, its forecaster, its GPU budget and its workloads."""
 
@@ -246,6 +290,7 @@ class ControllerConfig(_Strict):
     gpu_budget: int | None = Field(default=None, ge=0)
     dry_run: bool = False
     nowcast: NowcastConfig = Field(default_factory=NowcastConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     workloads: list[WorkloadConfig] = Field(default_factory=list)
 
     def nowcast_enabled(self, workload: WorkloadConfig) -> bool:
@@ -253,18 +298,14 @@ class ControllerConfig(_Strict):
         top-level `nowcast.enabled`)."""
         return self.nowcast.enabled if workload.nowcast is None else workload.nowcast
 
+    def tune_enabled(self, workload: WorkloadConfig) -> bool:
+        """Whether the controller re-tunes `workload` (its own `tune`, else `tune.enabled`)."""
+        return self.tune.enabled if workload.tune is None else workload.tune
+
     @field_validator("forecast_step", "refit_every")
     @classmethod
     def _duration(cls, value: str) -> str:
-        import pandas as pd
-
-        try:
-            td = pd.Timedelta(value)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"not a duration: {value!r}") from exc
-        if td <= pd.Timedelta(0):
-            raise ValueError(f"must be a positive duration, got {value!r}")
-        return value
+        return positive_duration(value)
 
     @field_validator("workloads")
     @classmethod

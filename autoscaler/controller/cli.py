@@ -72,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             written = f" (wrote {o.written})" if o.written is not None else ""
             print(f"{o.deployment}: {o.summary}{written}")
         controller.fits.shutdown()
+        controller.tunes.shutdown()
         return 0
     service = ControllerService(controller, listen=settings.http.address()).start()
     stop = threading.Event()

@@ -62,6 +62,7 @@ from autoscaler.controller.models import (
 )
 from autoscaler.controller.nowcast import LiveBand, NowcastBands
 from autoscaler.controller.settings import ControllerSettings
+from autoscaler.controller.tuning import TuneCache
 from autoscaler.errors import AutoscalerError, InsufficientData
 from autoscaler.forecast.base import Forecaster
 from autoscaler.model_store import load_or_fit
@@ -275,6 +276,8 @@ class WorkloadOutcome:
     model: str | None = None
     model_sha256: str | None = None
     model_error: str | None = None
+    # with `tune:` on: the settings this decision planned with and why (tuned or configured)
+    tune_note: str | None = None
 
 
 @dataclass
@@ -361,6 +364,8 @@ class Controller:
         self.nowcast = NowcastBands(config.nowcast, config.interval_s, self.step.total_seconds(),
                                     demand, on_fetch=self.metrics.count_nowcast_fetch)  # fmt: skip
         self.leads = LeadLearner()
+        self.tunes = TuneCache(config.tune, on_tune=lambda w, outcome: self.metrics.tunes.labels(
+            w, outcome).inc())  # fmt: skip
         self.workloads = {w.name: w for w in config.workloads}
         self.recommendations: dict[str, tuple[tuple[float, int], ...]] = {}
         self._affinity_done: set[str] = set()
@@ -434,6 +439,17 @@ class Controller:
             return model.predict_from(series, self._horizon_steps(w, leads), quantiles), None
         except (InsufficientData, ValueError) as exc:
             return None, f"forecast failed: {exc}"
+
+    def _tuned(
+        self, w: WorkloadConfig, series: pd.Series, leads: LeadTimes, now_s: float
+    ) -> tuple[WorkloadConfig, str]:
+        """`w` with its last tune's settings (see TuneCache), exported as metrics."""
+        spec = w.to_spec(interval_s=self.config.interval_s,
+                         forecast_step_s=self.step.total_seconds())  # fmt: skip
+        tuned, note = self.tunes.effective(w, series, spec, leads, now_s)
+        self.metrics.record_settings(tuned, self.config.nowcast_enabled(tuned),
+                                     tuned is not w)  # fmt: skip
+        return tuned, note
 
     def _observe_pods(self, pods: Sequence[Any]) -> None:
         for pod in pods:
@@ -547,11 +563,14 @@ class Controller:
         signal_ok: dict[str, bool] = {}
         notes: dict[str, str] = {}
         first_values: dict[str, dict[float, float]] = {}
+        tune_notes: dict[str, str] = {}
         for name, d in sorted(deployments.items()):
             w = self.workloads[name]
             base = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
             leads = self.leads.lead_times(name, base)
             series, problem = self._signal(w, now_s)
+            if series is not None and self.config.tune_enabled(w):
+                w, tune_notes[name] = self._tuned(w, series, leads, now_s)
             signal_ok[name] = series is not None
             self.metrics.signal_up.labels(name).set(1 if series is not None else 0)
             forecast = None
@@ -617,6 +636,7 @@ class Controller:
             if note and note not in outcome.summary:
                 outcome.summary += f" [nowcast: {note}]"
             self._report_model(d, outcome)
+            outcome.tune_note = tune_notes.get(name)
             report.outcomes[name] = outcome
             art = current_artifacts.get(name)
             staged = sum(1 for n in nodes if art and n.staged.get(label_name(name)) == art)

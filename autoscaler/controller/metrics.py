@@ -10,6 +10,7 @@ import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from autoscaler.config import WorkloadConfig
 from autoscaler.controller.core import WorkloadPlan
 
 
@@ -50,6 +51,14 @@ class ControllerMetrics:
                                        "Fine-grained rate queries the nowcast sent, by fetch "
                                        "(full or incremental)", ["workload", "fetch"],
                                        registry=r)  # fmt: skip
+        self.tunes = Counter("autoscaler_tunes", "Background tunes of a workload's planner "
+                             "settings (tune:), by outcome: ok, below_floor (nothing served "
+                             "the floor: settings kept) or error", ["workload", "outcome"],
+                             registry=r)  # fmt: skip
+        self.setting = Gauge("autoscaler_plan_setting", "The planner setting a workload plans "
+                             "with (quantile, headroom, nowcast 0/1) and whether it came from "
+                             "a tune (tuned=1) or the config (0)",
+                             ["workload", "setting", "tuned"], registry=r)  # fmt: skip
         self.lead = Gauge("autoscaler_lead_seconds", "Lead time of the next replica's path",
                           ["workload", "path"], registry=r)  # fmt: skip
         self.capacity = Gauge("autoscaler_capacity_per_replica", "Throughput per replica", w,
@@ -106,6 +115,14 @@ class ControllerMetrics:
         """One fine-grained rate query of the nowcast (NowcastBands' `on_fetch`)."""
         self.nowcast_fetches.labels(workload, fetch).inc()
         self.nowcast_points.labels(workload, fetch).inc(points)
+
+    def record_settings(self, w: WorkloadConfig, nowcast: bool, tuned: bool) -> None:
+        """The quantile, headroom and band `w` plans with this cycle."""
+        name, plan = w.name, w.plan
+        for setting, value in (("quantile", plan.quantile), ("headroom", plan.headroom),
+                               ("nowcast", 1.0 if nowcast else 0.0)):  # fmt: skip
+            self.setting.labels(name, setting, "1" if tuned else "0").set(value)
+            self.setting.labels(name, setting, "0" if tuned else "1").set(math.nan)
 
     def record_plan(self, plan: WorkloadPlan, actual: int, ready: int, staged: int,
                     forecast_first: dict[float, float]) -> None:  # fmt: skip

@@ -217,6 +217,7 @@ class ControllerService:
             self.http = None
         c = self.controller
         c.fits.shutdown()
+        c.tunes.shutdown()
         if c.artifacts is not None:
             c.artifacts.shutdown()
         if c.elector is not None:

@@ -32,6 +32,7 @@ import pandas as pd
 
 from autoscaler.config import ControllerConfig, NowcastConfig, WorkloadConfig
 from autoscaler.controller.nowcast import LiveBand, NowcastBands
+from autoscaler.controller.tuning import TuneCache
 from autoscaler.decisions import DecisionBook, Replanner
 from autoscaler.errors import AutoscalerError, InsufficientData
 from autoscaler.forecast.base import Forecaster
@@ -169,6 +170,9 @@ class PlanningLoop:
             )
         self._model_seen: dict[str, int] = {}
         self._memory: dict[str, _Memory] = {}
+        # `tune:`: each workload's quantile / headroom re-tuned from its history, as the
+        # controller does (autoscaler.controller.tuning)
+        self.tunes = TuneCache(self.config.tune)
         self.nowcast = NowcastBands(self.config.nowcast, self.config.interval_s,
                                     self.step.total_seconds(), self.demand)  # fmt: skip
         self._lock = threading.Lock()
@@ -230,6 +234,12 @@ class PlanningLoop:
         if last_s is None:
             outcome.withdrawn = "no demand data in the history window"
             return None
+        leads = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
+        tune_note = None
+        if self.config.tune_enabled(w):  # before the fit check: the first tune starts at once
+            own_spec = w.to_spec(interval_s=self.config.interval_s,
+                                 forecast_step_s=self.step.total_seconds())  # fmt: skip
+            w, tune_note = self.tunes.effective(w, series, own_spec, leads, now_s)
         model = self.fit_cache.model(w.name, series, now_s)  # type: ignore[attr-defined]
         if model is None:
             error = self.fit_cache.error(w.name)  # type: ignore[attr-defined]
@@ -239,7 +249,6 @@ class PlanningLoop:
                 outcome.waiting = f"{w.name}: first forecast fit still running"
             return None
         self._report_model(w.name, outcome)
-        leads = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
         quantiles = tuple(sorted({*self.quantiles, w.plan.quantile}))
         try:
             forecast = model.predict_from(series, self._horizon_steps(w, leads), quantiles)
@@ -273,12 +282,11 @@ class PlanningLoop:
         if missing:
             outcome.withdrawn = f"holding, not planning: {missing}"
             return None
-        if live.note:
+        extra = [f"nowcast: {live.note}"] if live.note else []
+        extra += [f"tune: {tune_note}"] if tune_note else []
+        if extra:
             ex = decision.explanation
-            decision = replace(
-                decision,
-                explanation=replace(ex, notes=(*ex.notes, f"nowcast: {live.note}")),
-            )
+            decision = replace(decision, explanation=replace(ex, notes=(*ex.notes, *extra)))
         return _Planned(decision, state, forecast, spec, live)
 
     def _report_model(self, name: str, outcome: WorkloadOutcome) -> None:
@@ -378,6 +386,7 @@ class PlanningLoop:
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self.fit_cache.shutdown()  # type: ignore[attr-defined]
+        self.tunes.shutdown()
 
 
 def build_loop(

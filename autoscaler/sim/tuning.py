@@ -205,6 +205,7 @@ def tune(
     floor: float = SERVED_FLOOR,
     config: SimConfig | None = None,
     progress: Callable[[str, float], None] | None = None,
+    spec_overrides: dict | None = None,
 ) -> TuningResult:
     """Replay `series` (the workload's history, requests/s) with every candidate and choose.
 
@@ -212,7 +213,9 @@ def tune(
     capacity is sized so the history's peak needs `peak_replicas`, as `autoscaler simulate`
     does. `config` sets the replay (forecaster, leads, queue delay); its quantiles are widened to
     the grid's and its warm-up defaults to `warmup_for`. The band's candidates are left out of
-    a history coarser than its resolution (`band_left_out` says why)."""
+    a history coarser than its resolution (`band_left_out` says why). `spec_overrides` replays
+    the workload's own planner spec (replicas bounds, interval, windows: the controller passes
+    its `WorkloadSpec`'s fields) in place of the simulator's defaults."""
     if not 0 < floor <= 1:
         raise ValueError(f"the served floor must be in (0, 1], not {floor}")
     candidates = default_grid() if grid is None else tuple(grid)
@@ -224,7 +227,8 @@ def tune(
     base = config or SimConfig()
     levels = tuple(sorted({*base.quantiles, *(c.quantile for c in candidates)}))
     sim_config = replace(base, quantiles=levels, warmup_s=warmup_for(series, base.warmup_s))
-    scenario = make_scenario(series, label, peak_replicas, capacity_per_replica)
+    scenario = make_scenario(series, label, peak_replicas, capacity_per_replica,
+                             spec_overrides=spec_overrides)  # fmt: skip
     policies = [c.policy(sim_config.forecaster) for c in candidates] + [make_policy("oracle")]
     result = simulate([scenario.workload], policies, sim_config, label, progress)
     rows = tuple(

@@ -106,3 +106,35 @@ def test_start_checks_name_the_field(series, model_dir, tmp_path):
         _loop(series, folder, step="1min")
     assert other_step.value.field == "workloads[0].forecast.model_dir"
     assert "trained at a step of" in str(other_step.value)
+
+
+def test_tuned_settings_plan_the_published_decision(series):
+    """`tune:` in the KEDA scaler's own loop, as in the controller: once the background tune of
+    the history ends, the published decision plans with its quantile and headroom and says so."""
+    config = parse_config({
+        "interval_s": 600, "forecaster": "last", "forecast_step": "10min", "refit_every": "1D",
+        "tune": {"enabled": True},
+        "workloads": [{
+            "name": NAME, "min_replicas": 1, "max_replicas": 64,
+            "capacity": {"throughput_per_replica": 500.0},
+            "start": {"path": "restore-disk", "lead_s": {"restore-disk": 20}},
+        }],
+    })  # fmt: skip
+    clock = StepClock(series.index[6 * 24 * 7])
+    book = book_for(config, clock)
+    loop = PlanningLoop(config=config, book=book, demand=TraceDemand(series),
+                        factory=lambda _w: LastValue(), clock=clock,
+                        history=pd.Timedelta("2D"))  # fmt: skip
+    try:
+        loop.run_cycle()
+        loop.fit_cache.wait_idle()
+        loop.tunes.wait_idle()
+        outcome = loop.run_cycle()[NAME]
+    finally:
+        loop.stop()
+    result = loop.tunes.result(NAME)
+    assert result is not None and result.floor_met and outcome.published is not None
+    explanation = book.latest(NAME).explanation
+    assert explanation.forecast_quantile == result.chosen.quantile
+    assert explanation.headroom == result.chosen.headroom
+    assert any(n.startswith("tune: tuned settings") for n in explanation.notes)

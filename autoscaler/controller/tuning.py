@@ -1,0 +1,142 @@
+"""The controller re-tuning each workload's planner settings from its own history (`tune:`).
+
+Why: `autoscaler tune` (autoscaler.sim.tuning) picks a workload's quantile and headroom by
+replaying its past; run by hand it goes stale as the workload changes. Here the controller runs
+the same replay in the background on the history its forecaster sees, every `tune.every`, and
+plans with the chosen settings until the next one, as FitCache does for the forecaster. The
+replay takes seconds to a minute, so it never runs in the control loop itself.
+
+Only a tune that found a setting serving `served_floor` of the history is applied; one that
+failed or fell short leaves the configured settings, and says why in the decision's notes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+
+import pandas as pd
+
+from autoscaler.config import TuneConfig, WorkloadConfig
+from autoscaler.plan import LeadTimes
+from autoscaler.plan.replicas import WorkloadSpec
+from autoscaler.sim.engine import SimConfig
+from autoscaler.sim.tuning import TuningResult, tune
+
+log = logging.getLogger(__name__)
+
+#: spec fields the replay takes from the simulator itself (the name, and the forecast step it
+#: derives from the history's own step)
+_REPLAY_OWN = {"name", "forecast_step_s"}
+
+
+@dataclass
+class _Tune:
+    pending: Future | None = None
+    tuned_at_s: float = -math.inf
+    result: TuningResult | None = None
+    error: str | None = None
+
+
+class TuneCache:
+    """Per workload: the last tune, and a background one when due."""
+
+    def __init__(
+        self,
+        settings: TuneConfig,
+        executor: ThreadPoolExecutor | None = None,
+        on_tune: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.every_s = settings.every_s()
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="tune")
+        self._tunes: dict[str, _Tune] = {}
+        self._lock = threading.Lock()
+        self._on_tune = on_tune or (lambda w, outcome: None)
+
+    def effective(
+        self,
+        w: WorkloadConfig,
+        history: pd.Series,
+        spec: WorkloadSpec,
+        leads: LeadTimes,
+        now_s: float,
+    ) -> tuple[WorkloadConfig, str]:
+        """`w` with the last applicable tune's settings, and a note on them for the decision;
+        schedules a tune when none is running and the last is older than `tune.every`."""
+        with self._lock:
+            t = self._tunes.setdefault(w.name, _Tune())
+            if t.pending is None and now_s - t.tuned_at_s >= self.every_s:
+                t.tuned_at_s = now_s  # a failed tune is retried after `every`, not each cycle
+                t.pending = self.executor.submit(self._tune, w.name, history.copy(), spec, leads)
+            result, error = t.result, t.error
+        if error is not None:
+            return w, f"tune failed, configured settings kept: {error}"
+        if result is None:
+            return w, "first tune still running: configured settings"
+        chosen = result.chosen
+        row = result.row(chosen)
+        if not result.floor_met or row is None:
+            return w, (
+                f"tune found no setting serving {100 * result.floor:.1f}% of the history: "
+                "configured settings kept"
+            )
+        update: dict = {"plan": w.plan.model_copy(
+            update={"quantile": chosen.quantile, "headroom": chosen.headroom})}  # fmt: skip
+        if not result.band_left_out:
+            update["nowcast"] = chosen.nowcast
+        note = (
+            f"tuned settings q{chosen.quantile:g}, headroom {chosen.headroom:g}"
+            f"{', nowcast ' + ('on' if chosen.nowcast else 'off') if 'nowcast' in update else ''}"
+            f" ({100 * row.served_fraction:.2f}% served at {row.gpu_hours_vs_oracle:.3f}x the "
+            f"oracle over {result.replayed_hours:.1f} h of history)"
+        )
+        return w.model_copy(update=update), note
+
+    def _tune(self, name: str, history: pd.Series, spec: WorkloadSpec, leads: LeadTimes) -> None:
+        overrides = {f.name: getattr(spec, f.name) for f in fields(spec)
+                     if f.name not in _REPLAY_OWN}  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            result = tune(
+                history, f"history of {name}",
+                capacity_per_replica=spec.capacity_per_replica,
+                floor=self.settings.served_floor,
+                config=SimConfig(forecaster=self.settings.forecaster, leads=leads),
+                spec_overrides=overrides,
+            )  # fmt: skip
+        except Exception as exc:  # recorded and reported; the configured settings stay
+            with self._lock:
+                t = self._tunes[name]
+                t.pending, t.error = None, f"{type(exc).__name__}: {exc}"
+            self._on_tune(name, "error")
+            log.warning("tune of %s failed: %s", name, exc)
+            return
+        with self._lock:
+            t = self._tunes[name]
+            t.pending, t.result, t.error = None, result, None
+        self._on_tune(name, "ok" if result.floor_met else "below_floor")
+        log.info("tuned %s in %.1f s: %s (floor met: %s)", name, time.perf_counter() - t0,
+                 result.chosen.name, result.floor_met)  # fmt: skip
+
+    def result(self, name: str) -> TuningResult | None:
+        with self._lock:
+            t = self._tunes.get(name)
+            return t.result if t else None
+
+    def wait_idle(self, timeout: float = 120.0) -> None:
+        """Wait for running tunes (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(t.pending is None for t in self._tunes.values()):
+                    return
+            time.sleep(0.02)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
