@@ -17,7 +17,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from autoscaler.config import ControllerConfig, _raise_config_error, parse_config
+from autoscaler.config import (
+    ControllerConfig,
+    _raise_config_error,
+    parse_config,
+    positive_duration,
+)
 from autoscaler.errors import ConfigError
 
 
@@ -63,15 +68,7 @@ class PrometheusSettings(_Strict):
     @field_validator("history")
     @classmethod
     def _duration(cls, value: str) -> str:
-        import pandas as pd
-
-        try:
-            td = pd.Timedelta(value)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"not a duration: {value!r}") from exc
-        if td <= pd.Timedelta(0):
-            raise ValueError(f"must be a positive duration, got {value!r}")
-        return value
+        return positive_duration(value)
 
 
 class AgentSettings(_Strict):
