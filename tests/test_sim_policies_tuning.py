@@ -89,3 +89,57 @@ def test_a_negative_headroom_is_refused_by_the_spec_check():
     with pytest.raises(ConfigError) as err:
         simulate([_workload()], [_ours("bad", headroom=-0.1)], _config())
     assert err.value.field == "workloads.w.headroom"
+
+
+# -- ours with `tune:` on (SelfTuning): re-tuned during the replay on its own past ------------
+LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+
+
+def _self_tuning(every_s: float = 1800.0):
+    from autoscaler.sim.policies import SELF_TUNING
+
+    return replace(make_policy(SELF_TUNING, forecaster="double"), retune_every_s=every_s)
+
+
+def test_self_tuning_plans_with_what_each_tune_chose_from_the_past_only(monkeypatch):
+    import autoscaler.sim.tuning as tuning
+
+    seen: list[tuple[float, pd.Timestamp]] = []
+    real_tune = tuning.tune
+
+    def spy(history, label, **kw):
+        seen.append((float(label.split(" before ")[1].split(" s")[0]), history.index[-1]))
+        return real_tune(history, label, **kw)
+
+    monkeypatch.setattr(tuning, "tune", spy)
+    workload = _workload()
+    policy = _self_tuning()
+    simulate([workload], [policy, make_policy("oracle")], _config(quantiles=LEVELS))
+    tunes = policy.tunes[0]
+    assert len(tunes) == len(seen) == 4  # at the replay's start, then every 30 min of 2 h
+    start = workload.ticks.start
+    for now_s, last_window in seen:  # strict past: every window given had ended by then
+        assert last_window + pd.Timedelta("1min") <= start + pd.Timedelta(seconds=now_s)
+    applied = [what for _, what in tunes if not what.startswith("kept")]
+    assert applied, tunes
+    last = applied[-1]
+    q, h = (float(x[1:]) for x in last.split("-"))
+    assert policy.last_explanations[0].forecast_quantile == q
+    assert policy.last_explanations[0].headroom == h
+    assert (workload.spec.quantile, workload.spec.headroom) == (0.9, 0.05)  # spec untouched
+
+
+def test_self_tuning_keeps_its_settings_when_the_history_is_too_short_to_replay():
+    policy = _self_tuning(every_s=10 * 3600.0)  # one tune, at the start
+    # 15 min of history: no replay is left after the tune's own 15-min warm-up
+    config = replace(_config(quantiles=LEVELS), warmup_s=15 * 60.0)
+    simulate([_workload()], [policy, make_policy("oracle")], config)
+    ((_at, what),) = policy.tunes[0]
+    assert what.startswith("kept:") and "leaves nothing to replay" in what
+    assert policy.last_explanations[0].forecast_quantile == 0.9
+
+
+def test_self_tuning_needs_the_tunes_quantile_levels_forecast():
+    with pytest.raises(ConfigError) as err:
+        simulate([_workload()], [_self_tuning()], _config())
+    assert err.value.field == "policies.predictive-tuned.quantile"

@@ -60,6 +60,9 @@ INSTANT = "instant"
 
 POLICY_NAMES = ("hpa-cold", "hpa-restore", "kpa", "phpa", "predictive", "oracle")
 ABLATION_NAMES = ("predictive-cold", "hpa-staged", "predictive-band")
+#: ours with the controller's `tune:` on (re-tuned on its own past during the replay); not in
+#: "all": it replays the history once per re-tune, far slower than the others
+SELF_TUNING = "predictive-tuned"
 #: a bound, not a policy (reads the future): ours' interval, leads and headroom, perfect foresight
 CLAIRVOYANT = "clairvoyant"
 
@@ -408,6 +411,76 @@ class Predictive(Policy):
 
 
 @dataclass
+class SelfTuning(Predictive):
+    """Ours with `tune:` on, as the controller runs it: every `retune_every_s` the quantile and
+    headroom are re-chosen by `autoscaler.sim.tuning.tune` on the history the forecaster has
+    seen by then (the last `history_s`, windows ended by now: strict past), and plan the next
+    decisions; a tune that fails (too little history) or serves no candidate to the floor
+    keeps the settings in use. The band stays off: a forecast-step history cannot judge it."""
+
+    retune_every_s: float = 6 * 3600.0  # TuneConfig.every's default
+    history_s: float = 2 * 86400.0  # a controller's Prometheus history (2 days)
+    served_floor: float = 0.998
+    tunes: list[list[tuple[float, str]]] = field(default_factory=list)  # (at_s, setting|why)
+
+    def prepare(self, ctx: SimContext) -> None:
+        super().prepare(ctx)
+        from autoscaler.sim.tuning import default_grid
+
+        self._grid = tuple(c for c in default_grid() if not c.nowcast)
+        missing = sorted({c.quantile for c in self._grid} - set(ctx.config.quantiles))
+        if missing:
+            from autoscaler.errors import ConfigError
+
+            raise ConfigError(
+                f"policies.{self.name}.quantile",
+                f"the tune's levels {missing} are not forecast by this replay "
+                f"(SimConfig.quantiles = {ctx.config.quantiles}); add them there",
+            )
+        self._tuned_at = [-math.inf] * len(ctx.workloads)
+        self.tunes = [[] for _ in ctx.workloads]
+
+    def decide(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> int:
+        now = t_idx * ctx.dt
+        if now - self._tuned_at[w] >= self.retune_every_s:
+            self._tuned_at[w] = now
+            self._retune(ctx, w, now)
+        return super().decide(ctx, w, t_idx, rt)
+
+    def _retune(self, ctx: SimContext, w: int, now: float) -> None:
+        from dataclasses import fields
+
+        from autoscaler.errors import InsufficientData
+        from autoscaler.sim.tuning import tune
+
+        runner = ctx.demand_runner(w, self.forecaster)
+        k = runner.origin_windows(now)
+        keep = max(2, round(self.history_s / runner.step_s))
+        history = runner.history.iloc[max(0, k - keep) : k]
+        spec = self._specs[w]
+        own = {f.name: getattr(spec, f.name) for f in fields(spec)
+               if f.name not in ("name", "forecast_step_s", "quantile", "headroom")}  # fmt: skip
+        try:
+            result = tune(
+                history, f"{ctx.workloads[w].name} before {now:.0f} s",
+                capacity_per_replica=spec.capacity_per_replica, grid=self._grid,
+                floor=self.served_floor,
+                # replayed like this replay (leads, queue delay, forecasters), its own warm-up
+                config=replace(ctx.config, forecaster=self.forecaster, warmup_s=None),
+                spec_overrides=own,
+            )  # fmt: skip
+        except (InsufficientData, ValueError) as exc:
+            self.tunes[w].append((now, f"kept: {exc}"))
+            return
+        if not result.floor_met:
+            self.tunes[w].append((now, f"kept: nothing served {result.floor:.3f}"))
+            return
+        chosen = result.chosen
+        self._specs[w] = replace(spec, quantile=chosen.quantile, headroom=chosen.headroom)
+        self.tunes[w].append((now, chosen.name))
+
+
+@dataclass
 class StagedHPA(HPA):
     """Ablation: the reactive HPA, but every replica restores from a copy staged in memory on
     as many nodes as max_replicas could need (no forecast to say how many)."""
@@ -482,13 +555,15 @@ def make_policy(name: str, forecaster: str = "holt-winters", interval_s: float =
     if name == "predictive-band":
         return Predictive("predictive-band", interval_s, STAGED, stages=True,
                           forecaster=forecaster, band_resolution_s=5.0)  # fmt: skip
+    if name == SELF_TUNING:
+        return SelfTuning(SELF_TUNING, interval_s, STAGED, stages=True, forecaster=forecaster)
     if name == "predictive-cold":
         return Predictive("predictive-cold", interval_s, COLD, stages=False, forecaster=forecaster)
     if name == "oracle":
         return Oracle("oracle", 1.0, INSTANT)
     if name == CLAIRVOYANT:
         return Clairvoyant(CLAIRVOYANT, interval_s, STAGED, stages=True)
-    known = ", ".join(POLICY_NAMES + ABLATION_NAMES)
+    known = ", ".join(POLICY_NAMES + ABLATION_NAMES + (SELF_TUNING,))
     from autoscaler.errors import ConfigError
 
     raise ConfigError("policies", f"unknown policy {name!r}; known: {known}")
