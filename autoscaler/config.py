@@ -256,22 +256,27 @@ def positive_duration(value: str) -> str:
 class TuneConfig(_Strict):
     """The controller re-tuning a workload's planner settings from its own history
     (`autoscaler.sim.tuning`, what `autoscaler tune` runs): every `every`, in the background,
-    the history the forecaster sees is replayed with every candidate setting, and the chosen
-    `plan.quantile` / `plan.headroom` replace the configured ones until the next tune. The
-    band is switched only when the history is fine enough to judge it (<= 5 s; the controller's
-    forecast step is usually coarser, so `nowcast` stays as configured). A tune that fails, or
-    finds no setting serving `served_floor` of the history, changes nothing (the configured
-    settings stay, with the reason in the decision's notes). Off by default: it is measured on
-    replays (benchmarks/policies_selftune.py), not yet on a live cluster."""
+    the measured rate per `resolution_s` window over the last `history` is fetched and
+    replayed with every candidate setting, and the chosen `plan.quantile` / `plan.headroom`
+    (and `nowcast`, when the windows are <= 5 s) replace the configured ones until the next
+    tune. A tune that cannot fetch that history, fails, or finds no setting serving
+    `served_floor` of it changes nothing (the configured settings stay, with the reason in the
+    decision's notes). Off by default: it is measured on replays (benchmarks/policies.py,
+    benchmarks/policies_selftune.py), not yet on a live cluster."""
 
     enabled: bool = False
     every: str = "6h"
+    # the history replayed: the measured rate per `resolution_s` window over the last `history`
+    # (what the nowcast band reads); per-minute counts replayed smooth would hide the sub-minute
+    # bursts a bursty workload's replicas must absorb (docs/planning.md)
+    history: str = "6h"
+    resolution_s: int = Field(default=5, ge=1)
     served_floor: float = Field(default=0.998, gt=0, le=1)
     forecaster: str = "holt-winters"  # of the replay (the benchmarks' own)
 
-    @field_validator("every")
+    @field_validator("every", "history")
     @classmethod
-    def _every_is_a_duration(cls, value: str) -> str:
+    def _durations(cls, value: str) -> str:
         return positive_duration(value)
 
     def every_s(self) -> float:

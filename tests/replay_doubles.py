@@ -25,6 +25,18 @@ class TraceDemand:
         return self.series[(self.series.index >= start) & (self.series.index < end)]
 
 
+class FineTraceDemand(TraceDemand):
+    """TraceDemand that also gives the measured rate per short window (as PrometheusDemand's
+    `fine_rates`): the series interpolated linearly onto the finer grid."""
+
+    def fine_rates(self, workload, end, duration, resolution, window) -> pd.Series:
+        if self.fail:
+            raise PrometheusError("http://prometheus:9090", f"rate({workload.name}[5s])",
+                                  self.fail)  # fmt: skip
+        fine = self.series.resample(resolution).interpolate()
+        return fine[(fine.index >= end - duration) & (fine.index < end)]
+
+
 class StepClock:
     """Trace time set by the test (`clock.now = ...`)."""
 

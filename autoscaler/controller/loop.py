@@ -441,12 +441,12 @@ class Controller:
             return None, f"forecast failed: {exc}"
 
     def _tuned(
-        self, w: WorkloadConfig, series: pd.Series, leads: LeadTimes, now_s: float
+        self, w: WorkloadConfig, leads: LeadTimes, now_s: float
     ) -> tuple[WorkloadConfig, str]:
         """`w` with its last tune's settings (see TuneCache), exported as metrics."""
         spec = w.to_spec(interval_s=self.config.interval_s,
                          forecast_step_s=self.step.total_seconds())  # fmt: skip
-        tuned, note = self.tunes.effective(w, series, spec, leads, now_s)
+        tuned, note = self.tunes.effective(w, self.demand, spec, leads, now_s)
         self.metrics.record_settings(tuned, self.config.nowcast_enabled(tuned),
                                      tuned is not w)  # fmt: skip
         return tuned, note
@@ -570,7 +570,7 @@ class Controller:
             leads = self.leads.lead_times(name, base)
             series, problem = self._signal(w, now_s)
             if series is not None and self.config.tune_enabled(w):
-                w, tune_notes[name] = self._tuned(w, series, leads, now_s)
+                w, tune_notes[name] = self._tuned(w, leads, now_s)
             signal_ok[name] = series is not None
             self.metrics.signal_up.labels(name).set(1 if series is not None else 0)
             forecast = None

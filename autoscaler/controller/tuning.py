@@ -2,8 +2,10 @@
 
 Why: `autoscaler tune` (autoscaler.sim.tuning) picks a workload's quantile and headroom by
 replaying its past; run by hand it goes stale as the workload changes. Here the controller runs
-the same replay in the background on the history its forecaster sees, every `tune.every`, and
-plans with the chosen settings until the next one, as FitCache does for the forecaster. The
+the same replay in the background, every `tune.every`, on the measured rate per 5-s window
+over the last `tune.history` (not the forecast step's counts: replayed smooth, they hide the
+bursts that decide how much a bursty workload must hold), and plans with the chosen settings
+until the next one, as FitCache does for the forecaster. The
 replay takes seconds to a minute, so it never runs in the control loop itself.
 
 Only a tune that found a setting serving `served_floor` of the history is applied; one that
@@ -62,18 +64,20 @@ class TuneCache:
     def effective(
         self,
         w: WorkloadConfig,
-        history: pd.Series,
+        source: object,
         spec: WorkloadSpec,
         leads: LeadTimes,
         now_s: float,
     ) -> tuple[WorkloadConfig, str]:
         """`w` with the last applicable tune's settings, and a note on them for the decision;
-        schedules a tune when none is running and the last is older than `tune.every`."""
+        schedules a tune when none is running and the last is older than `tune.every` (it
+        fetches the history from `source`, a FineRateSource, in the background)."""
         with self._lock:
             t = self._tunes.setdefault(w.name, _Tune())
             if t.pending is None and now_s - t.tuned_at_s >= self.every_s:
                 t.tuned_at_s = now_s  # a failed tune is retried after `every`, not each cycle
-                t.pending = self.executor.submit(self._tune, w.name, history.copy(), spec, leads)
+                t.pending = self.executor.submit(self._fetch_and_tune, w, source, spec, leads,
+                                                 now_s)  # fmt: skip
             result, error = t.result, t.error
         if error is not None:
             return w, f"tune failed, configured settings kept: {error}"
@@ -98,6 +102,41 @@ class TuneCache:
         )
         return w.model_copy(update=update), note
 
+    def fine_history(self, w: WorkloadConfig, source: object, now_s: float) -> pd.Series:
+        """The measured rate per `resolution_s` window over the last `history`, windows ended
+        by now (the nowcast band's query). A source without it, or without data, is an error:
+        a tune on forecast-step counts would misjudge sub-minute bursts."""
+        fetch = getattr(source, "fine_rates", None)
+        if fetch is None:
+            raise ValueError("the demand source gives no fine-grained rates to replay")
+        res = pd.Timedelta(seconds=self.settings.resolution_s)
+        epoch = pd.Timestamp(0, tz="UTC")
+        end = epoch + ((pd.Timestamp(now_s, unit="s", tz="UTC") - epoch) // res) * res
+        series = fetch(w, end, pd.Timedelta(self.settings.history), res, res)
+        series = series[series.index + res <= end]
+        if series.dropna().empty:
+            raise ValueError(f"no measured rate per {res.total_seconds():g} s in the last "
+                             f"{self.settings.history}")  # fmt: skip
+        return series.asfreq(res)
+
+    def _fetch_and_tune(
+        self, w: WorkloadConfig, source: object, spec: WorkloadSpec, leads: LeadTimes,
+        now_s: float,
+    ) -> None:  # fmt: skip
+        try:
+            history = self.fine_history(w, source, now_s)
+        except Exception as exc:  # a Prometheus error, no data: recorded like a failed tune
+            self._failed(w.name, exc)
+            return
+        self._tune(w.name, history, spec, leads)
+
+    def _failed(self, name: str, exc: BaseException) -> None:
+        with self._lock:
+            t = self._tunes[name]
+            t.pending, t.error = None, f"{type(exc).__name__}: {exc}"
+        self._on_tune(name, "error")
+        log.warning("tune of %s failed: %s", name, exc)
+
     def _tune(self, name: str, history: pd.Series, spec: WorkloadSpec, leads: LeadTimes) -> None:
         overrides = {f.name: getattr(spec, f.name) for f in fields(spec)
                      if f.name not in _REPLAY_OWN}  # fmt: skip
@@ -111,11 +150,7 @@ class TuneCache:
                 spec_overrides=overrides,
             )  # fmt: skip
         except Exception as exc:  # recorded and reported; the configured settings stay
-            with self._lock:
-                t = self._tunes[name]
-                t.pending, t.error = None, f"{type(exc).__name__}: {exc}"
-            self._on_tune(name, "error")
-            log.warning("tune of %s failed: %s", name, exc)
+            self._failed(name, exc)
             return
         with self._lock:
             t = self._tunes[name]

@@ -239,7 +239,7 @@ class PlanningLoop:
         if self.config.tune_enabled(w):  # before the fit check: the first tune starts at once
             own_spec = w.to_spec(interval_s=self.config.interval_s,
                                  forecast_step_s=self.step.total_seconds())  # fmt: skip
-            w, tune_note = self.tunes.effective(w, series, own_spec, leads, now_s)
+            w, tune_note = self.tunes.effective(w, self.demand, own_spec, leads, now_s)
         model = self.fit_cache.model(w.name, series, now_s)  # type: ignore[attr-defined]
         if model is None:
             error = self.fit_cache.error(w.name)  # type: ignore[attr-defined]

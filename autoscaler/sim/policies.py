@@ -413,13 +413,16 @@ class Predictive(Policy):
 @dataclass
 class SelfTuning(Predictive):
     """Ours with `tune:` on, as the controller runs it: every `retune_every_s` the quantile and
-    headroom are re-chosen by `autoscaler.sim.tuning.tune` on the history the forecaster has
-    seen by then (the last `history_s`, windows ended by now: strict past), and plan the next
-    decisions; a tune that fails (too little history) or serves no candidate to the floor
-    keeps the settings in use. The band stays off: a forecast-step history cannot judge it."""
+    headroom are re-chosen by `autoscaler.sim.tuning.tune` on the measured rate per
+    `resolution_s` window over the last `history_s` (windows ended by now: strict past), and
+    plan the next decisions; a tune that fails (too little history) or serves no candidate to
+    the floor keeps the settings in use. Fine windows, not the forecast step: tuned on per-minute
+    counts (smooth once interpolated), Azure code's per-second replay chose q0.5 / 0% and served
+    67.6% (docs/planning.md). The band stays off (switching it mid-replay is not modelled)."""
 
     retune_every_s: float = 6 * 3600.0  # TuneConfig.every's default
-    history_s: float = 2 * 86400.0  # a controller's Prometheus history (2 days)
+    history_s: float = 6 * 3600.0  # TuneConfig.history's default
+    resolution_s: float = 5.0  # TuneConfig.resolution_s's default
     served_floor: float = 0.998
     tunes: list[list[tuple[float, str]]] = field(default_factory=list)  # (at_s, setting|why)
 
@@ -439,6 +442,9 @@ class SelfTuning(Predictive):
             )
         self._tuned_at = [-math.inf] * len(ctx.workloads)
         self.tunes = [[] for _ in ctx.workloads]
+        from autoscaler.sim.demand import window_series
+
+        self._fine_history = [window_series(wl.ticks, self.resolution_s) for wl in ctx.workloads]
 
     def decide(self, ctx: SimContext, w: int, t_idx: int, rt: WorkloadRuntime) -> int:
         now = t_idx * ctx.dt
@@ -453,10 +459,10 @@ class SelfTuning(Predictive):
         from autoscaler.errors import InsufficientData
         from autoscaler.sim.tuning import tune
 
-        runner = ctx.demand_runner(w, self.forecaster)
-        k = runner.origin_windows(now)
-        keep = max(2, round(self.history_s / runner.step_s))
-        history = runner.history.iloc[max(0, k - keep) : k]
+        fine = self._fine_history[w]
+        k = math.floor(now / self.resolution_s + 1e-9)  # windows that have ended by now
+        keep = max(2, round(self.history_s / self.resolution_s))
+        history = fine.iloc[max(0, k - keep) : k]
         spec = self._specs[w]
         own = {f.name: getattr(spec, f.name) for f in fields(spec)
                if f.name not in ("name", "forecast_step_s", "quantile", "headroom")}  # fmt: skip

@@ -16,7 +16,7 @@ from autoscaler.controller.settings import parse_controller_config
 from autoscaler.errors import ConfigError
 from autoscaler.forecast.registry import make_forecaster
 from autoscaler.signals.bundled import load_bundled
-from tests.replay_doubles import OneDeploymentCluster, StepClock, TraceDemand
+from tests.replay_doubles import FineTraceDemand, OneDeploymentCluster, StepClock, TraceDemand
 
 NAME = "chat"
 
@@ -26,7 +26,7 @@ def series() -> pd.Series:
     return load_bundled("servegen-m-mid")
 
 
-def _controller(series, tune: dict, workload_tune: bool | None = None):
+def _controller(series, tune: dict, workload_tune: bool | None = None, fine: bool = True):
     workload = {
         "name": NAME, "namespace": "inference", "min_replicas": 1, "max_replicas": 64,
         "capacity": {"throughput_per_replica": 500.0},
@@ -46,8 +46,9 @@ def _controller(series, tune: dict, workload_tune: bool | None = None):
         return make_forecaster(config.forecaster, config.forecast_step, max_horizon=12)
 
     cluster = OneDeploymentCluster(NAME, replicas=2)
-    controller = Controller(config, settings, cluster, TraceDemand(series), factory,
-                            clock=clock, dry_run=True)  # fmt: skip
+    demand = FineTraceDemand(series) if fine else TraceDemand(series)
+    controller = Controller(config, settings, cluster, demand, factory, clock=clock,
+                            dry_run=True)  # fmt: skip
     return controller, clock
 
 
@@ -65,31 +66,50 @@ def _metric(controller: Controller, name: str, **labels) -> float | None:
 
 
 def test_the_next_decisions_plan_with_the_tuned_settings(series):
-    controller, _ = _controller(series, {"enabled": True, "every": "6h"})
+    controller, _clock = _controller(series, {"enabled": True, "every": "6h"})
     first, outcome, explanation = _settle(controller)
     assert first.tune_note == "first tune still running: configured settings"
     result = controller.tunes.result(NAME)
     assert result is not None and result.floor_met
-    # a 10-min history cannot judge the band: only quantile and headroom were tuned
-    assert result.band_left_out and not any(r.choice.nowcast for r in result.rows)
+    # the replayed history: 5-s rates over the last 6 h (default), fine enough to judge the band
+    assert result.band_left_out == "" and len(result.rows) == 30
+    assert result.replayed_hours + result.warmup_hours == pytest.approx(6, abs=0.01)
     chosen = result.chosen
     assert outcome.tune_note.startswith(f"tuned settings q{chosen.quantile:g}, headroom")
-    assert "nowcast" not in outcome.tune_note
+    assert f"nowcast {'on' if chosen.nowcast else 'off'}" in outcome.tune_note
     assert explanation.forecast_quantile == chosen.quantile
     assert explanation.headroom == chosen.headroom
     assert _metric(controller, "autoscaler_plan_setting", workload=NAME, setting="quantile",
                    tuned="1") == chosen.quantile  # fmt: skip
+    assert _metric(controller, "autoscaler_plan_setting", workload=NAME, setting="nowcast",
+                   tuned="1") == float(chosen.nowcast)  # fmt: skip
     assert _metric(controller, "autoscaler_tunes_total", workload=NAME, outcome="ok") == 1
-    # the replay was the workload's own spec: its interval and replica bounds
-    assert result.replayed_hours > 24
     # not due again within `every`: the next cycle reuses it
     controller.run_cycle()
     controller.tunes.wait_idle()
     assert _metric(controller, "autoscaler_tunes_total", workload=NAME, outcome="ok") == 1
 
 
+def test_the_tune_reads_only_windows_that_have_ended(series):
+    controller, clock = _controller(series, {"enabled": True})
+    now_s = clock.now_s() + 7.0  # between two 5-s windows
+    workload = controller.workloads[NAME]
+    history = controller.tunes.fine_history(workload, controller.demand, now_s)
+    end = pd.Timestamp(now_s, unit="s", tz="UTC").floor("5s")
+    assert history.index[-1] + pd.Timedelta("5s") <= end
+    assert history.index.freq == pd.Timedelta("5s") and len(history) == 6 * 720
+
+
+def test_without_fine_grained_rates_the_configured_settings_stay(series):
+    controller, _ = _controller(series, {"enabled": True}, fine=False)
+    _first, outcome, explanation = _settle(controller)
+    assert outcome.tune_note.startswith("tune failed, configured settings kept:")
+    assert "no fine-grained rates" in outcome.tune_note
+    assert (explanation.forecast_quantile, explanation.headroom) == (0.9, 0.05)
+
+
 def test_a_failed_tune_keeps_the_configured_settings_and_says_why(series):
-    # the weekly seasonal naive needs a week of history; the controller holds two days
+    # the weekly seasonal naive needs a week of history; the tune replays six hours
     controller, _ = _controller(series, {"enabled": True, "forecaster": "seasonal-weekly"})
     _first, outcome, explanation = _settle(controller)
     assert outcome.tune_note.startswith("tune failed, configured settings kept:")
@@ -109,7 +129,8 @@ def test_a_workload_can_opt_out_and_tuning_is_off_by_default(series):
 
 
 def test_bad_tune_settings_are_refused_by_name(series):
-    for tune, field in (({"every": "soon"}, "every"), ({"served_floor": 1.5}, "served_floor")):
+    for tune, field in (({"every": "soon"}, "every"), ({"served_floor": 1.5}, "served_floor"),
+                        ({"history": "-1h"}, "history"), ({"resolution_s": 0}, "resolution_s")):
         with pytest.raises(ConfigError) as err:
             _controller(series, tune)
         assert field in str(err.value)

@@ -18,7 +18,7 @@ from autoscaler.forecast.registry import make_forecaster
 from autoscaler.keda.standalone import PlanningLoop, book_for
 from autoscaler.model_store import MODEL_FILE, TrainingData, save_model
 from autoscaler.signals.bundled import load_bundled
-from tests.replay_doubles import StepClock, TraceDemand
+from tests.replay_doubles import FineTraceDemand, StepClock, TraceDemand
 
 NAME = "chat"
 
@@ -122,7 +122,7 @@ def test_tuned_settings_plan_the_published_decision(series):
     })  # fmt: skip
     clock = StepClock(series.index[6 * 24 * 7])
     book = book_for(config, clock)
-    loop = PlanningLoop(config=config, book=book, demand=TraceDemand(series),
+    loop = PlanningLoop(config=config, book=book, demand=FineTraceDemand(series),
                         factory=lambda _w: LastValue(), clock=clock,
                         history=pd.Timedelta("2D"))  # fmt: skip
     try:
