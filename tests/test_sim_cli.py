@@ -79,6 +79,19 @@ def test_simulate_writes_json_and_plot(tmp_path, capsys):
     assert "predictive" in printed and "vs oracle" in printed
 
 
+def test_simulate_replays_ours_with_tune_on(tmp_path):
+    trace = tmp_path / "conv.csv"
+    _azure_trace(trace, minutes=80)
+    out = tmp_path / "r.json"
+    names = "predictive,predictive-tuned,oracle"
+    rc = _run(["simulate", "--trace", str(trace), "--policies", names, "--forecaster", "last",
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    policies = json.loads(out.read_text())["policies"]
+    assert set(policies) == {"predictive", "predictive-tuned", "oracle"}
+    assert 0.0 < policies["predictive-tuned"]["served_fraction"] <= 1.0
+
+
 def test_trace_too_short_for_the_forecaster(tmp_path):
     trace = tmp_path / "short.csv"
     _azure_trace(trace, minutes=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -14,7 +15,7 @@ from autoscaler.plan.startpaths import LeadTimes, load_start_profile
 from autoscaler.signals.cli import add_csv_column_args
 from autoscaler.sim.demand import SHAPES
 from autoscaler.sim.engine import SimConfig, SimContext, SimResult, simulate
-from autoscaler.sim.policies import make_policy, parse_policies
+from autoscaler.sim.policies import SELF_TUNING, make_policy, parse_policies
 from autoscaler.sim.report import console as report_console
 from autoscaler.sim.report import plot, print_report, write_json
 from autoscaler.sim.scenario import (
@@ -26,6 +27,7 @@ from autoscaler.sim.scenario import (
 )
 from autoscaler.sim.tuning import (
     DEFAULT_CHOICE,
+    QUANTILES,
     SERVED_FLOOR,
     TuningResult,
     band_left_out,
@@ -212,6 +214,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                                 columns=csv_columns(args))  # fmt: skip
     scenario = make_scenario(series, label, args.peak_replicas, args.capacity, args.shape)
     config = config_from_args(args)
+    if SELF_TUNING in names:  # its tunes choose among these levels: the replay forecasts them
+        config = replace(config, quantiles=tuple(sorted({*config.quantiles, *QUANTILES})))
     console.print(
         f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}, "
         f"capacity {scenario.capacity.per_replica:.4g} req/s per replica "
