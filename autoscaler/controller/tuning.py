@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -31,11 +31,6 @@ from autoscaler.sim.engine import SimConfig
 from autoscaler.sim.tuning import TuningResult, tune
 
 log = logging.getLogger(__name__)
-
-#: spec fields the replay takes from the simulator itself (the name, and the forecast step it
-#: derives from the history's own step)
-_REPLAY_OWN = {"name", "forecast_step_s"}
-
 
 @dataclass
 class _Tune:
@@ -138,16 +133,11 @@ class TuneCache:
         log.warning("tune of %s failed: %s", name, exc)
 
     def _tune(self, name: str, history: pd.Series, spec: WorkloadSpec, leads: LeadTimes) -> None:
-        overrides = {f.name: getattr(spec, f.name) for f in fields(spec)
-                     if f.name not in _REPLAY_OWN}  # fmt: skip
         t0 = time.perf_counter()
         try:
             result = tune(
-                history, f"history of {name}",
-                capacity_per_replica=spec.capacity_per_replica,
-                floor=self.settings.served_floor,
+                history, f"history of {name}", spec=spec, floor=self.settings.served_floor,
                 config=SimConfig(forecaster=self.settings.forecaster, leads=leads),
-                spec_overrides=overrides,
             )  # fmt: skip
         except Exception as exc:  # recorded and reported; the configured settings stay
             self._failed(name, exc)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from autoscaler.errors import InsufficientData
 from autoscaler.plan.startpaths import LeadTimes, load_start_profile
@@ -30,8 +31,7 @@ from autoscaler.sim.tuning import (
     QUANTILES,
     SERVED_FLOOR,
     TuningResult,
-    band_left_out,
-    default_grid,
+    candidates_for,
     tune,
 )
 
@@ -241,8 +241,6 @@ def default_out(path: str | None, name: str) -> Path | None:
 def run_tune(args: argparse.Namespace) -> int:
     import json
 
-    from rich.table import Table
-
     from autoscaler.errors import ConfigError
 
     if not 0 < args.served_floor <= 1:
@@ -250,8 +248,7 @@ def run_tune(args: argparse.Namespace) -> int:
     console = report_console()
     series, label = load_series(args.trace, args.bundled, args.format, tune_step(args),
                                 columns=csv_columns(args))  # fmt: skip
-    left_out = band_left_out(series)
-    grid = [c for c in default_grid() if not (left_out and c.nowcast)]
+    grid, left_out = candidates_for(series)
     console.print(
         f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}; replaying "
         f"{len(grid)} candidate settings and the oracle"
@@ -279,7 +276,7 @@ def run_tune(args: argparse.Namespace) -> int:
             )  # fmt: skip
         except InsufficientData as exc:
             raise _naming_the_trace(exc, label, series) from exc
-    console.print(tune_table(result, Table))
+    console.print(tune_table(result))
     for line in tune_verdict(result):
         console.print(line)
     console.print("Put under the workload in the controller's (or KEDA scaler's) config:")
@@ -306,9 +303,9 @@ def tune_step(args: argparse.Namespace) -> str | None:
     return "1s" if request_level else None
 
 
-def tune_table(result: TuningResult, table_cls) -> object:
+def tune_table(result: TuningResult) -> Table:
     """The candidates, cheapest first; the chosen one and the default marked."""
-    t = table_cls(
+    t = Table(
         title=f"{result.label}: {result.replayed_hours:.2f} h replayed "
         f"after {result.warmup_hours:.2f} h of warm-up"
     )

@@ -454,8 +454,6 @@ class SelfTuning(Predictive):
         return super().decide(ctx, w, t_idx, rt)
 
     def _retune(self, ctx: SimContext, w: int, now: float) -> None:
-        from dataclasses import fields
-
         from autoscaler.errors import InsufficientData
         from autoscaler.sim.tuning import tune
 
@@ -464,16 +462,12 @@ class SelfTuning(Predictive):
         keep = max(2, round(self.history_s / self.resolution_s))
         history = fine.iloc[max(0, k - keep) : k]
         spec = self._specs[w]
-        own = {f.name: getattr(spec, f.name) for f in fields(spec)
-               if f.name not in ("name", "forecast_step_s", "quantile", "headroom")}  # fmt: skip
         try:
             result = tune(
-                history, f"{ctx.workloads[w].name} before {now:.0f} s",
-                capacity_per_replica=spec.capacity_per_replica, grid=self._grid,
-                floor=self.served_floor,
+                history, f"{ctx.workloads[w].name} before {now:.0f} s", spec=spec,
+                grid=self._grid, floor=self.served_floor,
                 # replayed like this replay (leads, queue delay, forecasters), its own warm-up
                 config=replace(ctx.config, forecaster=self.forecaster, warmup_s=None),
-                spec_overrides=own,
             )  # fmt: skip
         except (InsufficientData, ValueError) as exc:
             self.tunes[w].append((now, f"kept: {exc}"))

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import pandas as pd
 
+from autoscaler.plan.replicas import WorkloadSpec
 from autoscaler.sim.engine import SimConfig, simulate
 from autoscaler.sim.policies import Policy, make_policy
 from autoscaler.sim.scenario import make_scenario
@@ -28,6 +29,9 @@ HEADROOMS = (0.0, 0.05, 0.1)
 #: served share of the replayed demand a candidate needs to be chosen: a margin over the
 #: benchmarks' 99.5% target, since the history is a sample of what comes next
 SERVED_FLOOR = 0.998
+#: WorkloadSpec fields a tune's replay never takes from the workload's spec: the candidates set
+#: the quantile and headroom, the simulator names the workload and derives the forecast step
+_NOT_FROM_SPEC = frozenset({"name", "forecast_step_s", "quantile", "headroom"})
 #: the nowcast band's measured-rate resolution in the replay (NowcastConfig.resolution_s's default)
 BAND_RESOLUTION_S = 5.0
 #: the replay's warm-up (history the forecaster fits on before the replay) is at least this;
@@ -195,6 +199,18 @@ def band_left_out(series: pd.Series) -> str:
     )
 
 
+def candidates_for(
+    series: pd.Series, grid: Sequence[PlanChoice] | None = None
+) -> tuple[tuple[PlanChoice, ...], str]:
+    """The candidates replayed on this history (`grid`, default `default_grid()`, less the
+    band's where the history cannot judge it) and why the band's were left out ("" if not)."""
+    candidates = default_grid() if grid is None else tuple(grid)
+    left_out = band_left_out(series) if any(c.nowcast for c in candidates) else ""
+    if left_out:
+        candidates = tuple(c for c in candidates if not c.nowcast)
+    return candidates, left_out
+
+
 def tune(
     series: pd.Series,
     label: str,
@@ -205,7 +221,7 @@ def tune(
     floor: float = SERVED_FLOOR,
     config: SimConfig | None = None,
     progress: Callable[[str, float], None] | None = None,
-    spec_overrides: dict | None = None,
+    spec: WorkloadSpec | None = None,
 ) -> TuningResult:
     """Replay `series` (the workload's history, requests/s) with every candidate and choose.
 
@@ -213,22 +229,25 @@ def tune(
     capacity is sized so the history's peak needs `peak_replicas`, as `autoscaler simulate`
     does. `config` sets the replay (forecaster, leads, queue delay); its quantiles are widened to
     the grid's and its warm-up defaults to `warmup_for`. The band's candidates are left out of
-    a history coarser than its resolution (`band_left_out` says why). `spec_overrides` replays
-    the workload's own planner spec (replicas bounds, interval, windows: the controller passes
-    its `WorkloadSpec`'s fields) in place of the simulator's defaults."""
+    a history coarser than its resolution (`band_left_out` says why). `spec`: the workload's
+    own planner spec (replica bounds, interval, windows, capacity), replayed in place of the
+    simulator's defaults; what the candidates set and what the replay derives stay theirs."""
     if not 0 < floor <= 1:
         raise ValueError(f"the served floor must be in (0, 1], not {floor}")
-    candidates = default_grid() if grid is None else tuple(grid)
-    left_out = band_left_out(series) if any(c.nowcast for c in candidates) else ""
-    if left_out:
-        candidates = tuple(c for c in candidates if not c.nowcast)
+    candidates, left_out = candidates_for(series, grid)
     if not candidates:
         raise ValueError("the grid is empty")
+    overrides = None
+    if spec is not None:
+        overrides = {f.name: getattr(spec, f.name) for f in fields(spec)
+                     if f.name not in _NOT_FROM_SPEC}  # fmt: skip
+        if capacity_per_replica is None:
+            capacity_per_replica = spec.capacity_per_replica
     base = config or SimConfig()
     levels = tuple(sorted({*base.quantiles, *(c.quantile for c in candidates)}))
     sim_config = replace(base, quantiles=levels, warmup_s=warmup_for(series, base.warmup_s))
     scenario = make_scenario(series, label, peak_replicas, capacity_per_replica,
-                             spec_overrides=spec_overrides)  # fmt: skip
+                             spec_overrides=overrides)  # fmt: skip
     policies = [c.policy(sim_config.forecaster) for c in candidates] + [make_policy("oracle")]
     result = simulate([scenario.workload], policies, sim_config, label, progress)
     rows = tuple(
