@@ -225,6 +225,10 @@ class NowcastConfig(_Strict):
             )
         return value
 
+    def enabled_for(self, workload: WorkloadConfig) -> bool:
+        """Whether `workload` plans with the band: its own `nowcast`, else `enabled`."""
+        return self.enabled if workload.nowcast is None else workload.nowcast
+
     def band_settings(self) -> BandSettings:
         """The plain settings the shared helpers of `autoscaler.plan.nowcast` take."""
         from autoscaler.plan.nowcast import BandSettings
@@ -301,7 +305,7 @@ class ControllerConfig(_Strict):
     def nowcast_enabled(self, workload: WorkloadConfig) -> bool:
         """Whether `workload` plans with the nowcast band (its own `nowcast`, else the
         top-level `nowcast.enabled`)."""
-        return self.nowcast.enabled if workload.nowcast is None else workload.nowcast
+        return self.nowcast.enabled_for(workload)
 
     def tune_enabled(self, workload: WorkloadConfig) -> bool:
         """Whether the controller re-tunes `workload` (its own `tune`, else `tune.enabled`)."""

@@ -484,9 +484,11 @@ def test_a_workload_turns_the_band_on_or_off_for_itself():
     now = (START + pd.Timedelta(hours=1)).timestamp()
     off = NowcastConfig(enabled=False)
     live = NowcastBands(off, 15.0, 60.0, FineDouble(_rates(2000), START)).band(
-        w, SPEC, [3.1], now, enabled=True
+        w.model_copy(update={"nowcast": True}), SPEC, [3.1], now
     )
     assert live.band is not None
     source = FineDouble(_rates(2000), START)
-    live = NowcastBands(ON, 15.0, 60.0, source).band(w, SPEC, [3.1], now, enabled=False)
+    live = NowcastBands(ON, 15.0, 60.0, source).band(
+        w.model_copy(update={"nowcast": False}), SPEC, [3.1], now
+    )
     assert live.band is None and "nowcast: false" in live.note and source.calls == []

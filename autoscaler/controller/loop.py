@@ -425,7 +425,7 @@ class Controller:
         paths = [StartPath.COLD]
         if w.start.path != "cold" and has_artifact:
             paths = [p for p in StartPath if p is not StartPath.COLD]
-        return self.nowcast.band(w, spec, [leads.of(p) for p in paths], now_s, enabled=True)
+        return self.nowcast.band(w, spec, [leads.of(p) for p in paths], now_s)
 
     def _forecast(
         self, w: WorkloadConfig, series: pd.Series, leads: LeadTimes, now_s: float

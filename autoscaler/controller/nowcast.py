@@ -273,13 +273,12 @@ class NowcastBands:
         return history.values
 
     def band(
-        self, w: WorkloadConfig, spec: WorkloadSpec, leads: Iterable[float], now_s: float,
-        enabled: bool | None = None,
-    ) -> LiveBand:  # fmt: skip
+        self, w: WorkloadConfig, spec: WorkloadSpec, leads: Iterable[float], now_s: float
+    ) -> LiveBand:
         """This cycle's band for `w`, planned with `spec` by a next replica with one of these
-        `leads` (the paths it may take). `enabled`: the workload's own choice
-        (ControllerConfig.nowcast_enabled); None: the settings' `enabled`."""
-        if not (self.settings.enabled if enabled is None else enabled):
+        `leads` (the paths it may take); none when `w` plans without it (its own `nowcast`,
+        else the settings' `enabled`)."""
+        if not self.settings.enabled_for(w):
             return LiveBand(None, "off (nowcast.enabled: false or the workload's nowcast: false)")
         if self._fetch is None:
             return LiveBand(None, "the demand source gives no fine-grained rates")

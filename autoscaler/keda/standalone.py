@@ -264,7 +264,7 @@ class PlanningLoop:
         # The band for the configured path's lead (the only path this loop plans with).
         live = LiveBand(None)
         if self.config.nowcast_enabled(w):
-            live = self.nowcast.band(w, spec, [leads.of(path)], now_s, enabled=True)
+            live = self.nowcast.band(w, spec, [leads.of(path)], now_s)
         if live.band is not None:  # as the simulator: the floor reads the latest window
             observed = live.band.measured
         state = WorkloadState(
