@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +43,7 @@ from autoscaler.cluster.labels import (
 from autoscaler.cluster.lease import LeaderElector
 from autoscaler.config import ControllerConfig, WorkloadConfig
 from autoscaler.controller.agents import AgentCallError, AgentDirectory, AgentInventory
+from autoscaler.controller.background import BackgroundJobs
 from autoscaler.controller.checkpoints import ArtifactManager, is_checkpoint_pod
 from autoscaler.controller.core import (
     CyclePlan,
@@ -139,7 +139,7 @@ class _Fit:
     fits: int = 0  # finished fits, so a reader can tell a new source from one already seen
 
 
-class FitCache:
+class FitCache(BackgroundJobs):
     """Fits forecasters in a background executor; the loop takes the last fitted model.
 
     A fit builds a fresh model object and swaps it in when done, so the loop never shares an
@@ -156,12 +156,11 @@ class FitCache:
         on_fit: Callable[[str, str], None] | None = None,
         model_dirs: Mapping[str, str] | None = None,
     ) -> None:
+        super().__init__(executor, "forecast-fit")
         self.factory = factory
         self.model_dirs = dict(model_dirs or {})
         self.refit_every_s = refit_every_s
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="forecast-fit")
         self._fits: dict[str, _Fit] = {}
-        self._lock = threading.Lock()
         self._on_fit = on_fit or (lambda w, outcome: None)
 
     def model(self, workload: str, history: pd.Series, now_s: float) -> Forecaster | None:
@@ -209,18 +208,8 @@ class FitCache:
             fit = self._fits.get(workload)
             return fit.error if fit else None
 
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Wait for running fits (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                pending = [f.pending for f in self._fits.values() if f.pending is not None]
-            if not pending:
-                return
-            time.sleep(0.02)
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+    def _pending(self) -> list[Future | None]:
+        return [f.pending for f in self._fits.values()]
 
 
 # -- measured leads ------------------------------------------------------------------------------

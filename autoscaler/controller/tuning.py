@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from autoscaler.config import TuneConfig, WorkloadConfig
+from autoscaler.controller.background import BackgroundJobs
 from autoscaler.plan import LeadTimes
 from autoscaler.plan.replicas import WorkloadSpec
 from autoscaler.sim.engine import SimConfig
@@ -40,8 +40,10 @@ class _Tune:
     error: str | None = None
 
 
-class TuneCache:
+class TuneCache(BackgroundJobs):
     """Per workload: the last tune, and a background one when due."""
+
+    idle_timeout_s = 120.0  # a tune replays hours of history
 
     def __init__(
         self,
@@ -49,11 +51,10 @@ class TuneCache:
         executor: ThreadPoolExecutor | None = None,
         on_tune: Callable[[str, str], None] | None = None,
     ) -> None:
+        super().__init__(executor, "tune")
         self.settings = settings
         self.every_s = settings.every_s()
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="tune")
         self._tunes: dict[str, _Tune] = {}
-        self._lock = threading.Lock()
         self._on_tune = on_tune or (lambda w, outcome: None)
 
     def effective(
@@ -87,13 +88,14 @@ class TuneCache:
             )
         update: dict = {"plan": w.plan.model_copy(
             update={"quantile": chosen.quantile, "headroom": chosen.headroom})}  # fmt: skip
-        if not result.band_left_out:
+        settings = f"q{chosen.quantile:g}, headroom {chosen.headroom:g}"
+        if not result.band_left_out:  # the band was judged: its choice applies too
             update["nowcast"] = chosen.nowcast
+            settings += f", nowcast {'on' if chosen.nowcast else 'off'}"
         note = (
-            f"tuned settings q{chosen.quantile:g}, headroom {chosen.headroom:g}"
-            f"{', nowcast ' + ('on' if chosen.nowcast else 'off') if 'nowcast' in update else ''}"
-            f" ({100 * row.served_fraction:.2f}% served at {row.gpu_hours_vs_oracle:.3f}x the "
-            f"oracle over {result.replayed_hours:.1f} h of history)"
+            f"tuned settings {settings} ({100 * row.served_fraction:.2f}% served at "
+            f"{row.gpu_hours_vs_oracle:.3f}x the oracle over {result.replayed_hours:.1f} h of "
+            "history)"
         )
         return w.model_copy(update=update), note
 
@@ -105,8 +107,7 @@ class TuneCache:
         if fetch is None:
             raise ValueError("the demand source gives no fine-grained rates to replay")
         res = pd.Timedelta(seconds=self.settings.resolution_s)
-        epoch = pd.Timestamp(0, tz="UTC")
-        end = epoch + ((pd.Timestamp(now_s, unit="s", tz="UTC") - epoch) // res) * res
+        end = pd.Timestamp(now_s, unit="s", tz="UTC").floor(res)  # epoch-aligned windows
         series = fetch(w, end, pd.Timedelta(self.settings.history), res, res)
         series = series[series.index + res <= end]
         if series.dropna().empty:
@@ -154,14 +155,5 @@ class TuneCache:
             t = self._tunes.get(name)
             return t.result if t else None
 
-    def wait_idle(self, timeout: float = 120.0) -> None:
-        """Wait for running tunes (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if all(t.pending is None for t in self._tunes.values()):
-                    return
-            time.sleep(0.02)
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+    def _pending(self) -> list[Future | None]:
+        return [t.pending for t in self._tunes.values()]
