@@ -48,6 +48,8 @@ from autoscaler.sim.report import (
     TARGET_RATIO,
     TARGET_SERVED,
     ablation_split,
+    better_on_both,
+    meets_target,
     print_report,
 )
 from autoscaler.sim.report import console as report_console
@@ -103,11 +105,8 @@ def run_trace(scenario: Scenario, label: str, name: str, forecaster: str) -> dic
     target = {
         "served_at_least": TARGET_SERVED,
         "gpu_hours_vs_oracle_at_most": TARGET_RATIO,
-        "met": ours.served_fraction >= TARGET_SERVED and ours.gpu_hours_vs_oracle <= TARGET_RATIO,
-        "better_on_both_than": {
-            r: ours.served_fraction >= p[r].served_fraction and ours.gpu_hours <= p[r].gpu_hours
-            for r in REACTIVE
-        },
+        "met": meets_target(ours.summary()),
+        "better_on_both_than": better_on_both(ours.summary(), reactive_rows),
     }
     return {
         "source": label,
@@ -166,9 +165,6 @@ def self_tuning(scenario: Scenario, label: str, forecaster: str, reactive: dict)
     row = result.policies[SELF_TUNING]
     tunes = policy.tunes[0]
     chosen = [what for _, what in tunes if not what.startswith("kept")]
-    better = {r: row.served_fraction >= v["served_fraction"]
-              and row.gpu_hours_vs_oracle <= v["gpu_hours_vs_oracle"]
-              for r, v in reactive.items()}  # fmt: skip
     print(f"  {SELF_TUNING} (re-tuned every {every:g} s): {row.gpu_hours_vs_oracle:.3f}x  "
           f"served {100 * row.served_fraction:.3f}%  ({len(chosen)} of {len(tunes)} tunes applied)")
     return {
@@ -178,9 +174,8 @@ def self_tuning(scenario: Scenario, label: str, forecaster: str, reactive: dict)
         "summary": row.summary(),
         "gpu_hours_vs_oracle": round(row.gpu_hours_vs_oracle, 4),
         "served_fraction": round(row.served_fraction, 6),
-        "meets_target": row.served_fraction >= TARGET_SERVED
-        and row.gpu_hours_vs_oracle <= TARGET_RATIO,
-        "better_on_both_than": better,
+        "meets_target": meets_target(row.summary()),
+        "better_on_both_than": better_on_both(row.summary(), reactive),
         "tunes": len(tunes),
         "tunes_applied": len(chosen),
         "settings_chosen": {c: chosen.count(c) for c in sorted(set(chosen))},

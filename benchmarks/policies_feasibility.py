@@ -18,7 +18,7 @@ from policies import TRACES
 from policies_tuning import grid, ours, replay, sim_config, variant_name
 
 from autoscaler.sim.policies import make_policy
-from autoscaler.sim.report import TARGET_RATIO, TARGET_SERVED
+from autoscaler.sim.report import TARGET_RATIO, TARGET_SERVED, meets_target
 
 OUT = Path(__file__).parent / "results" / "policies-feasibility.json"
 
@@ -32,10 +32,7 @@ def main() -> None:
         policies = [ours("holt-winters", c) for c in configs] + [make_policy("oracle")]
         rows = replay(name, None, policies, config, f"{name} grid")["rows"]
         scored = [(variant_name(*c), rows[variant_name(*c)]) for c in configs]
-        meeting = [
-            n for n, r in scored
-            if r["served_fraction"] >= TARGET_SERVED and r["gpu_hours_vs_oracle"] <= TARGET_RATIO
-        ]  # fmt: skip
+        meeting = [n for n, r in scored if meets_target(r)]
         cheapest = sorted(
             (r["gpu_hours_vs_oracle"], r["served_fraction"], n)
             for n, r in scored

@@ -39,7 +39,13 @@ from policies import REQUEST_LEVEL_TRACES, TRACES, load_scenario, policy_rows
 
 from autoscaler.sim.engine import SimConfig
 from autoscaler.sim.policies import CLAIRVOYANT, Policy, make_policy
-from autoscaler.sim.report import REACTIVE, TARGET_RATIO, TARGET_SERVED
+from autoscaler.sim.report import (
+    REACTIVE,
+    TARGET_RATIO,
+    TARGET_SERVED,
+    better_on_both,
+    meets_target,
+)
 
 DEV_TRACE = "mooncake-conv"
 QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -208,16 +214,11 @@ def config_of(candidate: dict) -> Config:
 def verdict(rows: dict, name: str) -> dict:
     """Ours' row against the target and every reactive policy (reported figures, one oracle)."""
     row = rows[name]
-    better = {
-        r: row["served_fraction"] >= rows[r]["served_fraction"]
-        and row["gpu_hours_vs_oracle"] <= rows[r]["gpu_hours_vs_oracle"]
-        for r in REACTIVE
-    }
+    better = better_on_both(row, {r: rows[r] for r in REACTIVE})
     return {
         "name": name,
         **row,
-        "meets_target": row["served_fraction"] >= TARGET_SERVED
-        and row["gpu_hours_vs_oracle"] <= TARGET_RATIO,
+        "meets_target": meets_target(row),
         "better_on_both_than": better,
         "beats_every_reactive": all(better.values()),
     }
