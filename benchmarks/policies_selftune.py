@@ -53,7 +53,10 @@ def middle(series: pd.Series) -> pd.Timestamp:
     return (start + (end - start) / 2).round("1min")
 
 
-def run(name: str, step: str | None, forecaster: str) -> dict:
+def run(name: str, step: str | None, forecaster: str, grid: tuple | None = None) -> dict:
+    """Tune on the first half of `name` (with `grid`, default: the product's), test on the
+    second half."""
+    grid = grid or default_grid()
     series, label = load_series(bundled=name, prefer_shared=True, step=step)
     capacity = make_scenario(series, label).capacity.per_replica
     cut = middle(series)
@@ -63,10 +66,11 @@ def run(name: str, step: str | None, forecaster: str) -> dict:
         history,
         f"{label}, before {cut}",
         capacity_per_replica=capacity,
+        grid=grid,
         config=SimConfig(forecaster=forecaster),
     )
     tune_s = time.perf_counter() - t0
-    grid_levels = {c.quantile for c in default_grid()}
+    grid_levels = {c.quantile for c in grid}
     config = SimConfig(
         forecaster=forecaster,
         quantiles=tuple(sorted({*SimConfig().quantiles, *grid_levels})),
