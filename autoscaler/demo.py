@@ -5,7 +5,9 @@ Walks the full path a platform engineer cares about, printing each step:
 2. capacity (sized so the trace's peak needs 32 replicas) and the start paths' lead times;
 3. the forecast at the start of the replay (quantiles over the next hour);
 4. one planner decision with its explanation, and the stage plan it implies;
-5. the replay of every policy side by side: table, verdict lines, where the plot and JSON went.
+5. per-workload settings (`autoscaler tune`) chosen on the warm-up days only, the strict past;
+6. the replay of every policy side by side, ours with those settings too (`predictive-tuned`):
+   table, verdict lines, where the plot and JSON went.
 Runs in about a minute on two cores (5 days of ServeGen m-mid: 2 warm-up, 3 replayed).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +31,15 @@ from autoscaler.sim.cli import run_with_progress
 from autoscaler.sim.engine import SimConfig, SimContext
 from autoscaler.sim.policies import POLICY_NAMES
 from autoscaler.sim.report import console as report_console
-from autoscaler.sim.report import plot, print_report, write_json
+from autoscaler.sim.report import meets_target, plot, print_report, write_json
 from autoscaler.sim.scenario import load_series, make_scenario
+from autoscaler.sim.tuning import QUANTILES as TUNE_QUANTILES
+from autoscaler.sim.tuning import tune
+
+#: the demo's name for ours with the settings tuned on the warm-up days
+TUNED = "predictive-tuned"
+#: the forecast levels the demo prints (the replay forecasts the tune's levels too)
+SHOWN_QUANTILES = (0.5, 0.9, 0.99)
 
 
 def _duration(step: pd.Timedelta) -> str:
@@ -87,9 +97,10 @@ def run_demo(args: argparse.Namespace) -> int:
     series = series.iloc[: int(pd.Timedelta(days=args.days) / step)]
     scenario = make_scenario(series, label)
     leads = LeadTimes()
-    config = SimConfig(
-        forecaster=args.forecaster, leads=leads, warmup_s=min(2.0, args.days / 2) * 86400
-    )
+    warmup_s = min(2.0, args.days / 2) * 86400
+    levels = tuple(sorted({*SimConfig().quantiles, *TUNE_QUANTILES}))
+    config = SimConfig(forecaster=args.forecaster, leads=leads, warmup_s=warmup_s,
+                       quantiles=levels)  # fmt: skip
     gaps = int(series.isna().sum())
 
     console.print(
@@ -125,7 +136,8 @@ def run_demo(args: argparse.Namespace) -> int:
     now = ctx.start_idx * ctx.dt
     origin, values = runner.at_long(now)
     step_s = ctx.forecast_step_s
-    fc = pd.DataFrame(values, index=np.arange(1, len(values[0.5]) + 1))
+    fc = pd.DataFrame({q: values[q] for q in SHOWN_QUANTILES},
+                      index=np.arange(1, len(values[0.5]) + 1))  # fmt: skip
     fc_table = Table(
         title=f"forecast ({args.forecaster}) at the start of the replay", show_edge=False
     )
@@ -141,8 +153,6 @@ def run_demo(args: argparse.Namespace) -> int:
     spec = scenario.workload.spec
     rate_now = ctx.observed_mean(0, ctx.start_idx, 15.0)
     current = max(1, int(np.ceil(rate_now / spec.capacity_per_replica)))
-    from dataclasses import replace
-
     spec_now = replace(spec, forecast_step_s=step_s)
     state = WorkloadState(
         current_replicas=current,
@@ -174,10 +184,35 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{stage.bytes_gb:.0f} GB, done in ~{stage.est_seconds:.0f} s"
     )
 
-    # 5. the replay
-    result = run_with_progress(scenario, list(POLICY_NAMES), config, console, ctx)
+    # 5. settings from the workload's own past: the warm-up days only, never the replay
+    past = series.iloc[: int(pd.Timedelta(seconds=warmup_s) / step)]
+    with console.status(f"tuning on the {warmup_s / 86400:g} days before the replay"):
+        tuned = tune(past, f"{label}, warm-up only",
+                     capacity_per_replica=scenario.capacity.per_replica,
+                     config=SimConfig(forecaster=args.forecaster, leads=leads))  # fmt: skip
+    row = tuned.row(tuned.chosen)
+    assert row is not None  # the chosen setting is one of the replayed rows
+    console.print(
+        f"tune (autoscaler tune on the {warmup_s / 86400:g} days before the replay, "
+        f"{len(tuned.rows)} settings): {tuned.chosen.name} served {100 * row.served_fraction:.3f}% "
+        f"at {row.gpu_hours_vs_oracle:.3f}x there"
+        + ("" if tuned.floor_met else " (no setting reached the served floor)")
+        + f"; replayed below as {TUNED}"
+    )
+
+    # 6. the replay
+    ours_tuned = replace(tuned.chosen.policy(args.forecaster), name=TUNED)
+    result = run_with_progress(scenario, list(POLICY_NAMES), config, console, ctx,
+                               extra=[ours_tuned])  # fmt: skip
     print_report(
         result, console, title=f"{args.bundled}: {result.replay_s / 86400:.1f} days replayed"
+    )
+    r = result.policies[TUNED]
+    console.print(
+        f"  - {TUNED} ({tuned.chosen.name}, chosen on the warm-up days) served "
+        f"{100 * r.served_fraction:.3f}% at {r.gpu_hours_vs_oracle:.3f}x the oracle's GPU-hours "
+        f"({'met' if meets_target(r.summary()) else 'NOT met'}); put under the workload:\n"
+        + tuned.chosen.config_yaml("      ")
     )
     out = Path(args.out)
     json_path = write_json(result, out / "demo.json")

@@ -9,7 +9,7 @@ import pytest
 
 from autoscaler.cli import main
 
-POLICIES = ["hpa-cold", "hpa-restore", "kpa", "phpa", "predictive", "oracle"]
+POLICIES = ["hpa-cold", "hpa-restore", "kpa", "phpa", "predictive", "oracle", "predictive-tuned"]
 
 
 def test_demo_runs_the_full_path_and_writes_its_report(tmp_path: Path, capsys) -> None:
@@ -21,6 +21,10 @@ def test_demo_runs_the_full_path_and_writes_its_report(tmp_path: Path, capsys) -
     # the history went through a real Prometheus (backfilled, read back, checked equal)
     assert "read them back through the Prometheus source" in printed
     assert "planner:" in printed and "stage plan:" in printed
+    # settings tuned on the warm-up days only (1.5 of 3), replayed beside the defaults, with the
+    # lines to put in the workload's config
+    assert "tune (autoscaler tune on the 1.5 days before the replay" in printed
+    assert "predictive-tuned (q" in printed and "quantile:" in printed
     for name in POLICIES:
         assert name in printed
     result = json.loads((out / "demo.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from autoscaler.plan.startpaths import LeadTimes, load_start_profile
 from autoscaler.signals.cli import add_csv_column_args
 from autoscaler.sim.demand import SHAPES
 from autoscaler.sim.engine import SimConfig, SimContext, SimResult, simulate
-from autoscaler.sim.policies import SELF_TUNING, make_policy, parse_policies
+from autoscaler.sim.policies import SELF_TUNING, Policy, make_policy, parse_policies
 from autoscaler.sim.report import console as report_console
 from autoscaler.sim.report import plot, print_report, write_json
 from autoscaler.sim.scenario import (
@@ -170,9 +171,11 @@ def run_with_progress(
     config: SimConfig,
     console: Console,
     context: SimContext | None = None,
+    extra: Sequence[Policy] = (),
 ) -> SimResult:
-    """Replay with a rich progress line per policy; a too-short trace gets a clear message."""
-    policies = [make_policy(n, forecaster=config.forecaster) for n in names]
+    """Replay with a rich progress line per policy (`names`, then the `extra` policies built
+    by the caller); a too-short trace gets a clear message."""
+    policies = [make_policy(n, forecaster=config.forecaster) for n in names] + list(extra)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
