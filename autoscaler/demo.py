@@ -23,6 +23,7 @@ import pandas as pd
 from rich.panel import Panel
 from rich.table import Table
 
+from autoscaler.errors import InsufficientData
 from autoscaler.plan.replicas import WorkloadState, plan_replicas
 from autoscaler.plan.staging import NodeInventory, StageRequest, plan_staging, replicas_to_stage
 from autoscaler.plan.startpaths import LeadTimes, StartPath
@@ -40,6 +41,13 @@ from autoscaler.sim.tuning import tune
 TUNED = "predictive-tuned"
 #: the forecast levels the demo prints (the replay forecasts the tune's levels too)
 SHOWN_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _duration_text(seconds: float) -> str:
+    """A span as a person writes it: 2 days, 1.5 days, 29 min."""
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} day" + ("" if seconds == 86400 else "s")
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def _duration(step: pd.Timedelta) -> str:
@@ -97,7 +105,9 @@ def run_demo(args: argparse.Namespace) -> int:
     series = series.iloc[: int(pd.Timedelta(days=args.days) / step)]
     scenario = make_scenario(series, label)
     leads = LeadTimes()
-    warmup_s = min(2.0, args.days / 2) * 86400
+    # 2 days of history before the replay, or half of what there is (a 1-hour bundled trace)
+    span_s = (series.index[-1] - series.index[0] + step).total_seconds()
+    warmup_s = min(2.0 * 86400, args.days / 2 * 86400, span_s / 2)
     levels = tuple(sorted({*SimConfig().quantiles, *TUNE_QUANTILES}))
     config = SimConfig(forecaster=args.forecaster, leads=leads, warmup_s=warmup_s,
                        quantiles=levels)  # fmt: skip
@@ -107,7 +117,8 @@ def run_demo(args: argparse.Namespace) -> int:
         Panel.fit(
             "[bold]Snapshot-aware predictive autoscaling: forecast -> plan -> simulate[/bold]\n"
             f"trace: {label}, {len(series)} windows of {_duration(step_of(series))} "
-            f"({args.days:g} days, {gaps} gap windows treated as missing data, never as zero)",
+            f"({_duration_text(span_s)}, {gaps} gap windows treated as missing data, "
+            "never as zero)",
         )
     )
 
@@ -184,36 +195,46 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{stage.bytes_gb:.0f} GB, done in ~{stage.est_seconds:.0f} s"
     )
 
-    # 5. settings from the workload's own past: the warm-up days only, never the replay
+    # 5. settings from the workload's own past: the warm-up only, never the replay
     past = series.iloc[: int(pd.Timedelta(seconds=warmup_s) / step)]
-    with console.status(f"tuning on the {warmup_s / 86400:g} days before the replay"):
-        tuned = tune(past, f"{label}, warm-up only",
-                     capacity_per_replica=scenario.capacity.per_replica,
-                     config=SimConfig(forecaster=args.forecaster, leads=leads))  # fmt: skip
-    row = tuned.row(tuned.chosen)
-    assert row is not None  # the chosen setting is one of the replayed rows
-    console.print(
-        f"tune (autoscaler tune on the {warmup_s / 86400:g} days before the replay, "
-        f"{len(tuned.rows)} settings): {tuned.chosen.name} served {100 * row.served_fraction:.3f}% "
-        f"at {row.gpu_hours_vs_oracle:.3f}x there"
-        + ("" if tuned.floor_met else " (no setting reached the served floor)")
-        + f"; replayed below as {TUNED}"
-    )
+    days = _duration_text(warmup_s)
+    extra = []
+    try:
+        with console.status(f"tuning on the {days} before the replay"):
+            tuned = tune(past, f"{label}, warm-up only",
+                         capacity_per_replica=scenario.capacity.per_replica,
+                         config=SimConfig(forecaster=args.forecaster, leads=leads))  # fmt: skip
+    except (InsufficientData, ValueError) as exc:
+        tuned = None
+        console.print(f"tune: skipped, the {days} before the replay are too short to tune on "
+                      f"({exc}); ours is replayed at the defaults only")  # fmt: skip
+    if tuned is not None:
+        row = tuned.row(tuned.chosen)
+        assert row is not None  # the chosen setting is one of the replayed rows
+        console.print(
+            f"tune (autoscaler tune on the {days} before the replay, {len(tuned.rows)} "
+            f"settings): {tuned.chosen.name} served {100 * row.served_fraction:.3f}% at "
+            f"{row.gpu_hours_vs_oracle:.3f}x there"
+            + ("" if tuned.floor_met else " (no setting reached the served floor)")
+            + f"; replayed below as {TUNED}"
+        )
+        extra.append(replace(tuned.chosen.policy(args.forecaster), name=TUNED))
 
     # 6. the replay
-    ours_tuned = replace(tuned.chosen.policy(args.forecaster), name=TUNED)
     result = run_with_progress(scenario, list(POLICY_NAMES), config, console, ctx,
-                               extra=[ours_tuned])  # fmt: skip
+                               extra=extra)  # fmt: skip
     print_report(
-        result, console, title=f"{args.bundled}: {result.replay_s / 86400:.1f} days replayed"
+        result, console, title=f"{args.bundled}: {_duration_text(result.replay_s)} replayed"
     )
-    r = result.policies[TUNED]
-    console.print(
-        f"  - {TUNED} ({tuned.chosen.name}, chosen on the warm-up days) served "
-        f"{100 * r.served_fraction:.3f}% at {r.gpu_hours_vs_oracle:.3f}x the oracle's GPU-hours "
-        f"({'met' if meets_target(r.summary()) else 'NOT met'}); put under the workload:\n"
-        + tuned.chosen.config_yaml("      ")
-    )
+    if tuned is not None:
+        r = result.policies[TUNED]
+        console.print(
+            f"  - {TUNED} ({tuned.chosen.name}, chosen on the warm-up) served "
+            f"{100 * r.served_fraction:.3f}% at {r.gpu_hours_vs_oracle:.3f}x the oracle's "
+            f"GPU-hours ({'met' if meets_target(r.summary()) else 'NOT met'}); "
+            "put under the workload:\n"
+            + tuned.chosen.config_yaml("      ")
+        )
     out = Path(args.out)
     json_path = write_json(result, out / "demo.json")
     png_path = plot(result, out / "demo.png")

@@ -42,3 +42,24 @@ def test_demo_runs_the_full_path_and_writes_its_report(tmp_path: Path, capsys) -
 def test_demo_with_an_unknown_bundled_trace_names_it(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--bundled", "no-such-trace", "--out", str(tmp_path)]) != 0
     assert "no-such-trace" in capsys.readouterr().err
+
+
+def test_demo_on_a_one_hour_trace_warms_up_on_half_of_it(tmp_path: Path, capsys) -> None:
+    # a 2-day warm-up used to leave nothing to replay in a bundled 1-hour trace (a traceback)
+    assert main(["demo", "--bundled", "azure-conv", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "(58 min," in printed  # the trace's own span, not the --days default
+    assert "tune (autoscaler tune on the 29 min before the replay" in printed
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert set(POLICIES) == set(result["policies"])
+
+
+def test_demo_says_when_the_warm_up_is_too_short_to_tune_on(tmp_path: Path, capsys) -> None:
+    # Kalman needs 20 points: the 28-min warm-up replays it, the tune's own 15-min one cannot
+    argv = ["demo", "--bundled", "azure-code", "--forecaster", "kalman", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tune: skipped, the 28 min before the replay are too short to tune on" in printed
+    assert "kalman" in printed
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert "predictive-tuned" not in result["policies"] and "predictive" in result["policies"]
