@@ -8,7 +8,7 @@ Walks the full path a platform engineer cares about, printing each step:
 5. per-workload settings (`autoscaler tune`) chosen on the warm-up days only, the strict past;
 6. the replay of every policy side by side, ours with those settings too (`predictive-tuned`):
    table, verdict lines, where the plot and JSON went.
-Runs in about a minute on two cores (5 days of ServeGen m-mid: 2 warm-up, 3 replayed).
+Runs in about ten seconds on two cores (5 days of ServeGen m-mid: 2 warm-up, 3 replayed).
 """
 
 from __future__ import annotations
