@@ -132,6 +132,17 @@ def run_trace(scenario: Scenario, label: str, name: str, forecaster: str) -> dic
     }
 
 
+def write_result(data: dict, out: str | Path) -> Path:
+    """Write a benchmark's JSON (indented; numpy numbers as floats) and say where, with its wall
+    time when it has one: the one tail every policies benchmark shares."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    wall = f" ({data['wall_s']:.0f} s)" if "wall_s" in data else ""
+    print(f"wrote {out}{wall}")
+    return out
+
+
 def policy_rows(scenario: Scenario, label: str, policies: list, forecaster: str,
                 tag: str, config: SimConfig | None = None) -> dict:  # fmt: skip
     """Simulate `policies` on one scenario; per policy: GPU-hours vs oracle, served, p99 delay.
@@ -256,9 +267,7 @@ def main() -> None:
         "traces": traces,
         "request_level": request or previous.get("request_level", {}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    print(f"wrote {out}")
+    write_result(data, out)
 
 
 if __name__ == "__main__":

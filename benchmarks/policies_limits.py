@@ -21,16 +21,16 @@ where it is honest too, so the next person does not re-run the same search:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from policies import policy_rows, write_result
 from policies_selftune import HEADLINE, PER_SECOND
 from policies_selftune import run as tune_then_test
 
-from autoscaler.sim.engine import SimConfig, simulate
+from autoscaler.sim.engine import SimConfig
 from autoscaler.sim.policies import CLAIRVOYANT, make_policy
 from autoscaler.sim.report import TARGET_RATIO, TARGET_SERVED, meets_target
 from autoscaler.sim.scenario import load_series, make_scenario
@@ -48,26 +48,15 @@ LOW_QUANTILE_TRACES = ("azure-conv", "azure-code")
 REPLAYS = ((HEADLINE, None), (PER_SECOND, "1s"))
 
 
-def row(result) -> dict:
-    summary = result.summary()
-    return {
-        "gpu_hours_vs_oracle": round(result.gpu_hours_vs_oracle, 4),
-        "served_fraction": round(result.served_fraction, 6),
-        "p99_queue_delay_s": round(result.p99_queue_delay_s, 3),
-        "meets_target": meets_target(summary),
-    }
-
-
 def replay(name: str, step: str | None, policies: list, quantiles: tuple[float, ...]) -> dict:
     series, label = load_series(bundled=name, prefer_shared=True, step=step)
     scenario = make_scenario(series, label)
     config = SimConfig(quantiles=tuple(sorted({*SimConfig().quantiles, *quantiles})))
-    result = simulate([scenario.workload], [*policies, make_policy("oracle")], config, label)
-    rows = {n: row(r) for n, r in result.policies.items() if n != "oracle"}
-    for n, r in rows.items():
-        print(f"  {name} {step or HEADLINE} {n:28s} {r['gpu_hours_vs_oracle']:.3f}x  "
-              f"served {100 * r['served_fraction']:.3f}%")  # fmt: skip
-    return {"source": label, "rows": rows}
+    rows = policy_rows(scenario, label, [*policies, make_policy("oracle")], config.forecaster,
+                       f"{name} {step or HEADLINE}", config)  # fmt: skip
+    del rows["oracle"]
+    return {"source": label, "rows": {n: {**r, "meets_target": meets_target(r)}
+                                      for n, r in rows.items()}}  # fmt: skip
 
 
 def ours(q: float, h: float, interval_s: float = 15.0, forecaster: str = "holt-winters"):
@@ -126,10 +115,7 @@ def main() -> None:
         "low_quantiles": low_quantile_rows(),
     }
     data["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    print(f"wrote {out} ({data['wall_s']:.0f} s)")
+    write_result(data, args.out)
 
 
 if __name__ == "__main__":

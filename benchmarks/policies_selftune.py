@@ -25,14 +25,13 @@ figures are side by side within this run, not against the headline table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
-from policies import REQUEST_LEVEL_TRACES, TRACES, policy_rows
+from policies import REQUEST_LEVEL_TRACES, TRACES, policy_rows, write_result
 from policies_tuning import verdict
 
 from autoscaler.sim.engine import SimConfig
@@ -135,10 +134,7 @@ def main() -> None:
         "traces": traces,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    print(f"wrote {out} ({data['wall_s']:.0f} s)")
+    write_result(data, args.out)
 
 
 if __name__ == "__main__":

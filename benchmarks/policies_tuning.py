@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from policies import REQUEST_LEVEL_TRACES, TRACES, load_scenario, policy_rows
+from policies import REQUEST_LEVEL_TRACES, TRACES, load_scenario, policy_rows, write_result
 
 from autoscaler.sim.engine import SimConfig
 from autoscaler.sim.policies import CLAIRVOYANT, Policy, make_policy
@@ -333,10 +333,7 @@ def main() -> None:
         "test": tested,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    print(f"wrote {out} ({data['wall_s']:.0f} s)")
+    write_result(data, args.out)
 
 
 if __name__ == "__main__":
