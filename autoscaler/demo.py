@@ -43,17 +43,13 @@ TUNED = "predictive-tuned"
 SHOWN_QUANTILES = (0.5, 0.9, 0.99)
 
 
-def _duration_text(seconds: float) -> str:
-    """A span as a person writes it: 2 days, 1.5 days, 29 min."""
+def _duration(seconds: float) -> str:
+    """A step or a span as a person writes it: 2 days, 1.5 days, 1.2 h, 29 min, 30 s."""
     if seconds >= 86400:
         return f"{seconds / 86400:g} day" + ("" if seconds == 86400 else "s")
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-
-
-def _duration(step: pd.Timedelta) -> str:
-    """A step as a person writes it: 10 min, 1 min, 30 s."""
-    seconds = int(step.total_seconds())
-    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:g} min" if seconds % 60 == 0 else f"{seconds:g} s"
 
 
 def _through_prometheus(name: str, series: pd.Series, console) -> pd.Series:
@@ -116,8 +112,9 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(
         Panel.fit(
             "[bold]Snapshot-aware predictive autoscaling: forecast -> plan -> simulate[/bold]\n"
-            f"trace: {label}, {len(series)} windows of {_duration(step_of(series))} "
-            f"({_duration_text(span_s)}, {gaps} gap windows treated as missing data, "
+            f"trace: {label}, {len(series)} windows of "
+            f"{_duration(step_of(series).total_seconds())} "
+            f"({_duration(span_s)}, {gaps} gap windows treated as missing data, "
             "never as zero)",
         )
     )
@@ -197,22 +194,22 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # 5. settings from the workload's own past: the warm-up only, never the replay
     past = series.iloc[: int(pd.Timedelta(seconds=warmup_s) / step)]
-    days = _duration_text(warmup_s)
+    warmup_text = _duration(warmup_s)
     extra = []
     try:
-        with console.status(f"tuning on the {days} before the replay"):
+        with console.status(f"tuning on the {warmup_text} before the replay"):
             tuned = tune(past, f"{label}, warm-up only",
                          capacity_per_replica=scenario.capacity.per_replica,
                          config=SimConfig(forecaster=args.forecaster, leads=leads))  # fmt: skip
     except (InsufficientData, ValueError) as exc:
         tuned = None
-        console.print(f"tune: skipped, the {days} before the replay are too short to tune on "
-                      f"({exc}); ours is replayed at the defaults only")  # fmt: skip
+        console.print(f"tune: skipped, the {warmup_text} before the replay are too short to "
+                      f"tune on ({exc}); ours is replayed at the defaults only")  # fmt: skip
     if tuned is not None:
         row = tuned.row(tuned.chosen)
         assert row is not None  # the chosen setting is one of the replayed rows
         console.print(
-            f"tune (autoscaler tune on the {days} before the replay, {len(tuned.rows)} "
+            f"tune (autoscaler tune on the {warmup_text} before the replay, {len(tuned.rows)} "
             f"settings): {tuned.chosen.name} served {100 * row.served_fraction:.3f}% at "
             f"{row.gpu_hours_vs_oracle:.3f}x there"
             + ("" if tuned.floor_met else " (no setting reached the served floor)")
@@ -224,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result = run_with_progress(scenario, list(POLICY_NAMES), config, console, ctx,
                                extra=extra)  # fmt: skip
     print_report(
-        result, console, title=f"{args.bundled}: {_duration_text(result.replay_s)} replayed"
+        result, console, title=f"{args.bundled}: {_duration(result.replay_s)} replayed"
     )
     if tuned is not None:
         r = result.policies[TUNED]
