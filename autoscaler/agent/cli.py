@@ -73,6 +73,19 @@ def _print(data: object) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _warm_criu_kdat() -> None:
+    """CRIU's kernel-feature cache made now, so the first restore does not probe the kernel."""
+    from autoscaler.agent import criu as criu_mod
+    from autoscaler.agent import kdat
+    from autoscaler.agent.errors import CriuNotFound
+
+    try:
+        status = kdat.ensure(criu_mod.find_criu())
+    except CriuNotFound as exc:
+        status = f"unavailable: {exc}"
+    print(f"[agent] CRIU kernel-feature cache: {status}", file=sys.stderr, flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from autoscaler.agent.policy import PidPolicy
     from autoscaler.agent.server import Agent, AgentConfig, serve
@@ -97,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         page_fill_threads=args.page_fill_threads,
     )
     server = serve(Agent(config), args.host, args.port)
+    _warm_criu_kdat()
     host, port = server.server_address[:2]
     print(f"[agent] listening on http://{host}:{port}", file=sys.stderr, flush=True)
     try:

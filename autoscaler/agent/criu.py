@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from autoscaler.agent import images, pagefill
+from autoscaler.agent import images, kdat, pagefill
 from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
 
 MIN_VERSION = (4, 2)
@@ -126,6 +126,8 @@ class CriuOptions:
     # restore only: who copies the memory pages into place (see the module's docstring)
     page_fill: str = "auto"
     page_fill_threads: int = pagefill.DEFAULT_THREADS
+    # keep CRIU's kernel-feature cache where /run is not a tmpfs (autoscaler.agent.kdat)
+    kdat_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.page_fill not in PAGE_FILL_MODES:
@@ -183,6 +185,10 @@ class NamespaceTarget:
     def describe(self) -> str:
         return f"the pid namespace of {self.pid}"
 
+    def root(self) -> Path:
+        """The target's filesystem root as the agent sees it."""
+        return Path(f"/proc/{self.pid}/root")
+
 
 @dataclass(frozen=True)
 class DumpResult:
@@ -190,6 +196,7 @@ class DumpResult:
     log_path: Path
     pids: tuple[int, ...]  # every PID/TID of the dumped tree (as seen in its pid namespace)
     root_pid: int
+    kdat: str | None = None  # what kdat.ensure did ("off": not asked)
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,14 @@ class RestoreResult:
     log_path: Path
     # the parallel page fill's figures (pagefill.FillStats.as_dict()); None: CRIU filled them
     page_fill: dict[str, float | int | str] | None = None
+    kdat: str | None = None  # what kdat.ensure did ("off": not asked)
+
+
+def _kdat_cache(options: CriuOptions, target: NamespaceTarget | None) -> str:
+    """CRIU's kernel-feature cache where this CRIU will look for it (a hint: never raises)."""
+    if not options.kdat_cache:
+        return "off"
+    return kdat.ensure(find_criu(), target.root() if target else Path("/"))
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -261,10 +276,12 @@ def dump(
         "-o", log_path.name,
         *options.args("dump"),
     ]
+    cache = _kdat_cache(options, target)
     seconds = _run_criu("dump", args, log_path, target, timeout_s)
     tree = read_pstree(images_dir)
     pids = tuple(sorted({p for entry in tree for p in (entry.pid, *entry.threads)}))
-    return DumpResult(seconds=seconds, log_path=log_path, pids=pids, root_pid=tree[0].pid)
+    return DumpResult(seconds=seconds, log_path=log_path, pids=pids, root_pid=tree[0].pid,
+                      kdat=cache)  # fmt: skip
 
 
 def restore(
@@ -304,6 +321,7 @@ def restore(
     )
     stats: dict[str, float | int | str] | None = None
     start = time.perf_counter()
+    cache = _kdat_cache(options, target)
     prefetch: Future[dict[str, int]] | None = None
     prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if server else None
     try:
@@ -343,7 +361,7 @@ def restore(
     if parallel and not options.leave_stopped:
         continue_tree(host)
     return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path,
-                         page_fill=stats)  # fmt: skip
+                         page_fill=stats, kdat=cache)  # fmt: skip
 
 
 def _prefetched(prefetch: Future[dict[str, int]] | None) -> dict[str, float | int | str]:

@@ -133,6 +133,9 @@ class RestoreOutcome:
     # how the memory pages got into place: the parallel fill's figures (bytes, threads,
     # seconds; autoscaler.agent.pagefill), or None when CRIU filled them itself
     page_fill: dict | None = None
+    # CRIU's kernel-feature cache: "written", "cached", "tmpfs", "off" or "unavailable: why"
+    # (autoscaler.agent.kdat); None when CRIU did not run
+    criu_kdat: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -455,6 +458,7 @@ def _restore(
         quarantined=tuple(quarantined),
         log_path=str(restored.log_path),
         page_fill=restored.page_fill,
+        criu_kdat=restored.kdat,
     )
 
 

@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from autoscaler.agent import checkpoint as checkpoint_mod  # noqa: E402
 from autoscaler.agent import criu as criu_mod  # noqa: E402
-from autoscaler.agent import external, fastload, pagefill  # noqa: E402
+from autoscaler.agent import external, fastload, kdat, pagefill  # noqa: E402
 from autoscaler.agent import restore as restore_mod  # noqa: E402
 from autoscaler.agent import store as store_mod  # noqa: E402
 from autoscaler.agent.hooks import Handshake  # noqa: E402
@@ -414,12 +414,16 @@ class ModelRun:
     def restore(
         self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
         preload: bool | None = None, page_fill: str | None = None,
-        load: tuple[int, int] | None = None,
+        load: tuple[int, int] | None = None, kdat_cache: bool = True,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
         if page_fill is not None:  # a comparison run: who copies the pages into place
             options = replace(options, page_fill=page_fill)
+        if not kdat_cache:  # a comparison run: CRIU probes the kernel, as before the cache
+            options = replace(options, kdat_cache=False)
+            for made in (kdat.KDAT_FILE, kdat.STAMP_FILE):
+                (Path("/") / made).unlink(missing_ok=True)
         from_disk = path.startswith("disk")
         # the agent's order from disk: the images first, then the weights (one stream at a
         # time); "_preload_at_once" runs (--compare-disk-preload) start both together
@@ -540,6 +544,8 @@ class ModelRun:
             "preloaded": preloads.requested, "preload_warnings": preloads.warnings,
             # the parallel page fill (None: CRIU copied the pages itself)
             "page_fill": restored.page_fill,
+            # CRIU's kernel-feature cache (autoscaler.agent.kdat): "written", "cached", "off"...
+            "criu_kdat": restored.kdat,
             "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
                        "external_check_s": round(timings.get("external_check", 0.0), 4),
                        "criu_restore_s": round(t_criu, 3),
@@ -642,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         "images, instead of after them (paths disk_preload_at_once, "
         "disk_artifact_preload_at_once)",
     )  # fmt: skip
+    p.add_argument(
+        "--compare-kdat", action="store_true",
+        help="after each memory restore, one more without CRIU's kernel-feature cache (the "
+        "file removed, kdat_cache off: CRIU probes the kernel; path memory_no_kdat)",
+    )  # fmt: skip
     p.add_argument("--disk-repeats", type=int, default=1, help="rounds of the disk paths")
     p.add_argument(
         "--compare-load-configs", default="",
@@ -723,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" in paths:
                 for _ in range(args.memory_repeats):
                     run.restore("memory", fast_images, ckpt)
+                    if args.compare_kdat:  # interleaved: the VM's drift hits both alike
+                        run.restore("memory_no_kdat", fast_images, ckpt, kdat_cache=False)
             if args.compare_page_fill and "memory" in paths:
                 for _ in range(args.memory_repeats):
                     run.restore("memory_criu_fill", fast_images, ckpt, page_fill="criu")

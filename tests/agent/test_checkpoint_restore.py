@@ -70,6 +70,8 @@ def test_checkpoint_restore_on_host_gives_same_answers(
     assert outcome.page_fill is not None
     assert outcome.page_fill["processes"] == 1
     assert outcome.page_fill["bytes"] > 1 << 20
+    # CRIU found its kernel-feature cache (kept by the agent where /run is not a tmpfs)
+    assert outcome.criu_kdat in ("written", "cached", "tmpfs"), outcome.criu_kdat
     after = answers(port)
     assert after == before
     status, body = http_get(f"http://127.0.0.1:{port}/info", 10)
@@ -144,6 +146,8 @@ def test_checkpoint_and_restore_inside_pod_namespaces(
     assert outcome.pid == WORKER_PID_IN_POD  # same PID inside the new pod
     # CRIU ran inside the pod's namespaces and still found the agent's lazy-pages socket
     assert outcome.page_fill is not None and outcome.page_fill["bytes"] > 1 << 20
+    # ... and its kernel-feature cache, in the pod's own /run
+    assert outcome.criu_kdat in ("written", "cached", "tmpfs"), outcome.criu_kdat
     assert outcome.host_pid != WORKER_PID_IN_POD or os.getpid() == 1
     assert target.pids()[WORKER_PID_IN_POD] == outcome.host_pid
     # The listener lives in the new pod's network namespace, not the host's.
