@@ -304,3 +304,49 @@ def test_context_limits_spec_rejects_bad_items_by_name(spec):
 
     with pytest.raises(ValueError, match="bad context limit"):
         parse_limits(spec)
+
+
+class _PinLedger:
+    """Stands in for cudaHostRegister / cudaHostUnregister: records what is pinned."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.pinned: list[bytearray] = []
+        self.freed: list[bytearray] = []
+        self.fail_after = fail_after
+
+    def make(self, nbytes: int) -> bytearray:
+        if self.fail_after is not None and len(self.pinned) >= self.fail_after:
+            raise RuntimeError("cudaHostRegister failed")
+        area = bytearray(nbytes)
+        self.pinned.append(area)
+        return area
+
+    def free(self, area: bytearray) -> None:
+        self.freed.append(area)
+
+
+def test_pinned_areas_are_pinned_once_and_lent_to_readers_of_their_chunk_size() -> None:
+    ledger = _PinLedger()
+    pool = fastload.PinnedAreas(2, 8 << 20, ledger.make, ledger.free)
+    assert [len(a) for a in ledger.pinned] == [16 << 20, 16 << 20]  # two chunks per reader
+    assert pool.acquire(16 << 20) is None  # larger chunks: the reader pins its own
+    first, second = pool.acquire(8 << 20), pool.acquire(1 << 20)  # a small file's chunks fit
+    assert first is not None and second is not None and first is not second
+    assert pool.acquire(8 << 20) is None  # all lent: the next reader pins its own
+    pool.release(first)
+    assert pool.idle == 1
+    assert pool.acquire(8 << 20) is first  # the same pinned memory, no new pinning
+    assert len(ledger.pinned) == 2
+    pool.release(first)
+    pool.close()  # unpins the idle one; `second` is still lent out
+    assert ledger.freed == [first]
+    assert pool.idle == 0
+
+
+def test_pinned_areas_that_fail_to_pin_unpin_what_was_made() -> None:
+    ledger = _PinLedger(fail_after=1)
+    with pytest.raises(RuntimeError, match="cudaHostRegister"):
+        fastload.PinnedAreas(3, 1 << 20, ledger.make, ledger.free)
+    assert ledger.freed == ledger.pinned and len(ledger.freed) == 1
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fastload.PinnedAreas(1, 0, ledger.make, ledger.free)

@@ -45,6 +45,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,41 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def start_preloader(sock: Path, log_file: Path, *extra: str) -> subprocess.Popen:
+    """A weight preloader (fastload preload) serving on sock, once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoscaler.agent.fastload", "preload", "--socket", str(sock),
+         *extra],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=open(log_file, "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    end = time.time() + 120
+    while not sock.exists() and proc.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    if not sock.exists():
+        raise SystemExit(f"preloader did not start; see {log_file}")
+    return proc
+
+
+def point_socket(link: Path, sock: Path) -> None:
+    """Make `link` (the path workers connect to) a symlink to `sock`, atomically."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(sock)
+    tmp.replace(link)
+
+
+@contextlib.contextmanager
+def preloader_pinning_per_load(work: Path) -> Iterator[None]:
+    """Within: preload.sock leads to the preloader started with --pinned-areas 0."""
+    sock = work / "preload.sock"
+    point_socket(sock, work / "preload-pinned-per-load.sock")
+    try:
+        yield
+    finally:
+        point_socket(sock, work / "preload-pinned-once.sock")
 
 
 def kill_and_wait(pid: int, timeout: float = 60) -> None:
@@ -653,6 +689,11 @@ def main(argv: list[str] | None = None) -> int:
         help="after each memory restore, one more without CRIU's kernel-feature cache (the "
         "file removed, kdat_cache off: CRIU probes the kernel; path memory_no_kdat)",
     )  # fmt: skip
+    p.add_argument(
+        "--compare-pinned-areas", action="store_true",
+        help="with --preload: after each memory restore, one more whose preloader pins its "
+        "readers' areas per load instead of once at start (path memory_pinned_per_load)",
+    )  # fmt: skip
     p.add_argument("--disk-repeats", type=int, default=1, help="rounds of the disk paths")
     p.add_argument(
         "--compare-load-configs", default="",
@@ -686,21 +727,20 @@ def main(argv: list[str] | None = None) -> int:
         api = get_api()
         result["machine"]["cuda_driver"] = api.driver_version
     paths = args.paths.split(",")
-    preloader = None
+    preloaders: list[subprocess.Popen] = []
     if args.preload:
-        sock = work / "preload.sock"
+        sock = work / "preload.sock"  # what the workers and the agent's requests connect to
         sock.unlink(missing_ok=True)
-        preloader = subprocess.Popen(
-            [sys.executable, "-m", "autoscaler.agent.fastload", "preload", "--socket", str(sock)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=open(work / "preloader.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        end = time.time() + 120
-        while not sock.exists() and preloader.poll() is None and time.time() < end:
-            time.sleep(0.05)
-        if not sock.exists():
-            raise SystemExit(f"preloader did not start; see {work / 'preloader.log'}")
+        preloaders.append(start_preloader(sock, work / "preloader.log"))
         result["preloader"] = {"socket": str(sock)}
+        if args.compare_pinned_areas:  # a second one, pinning per load as before; the
+            # comparison restores point preload.sock at it (a symlink, swapped between runs)
+            sock.rename(work / "preload-pinned-once.sock")
+            fresh = work / "preload-pinned-per-load.sock"
+            fresh.unlink(missing_ok=True)
+            preloaders.append(start_preloader(fresh, work / "preloader-per-load.log",
+                                              "--pinned-areas", "0"))  # fmt: skip
+            point_socket(sock, work / "preload-pinned-once.sock")
 
     def save() -> None:
         tmp = out.with_suffix(".tmp")
@@ -736,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("memory", fast_images, ckpt)
                     if args.compare_kdat:  # interleaved: the VM's drift hits both alike
                         run.restore("memory_no_kdat", fast_images, ckpt, kdat_cache=False)
+                    if args.compare_pinned_areas and args.preload:
+                        with preloader_pinning_per_load(work):
+                            run.restore("memory_pinned_per_load", fast_images, ckpt)
             if args.compare_page_fill and "memory" in paths:
                 for _ in range(args.memory_repeats):
                     run.restore("memory_criu_fill", fast_images, ckpt, page_fill="criu")
@@ -791,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep_logs(mwork, Path(args.logs_out) / model)
             if not args.keep:
                 shutil.rmtree(mwork, ignore_errors=True)
-    if preloader is not None:
+    for preloader in preloaders:
         preloader.kill()
         preloader.wait()
     result["finished"] = time.strftime("%FT%TZ", time.gmtime())
