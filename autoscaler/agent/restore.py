@@ -508,12 +508,13 @@ def artifact_check(
     checked: list[external.Checked],
     after_images: Callable[[], None] | None = None,
     mode: str = "hash",
+    threads: int = 0,
 ) -> Callable[[], object]:
     """What runs alongside CRIU for one copy: the hashing half of verify_directory (verified
     None: the images were hashed before), then `after_images` (e.g. start the preloads, which
     must return at once: this runs before the tree may continue), then the external files (one
     stat each when this node verified them unchanged, else hashed or, mode "stat", trusted on
-    size and mtime).
+    size and mtime). `threads`: the hashing threads (0: store.default_threads()).
     Timed into timings; the external results go into `checked`. Raises ArtifactCorrupt or
     ExternalFileChanged, which restore_while_verifying turns into a killed, never-run tree."""
 
@@ -522,7 +523,7 @@ def artifact_check(
         if verified is not None:
             t = time.perf_counter()
             try:
-                manifest = verify_directory(artifact_id, verified.path)
+                manifest = verify_directory(artifact_id, verified.path, threads=threads)
             finally:
                 timings["verify_contents"] = time.perf_counter() - t
         if after_images is not None:

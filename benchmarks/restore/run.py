@@ -39,6 +39,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -395,6 +396,15 @@ class ModelRun:
             "params": health.get("params"),
         })  # fmt: skip
 
+    def stop_worker(self) -> None:
+        """Kill the cold-started worker (its whole session) and reap it."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self.proc = None
+        self.pid = None
+
     # checkpoint ---------------------------------------------------------------------------
     def checkpoint(self, mode: str, images: Path) -> dict[str, Any]:
         assert self.pid is not None
@@ -450,7 +460,7 @@ class ModelRun:
     def restore(
         self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
         preload: bool | None = None, page_fill: str | None = None,
-        load: tuple[int, int] | None = None, kdat_cache: bool = True,
+        load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -528,6 +538,7 @@ class ModelRun:
                 verify_root.name, verified, files, Path, known, timings, checked,  # type: ignore[union-attr]
                 after_images=None if preload_at_once else (
                     lambda: preloads.start(files, from_disk=from_disk)),
+                threads=verify_threads,
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, options, None, check, log_name
@@ -582,6 +593,7 @@ class ModelRun:
             "page_fill": restored.page_fill,
             # CRIU's kernel-feature cache (autoscaler.agent.kdat): "written", "cached", "off"...
             "criu_kdat": restored.kdat,
+            "verify_threads": verify_threads or store_mod.default_threads(),
             "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
                        "external_check_s": round(timings.get("external_check", 0.0), 4),
                        "criu_restore_s": round(t_criu, 3),
@@ -694,6 +706,16 @@ def main(argv: list[str] | None = None) -> int:
         help="with --preload: after each memory restore, one more whose preloader pins its "
         "readers' areas per load instead of once at start (path memory_pinned_per_load)",
     )  # fmt: skip
+    p.add_argument(
+        "--compare-verify-threads", type=int, default=0, metavar="N",
+        help="after each memory restore, one more whose artifact is hashed by N threads "
+        "instead of the default (path memory_verifyN)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cold-repeats", type=int, default=1,
+        help="cold starts per model; ratios are against their median (a cold start reads the "
+        "weights from disk, whose bandwidth moves between calls)",
+    )  # fmt: skip
     p.add_argument("--disk-repeats", type=int, default=1, help="rounds of the disk paths")
     p.add_argument(
         "--compare-load-configs", default="",
@@ -766,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mres["disk_read_GBps"] = round(measure_read_gbps(weights, caches), 2)
             log(f"{model}: disk read {mres['disk_read_GBps']} GB/s")
+            for _ in range(args.cold_repeats - 1):  # the last one's worker is checkpointed
+                run.cold_start()
+                run.stop_worker()
             run.cold_start()
             fast_images = mwork / "fast"
             ckpt = run.checkpoint("fast", fast_images)
@@ -776,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("memory", fast_images, ckpt)
                     if args.compare_kdat:  # interleaved: the VM's drift hits both alike
                         run.restore("memory_no_kdat", fast_images, ckpt, kdat_cache=False)
+                    if args.compare_verify_threads:
+                        n = args.compare_verify_threads
+                        run.restore(f"memory_verify{n}", fast_images, ckpt, verify_threads=n)
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)
@@ -868,9 +896,11 @@ def keep_logs(mwork: Path, dest: Path) -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    cold = {
-        r["model"]: r["seconds_to_first_response"] for r in result["runs"] if r["path"] == "cold"
-    }
+    colds: dict[str, list[float]] = {}
+    for r in result["runs"]:
+        if r["path"] == "cold":
+            colds.setdefault(r["model"], []).append(r["seconds_to_first_response"])
+    cold = {model: statistics.median(s) for model, s in colds.items()}  # ratios: vs the median
     print(f"{'model':6} {'path':16} {'seconds':>8} {'vs cold':>8} {'artifact GB':>11} match"
           "  bound (bytes / bandwidth around it)")  # fmt: skip
     for r in result["runs"]:
