@@ -461,6 +461,7 @@ class ModelRun:
         self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
         preload: bool | None = None, page_fill: str | None = None,
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
+        preload_lead_s: float = 0.0,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -525,6 +526,10 @@ class ModelRun:
         timings: dict[str, float] = {}
         checked: list[Any] = []
         read_before = disk_read_bytes(images)
+        if preload_lead_s:  # a bound, not a path: the weights are on the GPU before t0, so the
+            # restore runs without the preload's reads beside it (Preloads.start is once only)
+            preloads.start(files, from_disk=from_disk)
+            time.sleep(preload_lead_s)
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
@@ -712,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the default (path memory_verifyN)",
     )  # fmt: skip
     p.add_argument(
+        "--compare-preload-lead", type=float, default=0.0, metavar="S",
+        help="with --preload: after each memory restore, one more whose weights' preload was "
+        "asked S seconds before the restore starts (path memory_preload_done: the restore "
+        "without the preload's reads beside it, a bound for weights staged on the GPU side)",
+    )  # fmt: skip
+    p.add_argument(
         "--cold-repeats", type=int, default=1,
         help="cold starts per model; ratios are against their median (a cold start reads the "
         "weights from disk, whose bandwidth moves between calls)",
@@ -804,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.compare_verify_threads:
                         n = args.compare_verify_threads
                         run.restore(f"memory_verify{n}", fast_images, ckpt, verify_threads=n)
+                    if args.compare_preload_lead and args.preload:
+                        run.restore("memory_preload_done", fast_images, ckpt,
+                                    preload_lead_s=args.compare_preload_lead)  # fmt: skip
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)
