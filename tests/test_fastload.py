@@ -350,3 +350,19 @@ def test_pinned_areas_that_fail_to_pin_unpin_what_was_made() -> None:
     assert ledger.freed == ledger.pinned and len(ledger.freed) == 1
     with pytest.raises(ValueError, match="chunk_bytes"):
         fastload.PinnedAreas(1, 0, ledger.make, ledger.free)
+
+
+def test_a_held_load_answers_a_new_request_only_for_the_same_unchanged_file(
+    tmp_path: Path,
+) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x" * 4096)
+    identity = fastload.file_identity(weights)
+    held = fastload._PreloadJob(str(weights), threads=4, chunk_bytes=1 << 20, identity=identity)
+    assert fastload.can_keep(held, fastload.file_identity(weights))  # loading or loaded: kept
+    os.utime(weights, ns=(1, 1))  # rewritten (or touched): read it again
+    assert not fastload.can_keep(held, fastload.file_identity(weights))
+    failed = fastload._PreloadJob(str(weights), 4, 1 << 20, identity=identity, error="OOM")
+    assert not fastload.can_keep(failed, identity)
+    unknown = fastload._PreloadJob(str(weights), 4, 1 << 20)  # no identity recorded
+    assert not fastload.can_keep(unknown, ())

@@ -143,9 +143,20 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    held = _cache(args).stage(_store(args), args.id, args.tier,
-                              progress=_byte_progress(f"staging {args.id}"), warm=args.warm)
-    _print(held.to_dict())
+    from autoscaler.agent import staging
+
+    if args.weights_on_gpu and not args.preload_socket:
+        raise ConfigError("preload_socket", "--weights-on-gpu needs --preload-socket")
+    cache = _cache(args)
+    held = cache.stage(_store(args), args.id, args.tier,
+                       progress=_byte_progress(f"staging {args.id}"), warm=args.warm)
+    out = held.to_dict()
+    if args.weights_on_gpu:
+        manifest = cache.tiers[args.tier].read_manifest(args.id)
+        out["weights_on_gpu"] = staging.stage_weights_on_gpu(
+            manifest.external_files, args.preload_socket
+        )
+    _print(out)
     return 0
 
 
@@ -260,6 +271,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--id", required=True)
     p.add_argument("--tier", choices=("disk", "memory"), default="disk")
     p.add_argument("--warm", action="store_true", help="read it into the page cache too")
+    p.add_argument(
+        "--weights-on-gpu", action="store_true",
+        help="also have the node's weight preloader (--preload-socket) load the worker's "
+        "weights onto its GPU now, for the restore to find there (holds that GPU memory)",
+    )  # fmt: skip
+    p.add_argument("--preload-socket", default=None, help="the node's weight preloader")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("restore", help="restore a worker from the best copy")

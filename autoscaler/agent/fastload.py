@@ -855,11 +855,19 @@ def _recv_json(conn: socket.socket, want_fds: int = 0) -> tuple[dict[str, Any], 
     return json.loads(buf), fds
 
 
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """What says a file is the one a held load was read from: device, inode, size, mtime and
+    ctime (a rewrite in place changes the times, and ctime cannot be set back)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass
 class _PreloadJob:
     path: str
     threads: int
     chunk_bytes: int
+    identity: tuple[int, ...] = ()  # file_identity(path) when the load was asked for
     done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
     handle: int = 0
@@ -869,12 +877,22 @@ class _PreloadJob:
     stats: LoadStats | None = None
 
 
+def can_keep(job: _PreloadJob, identity: tuple[int, ...]) -> bool:
+    """Whether a held load answers a new request for a file of this identity: read from the
+    same, unchanged file and not failed (one still loading is kept too: the take waits)."""
+    return bool(job.identity) and job.identity == identity and job.error is None
+
+
 class WeightPreloader:
     """A node-level loader with its own CUDA context. On `load` it reads a safetensors file's
     data section into a fresh shareable GPU allocation (the parallel pinned path above); on
     `take` it hands that allocation to the caller as a file descriptor (SCM_RIGHTS) and drops
     its own mapping. A restored worker maps the allocation at its reserved address instead of
     reading the file itself, so the load overlaps the CRIU and CUDA restores.
+
+    A `load` of a key whose load is held, read from the same unchanged file, is answered by
+    it (`can_keep`): so the agent's staging can put a worker's weights on the GPU ahead of
+    its restore, and the restore's own request finds them there.
 
     `pinned_areas` reader areas (default: one per thread) are page-locked once, at start
     (PinnedAreas), rather than by every load; 0 pins per load."""
@@ -933,18 +951,29 @@ class WeightPreloader:
             # pod differs from the node's path the preloader reads); take names the key
             key = str(req.get("key") or path)
             if req.get("op") == "load":
+                try:
+                    identity = file_identity(path)
+                except OSError as exc:
+                    _send_json(conn, {"ok": False, "error": f"cannot read {path}: {exc}"})
+                    return
                 job = _PreloadJob(
                     path, threads=int(req.get("threads") or self.threads),
                     chunk_bytes=int(req.get("chunk_bytes") or self.chunk_bytes),
+                    identity=identity,
                 )  # fmt: skip
                 with self.lock:
-                    old = self.jobs.pop(key, None)
+                    old = self.jobs.get(key)
+                    if old is not None and can_keep(old, identity):
+                        # loaded (or loading) ahead of the restore from this very file:
+                        # the weights staged on the GPU (autoscaler.agent.staging)
+                        _send_json(conn, {"ok": True, "held": True})
+                        return
                     self.jobs[key] = job
                 if old is not None:
                     old.done.wait()
                     self._drop(old)
                 threading.Thread(target=self._load, args=(job,), daemon=True).start()
-                _send_json(conn, {"ok": True})
+                _send_json(conn, {"ok": True, "held": False})
             elif req.get("op") == "take":
                 with self.lock:
                     job = self.jobs.pop(key, None)

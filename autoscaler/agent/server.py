@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import pagefill
+from autoscaler.agent import pagefill, staging
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
 from autoscaler.agent.errors import (
     AgentError,
@@ -111,6 +111,9 @@ class StageBody(_Body):
     artifact_id: str = ArtifactId
     tier: Literal["disk", "memory"] = "disk"
     warm: bool = False
+    # also have the weight preloader load the worker's weights onto its GPU now
+    # (staging.stage_weights_on_gpu); needs the agent's --preload-socket
+    weights_on_gpu: bool = False
 
 
 class EvictBody(_Body):
@@ -306,16 +309,36 @@ class Agent:
                 last[0] = now
                 progress(f"staging {body.artifact_id}: {done}/{total} bytes")
 
+        if body.weights_on_gpu and not self.config.preload_socket:  # before any copying
+            raise StagingError("weights_on_gpu needs a weight preloader on this node "
+                               "(start the agent with --preload-socket)")  # fmt: skip
         t = time.perf_counter()
         with self._lock_for(body.artifact_id):
-            held = self.config.cache.stage(self.config.store, body.artifact_id, body.tier,
-                                           progress=report, warm=body.warm)
+            cache = self.config.cache
+            held = cache.stage(self.config.store, body.artifact_id, body.tier,
+                               progress=report, warm=body.warm)  # fmt: skip
+            out = held.to_dict()
+            if body.weights_on_gpu:
+                manifest = cache.tiers[body.tier].read_manifest(body.artifact_id)
+                out["weights_on_gpu"] = staging.stage_weights_on_gpu(
+                    manifest.external_files, self.config.preload_socket
+                )
         self.metrics.stage_seconds.labels(body.tier).observe(time.perf_counter() - t)
-        return held.to_dict()
+        return out
 
     def evict(self, body: EvictBody) -> dict:
+        cache = self.config.cache
         with self._lock_for(body.artifact_id):
-            removed = self.config.cache.evict(body.artifact_id, body.tier, body.force)
+            # weights a stage put on the GPU go with the memory copy (or with every copy)
+            files = ()
+            if body.tier in (None, "memory"):
+                for tier, copy in cache.best_copies(body.artifact_id):
+                    if body.tier in (None, tier):
+                        files = copy.read_manifest(body.artifact_id).external_files
+                        break
+            removed = cache.evict(body.artifact_id, body.tier, body.force)
+            if removed and files:
+                staging.release_weights_on_gpu(files, self.config.preload_socket)
         if not removed:
             raise ArtifactNotFound(body.artifact_id, "the node cache")
         return {"artifact_id": body.artifact_id, "evicted_from": removed}

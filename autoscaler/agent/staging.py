@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from autoscaler.agent.store import (
     STAGING_DIR,
     ArtifactStore,
     DirectoryStore,
+    ExternalFile,
     Manifest,
     ProgressCallback,
     VerifiedArtifact,
@@ -285,6 +286,32 @@ class NodeCache:
         verified = self.tiers[tier].open(artifact_id)
         self.touch(artifact_id, tier)
         return verified
+
+
+def stage_weights_on_gpu(
+    files: Sequence[ExternalFile], socket_path: str | None
+) -> dict[str, list[str]]:
+    """Ask the node's weight preloader to load an artifact's weights onto its GPU now, ahead
+    of the restore, which then finds them loaded (fastload.can_keep) instead of reading them
+    beside CRIU: on the H200 an 8B restore from memory went 1.07 -> 0.73 s (median of 5; the
+    reads' memory traffic slows CRIU, the page fill and the verification). It holds the
+    weights' size of GPU memory on the preloader's GPU until a restore takes them or the
+    artifact is evicted, so it suits a node whose free GPU the next replica will use.
+    Returns {"requested": paths, "warnings": ...}; raises StagingError without a preloader."""
+    if not socket_path:
+        raise StagingError("weights on the GPU need a weight preloader on this node "
+                           "(the agent's --preload-socket)")  # fmt: skip
+    wanted = [f for f in files if f.preload]
+    requested, warnings = external.request_preloads(
+        socket_path, wanted, lambda p: external.node_path(p, None)
+    )
+    return {"requested": requested, "warnings": warnings}
+
+
+def release_weights_on_gpu(files: Sequence[ExternalFile], socket_path: str | None) -> None:
+    """Give back what stage_weights_on_gpu had the preloader hold (nothing held: no-op)."""
+    if socket_path:
+        external.release_preloads(socket_path, [f.path for f in files if f.preload])
 
 
 def copy_artifact(

@@ -58,6 +58,7 @@ from autoscaler.agent import checkpoint as checkpoint_mod  # noqa: E402
 from autoscaler.agent import criu as criu_mod  # noqa: E402
 from autoscaler.agent import external, fastload, kdat, pagefill  # noqa: E402
 from autoscaler.agent import restore as restore_mod  # noqa: E402
+from autoscaler.agent import staging as staging_mod  # noqa: E402
 from autoscaler.agent import store as store_mod  # noqa: E402
 from autoscaler.agent.hooks import Handshake  # noqa: E402
 
@@ -461,7 +462,7 @@ class ModelRun:
         self, path: str, images: Path, ckpt: dict[str, Any], keep: bool = False,
         preload: bool | None = None, page_fill: str | None = None,
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
-        preload_lead_s: float = 0.0,
+        preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -530,6 +531,12 @@ class ModelRun:
             # restore runs without the preload's reads beside it (Preloads.start is once only)
             preloads.start(files, from_disk=from_disk)
             time.sleep(preload_lead_s)
+        if gpu_staged_s:  # the agent's stage with weights_on_gpu, `gpu_staged_s` ahead: the
+            # restore's own preload request below then finds them held (fastload.can_keep)
+            on_gpu = staging_mod.stage_weights_on_gpu(files, str(self.preload_socket))
+            if on_gpu["warnings"] or not on_gpu["requested"]:
+                raise RuntimeError(f"weights not staged on the GPU: {on_gpu}")
+            time.sleep(gpu_staged_s)
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
@@ -723,6 +730,12 @@ def main(argv: list[str] | None = None) -> int:
         "without the preload's reads beside it, a bound for weights staged on the GPU side)",
     )  # fmt: skip
     p.add_argument(
+        "--compare-gpu-staged", type=float, default=0.0, metavar="S",
+        help="with --preload: after each memory restore, one more whose weights the agent's "
+        "staging put on the GPU S seconds before (stage weights_on_gpu; path "
+        "memory_gpu_staged)",
+    )  # fmt: skip
+    p.add_argument(
         "--cold-repeats", type=int, default=1,
         help="cold starts per model; ratios are against their median (a cold start reads the "
         "weights from disk, whose bandwidth moves between calls)",
@@ -818,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.compare_preload_lead and args.preload:
                         run.restore("memory_preload_done", fast_images, ckpt,
                                     preload_lead_s=args.compare_preload_lead)  # fmt: skip
+                    if args.compare_gpu_staged and args.preload:
+                        run.restore("memory_gpu_staged", fast_images, ckpt,
+                                    gpu_staged_s=args.compare_gpu_staged)  # fmt: skip
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from autoscaler.agent import external
 from autoscaler.agent.errors import NotPermitted
 from autoscaler.agent.policy import PidPolicy, cgroup_paths, contained_path
 from autoscaler.agent.server import Agent, AgentConfig, serve
 from autoscaler.agent.staging import NodeCache
-from autoscaler.agent.store import DirectoryStore
+from autoscaler.agent.store import ArtifactInfo, DirectoryStore
 
 from .conftest import wait_for
+from .test_external_files import PreloaderDouble
 from .test_store import make_artifact
 
 TOKEN = "s3cret-token-for-tests"
@@ -228,3 +230,62 @@ def test_checkpoint_names_a_pid_or_a_container_and_versions_are_reported(api: Ap
     assert status == 200
     assert body["versions"]["criu"].startswith("4.") and set(body["versions"]) == {
         "criu", "driver", "gpu_model"}  # fmt: skip
+
+
+def _agent_with_preloader(tmp_path: Path, preload_socket: str | None) -> tuple[Api, object]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    store = DirectoryStore(tmp_path / "store")
+    cache = NodeCache(tmp_path / "disk", 1 << 30, tmp_path / "shm", 1 << 28)
+    config = AgentConfig(store=store, cache=cache, token_file=token_file,
+                         preload_socket=preload_socket)  # fmt: skip
+    server = serve(Agent(config), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return Api(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, store, cache), server
+
+
+def _artifact_with_weights(store: DirectoryStore, weights: Path) -> None:
+    weights.write_bytes(os.urandom(1 << 20))
+    files = external.record_paths([external.Declared(str(weights), preload=True)])
+    with store.create("w1") as w:
+        (w.images_dir / "pages-1.img").write_bytes(os.urandom(1 << 16))
+        w.commit(ArtifactInfo(workload="wl", external_files=files))
+
+
+def test_stage_can_put_the_weights_on_the_gpu_and_evict_gives_them_back(tmp_path: Path) -> None:
+    double = PreloaderDouble(tmp_path / "preload.sock")
+    api, server = _agent_with_preloader(tmp_path, str(double.path))
+    try:
+        weights = tmp_path / "weights.safetensors"
+        _artifact_with_weights(api.store, weights)
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True})
+        assert status == 200, body
+        assert body["weights_on_gpu"] == {"requested": [str(weights)], "warnings": []}
+        assert [(r["op"], r["path"], r["key"]) for r in double.requests] == [
+            ("load", str(weights), str(weights))]
+        # a plain stage asks for nothing
+        assert api.call("POST", "/v1/stage", {"artifact_id": "w1"})[0] == 200
+        assert len(double.requests) == 1
+        # evicting the memory copy hands the GPU copy back (a take, then closed)
+        assert api.call("POST", "/v1/evict", {"artifact_id": "w1", "tier": "memory"})[0] == 200
+        assert [(r["op"], r["path"]) for r in double.requests[1:]] == [("take", str(weights))]
+    finally:
+        server.shutdown()
+        server.server_close()
+        double.close()
+
+
+def test_weights_on_the_gpu_without_a_preloader_are_refused_before_copying(
+    tmp_path: Path,
+) -> None:
+    api, server = _agent_with_preloader(tmp_path, None)
+    try:
+        _artifact_with_weights(api.store, tmp_path / "weights.safetensors")
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True})
+        assert status == 409 and "--preload-socket" in body["error"]
+        assert api.cache.inventory() == []  # nothing copied
+    finally:
+        server.shutdown()
+        server.server_close()
