@@ -715,8 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--compare-pinned-areas", action="store_true",
-        help="with --preload: after each memory restore, one more whose preloader pins its "
-        "readers' areas per load instead of once at start (path memory_pinned_per_load)",
+        help="with --preload: after each memory restore and in each disk round, one more "
+        "whose preloader pins its readers' areas per load instead of once at start (paths "
+        "memory_pinned_per_load, disk_pinned_per_load)",
     )  # fmt: skip
     p.add_argument(
         "--compare-verify-threads", type=int, default=0, metavar="N",
@@ -849,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("disk", fast_images, ckpt)
                 if "disk_artifact" in paths:
                     run.restore("disk_artifact", fast_images, ckpt)
+                if args.compare_pinned_areas and args.preload and "disk" in paths:
+                    with preloader_pinning_per_load(work):
+                        run.restore("disk_pinned_per_load", fast_images, ckpt)
                 for cfg in filter(None, args.compare_load_configs.split(",")):
                     if "disk" in paths:  # the same disk restore, the weights' preload at cfg
                         t, c = (int(x) for x in cfg.split("x"))
