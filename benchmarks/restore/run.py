@@ -886,10 +886,11 @@ def main(argv: list[str] | None = None) -> int:
                     kill_and_wait(run.pid)
         finally:
             mres.update(run.details)
-            # a main path (the cold start always runs) only when asked for; every comparison
-            # path ran because its option asked for it
+            # a main path only when asked for, but the cold starts always (every ratio is
+            # against them); every comparison path ran because its option asked for it
             result["runs"].extend(
-                r for r in run.runs if r["path"] in paths or r["path"] not in MAIN_PATHS
+                r for r in run.runs
+                if r["path"] in (*paths, "cold") or r["path"] not in MAIN_PATHS
             )
             save()
             if args.logs_out:
