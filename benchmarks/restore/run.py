@@ -748,6 +748,11 @@ def main(argv: list[str] | None = None) -> int:
         "(paths disk_loadTxC), in every disk round, e.g. 16x16,32x8",
     )  # fmt: skip
     p.add_argument(
+        "--compare-memory-load-configs", default="",
+        help="after each memory restore, one more per THREADSxCHUNK_MIB given for the weights' "
+        "preload (paths memory_loadTxC), e.g. 8x8,12x8",
+    )  # fmt: skip
+    p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="leave the agent's artifact verification out of the memory and disk restores",
     )  # fmt: skip
@@ -829,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.compare_verify_threads:
                         n = args.compare_verify_threads
                         run.restore(f"memory_verify{n}", fast_images, ckpt, verify_threads=n)
+                    for cfg in filter(None, args.compare_memory_load_configs.split(",")):
+                        t, c = (int(x) for x in cfg.split("x"))  # the preload at cfg
+                        run.restore(f"memory_load{cfg}", fast_images, ckpt, load=(t, c))
                     if args.compare_preload_lead and args.preload:
                         run.restore("memory_preload_done", fast_images, ckpt,
                                     preload_lead_s=args.compare_preload_lead)  # fmt: skip
