@@ -65,6 +65,13 @@ MAX_COPIES = 3  # memory, disk, store: one restore attempt per copy at most
 #: chunks (~0.4 s/GiB to pin), so only files of DISK_PRELOAD_MIN_BYTES or more get them.
 DISK_PRELOAD_THREADS = 32
 DISK_PRELOAD_MIN_BYTES = 4 << 30
+#: the weights' preload when they are in the page cache (a memory copy, or the store's): 8
+#: reader threads instead of the preloader's 16. The copy from the page cache runs beside CRIU,
+#: the page fill and the verification on the same cores and memory; 16 readers slowed those
+#: more than they sped the load (8B on the H200: 0.905 s against 0.968 s median, 5 of 5 paired
+#: restores, restore-explore/memory-load-threads-8b-2026-11-24.json; the load itself took
+#: 0.60-0.76 s with 8 against 0.72-0.78 s with 16).
+MEMORY_PRELOAD_THREADS = 8
 CLONE_NEWNET = 0x40000000
 
 
@@ -202,11 +209,13 @@ class Preloads:
         self, socket_path: str | None, resolve: Callable[[str], Path],
         threads: int | None = None, chunk_bytes: int | None = None, timeout_s: float = 5.0,
         disk_threads: int | None = DISK_PRELOAD_THREADS,
+        memory_threads: int | None = MEMORY_PRELOAD_THREADS,
     ) -> None:  # fmt: skip
         self.socket_path = socket_path
         self.resolve = resolve
         self.threads = threads
         self.disk_threads = disk_threads  # None: `threads` from disk too
+        self.memory_threads = memory_threads  # from the page cache, unless `threads` is set
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
         self.started = False
@@ -236,6 +245,8 @@ class Preloads:
         """Reader threads asked for one file (None: the preloader's own default)."""
         if from_disk and self.disk_threads and f.size >= DISK_PRELOAD_MIN_BYTES:
             return self.disk_threads
+        if not from_disk and self.threads is None:
+            return self.memory_threads
         return self.threads
 
     def _send(self, files: Sequence[ExternalFile], from_disk: bool) -> None:

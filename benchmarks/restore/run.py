@@ -510,11 +510,13 @@ class ModelRun:
         verify_root = self.verify_roots.get(images) if self.args.verify else None
         threads, chunk = load or self.load  # the preload's reader threads x chunk MiB
         # the agent's preload requests (the preloader loads the weights while CRIU and CUDA
-        # run; a failed restore releases them), with this model's loader settings and the
-        # agent's choice of reader threads from disk (Preloads.threads_for), unless this run
-        # asks for a loader config of its own (disk_loadTxC)
+        # run; a failed restore releases them), with this model's chunk size and the agent's
+        # choice of reader threads (Preloads.threads_for: from memory, and from disk for a
+        # large file; from disk for a small one, this model's loader threads), unless this run
+        # asks for a loader config of its own (disk_loadTxC, memory_loadTxC)
         preloads = restore_mod.Preloads(
-            str(self.preload_socket) if preload else None, Path, threads, chunk << 20,
+            str(self.preload_socket) if preload else None, Path,
+            threads if load or from_disk else None, chunk << 20,
             disk_threads=None if load else restore_mod.DISK_PRELOAD_THREADS,
         )  # fmt: skip
         verified = None
@@ -665,7 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mib", type=int, default=8)
     p.add_argument(
         "--load-config", default="0.6b=8x8,8b=16x8",
-        help="per model THREADSxCHUNK_MIB for the weight loader, e.g. 0.6b=8x8,8b=16x8",
+        help="per model THREADSxCHUNK_MIB for the weight loader (the worker's own loads, and "
+        "the preload from disk of a file the agent gives no threads of its own), e.g. "
+        "0.6b=8x8,8b=16x8; from memory the preload takes the agent's choice "
+        "(restore.MEMORY_PRELOAD_THREADS)",
     )  # fmt: skip
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--timeout", type=float, default=300)

@@ -334,15 +334,24 @@ def test_nothing_is_left_waiting_on_a_closed_stand_in(tmp_path: Path) -> None:
 
 def test_a_large_file_read_from_disk_gets_the_disk_reader_threads() -> None:
     """From disk a large weights file is asked for with DISK_PRELOAD_THREADS (more reads in
-    flight); from memory, a small file, or a caller that fixed its own loader, the default."""
-    from autoscaler.agent.restore import DISK_PRELOAD_MIN_BYTES, DISK_PRELOAD_THREADS, Preloads
+    flight), a small one with the preloader's default; from the page cache with
+    MEMORY_PRELOAD_THREADS (fewer readers beside CRIU); a caller that fixed its own loader
+    gets it."""
+    from autoscaler.agent.restore import (
+        DISK_PRELOAD_MIN_BYTES,
+        DISK_PRELOAD_THREADS,
+        MEMORY_PRELOAD_THREADS,
+        Preloads,
+    )
     from autoscaler.agent.store import ExternalFile
 
     big = ExternalFile("/m/w.safetensors", DISK_PRELOAD_MIN_BYTES, 1, "0" * 64, preload=True)
     small = ExternalFile("/m/s.safetensors", DISK_PRELOAD_MIN_BYTES - 1, 1, "0" * 64)
     preloads = Preloads("/run/pre.sock", Path)
     assert preloads.threads_for(big, from_disk=True) == DISK_PRELOAD_THREADS
-    assert preloads.threads_for(big, from_disk=False) is None  # the preloader's default
-    assert preloads.threads_for(small, from_disk=True) is None
+    assert preloads.threads_for(small, from_disk=True) is None  # the preloader's default
+    assert preloads.threads_for(big, from_disk=False) == MEMORY_PRELOAD_THREADS
+    assert preloads.threads_for(small, from_disk=False) == MEMORY_PRELOAD_THREADS
     fixed = Preloads("/run/pre.sock", Path, threads=16, disk_threads=None)
     assert fixed.threads_for(big, from_disk=True) == 16
+    assert fixed.threads_for(big, from_disk=False) == 16
