@@ -293,8 +293,9 @@ def stage_weights_on_gpu(
 ) -> dict[str, list[str]]:
     """Ask the node's weight preloader to load an artifact's weights onto its GPU now, ahead
     of the restore, which then finds them loaded (fastload.can_keep) instead of reading them
-    beside CRIU: on the H200 an 8B restore from memory went 1.07 -> 0.73 s (median of 5; the
-    reads' memory traffic slows CRIU, the page fill and the verification). It holds the
+    beside CRIU: on the H200 an 8B restore from memory went 0.94 -> 0.73 s and 1.01 -> 0.80 s in
+    two calls (medians of 5; the reads' memory traffic slows CRIU, the page fill and the CUDA
+    restore). It holds the
     weights' size of GPU memory on the preloader's GPU until a restore takes them or the
     artifact is evicted, so it suits a node whose free GPU the next replica will use.
     Returns {"requested": paths, "warnings": ...}; raises StagingError without a preloader."""
