@@ -65,8 +65,9 @@ MAX_COPIES = 3  # memory, disk, store: one restore attempt per copy at most
 #: chunks (~0.4 s/GiB to pin), so only files of DISK_PRELOAD_MIN_BYTES or more get them.
 DISK_PRELOAD_THREADS = 32
 DISK_PRELOAD_MIN_BYTES = 4 << 30
-#: the weights' preload when they are in the page cache (a memory copy, or the store's): 8
-#: reader threads instead of the preloader's 16. The copy from the page cache runs beside CRIU,
+#: the weights' preload when the copy came from the memory tier (the weights were warmed into
+#: the page cache with it): 8 reader threads instead of the preloader's 16. The copy from the
+#: page cache runs beside CRIU,
 #: the page fill and the verification on the same cores and memory; 16 readers slowed those
 #: more than they sped the load (8B on the H200: 0.905 s against 0.968 s median, 5 of 5 paired
 #: restores, restore-explore/memory-load-threads-8b-2026-11-24.json; the load itself took

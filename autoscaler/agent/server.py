@@ -309,9 +309,8 @@ class Agent:
                 last[0] = now
                 progress(f"staging {body.artifact_id}: {done}/{total} bytes")
 
-        if body.weights_on_gpu and not self.config.preload_socket:  # before any copying
-            raise StagingError("weights_on_gpu needs a weight preloader on this node "
-                               "(start the agent with --preload-socket)")  # fmt: skip
+        if body.weights_on_gpu:  # refused before any copying
+            staging.require_preloader(self.config.preload_socket)
         t = time.perf_counter()
         with self._lock_for(body.artifact_id):
             cache = self.config.cache
@@ -329,13 +328,13 @@ class Agent:
     def evict(self, body: EvictBody) -> dict:
         cache = self.config.cache
         with self._lock_for(body.artifact_id):
-            # weights a stage put on the GPU go with the memory copy (or with every copy)
-            files = ()
-            if body.tier in (None, "memory"):
-                for tier, copy in cache.best_copies(body.artifact_id):
-                    if body.tier in (None, tier):
-                        files = copy.read_manifest(body.artifact_id).external_files
-                        break
+            # weights a stage put on the GPU go with the memory copy (or with every copy);
+            # every copy has the same manifest, and evicting none releases nothing below
+            held = (
+                cache.best_copies(body.artifact_id)
+                if self.config.preload_socket and body.tier in (None, "memory") else []
+            )  # fmt: skip
+            files = held[0][1].read_manifest(body.artifact_id).external_files if held else ()
             removed = cache.evict(body.artifact_id, body.tier, body.force)
             if removed and files:
                 staging.release_weights_on_gpu(files, self.config.preload_socket)

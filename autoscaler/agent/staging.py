@@ -288,23 +288,27 @@ class NodeCache:
         return verified
 
 
+def require_preloader(socket_path: str | None) -> str:
+    """The node's weight preloader socket; StagingError when the agent has none."""
+    if not socket_path:
+        raise StagingError("weights on the GPU need a weight preloader on this node "
+                           "(start the agent with --preload-socket)")  # fmt: skip
+    return socket_path
+
+
 def stage_weights_on_gpu(
     files: Sequence[ExternalFile], socket_path: str | None
 ) -> dict[str, list[str]]:
     """Ask the node's weight preloader to load an artifact's weights onto its GPU now, ahead
     of the restore, which then finds them loaded (fastload.can_keep) instead of reading them
-    beside CRIU: on the H200 an 8B restore from memory went 0.94 -> 0.73 s and 1.01 -> 0.80 s in
-    two calls (medians of 5; the reads' memory traffic slows CRIU, the page fill and the CUDA
-    restore). It holds the
-    weights' size of GPU memory on the preloader's GPU until a restore takes them or the
-    artifact is evicted, so it suits a node whose free GPU the next replica will use.
-    Returns {"requested": paths, "warnings": ...}; raises StagingError without a preloader."""
-    if not socket_path:
-        raise StagingError("weights on the GPU need a weight preloader on this node "
-                           "(the agent's --preload-socket)")  # fmt: skip
-    wanted = [f for f in files if f.preload]
+    beside CRIU: on the H200 an 8B restore from memory went 0.94 -> 0.73 s and 1.01 -> 0.80 s
+    in two calls (medians of 5; the reads' memory traffic slows CRIU, the page fill and the
+    CUDA restore). It holds the weights' size of GPU memory on the preloader's GPU until a
+    restore takes them or the artifact is evicted, so it suits a node whose free GPU the next
+    replica will use. Returns {"requested": paths, "warnings": ...}; raises StagingError
+    without a preloader. Only the files the worker declared preloadable are asked for."""
     requested, warnings = external.request_preloads(
-        socket_path, wanted, lambda p: external.node_path(p, None)
+        require_preloader(socket_path), files, lambda p: external.node_path(p, None)
     )
     return {"requested": requested, "warnings": warnings}
 
