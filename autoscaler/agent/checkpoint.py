@@ -15,7 +15,13 @@ from typing import Any
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import external
-from autoscaler.agent.cuda import driver_info, get_api, process_uses_cuda
+from autoscaler.agent.cuda import (
+    driver_info,
+    format_gpu_uuid,
+    get_api,
+    parse_gpu_uuid,
+    process_uses_cuda,
+)
 from autoscaler.agent.errors import AgentError, ArtifactExists, ProcessNotFound
 from autoscaler.agent.hooks import Handshake
 from autoscaler.agent.store import (
@@ -95,6 +101,8 @@ def checkpoint_worker(
             )
     use_cuda = request.cuda == "on" or (request.cuda == "auto" and process_uses_cuda(request.pid))
     api = get_api() if use_cuda else None
+    # before the lock: a checkpointed process holds no GPU, so nvidia-smi would not list it
+    gpus = source_gpus(offer, request.pid) if api is not None else {}
     cuda_checkpointed = False
     try:
         with record_external_files(offer, request.pid, say) as recording:
@@ -118,7 +126,7 @@ def checkpoint_worker(
                 say("sealing the artifact (sha256 of every file)")
                 t = time.perf_counter()
                 info = artifact_info(request, dumped, api is not None, target is not None,
-                                     external_files=externals)  # fmt: skip
+                                     extra=gpus, external_files=externals)  # fmt: skip
                 manifest = writer.commit(info)
                 timings["seal"] = time.perf_counter() - t
     except BaseException:
@@ -128,6 +136,28 @@ def checkpoint_worker(
         _put_back(request, api if cuda_checkpointed else None, handshake)
     say(f"artifact {manifest.id}: {manifest.total_bytes} bytes")
     return CheckpointResult(manifest=manifest, seconds=timings)
+
+
+def source_gpus(
+    offer: dict[str, Any],
+    host_pid: int,
+    probe: Callable[[list[int]], dict[int, list[str]]] | None = None,
+) -> dict[str, Any]:
+    """The GPUs a CUDA worker is on, for the manifest (`gpu_uuids`, `uuid_source`): a restore
+    without gpu_pairs lands on them again, so the agent knows which GPU's weight preloader to
+    ask (autoscaler.agent.preloaders). The worker's own offer (its `gpu_uuids`) if every entry
+    is a GPU UUID, else nvidia-smi's view of the process, else none recorded."""
+    offered = offer.get("gpu_uuids")
+    if isinstance(offered, list) and offered:
+        try:
+            return {"gpu_uuids": [format_gpu_uuid(parse_gpu_uuid(str(u))) for u in offered],
+                    "uuid_source": "worker"}  # fmt: skip
+        except ValueError:
+            pass  # a worker that offered something else: ask nvidia-smi instead
+    if probe is None:
+        from autoscaler.agent.multiproc import nvidia_smi_gpu_uuids as probe
+    found = list(probe([host_pid]).get(host_pid, []))
+    return {"gpu_uuids": found, "uuid_source": "nvidia-smi" if found else "none"}
 
 
 def artifact_info(

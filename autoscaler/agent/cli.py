@@ -86,10 +86,18 @@ def _warm_criu_kdat() -> None:
     print(f"[agent] CRIU kernel-feature cache: {status}", file=sys.stderr, flush=True)
 
 
+def _check_preload_flags(args: argparse.Namespace) -> None:
+    """One preloader by path, or a folder of per-GPU ones: not both."""
+    if getattr(args, "preload_socket", None) and getattr(args, "preload_socket_dir", None):
+        raise ConfigError("preload_socket",
+                          "give --preload-socket or --preload-socket-dir, not both")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from autoscaler.agent.policy import PidPolicy
     from autoscaler.agent.server import Agent, AgentConfig, serve
 
+    _check_preload_flags(args)
     if not args.token_file and not args.token_review:
         raise ConfigError("token_file", "the API needs --token-file and/or --token-review")
     if args.token_file and not Path(args.token_file).is_file():
@@ -105,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handshake_root=Path(args.handshake_root) if args.handshake_root else None,
         log_root=Path(args.log_dir) if args.log_dir else None,
         preload_socket=args.preload_socket,
+        preload_socket_dir=args.preload_socket_dir,
         external_check=args.external_check,
         page_fill=args.page_fill,
         page_fill_threads=args.page_fill_threads,
@@ -145,8 +154,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from autoscaler.agent import staging
 
-    if args.weights_on_gpu and not args.preload_socket:
-        raise ConfigError("preload_socket", "--weights-on-gpu needs --preload-socket")
+    _check_preload_flags(args)
+    if args.weights_on_gpu and not (args.preload_socket or args.preload_socket_dir):
+        raise ConfigError("preload_socket",
+                          "--weights-on-gpu needs --preload-socket or --preload-socket-dir")
+    socket_path = (
+        staging.require_preloader(args.preload_socket, args.preload_socket_dir, args.gpu_uuid)
+        if args.weights_on_gpu else None
+    )  # refused before any copying
     cache = _cache(args)
     held = cache.stage(_store(args), args.id, args.tier,
                        progress=_byte_progress(f"staging {args.id}"), warm=args.warm)
@@ -154,7 +169,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.weights_on_gpu:
         manifest = cache.tiers[args.tier].read_manifest(args.id)
         out["weights_on_gpu"] = staging.stage_weights_on_gpu(
-            manifest.external_files, args.preload_socket
+            manifest.external_files, socket_path
         )
     _print(out)
     return 0
@@ -164,6 +179,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from autoscaler.agent.criu import CriuOptions
     from autoscaler.agent.restore import RestoreRequest, restore_artifact
 
+    _check_preload_flags(args)
     pairs = []
     for item in args.gpu_pair:
         if "=" not in item:
@@ -174,8 +190,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         artifact_id=args.id, handshake_dir=args.handshake_dir, health_url=args.health_url,
         namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
         ready_timeout_s=args.timeout, use_store=not args.local_only, verify=args.verify,
-        preload_socket=args.preload_socket, external_check=args.external_check,
-        criu_options=CriuOptions(page_fill=args.page_fill,
+        preload_socket=args.preload_socket, preload_socket_dir=args.preload_socket_dir,
+        external_check=args.external_check, criu_options=CriuOptions(page_fill=args.page_fill,
                                  page_fill_threads=args.page_fill_threads),
     ), _cache(args), _store(args), _progress)  # fmt: skip
     _print(outcome.to_dict())
@@ -204,6 +220,12 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
         "--preload-socket", default=None,
         help="the node's weight preloader (python -m autoscaler.agent.fastload preload "
         "--socket S): restores ask it to load the worker's weights while CRIU runs",
+    )  # fmt: skip
+    p.add_argument(
+        "--preload-socket-dir", default=None,
+        help="the folder of the node's per-GPU weight preloaders (fastload preload "
+        "--socket-dir D: one socket per GPU, named by its UUID); a restore asks the one of "
+        "the GPU the worker is restored onto. Not with --preload-socket",
     )  # fmt: skip
     p.add_argument(
         "--external-check", choices=("hash", "stat"), default="hash",
@@ -277,6 +299,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights onto its GPU now, for the restore to find there (holds that GPU memory)",
     )  # fmt: skip
     p.add_argument("--preload-socket", default=None, help="the node's weight preloader")
+    p.add_argument("--preload-socket-dir", default=None,
+                   help="the node's per-GPU weight preloaders (fastload preload --socket-dir)")
+    p.add_argument("--gpu-uuid", default=None,
+                   help="with --preload-socket-dir: the GPU whose preloader holds the weights "
+                   "(the GPU the next replica will get; optional on a node with one preloader)")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("restore", help="restore a worker from the best copy")

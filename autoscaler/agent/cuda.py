@@ -255,6 +255,24 @@ class CudaCheckpointAPI:
         return out
 
 
+def current_device_uuid(library: str = LIBCUDA) -> str | None:
+    """The UUID of the GPU the calling thread's CUDA context is on, asked of the driver now
+    (a worker restored onto another GPU gets the new one; a cached device property would not
+    follow it); None without a context or a driver."""
+    try:
+        lib = ctypes.CDLL(library)
+        dev = ctypes.c_int()
+        if lib.cuCtxGetDevice(ctypes.byref(dev)) != CUDA_SUCCESS:
+            return None
+        uuid = CUuuid()
+        get_uuid = getattr(lib, "cuDeviceGetUuid_v2", None) or lib.cuDeviceGetUuid
+        if get_uuid(ctypes.byref(uuid), dev) != CUDA_SUCCESS:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return format_gpu_uuid(bytes(uuid.bytes))
+
+
 _api: CudaCheckpointAPI | None = None
 _api_lock = threading.Lock()
 

@@ -438,11 +438,13 @@ def request_preloads(
     threads: int | None = None,
     chunk_bytes: int | None = None,
     timeout_s: float = 5.0,
+    ticket: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """Ask the preloader to start loading every preloadable file now; returns (requested
     paths, warnings). The preloader reads the node's path and files the load under the
-    worker's path, the name the restored worker asks for. A preloader that is down is a
-    warning, not a failure: the worker then reads the file itself."""
+    worker's path, the name the restored worker asks for (with `ticket`, which the worker
+    must present when it is not the agent's uid). A preloader that is down is a warning, not
+    a failure: the worker then reads the file itself."""
     from autoscaler.agent import fastload
 
     requested, warnings = [], []
@@ -451,7 +453,8 @@ def request_preloads(
             continue
         try:
             fastload.request_preload(
-                socket_path, str(resolve(f.path)), threads, chunk_bytes, timeout_s, key=f.path
+                socket_path, str(resolve(f.path)), threads, chunk_bytes, timeout_s, key=f.path,
+                ticket=ticket,
             )
             requested.append(f.path)
         except (OSError, RuntimeError) as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hmac
 import json
 import mmap
 import os
@@ -875,6 +876,24 @@ class _PreloadJob:
     alloc_bytes: int = 0
     data_bytes: int = 0
     stats: LoadStats | None = None
+    ticket: str | None = None  # what a taker other than the agent must present (take)
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1]
+
+
+def may_take(job_ticket: str | None, offered: object, trusted: bool) -> bool:
+    """Whether a take gets a held load: the agent's side (root, or the preloader's own uid)
+    always; anyone else (a worker pod sharing the socket folder) only with the ticket the
+    agent filed the load under and gave that worker in its restore-complete answer."""
+    if trusted:
+        return True
+    return bool(job_ticket) and isinstance(offered, str) and hmac.compare_digest(
+        job_ticket, offered
+    )
 
 
 def can_keep(job: _PreloadJob, identity: tuple[int, ...]) -> bool:
@@ -944,12 +963,21 @@ class WeightPreloader:
             self.vmm.release(job.handle)
 
     def _handle(self, conn: socket.socket) -> None:
+        # one process may serve several GPUs (serve_per_gpu): every thread names its device
+        self.torch.cuda.set_device(self.device_index)
         with conn:
             req, _ = _recv_json(conn)
             path = str(req.get("path"))
             # a load is filed under `key` (the path as the restored worker names it, which in a
             # pod differs from the node's path the preloader reads); take names the key
             key = str(req.get("key") or path)
+            # The socket folder is shared with worker pods (they take their weights here), but
+            # only the node agent may have files read: the preloader reads any path it is given.
+            trusted = peer_uid(conn) in (0, os.getuid())
+            ticket = req.get("ticket") if isinstance(req.get("ticket"), str) else None
+            if req.get("op") == "load" and not trusted:
+                _send_json(conn, {"ok": False, "error": "only the node agent may ask for loads"})
+                return
             if req.get("op") == "load":
                 try:
                     identity = file_identity(path)
@@ -959,13 +987,15 @@ class WeightPreloader:
                 job = _PreloadJob(
                     path, threads=int(req.get("threads") or self.threads),
                     chunk_bytes=int(req.get("chunk_bytes") or self.chunk_bytes),
-                    identity=identity,
+                    identity=identity, ticket=ticket,
                 )  # fmt: skip
                 with self.lock:
                     old = self.jobs.get(key)
                     if old is not None and can_keep(old, identity):
                         # loaded (or loading) ahead of the restore from this very file:
-                        # the weights staged on the GPU (autoscaler.agent.staging)
+                        # the weights staged on the GPU (autoscaler.agent.staging); the
+                        # restore's ticket is the one its worker will present
+                        old.ticket = ticket
                         _send_json(conn, {"ok": True, "held": True})
                         return
                     self.jobs[key] = job
@@ -976,9 +1006,16 @@ class WeightPreloader:
                 _send_json(conn, {"ok": True, "held": False})
             elif req.get("op") == "take":
                 with self.lock:
-                    job = self.jobs.pop(key, None)
+                    job = self.jobs.get(key)
+                    allowed = job is not None and may_take(job.ticket, ticket, trusted)
+                    if allowed:
+                        self.jobs.pop(key)
                 if job is None:
                     _send_json(conn, {"ok": False, "error": f"no preload of {path}"})
+                    return
+                if not allowed:
+                    _send_json(conn, {"ok": False, "error": f"the preload of {path} needs the "
+                                      "agent's ticket"})  # fmt: skip
                     return
                 job.done.wait()
                 if job.error is not None:
@@ -1023,18 +1060,22 @@ class WeightPreloader:
 def request_preload(
     socket_path: str, weights_path: str, threads: int | None = None,
     chunk_bytes: int | None = None, timeout_s: float = 5.0, key: str | None = None,
+    ticket: str | None = None,
 ) -> None:  # fmt: skip
     """Ask the preloader to start loading a weights file now (returns at once).
 
     `key`: the name a later `take_preloaded` uses (default the path itself); the node agent
-    reads a pod's file through /proc/<pid>/root and files it under the worker's own path."""
+    reads a pod's file through /proc/<pid>/root and files it under the worker's own path.
+    `ticket`: what a taker that is not the agent must present (the restored worker gets it in
+    the agent's restore-complete answer)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout_s)
         conn.connect(socket_path)
         _send_json(
             conn,
             {"op": "load", "path": str(weights_path), "threads": threads,
-             "chunk_bytes": chunk_bytes, **({"key": key} if key else {})},
+             "chunk_bytes": chunk_bytes, **({"key": key} if key else {}),
+             **({"ticket": ticket} if ticket else {})},
         )  # fmt: skip
         reply, _ = _recv_json(conn)
     if not reply.get("ok"):
@@ -1042,7 +1083,7 @@ def request_preload(
 
 
 def take_preloaded(
-    socket_path: str, weights_path: str, timeout_s: float = 300.0
+    socket_path: str, weights_path: str, timeout_s: float = 300.0, ticket: str | None = None
 ) -> tuple[int, dict[str, Any]]:
     """Wait for a preloaded weights file; returns (fd of the GPU allocation, its info).
 
@@ -1052,7 +1093,8 @@ def take_preloaded(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout_s)
         conn.connect(socket_path)
-        _send_json(conn, {"op": "take", "path": str(weights_path)})
+        _send_json(conn, {"op": "take", "path": str(weights_path),
+                          **({"ticket": ticket} if ticket else {})})
         reply, fds = _recv_json(conn, want_fds=1)
     if not reply.get("ok"):
         for fd in fds:
@@ -1063,23 +1105,91 @@ def take_preloaded(
     return fds[0], reply
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python3 -m autoscaler.agent.fastload preload --socket PATH`: run the preloader."""
+def parse_devices(text: str, count: int) -> list[int]:
+    """`--devices`: "all" or comma-separated CUDA ordinals, each below `count`."""
+    if text.strip() == "all":
+        return list(range(count))
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--devices: {text!r} is not 'all' or ordinals like 0,1") from exc
+    bad = [d for d in out if not 0 <= d < count]
+    if not out or bad:
+        raise ValueError(f"--devices: {text!r} names no GPU of the {count} visible")
+    return list(dict.fromkeys(out))
+
+
+def serve_per_gpu(
+    socket_dir: str, devices: str = "all", threads: int = DEFAULT_THREADS,
+    chunk_bytes: int = 8 * MiB, pinned_areas: int | None = None,
+) -> None:  # fmt: skip
+    """One preloader per GPU in this process, each on `socket_dir/<GPU UUID>.sock` (the name
+    the agent looks for: autoscaler.agent.preloaders). Serves until killed; a preloader that
+    stops takes the process down, so the DaemonSet restarts the whole set."""
+    from autoscaler.agent.cuda import get_api
+    from autoscaler.agent.preloaders import socket_name
+
+    visible = get_api().devices()
+    chosen = parse_devices(devices, len(visible))
+    Path(socket_dir).mkdir(parents=True, exist_ok=True)
+    servers = [
+        WeightPreloader(
+            str(Path(socket_dir) / socket_name(visible[d].uuid)), d, threads, chunk_bytes,
+            pinned_areas,
+        )
+        for d in chosen
+    ]  # fmt: skip
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def run(server: WeightPreloader) -> None:
+        try:
+            server.serve_forever()
+        except BaseException as exc:  # reported below; the others go down with the process
+            failed.append(exc)
+        finally:
+            stop.set()
+
+    for server in servers:
+        threading.Thread(target=run, args=(server,), daemon=True).start()
+    stop.wait()
+    raise RuntimeError(f"a preloader stopped: {failed[0]!r}" if failed else "a preloader stopped")
+
+
+def build_parser() -> Any:
+    """The `fastload` command line (the preloader's DaemonSet runs `preload --socket-dir`)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="fastload")
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("preload", help="serve weight preloads over a Unix socket")
-    pre.add_argument("--socket", required=True)
-    pre.add_argument("--device", type=int, default=0)
+    where = pre.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="one preloader, for --device, on this socket")
+    where.add_argument(
+        "--socket-dir",
+        help="one preloader per GPU (--devices), each on DIR/<GPU UUID>.sock: a node with "
+        "several GPUs (the agent's --preload-socket-dir)",
+    )  # fmt: skip
+    pre.add_argument("--device", type=int, default=0, help="with --socket: the CUDA ordinal")
+    pre.add_argument("--devices", default="all", help="with --socket-dir: all, or 0,1,...")
     pre.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     pre.add_argument("--chunk-mib", type=int, default=8)
     pre.add_argument(
         "--pinned-areas", type=int, default=None,
-        help="reader areas (2 chunks each) page-locked once at start (default: --threads; "
-        "0: every load pins its own)",
+        help="reader areas (2 chunks each) page-locked once at start, per GPU (default: "
+        "--threads; 0: every load pins its own)",
     )  # fmt: skip
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m autoscaler.agent.fastload preload --socket PATH | --socket-dir DIR`."""
+    args = build_parser().parse_args(argv)
+    if args.socket_dir:
+        serve_per_gpu(
+            args.socket_dir, args.devices, args.threads, args.chunk_mib * MiB, args.pinned_areas
+        )
+        return 1
     WeightPreloader(
         args.socket, args.device, args.threads, args.chunk_mib * MiB, args.pinned_areas
     ).serve_forever()

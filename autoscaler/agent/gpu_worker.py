@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from autoscaler.agent import fastload
+from autoscaler.agent.cuda import current_device_uuid
 from autoscaler.agent.hooks import WorkerHooks
 
 # torch is imported by main() (and timed there as a start-up phase); the model code below uses
@@ -544,6 +545,7 @@ class GpuWorker:
     def __init__(self, args: argparse.Namespace, phases: PhaseLog) -> None:
         self.args = args
         self.phases = phases
+        self.hooks: WorkerHooks | None = None
         self.shape = SHAPES[args.model]
         self.device = torch.device(args.device)
         self.layout = fastload.read_layout(args.weights)
@@ -726,14 +728,22 @@ class GpuWorker:
     def _take_preloaded(self) -> bool:
         """Map the weights a preloader loaded while we were being restored; False (and the
         reason in /health) when there is none, so the worker loads the file itself."""
-        sock = self.args.preload_socket
+        hooks = self.hooks
+        sock = self.args.preload_socket or (
+            hooks.preload_socket(self.args.preload_socket_dir) if hooks is not None else None
+        )
         if not sock or self.regions is None:
+            if self.args.preload_socket_dir:
+                self.info["weights_source"] = "own load (the agent named no preloader)"
             return False
         try:
             # 60 s: a 16 GB load at the slowest disk seen here (1.35 GB/s) takes ~12 s; a
             # preloader that accepted but never answers must not outlast the agent's 120-s
             # ready timeout (the worker then reads the file itself)
-            fd, info = fastload.take_preloaded(sock, self.args.weights, timeout_s=60.0)
+            ticket = hooks.preload_ticket() if hooks is not None else None
+            fd, info = fastload.take_preloaded(
+                sock, self.args.weights, timeout_s=60.0, ticket=ticket
+            )
             try:
                 self.flat = self.regions.map_fd("weights", fd, info["alloc_bytes"])
             finally:
@@ -846,6 +856,7 @@ def serve(args: argparse.Namespace) -> int:
     worker.alloc_kv()
     worker.warm_up()
     hooks = WorkerHooks(args.handshake_dir)
+    worker.hooks = hooks  # the agent's restore-complete names the preloader (per-GPU folder)
     weights_path = os.path.abspath(args.weights)
     args.weights = weights_path  # the name the preloader files its load under (see below)
 
@@ -863,10 +874,16 @@ def serve(args: argparse.Namespace) -> int:
     hooks.after_restore(stdio.attach)
     hooks.after_restore(worker.reacquire)
     listener = Listener(worker, args.host, args.port, hooks)
+    def offer() -> dict[str, Any]:
+        # the GPU the checkpoint is taken on: a restore without gpu_pairs lands on it again,
+        # so the agent knows which GPU's preloader to ask (else it asks nvidia-smi)
+        uuid = current_device_uuid() if worker.cuda else None
+        return {"gpu_uuids": [uuid]} if uuid else {}
+
     if args.checkpoint_after_warmup:
         if hooks.handshake is None:
             raise SystemExit("--checkpoint-after-warmup needs a handshake directory")
-        hooks.checkpoint_point()
+        hooks.checkpoint_point(**offer())
     while True:
         listener.open()
         if hooks.start_reason == "cold":
@@ -875,7 +892,7 @@ def serve(args: argparse.Namespace) -> int:
         mode = listener.requests.get()
         listener.close()
         worker.mode = mode
-        hooks.checkpoint_point()
+        hooks.checkpoint_point(**offer())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -907,6 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--preload-socket", default=None,
         help="after a restore, take the weights from this preloader (fastload preload)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--preload-socket-dir", default=None,
+        help="the node's per-GPU preloader folder as mounted here: after a restore, take the "
+        "weights from the socket the agent names in its restore-complete answer",
     )  # fmt: skip
     sv.add_argument("--handshake-dir", default=None, help="default: $AUTOSCALER_HANDSHAKE_DIR")
     sv.add_argument("--checkpoint-mode", choices=CHECKPOINT_MODES, default="fast")

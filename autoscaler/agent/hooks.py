@@ -179,6 +179,19 @@ class WorkerHooks:
             with contextlib.suppress(OSError):
                 self.handshake.write(READY, reason=self.start_reason, **info)
 
+    def preload_socket(self, directory: str | os.PathLike[str] | None) -> str | None:
+        """The weight preloader to take the weights from after a restore: the socket the agent
+        named in its answer, inside the worker's own mount of the node's preloader folder
+        (`directory`); None without one (load the weights yourself)."""
+        from autoscaler.agent.preloaders import worker_socket
+
+        return worker_socket(directory, self.answer.get("preload_socket"))
+
+    def preload_ticket(self) -> str | None:
+        """The ticket the agent filed this worker's preload under (present it to take)."""
+        value = self.answer.get("preload_ticket")
+        return value if isinstance(value, str) else None
+
     def rendezvous(self) -> dict[str, Any] | None:
         """The fresh rendezvous address the agent gave with its answer ({"host", "port",
         "nonce"}), or None (cold start, or an agent that gave none)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import threading
 import time
 import urllib.error
@@ -34,7 +35,7 @@ from functools import partial
 from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import external, multiproc
+from autoscaler.agent import external, multiproc, preloaders
 from autoscaler.agent.criu import kill_restored
 from autoscaler.agent.cuda import get_api
 from autoscaler.agent.errors import (
@@ -50,6 +51,7 @@ from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import (
     ArtifactStore,
     ExternalFile,
+    Manifest,
     VerifiedArtifact,
     validate_artifact_id,
     verify_directory,
@@ -103,6 +105,10 @@ class RestoreRequest:
     # the node's weight preloader (fastload preload): asked to load the manifest's preloadable
     # external files when the restore starts; None: the restored worker reads them itself
     preload_socket: str | None = None
+    # or the folder of the node's per-GPU preloaders (fastload preload --socket-dir): the one
+    # of the GPU the worker lands on is asked (autoscaler.agent.preloaders), and its name and
+    # a ticket go to the worker in restore-complete
+    preload_socket_dir: str | None = None
     # how long one preload request may wait for the preloader's answer; the restore itself
     # never waits for it (the request has its own thread)
     preload_timeout_s: float = 5.0
@@ -138,6 +144,7 @@ class RestoreOutcome:
     external_files: tuple[dict, ...] = ()
     preloaded: tuple[str, ...] = ()  # external files the preloader was asked to load
     warnings: tuple[str, ...] = ()  # e.g. a preloader that did not answer (not a failure)
+    preload_socket: str | None = None  # the preloader asked (None: none was)
     # how the memory pages got into place: the parallel fill's figures (bytes, threads,
     # seconds; autoscaler.agent.pagefill), or None when CRIU filled them itself
     page_fill: dict | None = None
@@ -226,6 +233,26 @@ class Preloads:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._released = False
+        # what the restored worker presents to take its weights (the preloader's socket folder
+        # is shared with worker pods; only the agent's uid may take without it)
+        self.ticket = secrets.token_hex(16)
+        self.from_dir = False  # the socket was chosen from a folder: the worker is told it
+
+    def route(self, choice: preloaders.PreloaderChoice, from_dir: bool) -> None:
+        """Use the preloader `choice` names (before `start`); none is a warning when the node
+        has preloaders, since the worker then reads its weights itself."""
+        self.socket_path = choice.socket
+        self.from_dir = from_dir and choice.socket is not None
+        if choice.socket is None and from_dir:
+            with self._lock:
+                self.warnings.append(f"no weight preloader asked: {choice.why}")
+
+    def answer(self) -> dict[str, str]:
+        """What restore-complete tells the worker: the socket's name in the preloader folder
+        and the ticket, when the socket came from the folder and a load was asked for."""
+        if not self.from_dir or not self.started or not self.socket_path:
+            return {}
+        return {"preload_socket": Path(self.socket_path).name, "preload_ticket": self.ticket}
 
     def start(self, files: Sequence[ExternalFile], from_disk: bool = False) -> None:
         """Send the requests from a thread of their own; returns at once. `from_disk`: the
@@ -255,7 +282,7 @@ class Preloads:
             try:
                 requested, warnings = external.request_preloads(
                     str(self.socket_path), [f], self.resolve, self.threads_for(f, from_disk),
-                    self.chunk_bytes, self.timeout_s,
+                    self.chunk_bytes, self.timeout_s, ticket=self.ticket,
                 )  # fmt: skip
             except Exception as exc:  # e.g. a reply that is not JSON: still only a warning
                 requested, warnings = [], [f"preloader {self.socket_path} did not take "
@@ -296,6 +323,18 @@ class Preloads:
             external.release_preloads(self.socket_path, paths)
 
 
+def _choose_preloader(request: RestoreRequest, manifest: Manifest) -> preloaders.PreloaderChoice:
+    """The per-GPU preloader of the GPU the worker lands on (none, and why, when unclear)."""
+    recorded = manifest.extra.get("gpu_uuids") or ()
+    try:
+        targets = preloaders.target_gpus(
+            request.gpu_pairs, [str(u) for u in recorded] if isinstance(recorded, list) else ()
+        )
+    except ValueError as exc:
+        return preloaders.PreloaderChoice(None, None, f"unreadable GPU UUID: {exc}")
+    return preloaders.choose(None, request.preload_socket_dir, targets)
+
+
 def restore_artifact(
     request: RestoreRequest,
     cache: NodeCache | None = None,
@@ -319,6 +358,7 @@ def restore_artifact(
     return replace(
         outcome, external_files=tuple(c.to_dict() for c in checked),
         preloaded=requested, warnings=warnings,
+        preload_socket=preloads.socket_path if preloads.started else None,
     )  # fmt: skip
 
 
@@ -356,6 +396,8 @@ def _restore(
             return _failure(artifact_id, why, quarantined=tuple(quarantined))
         timings["verify"] = time.perf_counter() - t0
         files = verified.manifest.external_files
+        if request.preload_socket_dir and not request.preload_socket and not preloads.started:
+            preloads.route(_choose_preloader(request, verified.manifest), from_dir=True)
         known = cache.verified if cache is not None else None
         # From disk the images come first (CRIU needs them now; the worker needs its weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
@@ -443,7 +485,7 @@ def _restore(
             timings["ready"] = time.perf_counter() - t
         if handshake:
             t = time.perf_counter()
-            handshake.signal_restored(artifact=artifact_id)
+            handshake.signal_restored(artifact=artifact_id, **preloads.answer())
             say("waiting for the worker's ready signal")
             handshake.wait_ready(request.ready_timeout_s)
             timings["ready"] = time.perf_counter() - t

@@ -107,13 +107,18 @@ class ContainerRuntime(Protocol):
     def resolve(self, container_id: str) -> ContainerProcess: ...
 
 
+GPU_UUID_PATTERN = r"^(GPU|MIG)-[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$"
+
+
 class StageBody(_Body):
     artifact_id: str = ArtifactId
     tier: Literal["disk", "memory"] = "disk"
     warm: bool = False
     # also have the weight preloader load the worker's weights onto its GPU now
-    # (staging.stage_weights_on_gpu); needs the agent's --preload-socket
+    # (staging.stage_weights_on_gpu); needs the agent's --preload-socket or
+    # --preload-socket-dir, where gpu_uuid names the GPU (optional with one preloader)
     weights_on_gpu: bool = False
+    gpu_uuid: str | None = Field(default=None, pattern=GPU_UUID_PATTERN, max_length=64)
 
 
 class EvictBody(_Body):
@@ -155,6 +160,9 @@ class AgentConfig:
     # the node's weight preloader (`fastload preload --socket`): every restore asks it to load
     # the artifact's preloadable external files (the weights) while CRIU restores
     preload_socket: str | None = None
+    # or the folder of per-GPU preloaders (`fastload preload --socket-dir`): a restore asks
+    # the one of the GPU the worker lands on (autoscaler.agent.preloaders)
+    preload_socket_dir: str | None = None
     # an external file this node has not verified at restore: "hash" it or trust a "stat"
     # (size and mtime as recorded; RestoreRequest.external_check)
     external_check: str = "hash"
@@ -309,8 +317,11 @@ class Agent:
                 last[0] = now
                 progress(f"staging {body.artifact_id}: {done}/{total} bytes")
 
+        socket_path = None
         if body.weights_on_gpu:  # refused before any copying
-            staging.require_preloader(self.config.preload_socket)
+            socket_path = staging.require_preloader(
+                self.config.preload_socket, self.config.preload_socket_dir, body.gpu_uuid
+            )
         t = time.perf_counter()
         with self._lock_for(body.artifact_id):
             cache = self.config.cache
@@ -320,8 +331,9 @@ class Agent:
             if body.weights_on_gpu:
                 manifest = cache.tiers[body.tier].read_manifest(body.artifact_id)
                 out["weights_on_gpu"] = staging.stage_weights_on_gpu(
-                    manifest.external_files, self.config.preload_socket
+                    manifest.external_files, socket_path
                 )
+                out["weights_on_gpu"]["preloader"] = socket_path
         self.metrics.stage_seconds.labels(body.tier).observe(time.perf_counter() - t)
         return out
 
@@ -330,14 +342,17 @@ class Agent:
         with self._lock_for(body.artifact_id):
             # weights a stage put on the GPU go with the memory copy (or with every copy);
             # every copy has the same manifest, and evicting none releases nothing below
+            sockets = staging.node_preloaders(
+                self.config.preload_socket, self.config.preload_socket_dir
+            )
             held = (
                 cache.best_copies(body.artifact_id)
-                if self.config.preload_socket and body.tier in (None, "memory") else []
+                if sockets and body.tier in (None, "memory") else []
             )  # fmt: skip
             files = held[0][1].read_manifest(body.artifact_id).external_files if held else ()
             removed = cache.evict(body.artifact_id, body.tier, body.force)
             if removed and files:
-                staging.release_weights_on_gpu(files, self.config.preload_socket)
+                staging.release_weights_on_gpu(files, sockets)
         if not removed:
             raise ArtifactNotFound(body.artifact_id, "the node cache")
         return {"artifact_id": body.artifact_id, "evicted_from": removed}
@@ -355,6 +370,7 @@ class Agent:
             gpu_pairs=tuple(body.gpu_pairs), ready_timeout_s=body.ready_timeout_s,
             health_timeout_s=body.health_timeout_s, use_store=body.use_store,
             verify=body.verify, preload_socket=self.config.preload_socket,
+            preload_socket_dir=self.config.preload_socket_dir,
             external_check=self.config.external_check,
             criu_options=self.config.criu_options(),
         )

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autoscaler.agent import external
+from autoscaler.agent import external, preloaders
 from autoscaler.agent.errors import (
     ArtifactCorrupt,
     ArtifactNotFound,
@@ -288,12 +288,34 @@ class NodeCache:
         return verified
 
 
-def require_preloader(socket_path: str | None) -> str:
-    """The node's weight preloader socket; StagingError when the agent has none."""
-    if not socket_path:
-        raise StagingError("weights on the GPU need a weight preloader on this node "
-                           "(start the agent with --preload-socket)")  # fmt: skip
-    return socket_path
+def require_preloader(
+    socket_path: str | None, socket_dir: str | None = None, gpu_uuid: str | None = None
+) -> str:
+    """The weight preloader a stage of weights on the GPU asks: the configured socket, or in
+    a per-GPU folder the one of `gpu_uuid` (the GPU the next replica will get; optional when
+    the node runs one preloader). StagingError, saying what is missing, otherwise."""
+    if not socket_path and not socket_dir:
+        raise StagingError(
+            "weights on the GPU need a weight preloader on this node "
+            "(start the agent with --preload-socket or --preload-socket-dir)"
+        )
+    try:
+        choice = preloaders.choose(socket_path, socket_dir, [gpu_uuid] if gpu_uuid else [])
+    except ValueError as exc:
+        raise StagingError(f"gpu_uuid: {exc}") from exc
+    if choice.socket is None:
+        why = choice.why + ("; name the GPU (gpu_uuid)" if not gpu_uuid else "")
+        raise StagingError(f"weights on the GPU: {why}")
+    return choice.socket
+
+
+def node_preloaders(socket_path: str | None, socket_dir: str | None) -> list[str]:
+    """Every weight preloader socket of the node (to give back what a stage had one hold)."""
+    if socket_path:
+        return [socket_path]
+    if socket_dir:
+        return [str(p) for p in preloaders.list_sockets(socket_dir).values()]
+    return []
 
 
 def stage_weights_on_gpu(
@@ -313,10 +335,13 @@ def stage_weights_on_gpu(
     return {"requested": requested, "warnings": warnings}
 
 
-def release_weights_on_gpu(files: Sequence[ExternalFile], socket_path: str | None) -> None:
-    """Give back what stage_weights_on_gpu had the preloader hold (nothing held: no-op)."""
-    if socket_path:
-        external.release_preloads(socket_path, [f.path for f in files if f.preload])
+def release_weights_on_gpu(files: Sequence[ExternalFile], sockets: Sequence[str]) -> None:
+    """Give back what stage_weights_on_gpu had a preloader hold (nothing held: no-op); asks
+    every preloader given, since a stage may have used any GPU's."""
+    paths = [f.path for f in files if f.preload]
+    for socket_path in sockets:
+        if paths:
+            external.release_preloads(socket_path, paths)
 
 
 def copy_artifact(

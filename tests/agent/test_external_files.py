@@ -13,17 +13,23 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from autoscaler.agent import external
+from autoscaler.agent import external, preloaders
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
 from autoscaler.agent.cpu_worker import MLP
 from autoscaler.agent.errors import ArtifactCorrupt, ExternalFileChanged, ExternalFileError
-from autoscaler.agent.hooks import READY_FOR_CHECKPOINT, Handshake, WorkerHooks
+from autoscaler.agent.hooks import (
+    READY_FOR_CHECKPOINT,
+    RESTORE_COMPLETE,
+    Handshake,
+    WorkerHooks,
+)
 from autoscaler.agent.restore import RestoreRequest, http_get, restore_artifact
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import ArtifactInfo, DirectoryStore, Manifest
@@ -385,6 +391,58 @@ def test_the_agent_asks_the_preloader_for_preloadable_files_and_releases_them_on
         MLP(seed=PARAMS_SEED).save(params)
     assert failed.error == "ExternalFileChanged"
     assert [r["op"] for r in double.requests] == ["load", "load", "take"]  # released
+
+
+def test_a_restore_asks_the_preloader_of_the_gpu_it_lands_on_and_tells_the_worker(
+    tmp_path: Path, dumped: dict, cleanup_pids: list[int]
+) -> None:
+    """A node with one preloader per GPU: without gpu_pairs the GPU recorded at checkpoint,
+    with pairs the new GPU; the worker's restore-complete names that socket and the ticket
+    the load was filed under (the real preloader and GPUs are on the H200: the doubles here
+    record what the agent sends)."""
+    gpu_a = "GPU-6b5f0e2c-1a2b-3c4d-5e6f-0123456789ab"
+    gpu_b = "GPU-00000000-1111-2222-3333-444444444444"
+    store, params = node(tmp_path, dumped)
+    path = tmp_path / "store" / "w" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["external_files"][0]["preload"] = True
+    data["extra"]["gpu_uuids"] = [gpu_a]  # what a CUDA worker's checkpoint records
+    path.write_text(json.dumps(data))
+    folder = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # socket paths fit 108 bytes
+    doubles = {u: PreloaderDouble(folder / preloaders.socket_name(u)) for u in (gpu_a, gpu_b)}
+    try:
+        for pairs, lands_on in (((), gpu_a), (((gpu_a, gpu_b),), gpu_b)):
+            for d in doubles.values():
+                d.requests.clear()
+            outcome = restored_ok(dumped, cleanup_pids, store=store, gpu_pairs=pairs,
+                                  preload_socket_dir=str(folder))  # fmt: skip
+            assert outcome.preload_socket == str(folder / f"{lands_on}.sock")
+            assert outcome.preloaded == (str(params),) and outcome.warnings == ()
+            (request,) = doubles[lands_on].requests
+            assert request["op"] == "load" and request["key"] == str(params)
+            assert len(request["ticket"]) >= 32
+            assert all(not d.requests for u, d in doubles.items() if u != lands_on)
+            answer = Handshake(dumped["handshake"]).read(RESTORE_COMPLETE)
+            assert answer is not None
+            assert answer["preload_socket"] == f"{lands_on}.sock"
+            assert answer["preload_ticket"] == request["ticket"]
+            os.kill(outcome.host_pid, signal.SIGKILL)
+            wait_for(lambda o=outcome: not Path(f"/proc/{o.host_pid}").exists(), 10,
+                     "the worker to exit")  # fmt: skip
+        # a GPU without a preloader: restored all the same, the worker loads its weights
+        doubles.pop(gpu_b).close()
+        (folder / f"{gpu_b}.sock").unlink()
+        outcome = restored_ok(dumped, cleanup_pids, store=store, gpu_pairs=((gpu_a, gpu_b),),
+                              preload_socket_dir=str(folder))  # fmt: skip
+        assert outcome.preload_socket is None and outcome.preloaded == ()
+        assert any(f"no preloader for {gpu_b}" in w for w in outcome.warnings)
+        answer = Handshake(dumped["handshake"]).read(RESTORE_COMPLETE)
+        assert answer is not None and "preload_socket" not in answer
+        assert doubles[gpu_a].requests == []
+    finally:
+        for d in doubles.values():
+            d.close()
+        shutil.rmtree(folder)
 
 
 def test_a_pods_weights_are_read_through_its_root_at_checkpoint_and_restore(

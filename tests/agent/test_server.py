@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.agent import external
+from autoscaler.agent import external, preloaders
 from autoscaler.agent.errors import NotPermitted
 from autoscaler.agent.policy import PidPolicy, cgroup_paths, contained_path
 from autoscaler.agent.server import Agent, AgentConfig, serve
@@ -232,13 +234,16 @@ def test_checkpoint_names_a_pid_or_a_container_and_versions_are_reported(api: Ap
         "criu", "driver", "gpu_model"}  # fmt: skip
 
 
-def _agent_with_preloader(tmp_path: Path, preload_socket: str | None) -> tuple[Api, object]:
+def _agent_with_preloader(
+    tmp_path: Path, preload_socket: str | None, preload_socket_dir: str | None = None
+) -> tuple[Api, object]:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     store = DirectoryStore(tmp_path / "store")
     cache = NodeCache(tmp_path / "disk", 1 << 30, tmp_path / "shm", 1 << 28)
     config = AgentConfig(store=store, cache=cache, token_file=token_file,
-                         preload_socket=preload_socket)  # fmt: skip
+                         preload_socket=preload_socket,
+                         preload_socket_dir=preload_socket_dir)  # fmt: skip
     server = serve(Agent(config), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return Api(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, store, cache), server
@@ -261,7 +266,8 @@ def test_stage_can_put_the_weights_on_the_gpu_and_evict_gives_them_back(tmp_path
         status, body = api.call("POST", "/v1/stage",
                                 {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True})
         assert status == 200, body
-        assert body["weights_on_gpu"] == {"requested": [str(weights)], "warnings": []}
+        assert body["weights_on_gpu"] == {"requested": [str(weights)], "warnings": [],
+                                          "preloader": str(double.path)}  # fmt: skip
         assert [(r["op"], r["path"], r["key"]) for r in double.requests] == [
             ("load", str(weights), str(weights))]
         # a plain stage asks for nothing
@@ -274,6 +280,40 @@ def test_stage_can_put_the_weights_on_the_gpu_and_evict_gives_them_back(tmp_path
         server.shutdown()
         server.server_close()
         double.close()
+
+
+def test_weights_on_the_gpu_go_to_the_named_gpus_preloader_on_a_node_with_several(
+    tmp_path: Path,
+) -> None:
+    gpu_a = "GPU-6b5f0e2c-1a2b-3c4d-5e6f-0123456789ab"
+    gpu_b = "GPU-00000000-1111-2222-3333-444444444444"
+    folder = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # socket paths fit 108 bytes
+    doubles = {u: PreloaderDouble(folder / preloaders.socket_name(u)) for u in (gpu_a, gpu_b)}
+    api, server = _agent_with_preloader(tmp_path, None, str(folder))
+    try:
+        weights = tmp_path / "weights.safetensors"
+        _artifact_with_weights(api.store, weights)
+        stage = {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True}
+        status, body = api.call("POST", "/v1/stage", stage)
+        assert status == 409 and "name the GPU (gpu_uuid)" in body["error"]
+        assert api.cache.inventory() == []  # refused before copying
+        status, body = api.call("POST", "/v1/stage", {**stage, "gpu_uuid": "GPU-../../x"})
+        assert status == 400 and "gpu_uuid" in json.dumps(body["details"])
+        status, body = api.call("POST", "/v1/stage", {**stage, "gpu_uuid": gpu_b})
+        assert status == 200, body
+        assert body["weights_on_gpu"]["preloader"] == str(folder / f"{gpu_b}.sock")
+        assert [r["op"] for r in doubles[gpu_b].requests] == ["load"]
+        assert doubles[gpu_a].requests == []
+        # the evict asks every GPU's preloader to give back what it may hold
+        assert api.call("POST", "/v1/evict", {"artifact_id": "w1", "tier": "memory"})[0] == 200
+        assert [r["op"] for r in doubles[gpu_b].requests] == ["load", "take"]
+        assert [r["op"] for r in doubles[gpu_a].requests] == ["take"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        for d in doubles.values():
+            d.close()
+        shutil.rmtree(folder)
 
 
 def test_weights_on_the_gpu_without_a_preloader_are_refused_before_copying(
