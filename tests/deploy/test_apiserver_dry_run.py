@@ -237,3 +237,13 @@ def test_the_agent_may_review_tokens_and_read_pods_but_change_nothing(api_client
         ("patch", "deployments", "apps"), ("update", "deployments", "apps"),
     ]:  # fmt: skip
         assert not can(api_client, agent, verb, resource, "inference", group), (verb, resource)
+
+
+def test_the_preloader_may_do_nothing(api_client, applied_rbac):
+    """Its ServiceAccount is bound to no role (and its token is not even mounted)."""
+    for verb, resource, group, ns in [
+        ("list", "pods", "", "inference"), ("get", "nodes", "", ""),
+        ("create", "tokenreviews", "authentication.k8s.io", ""), ("get", "secrets", "", NAMESPACE),
+        ("get", "configmaps", "", NAMESPACE),
+    ]:  # fmt: skip
+        assert not can(api_client, "autoscaler-preloader", verb, resource, ns, group), resource
