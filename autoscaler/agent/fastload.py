@@ -918,10 +918,11 @@ class WeightPreloader:
 
     def __init__(
         self, socket_path: str, device_index: int = 0, threads: int = DEFAULT_THREADS,
-        chunk_bytes: int = 8 * MiB, pinned_areas: int | None = None,
+        chunk_bytes: int = 8 * MiB, pinned_areas: int | None = None, socket_mode: int = 0o600,
     ) -> None:  # fmt: skip
         import torch
 
+        self.socket_mode = socket_mode
         self.torch = torch
         self.socket_path = socket_path
         self.device_index = device_index
@@ -1047,7 +1048,7 @@ class WeightPreloader:
             os.unlink(self.socket_path)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
             srv.bind(self.socket_path)
-            os.chmod(self.socket_path, 0o600)
+            os.chmod(self.socket_path, self.socket_mode)
             srv.listen(16)
             if ready is not None:
                 ready.set()
@@ -1121,7 +1122,7 @@ def parse_devices(text: str, count: int) -> list[int]:
 
 def serve_per_gpu(
     socket_dir: str, devices: str = "all", threads: int = DEFAULT_THREADS,
-    chunk_bytes: int = 8 * MiB, pinned_areas: int | None = None,
+    chunk_bytes: int = 8 * MiB, pinned_areas: int | None = None, socket_mode: int = 0o600,
 ) -> None:  # fmt: skip
     """One preloader per GPU in this process, each on `socket_dir/<GPU UUID>.sock` (the name
     the agent looks for: autoscaler.agent.preloaders). Serves until killed; a preloader that
@@ -1135,7 +1136,7 @@ def serve_per_gpu(
     servers = [
         WeightPreloader(
             str(Path(socket_dir) / socket_name(visible[d].uuid)), d, threads, chunk_bytes,
-            pinned_areas,
+            pinned_areas, socket_mode,
         )
         for d in chosen
     ]  # fmt: skip
@@ -1179,6 +1180,12 @@ def build_parser() -> Any:
         help="reader areas (2 chunks each) page-locked once at start, per GPU (default: "
         "--threads; 0: every load pins its own)",
     )  # fmt: skip
+    pre.add_argument(
+        "--socket-mode", type=lambda text: int(text, 8), default=0o600,
+        help="the sockets' file mode, octal (default 0600: the agent's uid only). 0666 lets "
+        "worker pods of any uid take their weights: loads stay the agent's (peer uid checked) "
+        "and a take needs the ticket the agent gave that worker",
+    )  # fmt: skip
     return p
 
 
@@ -1187,11 +1194,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.socket_dir:
         serve_per_gpu(
-            args.socket_dir, args.devices, args.threads, args.chunk_mib * MiB, args.pinned_areas
+            args.socket_dir, args.devices, args.threads, args.chunk_mib * MiB, args.pinned_areas,
+            args.socket_mode,
         )
         return 1
     WeightPreloader(
-        args.socket, args.device, args.threads, args.chunk_mib * MiB, args.pinned_areas
+        args.socket, args.device, args.threads, args.chunk_mib * MiB, args.pinned_areas,
+        args.socket_mode,
     ).serve_forever()
     return 0
 

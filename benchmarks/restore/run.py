@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from autoscaler.agent import checkpoint as checkpoint_mod  # noqa: E402
 from autoscaler.agent import criu as criu_mod  # noqa: E402
 from autoscaler.agent import external, fastload, kdat, pagefill  # noqa: E402
+from autoscaler.agent import preloaders as preloaders_mod  # noqa: E402
 from autoscaler.agent import restore as restore_mod  # noqa: E402
 from autoscaler.agent import staging as staging_mod  # noqa: E402
 from autoscaler.agent import store as store_mod  # noqa: E402
@@ -203,11 +204,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def start_preloader(sock: Path, log_file: Path, *extra: str) -> subprocess.Popen:
-    """A weight preloader (fastload preload) serving on sock, once it listens."""
+def start_preloader(
+    sock: Path, log_file: Path, *extra: str, folder: Path | None = None
+) -> subprocess.Popen:
+    """A weight preloader (fastload preload) serving on sock, once it listens; with `folder`,
+    the per-GPU preloader as the DaemonSet runs it (--socket-dir), `sock` being the socket it
+    must create there for this GPU."""
+    where = ["--socket-dir", str(folder)] if folder is not None else ["--socket", str(sock)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autoscaler.agent.fastload", "preload", "--socket", str(sock),
-         *extra],
+        [sys.executable, "-m", "autoscaler.agent.fastload", "preload", *where, *extra],
         cwd=REPO, stdin=subprocess.DEVNULL, stdout=open(log_file, "ab"),  # noqa: SIM115
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -329,6 +334,8 @@ class ModelRun:
 
     @property
     def preload_socket(self) -> Path:
+        if self.args.preloader_per_gpu:  # the socket named by the GPU's UUID
+            return self.work.parent / "preload.d" / preloaders_mod.socket_name(self.args.gpu_uuid)
         return self.work.parent / "preload.sock"
 
     @property
@@ -362,7 +369,9 @@ class ModelRun:
             "--handshake-dir", str(self.work / "handshake"),
             "--log-file", str(self.work / "worker.log"),
             *(["--no-fixed-addresses"] if a.no_fixed_addresses else []),
-            *(["--preload-socket", str(self.preload_socket)] if a.preload else []),
+            *((["--preload-socket-dir", str(self.preload_socket.parent)]
+               if a.preloader_per_gpu else ["--preload-socket", str(self.preload_socket)])
+              if a.preload else []),
             *shlex.split(a.worker_args),
         ]  # fmt: skip
 
@@ -519,6 +528,11 @@ class ModelRun:
             threads if load or from_disk else None, chunk << 20,
             disk_threads=None if load else restore_mod.DISK_PRELOAD_THREADS,
         )  # fmt: skip
+        if preload and self.args.preloader_per_gpu:  # the agent's routing (--preload-socket-dir)
+            preloads.route(preloaders_mod.choose(
+                None, str(self.preload_socket.parent), [self.args.gpu_uuid]), from_dir=True)
+            if preloads.socket_path != str(self.preload_socket):
+                raise RuntimeError(f"routed to {preloads.socket_path}: {preloads.warnings}")
         verified = None
         if verify_root is not None:  # the cheap half of the agent's open (manifest, sizes)
             manifest = store_mod.verify_directory(
@@ -574,7 +588,7 @@ class ModelRun:
         if self.api is not None:
             self.api.restore_process(pid)
         t_cuda = time.perf_counter() - t0
-        hs.signal_restored()
+        hs.signal_restored(**preloads.answer())  # the per-GPU socket's name and the ticket
         body = first_response(self.port, self.args.timeout, lambda: pid_alive(pid), pid)
         seconds = time.perf_counter() - t0
         read_after = disk_read_bytes(images)
@@ -685,6 +699,13 @@ def main(argv: list[str] | None = None) -> int:
         "with the CRIU restore and hands them to the restored worker",
     )  # fmt: skip
     p.add_argument(
+        "--preloader-per-gpu", action="store_true",
+        help="with --preload: run it as deployed (preload --socket-dir: one socket per GPU, "
+        "named by its UUID); restores route by the GPU's UUID as the agent's "
+        "--preload-socket-dir does, and the worker takes its weights from the socket and with "
+        "the ticket named in restore-complete (--preload-socket-dir)",
+    )  # fmt: skip
+    p.add_argument(
         "--worker-args", default="--checkpoint-limits stack=0",
         help="extra gpu_worker serve options (the fast path's release options; see there)",
     )  # fmt: skip
@@ -785,7 +806,18 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"]["cuda_driver"] = api.driver_version
     paths = args.paths.split(",")
     preloaders: list[subprocess.Popen] = []
-    if args.preload:
+    if args.preload and args.preloader_per_gpu:
+        if args.compare_pinned_areas or api is None:
+            raise SystemExit("--preloader-per-gpu needs --device cuda and no "
+                             "--compare-pinned-areas")  # fmt: skip
+        args.gpu_uuid = api.devices()[0].uuid
+        folder = work / "preload.d"
+        sock = folder / preloaders_mod.socket_name(args.gpu_uuid)
+        sock.unlink(missing_ok=True)
+        preloaders.append(start_preloader(sock, work / "preloader.log", folder=folder))
+        result["preloader"] = {"socket_dir": str(folder), "socket": str(sock),
+                               "sockets": sorted(p.name for p in folder.iterdir())}  # fmt: skip
+    elif args.preload:
         sock = work / "preload.sock"  # what the workers and the agent's requests connect to
         sock.unlink(missing_ok=True)
         preloaders.append(start_preloader(sock, work / "preloader.log"))
