@@ -52,4 +52,4 @@ COPY autoscaler /opt/autoscaler/autoscaler
 RUN python -c "import sys; assert sys.version_info >= (3, 11), sys.version" \
     && python -c "import autoscaler.agent.fastload, autoscaler.agent.preloaders, autoscaler.agent.cuda, torch, numpy"
 ENTRYPOINT ["python", "-m", "autoscaler.agent.fastload"]
-CMD ["preload", "--socket-dir", "/run/autoscaler/preload"]
+CMD ["preload", "--socket-dir", "/run/autoscaler/preload", "--socket-mode", "0666"]
