@@ -300,6 +300,7 @@ class ModelRun:
     verify_roots: dict[Path, Path] = field(default_factory=dict)
     # per images directory: the external files the checkpoint recorded (the fast path's weights)
     externals: dict[Path, tuple[Any, ...]] = field(default_factory=dict)
+    recorded_gpus: dict[Path, list[str]] = field(default_factory=dict)
 
     @property
     def probe(self) -> Path:
@@ -431,6 +432,10 @@ class ModelRun:
         offer = hs.wait_ready_for_checkpoint(timeout_s=120)
         t_release = time.perf_counter() - t0
         memory = {"released": memory_map(self.pid)}
+        # the GPU the agent's checkpoint records (the worker's offer, else nvidia-smi), which
+        # routes a restore without gpu_pairs to that GPU's preloader (--preloader-per-gpu)
+        gpus = checkpoint_mod.source_gpus(offer, self.pid) if self.api is not None else {}
+        self.recorded_gpus[images] = list(gpus.get("gpu_uuids", []))
         # As the agent does: the files the worker declared (fast path: its weights) are opened
         # now and hashed in the background while CUDA and CRIU work; the dump waits for them.
         with checkpoint_mod.record_external_files(offer, self.pid, log) as recording:
@@ -461,6 +466,7 @@ class ModelRun:
                                for f in self.externals[images]],
             "external_hash_s": round(t_external, 3),
             "external_wait_after_dump_s": round(t_external_wait, 3),
+            "recorded_gpus": gpus,
         }  # fmt: skip
         log(f"{self.model} checkpoint {mode}: {info}")
         self.details[f"checkpoint_{mode}"] = info
@@ -528,9 +534,14 @@ class ModelRun:
             threads if load or from_disk else None, chunk << 20,
             disk_threads=None if load else restore_mod.DISK_PRELOAD_THREADS,
         )  # fmt: skip
-        if preload and self.args.preloader_per_gpu:  # the agent's routing (--preload-socket-dir)
+        if preload and self.args.preloader_per_gpu:  # the agent's routing (--preload-socket-dir):
+            # no gpu_pairs, so the GPU the checkpoint recorded
+            recorded = self.recorded_gpus.get(images, [])
+            if not recorded:
+                raise RuntimeError("the checkpoint recorded no GPU: nothing to route by")
             preloads.route(preloaders_mod.choose(
-                None, str(self.preload_socket.parent), [self.args.gpu_uuid]), from_dir=True)
+                None, str(self.preload_socket.parent), preloaders_mod.target_gpus((), recorded),
+            ), from_dir=True)  # fmt: skip
             if preloads.socket_path != str(self.preload_socket):
                 raise RuntimeError(f"routed to {preloads.socket_path}: {preloads.warnings}")
         verified = None
