@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import external, multiproc, preloaders
+from autoscaler.agent import external, multiproc, pod_gpus, preloaders
 from autoscaler.agent.criu import kill_restored
 from autoscaler.agent.cuda import get_api
 from autoscaler.agent.errors import (
@@ -109,6 +109,10 @@ class RestoreRequest:
     # of the GPU the worker lands on is asked (autoscaler.agent.preloaders), and its name and
     # a ticket go to the worker in restore-complete
     preload_socket_dir: str | None = None
+    # without gpu_pairs, restoring into a pod: move the recorded GPUs onto the GPUs the pod was
+    # given (its NVIDIA_VISIBLE_DEVICES), so the CUDA restore and the preloader follow the
+    # device plugin's choice (autoscaler.agent.pod_gpus)
+    gpu_pairs_from_pod: bool = True
     # how long one preload request may wait for the preloader's answer; the restore itself
     # never waits for it (the request has its own thread)
     preload_timeout_s: float = 5.0
@@ -145,6 +149,8 @@ class RestoreOutcome:
     preloaded: tuple[str, ...] = ()  # external files the preloader was asked to load
     warnings: tuple[str, ...] = ()  # e.g. a preloader that did not answer (not a failure)
     preload_socket: str | None = None  # the preloader asked (None: none was)
+    gpu_pairs: tuple[tuple[str, str], ...] = ()  # the pairs used (the request's or the pod's)
+    gpu_pairs_from: str | None = None  # "request", "pod", or None (none used)
     # how the memory pages got into place: the parallel fill's figures (bytes, threads,
     # seconds; autoscaler.agent.pagefill), or None when CRIU filled them itself
     page_fill: dict | None = None
@@ -323,13 +329,52 @@ class Preloads:
             external.release_preloads(self.socket_path, paths)
 
 
-def _choose_preloader(request: RestoreRequest, manifest: Manifest) -> preloaders.PreloaderChoice:
-    """The per-GPU preloader of the GPU the worker lands on (none, and why, when unclear)."""
+def recorded_gpus(manifest: Manifest) -> list[str]:
+    """The GPUs the artifact's worker was checkpointed on (manifest extra `gpu_uuids`)."""
     recorded = manifest.extra.get("gpu_uuids") or ()
+    return [str(u) for u in recorded] if isinstance(recorded, list) else []
+
+
+def effective_gpu_pairs(
+    request: RestoreRequest, manifest: Manifest
+) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """The GPU pairs this restore uses and where they came from: the request's own; else,
+    restoring into a pod (`namespace_pid`), the move from the recorded GPUs onto the GPUs the
+    pod was given (its NVIDIA_VISIBLE_DEVICES, autoscaler.agent.pod_gpus), "pod"; else none.
+    Raises GpuMappingError when the pod has fewer GPUs than the worker used."""
+    if request.gpu_pairs:
+        return tuple(request.gpu_pairs), "request"
+    recorded = recorded_gpus(manifest)
+    if not request.gpu_pairs_from_pod or request.namespace_pid is None or not recorded:
+        return (), None
     try:
-        targets = preloaders.target_gpus(
-            request.gpu_pairs, [str(u) for u in recorded] if isinstance(recorded, list) else ()
-        )
+        environ = pod_gpus.read_environ(request.namespace_pid)
+    except OSError:
+        return (), None
+    visible = pod_gpus.visible_gpus(environ, _node_gpus(environ))
+    if visible is None:
+        return (), None
+    return pod_gpus.pairs_onto(recorded, visible), "pod"
+
+
+def _node_gpus(environ: dict[str, str]) -> list[str]:
+    """This node's GPU UUIDs by index, asked of the driver only when the pod names GPUs by
+    index; none without a driver (the indexes then cannot be resolved)."""
+    value = environ.get(pod_gpus.VISIBLE_ENV, "")
+    if not any(e.strip().isdigit() for e in value.split(",")):
+        return []
+    try:
+        return [d.uuid for d in get_api().devices()]
+    except AgentError:
+        return []
+
+
+def _choose_preloader(
+    request: RestoreRequest, manifest: Manifest, pairs: Sequence[tuple[str, str]]
+) -> preloaders.PreloaderChoice:
+    """The per-GPU preloader of the GPU the worker lands on (none, and why, when unclear)."""
+    try:
+        targets = preloaders.target_gpus(pairs, recorded_gpus(manifest))
     except ValueError as exc:
         return preloaders.PreloaderChoice(None, None, f"unreadable GPU UUID: {exc}")
     return preloaders.choose(None, request.preload_socket_dir, targets)
@@ -396,8 +441,12 @@ def _restore(
             return _failure(artifact_id, why, quarantined=tuple(quarantined))
         timings["verify"] = time.perf_counter() - t0
         files = verified.manifest.external_files
+        try:
+            pairs, pairs_from = effective_gpu_pairs(request, verified.manifest)
+        except (multiproc.GpuMappingError, ValueError) as exc:  # nothing restored yet
+            return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
         if request.preload_socket_dir and not request.preload_socket and not preloads.started:
-            preloads.route(_choose_preloader(request, verified.manifest), from_dir=True)
+            preloads.route(_choose_preloader(request, verified.manifest, pairs), from_dir=True)
         known = cache.verified if cache is not None else None
         # From disk the images come first (CRIU needs them now; the worker needs its weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
@@ -468,13 +517,13 @@ def _restore(
             say(f"CUDA restore of {sum(r.cuda for r in records)} processes, then unlock all")
             t = time.perf_counter()
             multiproc.restore_cuda_group(
-                records, _inner_to_host(target), request.gpu_pairs, api=cuda_api
+                records, _inner_to_host(target), pairs, api=cuda_api
             )
             timings["cuda_restore"] = time.perf_counter() - t
         elif verified.manifest.has_cuda_state:
             say("CUDA restore + unlock")
             t = time.perf_counter()
-            get_api().restore_process(restored.host_pid, request.gpu_pairs)
+            get_api().restore_process(restored.host_pid, pairs)
             timings["cuda_restore"] = time.perf_counter() - t
         if rank_handshakes:
             t = time.perf_counter()
@@ -503,6 +552,8 @@ def _restore(
                         log_path=str(restored.log_path), seconds=timings)
     timings["total"] = time.perf_counter() - t0
     return RestoreOutcome(
+        gpu_pairs=pairs,
+        gpu_pairs_from=pairs_from if pairs else None,
         ok=True,
         artifact_id=artifact_id,
         source=source,

@@ -445,6 +445,71 @@ def test_a_restore_asks_the_preloader_of_the_gpu_it_lands_on_and_tells_the_worke
         shutil.rmtree(folder)
 
 
+def test_a_restore_into_a_pod_follows_the_gpu_the_device_plugin_gave_it(
+    tmp_path: Path, dumped: dict, cleanup_pids: list[int]
+) -> None:
+    """Restored into a pod whose NVIDIA_VISIBLE_DEVICES names another GPU than the one the
+    worker was checkpointed on: the agent moves it there (gpu_pairs from the pod) and asks that
+    GPU's preloader; a pod with fewer GPUs than the worker used fails before CRIU runs."""
+    gpu_a = "GPU-6b5f0e2c-1a2b-3c4d-5e6f-0123456789ab"
+    gpu_b = "GPU-00000000-1111-2222-3333-444444444444"
+    store, _params = node(tmp_path, dumped)
+    path = tmp_path / "store" / "w" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["external_files"][0]["preload"] = True
+    data["extra"]["gpu_uuids"] = [gpu_a]
+    path.write_text(json.dumps(data))
+    folder = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # socket paths fit 108 bytes
+    doubles = {u: PreloaderDouble(folder / preloaders.socket_name(u)) for u in (gpu_a, gpu_b)}
+    pods: list[PodSandbox] = []
+    try:
+        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
+        outcome = restore_artifact(restore_request(
+            dumped, namespace_pid=pods[0].init_pid, preload_socket_dir=str(folder),
+        ), store=store)  # fmt: skip
+        assert outcome.ok, outcome.reason
+        cleanup_pids.append(outcome.host_pid)
+        assert outcome.gpu_pairs == ((gpu_a, gpu_b),) and outcome.gpu_pairs_from == "pod"
+        assert outcome.preload_socket == str(folder / f"{gpu_b}.sock")
+        assert [r["op"] for r in doubles[gpu_b].requests] == ["load"]
+        assert doubles[gpu_a].requests == []
+        pods[0].stop()
+        # the request's own pairs win over the pod's
+        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
+        outcome = restore_artifact(restore_request(
+            dumped, namespace_pid=pods[1].init_pid, gpu_pairs=((gpu_a, gpu_a),),
+        ), store=store)  # fmt: skip
+        assert outcome.ok, outcome.reason
+        cleanup_pids.append(outcome.host_pid)
+        assert outcome.gpu_pairs_from == "request"
+        pods[1].stop()
+        # a value that names no GPU: nothing is inferred, the restore goes on without pairs
+        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": ","}))
+        outcome = restore_artifact(restore_request(
+            dumped, namespace_pid=pods[2].init_pid,
+        ), store=store)  # fmt: skip
+        assert outcome.ok and outcome.gpu_pairs == ()  # "," names no GPU: nothing inferred
+        cleanup_pids.append(outcome.host_pid)
+        pods[2].stop()
+        # a worker that used two GPUs, into a pod given one: refused before anything runs
+        data["extra"]["gpu_uuids"] = [gpu_a, gpu_b]
+        path.write_text(json.dumps(data))
+        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
+        outcome = restore_artifact(restore_request(
+            dumped, namespace_pid=pods[3].init_pid,
+        ), store=store)  # fmt: skip
+        assert not outcome.ok and outcome.error == "GpuMappingError"
+        assert "only 1" in (outcome.reason or "") and outcome.fallback == "cold-start"
+        assert outcome.quarantined == () and store.exists("w")
+        assert list(pods[3].pids()) == [1]  # nothing restored into the pod: its init alone
+    finally:
+        for pod in pods:
+            pod.stop()
+        for d in doubles.values():
+            d.close()
+        shutil.rmtree(folder)
+
+
 def test_a_pods_weights_are_read_through_its_root_at_checkpoint_and_restore(
     tmp_path: Path, criu_binary: Path, cleanup_pids: list[int]
 ) -> None:

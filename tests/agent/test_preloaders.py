@@ -185,3 +185,21 @@ def test_the_agent_takes_one_preloader_or_a_folder_of_them_not_both():
                                   "/run/p", "--preload-socket", "/p.sock", *extra])  # fmt: skip
         with pytest.raises(ConfigError, match="not both"):
             _check_preload_flags(both)
+
+
+def test_the_gpus_a_pod_was_given_come_from_its_nvidia_visible_devices():
+    from autoscaler.agent.pod_gpus import pairs_onto, read_environ, visible_gpus
+
+    raw_b = GPU_B.removeprefix("GPU-")
+    assert visible_gpus({"NVIDIA_VISIBLE_DEVICES": f"{GPU_A}, {raw_b}"}) == (GPU_A, GPU_B)
+    assert visible_gpus({"NVIDIA_VISIBLE_DEVICES": "1"}, [GPU_A, GPU_B]) == (GPU_B,)
+    for value in ("all", "none", "void", "", "7", "0:1", "GPU-bad"):
+        assert visible_gpus({"NVIDIA_VISIBLE_DEVICES": value}, [GPU_A]) is None, value
+    assert visible_gpus({}) is None
+    assert pairs_onto([GPU_A], [GPU_B]) == ((GPU_A, GPU_B),)
+    assert pairs_onto([GPU_A], [GPU_B, GPU_A]) == ()  # the pod has the recorded GPU
+    from autoscaler.agent.multiproc import GpuMappingError
+
+    with pytest.raises(GpuMappingError, match="only 1"):
+        pairs_onto([GPU_A, GPU_B], [GPU_A])
+    assert read_environ(os.getpid())["PATH"] == os.environ["PATH"]
