@@ -66,9 +66,12 @@ def visible_gpus(
 
 def pairs_onto(recorded: Sequence[str], visible: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """The gpu_pairs that move a worker checkpointed on `recorded` onto the pod's `visible`
-    GPUs (only the pairs that move something; none when it lands where it was). Raises
+    GPUs: none when every GPU stays where it was, else a pair for every recorded GPU (the
+    driver takes all of a process's GPUs or none; one that stays maps to itself). Raises
     multiproc.GpuMappingError when the pod has fewer GPUs than the worker used."""
     from autoscaler.agent.multiproc import map_gpus
 
     mapping = map_gpus([canonical_uuid(u) for u in recorded], list(visible))
-    return tuple((old, new) for old, new in mapping.items() if old != canonical_uuid(new))
+    if all(old == canonical_uuid(new) for old, new in mapping.items()):
+        return ()
+    return tuple((old, canonical_uuid(new)) for old, new in mapping.items())

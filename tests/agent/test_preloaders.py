@@ -198,6 +198,9 @@ def test_the_gpus_a_pod_was_given_come_from_its_nvidia_visible_devices():
     assert visible_gpus({}) is None
     assert pairs_onto([GPU_A], [GPU_B]) == ((GPU_A, GPU_B),)
     assert pairs_onto([GPU_A], [GPU_B, GPU_A]) == ()  # the pod has the recorded GPU
+    gpu_c = "GPU-99999999-1111-2222-3333-444444444444"
+    # one of two GPUs moves: every GPU gets a pair (the driver takes all or none)
+    assert pairs_onto([GPU_A, GPU_B], [GPU_A, gpu_c]) == ((GPU_A, GPU_A), (GPU_B, gpu_c))
     from autoscaler.agent.multiproc import GpuMappingError
 
     with pytest.raises(GpuMappingError, match="only 1"):
