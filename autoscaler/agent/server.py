@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import pagefill, staging
+from autoscaler.agent import pagefill, preloaders, staging
 from autoscaler.agent.checkpoint import CheckpointRequest, checkpoint_worker
 from autoscaler.agent.errors import (
     AgentError,
@@ -398,7 +398,19 @@ class Agent:
             "pinned": sorted(self.config.cache.pinned),
             "store": self.config.store.describe(),
             "versions": self.versions(),
+            "preloaders": self.preloaders(),
         }
+
+    def preloaders(self) -> dict[str, str]:
+        """The weight preloaders restores may ask: GPU UUID -> socket for a per-GPU folder
+        ("*" for a single configured socket); empty when none runs (restores then go on with
+        the worker loading its weights itself)."""
+        if self.config.preload_socket:
+            return {"*": self.config.preload_socket}
+        if self.config.preload_socket_dir:
+            found = preloaders.list_sockets(self.config.preload_socket_dir)
+            return {uuid: str(path) for uuid, path in found.items()}
+        return {}
 
     def versions(self) -> dict[str, str]:
         """What of this node enters an artifact's restore identity (CRIU and GPU driver

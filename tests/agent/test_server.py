@@ -293,6 +293,10 @@ def test_weights_on_the_gpu_go_to_the_named_gpus_preloader_on_a_node_with_severa
     try:
         weights = tmp_path / "weights.safetensors"
         _artifact_with_weights(api.store, weights)
+        status, body = api.call("GET", "/v1/inventory")
+        assert status == 200 and body["preloaders"] == {
+            u: str(folder / f"{u}.sock") for u in (gpu_a, gpu_b)
+        }  # fmt: skip
         stage = {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True}
         status, body = api.call("POST", "/v1/stage", stage)
         assert status == 409 and "name the GPU (gpu_uuid)" in body["error"]
@@ -325,6 +329,7 @@ def test_weights_on_the_gpu_without_a_preloader_are_refused_before_copying(
         status, body = api.call("POST", "/v1/stage",
                                 {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True})
         assert status == 409 and "--preload-socket" in body["error"]
+        assert api.call("GET", "/v1/inventory")[1]["preloaders"] == {}
         assert api.cache.inventory() == []  # nothing copied
     finally:
         server.shutdown()
