@@ -250,8 +250,12 @@ class Preloads:
         self.socket_path = choice.socket
         self.from_dir = from_dir and choice.socket is not None
         if choice.socket is None and from_dir:
-            with self._lock:
-                self.warnings.append(f"no weight preloader asked: {choice.why}")
+            self.warn(f"no weight preloader asked: {choice.why}")
+
+    def warn(self, message: str) -> None:
+        """A warning for the restore's outcome (not a failure)."""
+        with self._lock:
+            self.warnings.append(message)
 
     def answer(self) -> dict[str, str]:
         """What restore-complete tells the worker: the socket's name in the preloader folder
@@ -445,6 +449,12 @@ def _restore(
             pairs, pairs_from = effective_gpu_pairs(request, verified.manifest)
         except (multiproc.GpuMappingError, ValueError) as exc:  # nothing restored yet
             return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
+        if (pairs_from is None and request.namespace_pid is not None
+                and request.gpu_pairs_from_pod and recorded_gpus(verified.manifest)):
+            preloads.warn(
+                "the pod names no GPU list (NVIDIA_VISIBLE_DEVICES unset, all, none or "
+                "unresolvable): restoring onto the GPUs the checkpoint recorded"
+            )  # fmt: skip
         if request.preload_socket_dir and not request.preload_socket and not preloads.started:
             preloads.route(_choose_preloader(request, verified.manifest, pairs), from_dir=True)
         known = cache.verified if cache is not None else None

@@ -489,6 +489,7 @@ def test_a_restore_into_a_pod_follows_the_gpu_the_device_plugin_gave_it(
             dumped, namespace_pid=pods[2].init_pid,
         ), store=store)  # fmt: skip
         assert outcome.ok and outcome.gpu_pairs == ()  # "," names no GPU: nothing inferred
+        assert any("names no GPU list" in w for w in outcome.warnings)
         cleanup_pids.append(outcome.host_pid)
         pods[2].stop()
         # a worker that used two GPUs, into a pod given one: refused before anything runs
