@@ -7,6 +7,7 @@ The integration tests use real CRIU and the CPU reference worker with its weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -393,6 +394,35 @@ def test_the_agent_asks_the_preloader_for_preloadable_files_and_releases_them_on
     assert [r["op"] for r in double.requests] == ["load", "load", "take"]  # released
 
 
+GPU_A = "GPU-6b5f0e2c-1a2b-3c4d-5e6f-0123456789ab"
+GPU_B = "GPU-00000000-1111-2222-3333-444444444444"
+
+
+@contextlib.contextmanager
+def two_gpu_node(tmp_path: Path, dumped: dict) -> Iterator[tuple]:
+    """A node copy of the store whose artifact records GPU_A (as a CUDA worker's checkpoint
+    does) and declares its weights preloadable, and a per-GPU preloader folder with a double
+    for GPU_A and GPU_B. Yields (store, params, edit_extra(**extra), folder, doubles)."""
+    store, params = node(tmp_path, dumped)
+    path = tmp_path / "store" / "w" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["external_files"][0]["preload"] = True
+
+    def edit_extra(**extra: object) -> None:
+        data["extra"].update(extra)
+        path.write_text(json.dumps(data))
+
+    edit_extra(gpu_uuids=[GPU_A])
+    folder = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # socket paths fit 108 bytes
+    doubles = {u: PreloaderDouble(folder / preloaders.socket_name(u)) for u in (GPU_A, GPU_B)}
+    try:
+        yield store, params, edit_extra, folder, doubles
+    finally:
+        for d in doubles.values():
+            d.close()
+        shutil.rmtree(folder)
+
+
 def test_a_restore_asks_the_preloader_of_the_gpu_it_lands_on_and_tells_the_worker(
     tmp_path: Path, dumped: dict, cleanup_pids: list[int]
 ) -> None:
@@ -400,17 +430,8 @@ def test_a_restore_asks_the_preloader_of_the_gpu_it_lands_on_and_tells_the_worke
     with pairs the new GPU; the worker's restore-complete names that socket and the ticket
     the load was filed under (the real preloader and GPUs are on the H200: the doubles here
     record what the agent sends)."""
-    gpu_a = "GPU-6b5f0e2c-1a2b-3c4d-5e6f-0123456789ab"
-    gpu_b = "GPU-00000000-1111-2222-3333-444444444444"
-    store, params = node(tmp_path, dumped)
-    path = tmp_path / "store" / "w" / "manifest.json"
-    data = json.loads(path.read_text())
-    data["external_files"][0]["preload"] = True
-    data["extra"]["gpu_uuids"] = [gpu_a]  # what a CUDA worker's checkpoint records
-    path.write_text(json.dumps(data))
-    folder = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # socket paths fit 108 bytes
-    doubles = {u: PreloaderDouble(folder / preloaders.socket_name(u)) for u in (gpu_a, gpu_b)}
-    try:
+    gpu_a, gpu_b = GPU_A, GPU_B
+    with two_gpu_node(tmp_path, dumped) as (store, params, _edit_extra, folder, doubles):
         for pairs, lands_on in (((), gpu_a), (((gpu_a, gpu_b),), gpu_b)):
             for d in doubles.values():
                 d.requests.clear()
@@ -439,10 +460,6 @@ def test_a_restore_asks_the_preloader_of_the_gpu_it_lands_on_and_tells_the_worke
         answer = Handshake(dumped["handshake"]).read(RESTORE_COMPLETE)
         assert answer is not None and "preload_socket" not in answer
         assert doubles[gpu_a].requests == []
-    finally:
-        for d in doubles.values():
-            d.close()
-        shutil.rmtree(folder)
 
 
 def test_a_restore_into_a_pod_follows_the_gpu_the_device_plugin_gave_it(
@@ -451,64 +468,52 @@ def test_a_restore_into_a_pod_follows_the_gpu_the_device_plugin_gave_it(
     """Restored into a pod whose NVIDIA_VISIBLE_DEVICES names another GPU than the one the
     worker was checkpointed on: the agent moves it there (gpu_pairs from the pod) and asks that
     GPU's preloader; a pod with fewer GPUs than the worker used fails before CRIU runs."""
-    gpu_a = "GPU-6b5f0e2c-1a2b-3c4d-5e6f-0123456789ab"
-    gpu_b = "GPU-00000000-1111-2222-3333-444444444444"
-    store, _params = node(tmp_path, dumped)
-    path = tmp_path / "store" / "w" / "manifest.json"
-    data = json.loads(path.read_text())
-    data["external_files"][0]["preload"] = True
-    data["extra"]["gpu_uuids"] = [gpu_a]
-    path.write_text(json.dumps(data))
-    folder = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # socket paths fit 108 bytes
-    doubles = {u: PreloaderDouble(folder / preloaders.socket_name(u)) for u in (gpu_a, gpu_b)}
+    gpu_a, gpu_b = GPU_A, GPU_B
     pods: list[PodSandbox] = []
-    try:
-        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
-        outcome = restore_artifact(restore_request(
-            dumped, namespace_pid=pods[0].init_pid, preload_socket_dir=str(folder),
-        ), store=store)  # fmt: skip
-        assert outcome.ok, outcome.reason
-        cleanup_pids.append(outcome.host_pid)
-        assert outcome.gpu_pairs == ((gpu_a, gpu_b),) and outcome.gpu_pairs_from == "pod"
-        assert outcome.preload_socket == str(folder / f"{gpu_b}.sock")
-        assert [r["op"] for r in doubles[gpu_b].requests] == ["load"]
-        assert doubles[gpu_a].requests == []
-        pods[0].stop()
-        # the request's own pairs win over the pod's
-        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
-        outcome = restore_artifact(restore_request(
-            dumped, namespace_pid=pods[1].init_pid, gpu_pairs=((gpu_a, gpu_a),),
-        ), store=store)  # fmt: skip
-        assert outcome.ok, outcome.reason
-        cleanup_pids.append(outcome.host_pid)
-        assert outcome.gpu_pairs_from == "request"
-        pods[1].stop()
-        # a value that names no GPU: nothing is inferred, the restore goes on without pairs
-        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": ","}))
-        outcome = restore_artifact(restore_request(
-            dumped, namespace_pid=pods[2].init_pid,
-        ), store=store)  # fmt: skip
-        assert outcome.ok and outcome.gpu_pairs == ()  # "," names no GPU: nothing inferred
-        assert any("names no GPU list" in w for w in outcome.warnings)
-        cleanup_pids.append(outcome.host_pid)
-        pods[2].stop()
-        # a worker that used two GPUs, into a pod given one: refused before anything runs
-        data["extra"]["gpu_uuids"] = [gpu_a, gpu_b]
-        path.write_text(json.dumps(data))
-        pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
-        outcome = restore_artifact(restore_request(
-            dumped, namespace_pid=pods[3].init_pid,
-        ), store=store)  # fmt: skip
-        assert not outcome.ok and outcome.error == "GpuMappingError"
-        assert "only 1" in (outcome.reason or "") and outcome.fallback == "cold-start"
-        assert outcome.quarantined == () and store.exists("w")
-        assert list(pods[3].pids()) == [1]  # nothing restored into the pod: its init alone
-    finally:
-        for pod in pods:
-            pod.stop()
-        for d in doubles.values():
-            d.close()
-        shutil.rmtree(folder)
+    with two_gpu_node(tmp_path, dumped) as (store, _params, edit_extra, folder, doubles):
+        try:
+            pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
+            outcome = restore_artifact(restore_request(
+                dumped, namespace_pid=pods[0].init_pid, preload_socket_dir=str(folder),
+            ), store=store)  # fmt: skip
+            assert outcome.ok, outcome.reason
+            cleanup_pids.append(outcome.host_pid)
+            assert outcome.gpu_pairs == ((gpu_a, gpu_b),) and outcome.gpu_pairs_from == "pod"
+            assert outcome.preload_socket == str(folder / f"{gpu_b}.sock")
+            assert [r["op"] for r in doubles[gpu_b].requests] == ["load"]
+            assert doubles[gpu_a].requests == []
+            pods[0].stop()
+            # the request's own pairs win over the pod's
+            pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
+            outcome = restore_artifact(restore_request(
+                dumped, namespace_pid=pods[1].init_pid, gpu_pairs=((gpu_a, gpu_a),),
+            ), store=store)  # fmt: skip
+            assert outcome.ok, outcome.reason
+            cleanup_pids.append(outcome.host_pid)
+            assert outcome.gpu_pairs_from == "request"
+            pods[1].stop()
+            # a value that names no GPU: nothing is inferred, the restore goes on without pairs
+            pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": ","}))
+            outcome = restore_artifact(restore_request(
+                dumped, namespace_pid=pods[2].init_pid,
+            ), store=store)  # fmt: skip
+            assert outcome.ok and outcome.gpu_pairs == ()  # "," names no GPU: nothing inferred
+            assert any("names no GPU list" in w for w in outcome.warnings)
+            cleanup_pids.append(outcome.host_pid)
+            pods[2].stop()
+            # a worker that used two GPUs, into a pod given one: refused before anything runs
+            edit_extra(gpu_uuids=[gpu_a, gpu_b])
+            pods.append(PodSandbox(tmp_path, env={**os.environ, "NVIDIA_VISIBLE_DEVICES": gpu_b}))
+            outcome = restore_artifact(restore_request(
+                dumped, namespace_pid=pods[3].init_pid,
+            ), store=store)  # fmt: skip
+            assert not outcome.ok and outcome.error == "GpuMappingError"
+            assert "only 1" in (outcome.reason or "") and outcome.fallback == "cold-start"
+            assert outcome.quarantined == () and store.exists("w")
+            assert list(pods[3].pids()) == [1]  # nothing restored into the pod: its init alone
+        finally:
+            for pod in pods:
+                pod.stop()
 
 
 def test_a_pods_weights_are_read_through_its_root_at_checkpoint_and_restore(
