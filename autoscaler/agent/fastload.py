@@ -1123,36 +1123,58 @@ def parse_devices(text: str, count: int) -> list[int]:
 def serve_per_gpu(
     socket_dir: str, devices: str = "all", threads: int = DEFAULT_THREADS,
     chunk_bytes: int = 8 * MiB, pinned_areas: int | None = None, socket_mode: int = 0o600,
+    *, visible: Sequence[Any] | None = None, make: Callable[..., Any] | None = None,
+    ready: threading.Event | None = None,
 ) -> None:  # fmt: skip
     """One preloader per GPU in this process, each on `socket_dir/<GPU UUID>.sock` (the name
-    the agent looks for: autoscaler.agent.preloaders). Serves until killed; a preloader that
-    stops takes the process down, so the DaemonSet restarts the whole set."""
-    from autoscaler.agent.cuda import get_api
+    the agent looks for: autoscaler.agent.preloaders). A GPU whose preloader cannot start (a
+    GPU in a bad state, no memory to pin) is reported and left out, so the node's other GPUs
+    keep theirs; a stale socket of that GPU is removed, so the agent sees no preloader there
+    rather than one that refuses connections. Serves until killed; a preloader that stops
+    while serving takes the process down, so the DaemonSet restarts the set. Raises when no
+    GPU's preloader started. `visible` (the node's devices: .uuid) and `make` (the preloader
+    class) are for tests; `ready` is set once every started preloader listens."""
     from autoscaler.agent.preloaders import socket_name
 
-    visible = get_api().devices()
+    if visible is None:
+        from autoscaler.agent.cuda import get_api
+
+        visible = get_api().devices()
+    make = make or WeightPreloader
     chosen = parse_devices(devices, len(visible))
     Path(socket_dir).mkdir(parents=True, exist_ok=True)
-    servers = [
-        WeightPreloader(
-            str(Path(socket_dir) / socket_name(visible[d].uuid)), d, threads, chunk_bytes,
-            pinned_areas, socket_mode,
-        )
-        for d in chosen
-    ]  # fmt: skip
+    servers = []
+    for d in chosen:
+        path = Path(socket_dir) / socket_name(visible[d].uuid)
+        try:
+            servers.append(
+                make(str(path), d, threads, chunk_bytes, pinned_areas, socket_mode)
+            )
+        except Exception as exc:  # this GPU only: the others still serve
+            path.unlink(missing_ok=True)
+            print(json.dumps({"preloader": str(path), "device": d, "started": False,
+                              "error": f"{type(exc).__name__}: {exc}"}), flush=True)  # fmt: skip
+    if not servers:
+        raise RuntimeError(f"no preloader started for devices {devices!r} (see above)")
     failed: list[BaseException] = []
     stop = threading.Event()
+    listening = [threading.Event() for _ in servers]
 
-    def run(server: WeightPreloader) -> None:
+    def run(server: Any, up: threading.Event) -> None:
         try:
-            server.serve_forever()
+            server.serve_forever(up)
         except BaseException as exc:  # reported below; the others go down with the process
             failed.append(exc)
         finally:
+            up.set()
             stop.set()
 
-    for server in servers:
-        threading.Thread(target=run, args=(server,), daemon=True).start()
+    for server, up in zip(servers, listening, strict=True):
+        threading.Thread(target=run, args=(server, up), daemon=True).start()
+    for up in listening:
+        up.wait()
+    if ready is not None:
+        ready.set()
     stop.wait()
     raise RuntimeError(f"a preloader stopped: {failed[0]!r}" if failed else "a preloader stopped")
 

@@ -206,3 +206,59 @@ def test_the_gpus_a_pod_was_given_come_from_its_nvidia_visible_devices():
     with pytest.raises(GpuMappingError, match="only 1"):
         pairs_onto([GPU_A, GPU_B], [GPU_A])
     assert read_environ(os.getpid())["PATH"] == os.environ["PATH"]
+
+
+class _FakePreloader:
+    """Stands in for the CUDA preloader in serve_per_gpu's supervision (binds its socket and
+    serves until told to stop); device 1 fails to start, as a GPU in a bad state would."""
+
+    stop = None
+
+    def __init__(self, path: str, device: int, *_args) -> None:
+        if device == 1:
+            raise RuntimeError("CUDA error: device unavailable")
+        self.path = path
+
+    def serve_forever(self, ready) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+            srv.bind(self.path)
+            srv.listen(1)
+            ready.set()
+            _FakePreloader.stop.wait()
+        raise OSError("stopped")
+
+
+def test_one_gpus_preloader_failing_to_start_leaves_the_others_serving(capsys):
+    import threading
+    from types import SimpleNamespace
+
+    d = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))
+    stale = d / preloaders.socket_name(GPU_B)
+    stale.write_text("left by an earlier run")
+    visible = [SimpleNamespace(uuid=GPU_A), SimpleNamespace(uuid=GPU_B)]
+    _FakePreloader.stop = threading.Event()
+    ready = threading.Event()
+    errors: list[BaseException] = []
+
+    def supervise() -> None:
+        try:
+            fastload.serve_per_gpu(str(d), "all", visible=visible, make=_FakePreloader,
+                                   ready=ready)  # fmt: skip
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=supervise, daemon=True)
+    t.start()
+    try:
+        assert ready.wait(30)
+        assert set(preloaders.list_sockets(d)) == {GPU_A}
+        assert not stale.exists()  # the agent sees no preloader for GPU B, not a dead one
+        assert "device unavailable" in capsys.readouterr().out
+        _FakePreloader.stop.set()  # a serving preloader stops: the process goes down
+        t.join(30)
+        assert len(errors) == 1 and "a preloader stopped" in str(errors[0])
+        with pytest.raises(RuntimeError, match="no preloader started"):
+            fastload.serve_per_gpu(str(d), "1", visible=visible, make=_FakePreloader)
+    finally:
+        _FakePreloader.stop.set()
+        shutil.rmtree(d)
