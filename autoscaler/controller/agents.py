@@ -43,6 +43,8 @@ class AgentDirectory(Protocol):
 
     def evict(self, node: str, artifact: str) -> Mapping[str, Any]: ...
 
+    def pin(self, node: str, artifacts: list[str]) -> Mapping[str, Any]: ...
+
 
 # The agent's HTTP API (autoscaler.agent.server, docs/agent.md); one table so paths change in
 # one place.

@@ -279,6 +279,8 @@ class CycleReport:
     artifacts: Any = None  # the ArtifactManager's report (checkpoint pods, records, retirements)
     stage_errors: list[str] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)
+    # node -> the artifacts pinned there this cycle (only nodes whose set changed)
+    pinned: dict[str, tuple[str, ...]] = field(default_factory=dict)
     skipped: str | None = None
     error: str | None = None
     plan: CyclePlan | None = None
@@ -349,6 +351,8 @@ class Controller:
             model_dirs=model_dirs(config),
         )
         self._model_seen: dict[str, int] = {}
+        # per node, the artifacts last pinned there (POST /v1/pins is sent when this changes)
+        self._pins_sent: dict[str, frozenset[str]] = {}
         # its query load goes to autoscaler_nowcast_points_fetched_total{workload,fetch}
         self.nowcast = NowcastBands(config.nowcast, config.interval_s, self.step.total_seconds(),
                                     demand, on_fetch=self.metrics.count_nowcast_fetch)  # fmt: skip
@@ -614,6 +618,7 @@ class Controller:
         report.plan = plan
         if not self.dry_run:
             self._stage(plan, report, deployments, current_artifacts, nodes)
+            self._pin(plan, inventory.names, set(inventories), report)
         by_name = {i.spec.name: i for i in inputs}
         for name, d in sorted(deployments.items()):
             wp = plan.plans[name]
@@ -718,6 +723,31 @@ class Controller:
         for name, d in deployments.items():
             if name in current_artifacts and self.settings.kubernetes.set_affinity:
                 self._ensure_adopted(d)
+
+    def _pin(
+        self, plan: CyclePlan, names: Sequence[str], answering: set[str], report: CycleReport
+    ) -> None:
+        """Tell each answering agent which of its copies the plans keep (never evicted to make
+        room, docs/agent.md): without it the agent's LRU could drop a copy the next replica's
+        restore needs under disk or memory pressure. Sent only when a node's set changes."""
+        if self.agents is None or not hasattr(self.agents, "pin"):
+            return
+        evicted = {(ev.node, ev.artifact) for ev in plan.stage.evictions}
+        kept: dict[str, set[str]] = {}
+        for artifact, idx in plan.stage.keep:
+            if 0 <= idx < len(names) and (names[idx], artifact) not in evicted:
+                kept.setdefault(names[idx], set()).add(artifact)
+        for node in sorted(answering):
+            want = frozenset(kept.get(node, ()))
+            if self._pins_sent.get(node) == want:
+                continue
+            try:
+                self.agents.pin(node, sorted(want))
+            except AgentCallError as exc:
+                report.stage_errors.append(str(exc))
+                continue
+            self._pins_sent[node] = want
+            report.pinned[node] = tuple(sorted(want))
 
     def _will_adopt(self, d: ManagedDeployment, w: WorkloadConfig) -> bool:
         """Whether this cycle's stage step patches the template (and so rolls out new pods)."""

@@ -214,6 +214,14 @@ def test_replay_scales_ahead_stages_and_restores_on_staged_nodes(
     for node in staged:
         assert nodes[node].staged.get("chat") == world.artifact
     assert not [e for r in history for e in r.stage_errors]
+    # The copies the plan keeps are pinned on their agents (no LRU eviction under pressure),
+    # and each node's pins match what the last cycle that changed them sent.
+    last_pins: dict[str, tuple[str, ...]] = {}
+    for r in history:
+        last_pins.update(r.pinned)
+    assert any(world.artifact in arts for arts in last_pins.values()), last_pins
+    for node, arts in last_pins.items():
+        assert world.agents.agents[node].config.cache.pinned == set(arts)
 
     # 3. The scheduler put new pods on staged nodes (preferred affinity); they restored and became
     #    ready after the restore delay, not the cold one.
