@@ -30,6 +30,7 @@ class AgentInventory:
     node: str
     holdings: AgentHoldings
     versions: Mapping[str, str]
+    pinned: frozenset[str] = frozenset()  # the copies the agent will not evict to make room
 
 
 class AgentDirectory(Protocol):
@@ -129,7 +130,10 @@ class HttpAgents:
         reported = data.get("versions")
         if isinstance(reported, dict):
             versions.update({str(k): str(v) for k, v in reported.items()})
-        return AgentInventory(node=node, holdings=holdings, versions=versions)
+        pinned = data.get("pinned") or []
+        return AgentInventory(node=node, holdings=holdings, versions=versions,
+                              pinned=frozenset(str(a) for a in pinned)
+                              if isinstance(pinned, list) else frozenset())  # fmt: skip
 
     def stage(self, node: str, artifact: str, tier: str, source: str) -> Mapping[str, Any]:
         """POST /v1/stage: copy from the store (or warm a disk copy) into `tier`."""

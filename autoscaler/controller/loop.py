@@ -351,8 +351,6 @@ class Controller:
             model_dirs=model_dirs(config),
         )
         self._model_seen: dict[str, int] = {}
-        # per node, the artifacts last pinned there (POST /v1/pins is sent when this changes)
-        self._pins_sent: dict[str, frozenset[str]] = {}
         # its query load goes to autoscaler_nowcast_points_fetched_total{workload,fetch}
         self.nowcast = NowcastBands(config.nowcast, config.interval_s, self.step.total_seconds(),
                                     demand, on_fetch=self.metrics.count_nowcast_fetch)  # fmt: skip
@@ -618,7 +616,7 @@ class Controller:
         report.plan = plan
         if not self.dry_run:
             self._stage(plan, report, deployments, current_artifacts, nodes)
-            self._pin(plan, inventory.names, set(inventories), report)
+            self._pin(plan, inventory.names, inventories, report)
         by_name = {i.spec.name: i for i in inputs}
         for name, d in sorted(deployments.items()):
             wp = plan.plans[name]
@@ -725,11 +723,13 @@ class Controller:
                 self._ensure_adopted(d)
 
     def _pin(
-        self, plan: CyclePlan, names: Sequence[str], answering: set[str], report: CycleReport
-    ) -> None:
+        self, plan: CyclePlan, names: Sequence[str],
+        answering: Mapping[str, AgentInventory], report: CycleReport,
+    ) -> None:  # fmt: skip
         """Tell each answering agent which of its copies the plans keep (never evicted to make
         room, docs/agent.md): without it the agent's LRU could drop a copy the next replica's
-        restore needs under disk or memory pressure. Sent only when a node's set changes."""
+        restore needs under disk or memory pressure. Sent only where the agent's own pinned
+        set (its inventory) differs, so a restarted agent gets its pins again."""
         if self.agents is None or not hasattr(self.agents, "pin"):
             return
         evicted = {(ev.node, ev.artifact) for ev in plan.stage.evictions}
@@ -737,16 +737,15 @@ class Controller:
         for artifact, idx in plan.stage.keep:
             if 0 <= idx < len(names) and (names[idx], artifact) not in evicted:
                 kept.setdefault(names[idx], set()).add(artifact)
-        for node in sorted(answering):
+        for node, held in sorted(answering.items()):
             want = frozenset(kept.get(node, ()))
-            if self._pins_sent.get(node) == want:
+            if held.pinned == want:
                 continue
             try:
                 self.agents.pin(node, sorted(want))
             except AgentCallError as exc:
                 report.stage_errors.append(str(exc))
                 continue
-            self._pins_sent[node] = want
             report.pinned[node] = tuple(sorted(want))
 
     def _will_adopt(self, d: ManagedDeployment, w: WorkloadConfig) -> bool:

@@ -176,6 +176,12 @@ def test_replay_scales_ahead_stages_and_restores_on_staged_nodes(
             history.append(c.run_cycle())
             c.fits.wait_idle()
             assert wait_until(lambda: settled(world), 30), (k, world.kubelet.errors)
+            if k == 14:  # an agent restarts and forgets its pins: the next cycle re-sends them
+                pinned_nodes = [n for r in history for n, arts in r.pinned.items()
+                                if world.artifact in arts]  # fmt: skip
+                assert pinned_nodes, [r.pinned for r in history]
+                forgetful = pinned_nodes[-1]
+                world.agents.agents[forgetful].config.cache.set_pinned([])
         port = service.http.server_address[1]
         metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
@@ -222,6 +228,7 @@ def test_replay_scales_ahead_stages_and_restores_on_staged_nodes(
     assert any(world.artifact in arts for arts in last_pins.values()), last_pins
     for node, arts in last_pins.items():
         assert world.agents.agents[node].config.cache.pinned == set(arts)
+    assert world.artifact in history[15].pinned.get(forgetful, ())  # re-pinned after "restart"
 
     # 3. The scheduler put new pods on staged nodes (preferred affinity); they restored and became
     #    ready after the restore delay, not the cold one.
