@@ -160,6 +160,35 @@ def _high_column(forecast: pd.DataFrame | None, q: float) -> np.ndarray | None:
     return None
 
 
+def budget_ceiling(
+    plan: CyclePlan, inputs: Sequence[WorkloadInputs], workload: str, budget_gpus: int | None
+) -> int | None:
+    """The most replicas `workload` may have within the GPU budget given what the cycle granted
+    the others (None without a budget): what a re-plan after a write conflict must stay under,
+    since it plans this workload alone."""
+    if budget_gpus is None:
+        return None
+    per = {w.spec.name: w.spec.gpus_per_replica for w in inputs}
+    others = sum(
+        n * per.get(name, 1) for name, n in plan.budget.granted.items() if name != workload
+    )
+    return max(0, budget_gpus - others) // max(1, per.get(workload, 1))
+
+
+def replanned_replicas(
+    fresh: int, planned: int, current: int, budget_cut: bool, ceiling: int | None
+) -> int:
+    """Replicas to write after someone else scaled the Deployment (a 409 and a re-read):
+    `fresh` is the plan redone on the `current` count for this workload alone. The budget may
+    cut a scale-up, never below what runs: a workload the cycle cut keeps at most its grant
+    (`planned`), any other at most its ceiling (the budget left by the others' grants)."""
+    if budget_cut:
+        return min(fresh, max(planned, current))
+    if ceiling is not None:
+        return min(fresh, max(ceiling, current))
+    return fresh
+
+
 def plan_cycle(
     inputs: Sequence[WorkloadInputs],
     inventory: NodeInventory,

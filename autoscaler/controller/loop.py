@@ -48,8 +48,10 @@ from autoscaler.controller.checkpoints import ArtifactManager, is_checkpoint_pod
 from autoscaler.controller.core import (
     CyclePlan,
     WorkloadInputs,
+    budget_ceiling,
     build_inventory,
     plan_cycle,
+    replanned_replicas,
 )
 from autoscaler.controller.metrics import ControllerMetrics
 from autoscaler.controller.models import (
@@ -621,7 +623,9 @@ class Controller:
         for name, d in sorted(deployments.items()):
             wp = plan.plans[name]
             self.recommendations[name] = wp.decision.recommendations
-            outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s)
+            ceiling = budget_ceiling(plan, inputs, name, self.config.gpu_budget)
+            outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s,
+                                  ceiling)  # fmt: skip
             if notes.get(name):
                 outcome.summary += f" [{notes[name]}]"
             note = by_name[name].nowcast_note
@@ -807,6 +811,7 @@ class Controller:
         signal_ok: bool,
         inventory: Any,
         now_s: float,
+        ceiling: int | None = None,
     ) -> WorkloadOutcome:
         decision = wp.decision
         ex = decision.explanation
@@ -828,9 +833,10 @@ class Controller:
                 # Someone else scaled since we planned: plan again on what is there now.
                 fresh = plan_cycle([replace(inputs, current_replicas=state.spec_replicas)],
                                    inventory, now_s)  # fmt: skip
-                desired = fresh.plans[d.workload].decision.desired_replicas
-                if wp.budget_cut:
-                    desired = min(desired, max(decision.desired_replicas, state.spec_replicas))
+                desired = replanned_replicas(
+                    fresh.plans[d.workload].decision.desired_replicas,
+                    decision.desired_replicas, state.spec_replicas, wp.budget_cut, ceiling,
+                )  # fmt: skip
             if not signal_ok and desired < state.spec_replicas:
                 return None  # missing data never scales down
             if waits and desired > state.spec_replicas:

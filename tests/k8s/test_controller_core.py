@@ -107,6 +107,28 @@ def test_gpu_budget_cuts_scale_up_but_never_below_what_runs():
     assert plan.plans["chat"].budget_cut
 
 
+def test_a_replan_after_a_conflict_stays_within_the_budget_the_others_left():
+    from dataclasses import replace
+
+    from autoscaler.controller.core import budget_ceiling, replanned_replicas
+
+    inv = build_inventory([_node(f"n{i}", gpus=8) for i in range(4)], {}, {}, {}, {})
+    chat = _inputs(2, _forecast([40] * 5))  # wants ~4-5 replicas
+    other = _inputs(3, _forecast([30] * 5))
+    other = replace(other, spec=replace(other.spec, name="other"))
+    plan = plan_cycle([chat, other], inv, now_s=1000.0, budget_gpus=10)
+    granted = plan.budget.granted
+    assert budget_ceiling(plan, [chat, other], "chat", 10) == 10 - granted["other"]
+    assert budget_ceiling(plan, [chat, other], "chat", None) is None
+    # someone scaled chat to 1 meanwhile: the re-plan (this workload alone, no budget) may ask
+    # for more than the others left; the ceiling holds it there, never below what runs
+    assert replanned_replicas(12, 5, 1, budget_cut=False, ceiling=6) == 6
+    assert replanned_replicas(4, 5, 1, budget_cut=False, ceiling=6) == 4
+    assert replanned_replicas(12, 5, 9, budget_cut=False, ceiling=6) == 9
+    assert replanned_replicas(12, 5, 1, budget_cut=True, ceiling=6) == 5  # its grant
+    assert replanned_replicas(12, 5, 1, budget_cut=False, ceiling=None) == 12
+
+
 def test_next_replica_lead_follows_staging():
     nodes = [_node("n1", staged={"chat": "art1"}), _node("n2")]
     staged = build_inventory(nodes, {}, {}, {"art1": 10.0}, {"chat": "art1"})
