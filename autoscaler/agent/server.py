@@ -127,6 +127,10 @@ class EvictBody(_Body):
     force: bool = False
 
 
+class StoreDeleteBody(_Body):
+    artifact_id: str = ArtifactId
+
+
 class PinsBody(_Body):
     artifact_ids: list[Annotated[str, Field(pattern=ARTIFACT_ID_PATTERN, max_length=128)]] = (
         Field(max_length=1024)
@@ -206,6 +210,8 @@ class Metrics:
                                   ["tier"], registry=r)
         self.artifacts = Gauge("autoscaler_agent_artifacts", "Artifacts held per tier",
                                ["tier"], registry=r)
+        self.store_deletes = Counter("autoscaler_agent_store_deletes_total",
+                                     "Artifacts deleted from the shared store", registry=r)
 
 
 class Agent:
@@ -357,6 +363,16 @@ class Agent:
             raise ArtifactNotFound(body.artifact_id, "the node cache")
         return {"artifact_id": body.artifact_id, "evicted_from": removed}
 
+    def store_delete(self, body: StoreDeleteBody) -> dict:
+        """Delete an artifact from the shared store (the controller's clean-up of a retired
+        artifact no plan restores any more); 404 when the store has no such artifact. A node
+        copy is not touched (evict does that), and a restore reading the store copy right now
+        keeps its open files (the directory is renamed away, then removed)."""
+        with self._lock_for(body.artifact_id):
+            self.config.store.delete(body.artifact_id)
+        self.metrics.store_deletes.inc()
+        return {"artifact_id": body.artifact_id, "deleted": True}
+
     def pins(self, body: PinsBody) -> dict:
         self.config.cache.set_pinned(body.artifact_ids)
         return {"pinned": sorted(self.config.cache.pinned)}
@@ -468,6 +484,7 @@ def make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
         "/v1/stage": (StageBody, agent.stage),
         "/v1/evict": (EvictBody, lambda b, _p: agent.evict(b)),
         "/v1/pins": (PinsBody, lambda b, _p: agent.pins(b)),
+        "/v1/store/delete": (StoreDeleteBody, lambda b, _p: agent.store_delete(b)),
         "/v1/restore": (RestoreBody, agent.restore),
     }
 

@@ -19,9 +19,10 @@ from autoscaler.errors import AutoscalerError
 
 
 class AgentCallError(AutoscalerError):
-    def __init__(self, node: str, call: str, message: str) -> None:
+    def __init__(self, node: str, call: str, message: str, status: int | None = None) -> None:
         self.node = node
         self.call = call
+        self.status = status  # the agent's HTTP status when it answered with an error
         super().__init__(f"agent on node {node}: {call} failed: {message}")
 
 
@@ -46,6 +47,8 @@ class AgentDirectory(Protocol):
 
     def pin(self, node: str, artifacts: list[str]) -> Mapping[str, Any]: ...
 
+    def delete_from_store(self, node: str, artifact: str) -> bool: ...
+
 
 # The agent's HTTP API (autoscaler.agent.server, docs/agent.md); one table so paths change in
 # one place.
@@ -55,6 +58,7 @@ PATHS = {
     "stage": ("POST", "/v1/stage"),
     "evict": ("POST", "/v1/evict"),
     "pins": ("POST", "/v1/pins"),
+    "store_delete": ("POST", "/v1/store/delete"),
     "checkpoint": ("POST", "/v1/checkpoint"),
 }
 
@@ -100,7 +104,8 @@ class HttpAgents:
         except requests.RequestException as exc:
             raise AgentCallError(node, name, f"{base} unreachable: {exc}") from exc
         if resp.status_code >= 400:
-            raise AgentCallError(node, name, f"HTTP {resp.status_code}: {resp.text[:300]}")
+            raise AgentCallError(node, name, f"HTTP {resp.status_code}: {resp.text[:300]}",
+                                 resp.status_code)  # fmt: skip
         try:
             return resp.json()
         except ValueError as exc:
@@ -146,6 +151,17 @@ class HttpAgents:
     def pin(self, node: str, artifacts: list[str]) -> Mapping[str, Any]:
         """POST /v1/pins: the artifacts current plans keep on this node (never evicted)."""
         return self._call(node, "pins", {"artifact_ids": sorted(artifacts)})
+
+    def delete_from_store(self, node: str, artifact: str) -> bool:
+        """POST /v1/store/delete through `node`'s agent (the store is shared: any agent can);
+        True when it deleted the artifact, False when the store had none (already gone)."""
+        try:
+            self._call(node, "store_delete", {"artifact_id": artifact})
+        except AgentCallError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     def checkpoint(
         self, node: str, body: Mapping[str, Any], timeout_s: float | None = None

@@ -203,6 +203,7 @@ class ArtifactReport:
     created: list[tuple[str, str]] = field(default_factory=list)  # workload, artifact id
     retired: list[tuple[str, str]] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)  # node, artifact id
+    deleted: list[str] = field(default_factory=list)  # retired ids deleted from the store
     started: list[tuple[str, str]] = field(default_factory=list)  # workload, pod
     failures: list[str] = field(default_factory=list)
 
@@ -233,6 +234,8 @@ class ArtifactManager:
         self.attempts: dict[str, _Attempt] = {}
         self.failures: dict[str, int] = {}
         self.next_try: dict[str, float] = {}
+        # retired ids the store no longer has (deleted, or found gone): not asked again
+        self.gone_from_store: set[str] = set()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -246,6 +249,13 @@ class ArtifactManager:
         pods: Sequence[Any],
     ) -> ArtifactReport:
         report = ArtifactReport()
+        # what some Deployment still restores: never deleted from the store, even when another
+        # Deployment (an identical template, so the same identity) retired it
+        in_use = {
+            rec.id for dep in deployments.values()
+            if (rec := StoredRecord.parse(dep.annotations.get(ARTIFACT_RECORD_ANNOTATION)))
+        }  # fmt: skip
+        self.gone_from_store -= in_use  # checkpointed again since: a later retirement deletes it
         for name, d in sorted(deployments.items()):
             w = workloads.get(name)
             if w is None or w.start.path == "cold":
@@ -254,7 +264,7 @@ class ArtifactManager:
             mine = [p for p in pods if p.metadata.namespace == d.namespace
                     and (p.metadata.labels or {}).get(CHECKPOINT_LABEL) == owner]  # fmt: skip
             try:
-                self._reconcile_one(d, nodes, inventories, mine, report)
+                self._reconcile_one(d, nodes, inventories, mine, report, in_use)
             except ClusterError as exc:  # the next cycle tries again; scaling goes on
                 report.failures.append(f"{d.key}: {exc}")
                 log.warning("artifact reconcile of %s: %s", d.key, exc)
@@ -269,6 +279,7 @@ class ArtifactManager:
         inventories: Mapping[str, AgentInventory],
         checkpoint_pods: Sequence[Any],
         report: ArtifactReport,
+        in_use: set[str] | None = None,
     ) -> None:
         record = StoredRecord.parse(d.annotations.get(ARTIFACT_RECORD_ANNOTATION))
         retired = _retired_ids(d.annotations.get(RETIRED_ARTIFACTS_ANNOTATION))
@@ -284,6 +295,9 @@ class ArtifactManager:
                         "; a new one will be made")  # fmt: skip
             record = None
         self._evict_retired(d, set(retired), nodes, inventories, report)
+        if self.settings.delete_retired:
+            self._delete_retired(set(retired) - (in_use or set()) - (
+                {record.id} if record is not None else set()), inventories, report)
         if record is not None:
             for pod in checkpoint_pods:  # leftovers (a restart between record and delete)
                 self._delete_pod(d, pod.metadata.name)
@@ -312,6 +326,27 @@ class ArtifactManager:
         for n in nodes:
             if n.staged.get(label_name(d.workload)) in retired:
                 self.cluster.set_staged(n.name, d.workload, None)
+
+    def _delete_retired(
+        self, retired: set[str], inventories: Mapping[str, AgentInventory],
+        report: ArtifactReport,
+    ) -> None:  # fmt: skip
+        """Delete retired artifacts from the shared store once no answering agent reports a
+        copy (the cycle that retires one evicts the copies first, so its store copy goes the
+        cycle after). Any answering agent can do it (the store is shared); one that has none
+        any more answers 404, which counts as done."""
+        if not retired or not inventories:
+            return
+        held = {a for inv in inventories.values() for a in inv.holdings.artifacts}
+        via = sorted(inventories)[0]
+        for art in sorted(retired - held - self.gone_from_store):
+            try:
+                if self.agents.delete_from_store(via, art):
+                    report.deleted.append(art)
+            except AgentCallError as exc:  # tried again next cycle
+                report.failures.append(str(exc))
+                continue
+            self.gone_from_store.add(art)
 
     def _make(
         self,

@@ -140,6 +140,10 @@ class ArtifactSettings(_Strict):
     # After a failure, wait backoff_s x 2^(failures-1), at most backoff_max_s, before retrying.
     backoff_s: float = Field(default=30.0, gt=0)
     backoff_max_s: float = Field(default=1800.0, gt=0)
+    # Delete a retired artifact from the shared store once no answering agent holds a copy and
+    # no managed Deployment's record names it (a template reverted later is checkpointed
+    # again). False keeps every retired artifact in the store (clean it yourself).
+    delete_retired: bool = True
 
 
 class ControllerSettings(_Strict):

@@ -95,3 +95,42 @@ def test_image_digest_from_a_container_status():
     digest = "r/x@sha256:" + "0" * 64
     assert digest_from_image_id("docker-pullable://" + digest) == digest
     assert digest_from_image_id("") is None and digest_from_image_id("r/x:latest") is None
+
+
+def test_retired_artifacts_leave_the_store_only_when_no_agent_holds_a_copy():
+    from autoscaler.controller.agents import AgentCallError, AgentHoldings, AgentInventory
+    from autoscaler.controller.checkpoints import ArtifactManager, ArtifactReport
+    from autoscaler.controller.settings import ArtifactSettings
+
+    class StoreDouble:  # what the agents answer to POST /v1/store/delete
+        def __init__(self) -> None:
+            self.held = {"old-a", "old-c"}
+            self.asked: list[tuple[str, str]] = []
+            self.down = False
+
+        def delete_from_store(self, node: str, artifact: str) -> bool:
+            self.asked.append((node, artifact))
+            if self.down:
+                raise AgentCallError(node, "store_delete", "unreachable")
+            if artifact in self.held:
+                self.held.discard(artifact)
+                return True
+            return False  # 404: already gone
+
+    agents = StoreDouble()
+    manager = ArtifactManager(None, agents, ArtifactSettings())  # type: ignore[arg-type]
+    inv = {n: AgentInventory(n, AgentHoldings(arts, 100.0, 0.0), {})
+           for n, arts in (("n2", {}), ("n1", {"old-b": "disk"}))}  # fmt: skip
+    report = ArtifactReport()
+    manager._delete_retired({"old-a", "old-b", "old-c"}, inv, report)
+    # old-b still has a copy on n1 (evicted this cycle, deleted the next); asked through one agent
+    assert agents.asked == [("n1", "old-a"), ("n1", "old-c")]
+    assert report.deleted == ["old-a", "old-c"]
+    manager._delete_retired({"old-a", "old-c", "old-d"}, inv, report := ArtifactReport())
+    assert agents.asked[2:] == [("n1", "old-d")]  # gone ones are not asked again; 404 = done
+    assert report.deleted == [] and "old-d" in manager.gone_from_store
+    agents.down = True
+    manager._delete_retired({"old-e"}, inv, report := ArtifactReport())
+    assert report.failures and "old-e" not in manager.gone_from_store  # tried next cycle
+    manager._delete_retired({"old-f"}, {}, ArtifactReport())  # no agent answered: nothing
+    assert agents.asked[-1] == ("n1", "old-e")

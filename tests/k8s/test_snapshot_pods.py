@@ -230,6 +230,9 @@ def test_template_change_makes_a_new_artifact_and_the_old_one_is_never_restored(
         assert wait_until(lambda: not any(world.agents.holds(n, old["id"])
                                           for n in world.nodes), 10)  # fmt: skip
         assert not world.staged_nodes(old["id"])
+        # ... and, once no node holds a copy, deleted from the shared store (the new one stays)
+        assert wait_until(lambda: not world.store.exists(old["id"]), 15), world.store.list_ids()
+        assert world.store.exists(new["id"])
         # One more replica now restores the NEW artifact (a worker with a 4 MiB KV cache).
         world.cluster.apply_scale(world.namespace, DEPLOYMENT, lambda s: 2)
 
