@@ -111,11 +111,24 @@ def test_path_traversal_ids_are_refused(api: Api, bad_id: str) -> None:
         ("/v1/restore", {"artifact_id": bad_id}),
         ("/v1/checkpoint", {"artifact_id": bad_id, "pid": 2, "workload": "w"}),
         ("/v1/pins", {"artifact_ids": [bad_id]}),
+        ("/v1/store/delete", {"artifact_id": bad_id}),
     ]:
         status, answer = api.call("POST", path, body)
         assert status == 400, (path, answer)
         assert "artifact_id" in json.dumps(answer)
     assert (api.tmp / "etc").exists()
+
+
+def test_store_delete_removes_the_shared_copy_only_and_needs_the_token(api: Api) -> None:
+    make_artifact(api.store, "gone1")
+    assert api.call("POST", "/v1/stage", {"artifact_id": "gone1"})[0] == 200
+    assert api.call("POST", "/v1/store/delete", {"artifact_id": "gone1"}, token="x")[0] == 401
+    assert api.store.exists("gone1")
+    status, body = api.call("POST", "/v1/store/delete", {"artifact_id": "gone1"})
+    assert status == 200 and body == {"artifact_id": "gone1", "deleted": True}
+    assert not api.store.exists("gone1") and api.cache.holds("gone1", "disk")  # node copy stays
+    status, body = api.call("POST", "/v1/store/delete", {"artifact_id": "gone1"})
+    assert status == 404 and "gone1" in body["error"]
 
 
 def test_bad_bodies_are_refused_with_the_field_named(api: Api) -> None:
