@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import external, multiproc, pod_gpus, preloaders
@@ -339,26 +340,39 @@ def recorded_gpus(manifest: Manifest) -> list[str]:
     return [str(u) for u in recorded] if isinstance(recorded, list) else []
 
 
-def effective_gpu_pairs(
-    request: RestoreRequest, manifest: Manifest
-) -> tuple[tuple[tuple[str, str], ...], str | None]:
-    """The GPU pairs this restore uses and where they came from: the request's own; else,
-    restoring into a pod (`namespace_pid`), the move from the recorded GPUs onto the GPUs the
-    pod was given (its NVIDIA_VISIBLE_DEVICES, autoscaler.agent.pod_gpus), "pod"; else none.
-    Raises GpuMappingError when the pod has fewer GPUs than the worker used."""
+class GpuPairs(NamedTuple):
+    """The GPU pairs a restore uses, where they came from ("request", "pod", or None when
+    there are none) and, when the pod's GPUs could not be read, a warning saying so."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    source: str | None = None
+    warning: str | None = None
+
+
+NO_POD_GPU_LIST = (
+    "the pod names no GPU list (NVIDIA_VISIBLE_DEVICES unset, all, none or unresolvable): "
+    "restoring onto the GPUs the checkpoint recorded"
+)
+
+
+def effective_gpu_pairs(request: RestoreRequest, recorded: Sequence[str]) -> GpuPairs:
+    """The GPU pairs this restore uses: the request's own; else, restoring into a pod
+    (`namespace_pid`), the move from the `recorded` GPUs onto the GPUs the pod was given (its
+    NVIDIA_VISIBLE_DEVICES, autoscaler.agent.pod_gpus); else none. Raises GpuMappingError
+    when the pod has fewer GPUs than the worker used."""
     if request.gpu_pairs:
-        return tuple(request.gpu_pairs), "request"
-    recorded = recorded_gpus(manifest)
+        return GpuPairs(tuple(request.gpu_pairs), "request")
     if not request.gpu_pairs_from_pod or request.namespace_pid is None or not recorded:
-        return (), None
+        return GpuPairs()
     try:
         environ = pod_gpus.read_environ(request.namespace_pid)
     except OSError:
-        return (), None
+        return GpuPairs(warning=NO_POD_GPU_LIST)
     visible = pod_gpus.visible_gpus(environ, _node_gpus(environ))
     if visible is None:
-        return (), None
-    return pod_gpus.pairs_onto(recorded, visible), "pod"
+        return GpuPairs(warning=NO_POD_GPU_LIST)
+    pairs = pod_gpus.pairs_onto(recorded, visible)
+    return GpuPairs(pairs, "pod" if pairs else None)
 
 
 def _node_gpus(environ: dict[str, str]) -> list[str]:
@@ -374,11 +388,11 @@ def _node_gpus(environ: dict[str, str]) -> list[str]:
 
 
 def _choose_preloader(
-    request: RestoreRequest, manifest: Manifest, pairs: Sequence[tuple[str, str]]
+    request: RestoreRequest, recorded: Sequence[str], pairs: Sequence[tuple[str, str]]
 ) -> preloaders.PreloaderChoice:
     """The per-GPU preloader of the GPU the worker lands on (none, and why, when unclear)."""
     try:
-        targets = preloaders.target_gpus(pairs, recorded_gpus(manifest))
+        targets = preloaders.target_gpus(pairs, recorded)
     except ValueError as exc:
         return preloaders.PreloaderChoice(None, None, f"unreadable GPU UUID: {exc}")
     return preloaders.choose(None, request.preload_socket_dir, targets)
@@ -445,18 +459,15 @@ def _restore(
             return _failure(artifact_id, why, quarantined=tuple(quarantined))
         timings["verify"] = time.perf_counter() - t0
         files = verified.manifest.external_files
+        recorded = recorded_gpus(verified.manifest)
         try:
-            pairs, pairs_from = effective_gpu_pairs(request, verified.manifest)
+            gpus = effective_gpu_pairs(request, recorded)
         except (multiproc.GpuMappingError, ValueError) as exc:  # nothing restored yet
             return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))
-        if (pairs_from is None and request.namespace_pid is not None
-                and request.gpu_pairs_from_pod and recorded_gpus(verified.manifest)):
-            preloads.warn(
-                "the pod names no GPU list (NVIDIA_VISIBLE_DEVICES unset, all, none or "
-                "unresolvable): restoring onto the GPUs the checkpoint recorded"
-            )  # fmt: skip
+        if gpus.warning:
+            preloads.warn(gpus.warning)
         if request.preload_socket_dir and not request.preload_socket and not preloads.started:
-            preloads.route(_choose_preloader(request, verified.manifest, pairs), from_dir=True)
+            preloads.route(_choose_preloader(request, recorded, gpus.pairs), from_dir=True)
         known = cache.verified if cache is not None else None
         # From disk the images come first (CRIU needs them now; the worker needs its weights
         # only after the CUDA restore): one reader at a time gets the disk's full bandwidth.
@@ -527,13 +538,13 @@ def _restore(
             say(f"CUDA restore of {sum(r.cuda for r in records)} processes, then unlock all")
             t = time.perf_counter()
             multiproc.restore_cuda_group(
-                records, _inner_to_host(target), pairs, api=cuda_api
+                records, _inner_to_host(target), gpus.pairs, api=cuda_api
             )
             timings["cuda_restore"] = time.perf_counter() - t
         elif verified.manifest.has_cuda_state:
             say("CUDA restore + unlock")
             t = time.perf_counter()
-            get_api().restore_process(restored.host_pid, pairs)
+            get_api().restore_process(restored.host_pid, gpus.pairs)
             timings["cuda_restore"] = time.perf_counter() - t
         if rank_handshakes:
             t = time.perf_counter()
@@ -562,8 +573,8 @@ def _restore(
                         log_path=str(restored.log_path), seconds=timings)
     timings["total"] = time.perf_counter() - t0
     return RestoreOutcome(
-        gpu_pairs=pairs,
-        gpu_pairs_from=pairs_from if pairs else None,
+        gpu_pairs=gpus.pairs,
+        gpu_pairs_from=gpus.source,
         ok=True,
         artifact_id=artifact_id,
         source=source,

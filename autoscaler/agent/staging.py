@@ -339,9 +339,10 @@ def release_weights_on_gpu(files: Sequence[ExternalFile], sockets: Sequence[str]
     """Give back what stage_weights_on_gpu had a preloader hold (nothing held: no-op); asks
     every preloader given, since a stage may have used any GPU's."""
     paths = [f.path for f in files if f.preload]
+    if not paths:
+        return
     for socket_path in sockets:
-        if paths:
-            external.release_preloads(socket_path, paths)
+        external.release_preloads(socket_path, paths)
 
 
 def copy_artifact(

@@ -279,7 +279,7 @@ class ArtifactManager:
         inventories: Mapping[str, AgentInventory],
         checkpoint_pods: Sequence[Any],
         report: ArtifactReport,
-        in_use: set[str] | None = None,
+        in_use: set[str],
     ) -> None:
         record = StoredRecord.parse(d.annotations.get(ARTIFACT_RECORD_ANNOTATION))
         retired = _retired_ids(d.annotations.get(RETIRED_ARTIFACTS_ANNOTATION))
@@ -296,8 +296,8 @@ class ArtifactManager:
             record = None
         self._evict_retired(d, set(retired), nodes, inventories, report)
         if self.settings.delete_retired:
-            self._delete_retired(set(retired) - (in_use or set()) - (
-                {record.id} if record is not None else set()), inventories, report)
+            # in_use holds this Deployment's own record too (read before any retirement)
+            self._delete_retired(set(retired) - in_use, inventories, report)
         if record is not None:
             for pod in checkpoint_pods:  # leftovers (a restart between record and delete)
                 self._delete_pod(d, pod.metadata.name)

@@ -161,18 +161,17 @@ def _high_column(forecast: pd.DataFrame | None, q: float) -> np.ndarray | None:
 
 
 def budget_ceiling(
-    plan: CyclePlan, inputs: Sequence[WorkloadInputs], workload: str, budget_gpus: int | None
+    budget: BudgetAllocation, workload: str, gpus_per_replica: int, budget_gpus: int | None
 ) -> int | None:
     """The most replicas `workload` may have within the GPU budget given what the cycle granted
     the others (None without a budget): what a re-plan after a write conflict must stay under,
-    since it plans this workload alone."""
+    since it plans this workload alone. O(1): the others' GPUs are the allocation's total less
+    this workload's own grant."""
     if budget_gpus is None:
         return None
-    per = {w.spec.name: w.spec.gpus_per_replica for w in inputs}
-    others = sum(
-        n * per.get(name, 1) for name, n in plan.budget.granted.items() if name != workload
-    )
-    return max(0, budget_gpus - others) // max(1, per.get(workload, 1))
+    per = max(1, gpus_per_replica)
+    others = budget.gpus_used - budget.granted.get(workload, 0) * per
+    return max(0, budget_gpus - others) // per
 
 
 def replanned_replicas(

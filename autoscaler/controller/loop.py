@@ -623,7 +623,8 @@ class Controller:
         for name, d in sorted(deployments.items()):
             wp = plan.plans[name]
             self.recommendations[name] = wp.decision.recommendations
-            ceiling = budget_ceiling(plan, inputs, name, self.config.gpu_budget)
+            ceiling = budget_ceiling(plan.budget, name, by_name[name].spec.gpus_per_replica,
+                                     self.config.gpu_budget)  # fmt: skip
             outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s,
                                   ceiling)  # fmt: skip
             if notes.get(name):
@@ -734,7 +735,7 @@ class Controller:
         room, docs/agent.md): without it the agent's LRU could drop a copy the next replica's
         restore needs under disk or memory pressure. Sent only where the agent's own pinned
         set (its inventory) differs, so a restarted agent gets its pins again."""
-        if self.agents is None or not hasattr(self.agents, "pin"):
+        if self.agents is None:
             return
         evicted = {(ev.node, ev.artifact) for ev in plan.stage.evictions}
         kept: dict[str, set[str]] = {}

@@ -118,8 +118,9 @@ def test_a_replan_after_a_conflict_stays_within_the_budget_the_others_left():
     other = replace(other, spec=replace(other.spec, name="other"))
     plan = plan_cycle([chat, other], inv, now_s=1000.0, budget_gpus=10)
     granted = plan.budget.granted
-    assert budget_ceiling(plan, [chat, other], "chat", 10) == 10 - granted["other"]
-    assert budget_ceiling(plan, [chat, other], "chat", None) is None
+    per = chat.spec.gpus_per_replica
+    assert budget_ceiling(plan.budget, "chat", per, 10) == 10 - granted["other"]
+    assert budget_ceiling(plan.budget, "chat", per, None) is None
     # someone scaled chat to 1 meanwhile: the re-plan (this workload alone, no budget) may ask
     # for more than the others left; the ceiling holds it there, never below what runs
     assert replanned_replicas(12, 5, 1, budget_cut=False, ceiling=6) == 6
