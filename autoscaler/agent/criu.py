@@ -15,6 +15,9 @@ Page fill: by default (`page_fill="auto"`) a restore leaves the private anonymou
 autoscaler.agent.pagefill, which copies them into place with many threads while the tree is
 still stopped; CRIU's own fill is single-threaded. "criu" keeps CRIU's fill (and "auto" falls
 back to it, saying so in the result, where the kernel has no usable userfaultfd).
+`fill_while_running=True` lets the caller continue the tree before the fill is done (the
+process's own faults are served meanwhile); the result's `fill` is then a PendingFill that the
+caller must finish (or close).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from autoscaler.agent import images, kdat, pagefill
@@ -126,6 +130,9 @@ class CriuOptions:
     # restore only: who copies the memory pages into place (see the module's docstring)
     page_fill: str = "auto"
     page_fill_threads: int = pagefill.DEFAULT_THREADS
+    # restore only, with the parallel fill: return (and continue the tree, unless
+    # leave_stopped) once CRIU is done; the fill goes on beside the process (RestoreResult.fill)
+    fill_while_running: bool = False
     # keep CRIU's kernel-feature cache where /run is not a tmpfs (autoscaler.agent.kdat)
     kdat_cache: bool = True
 
@@ -208,6 +215,72 @@ class RestoreResult:
     # the parallel page fill's figures (pagefill.FillStats.as_dict()); None: CRIU filled them
     page_fill: dict[str, float | int | str] | None = None
     kdat: str | None = None  # what kdat.ensure did ("off": not asked)
+    # fill_while_running: the fill still going on (page_fill is then None; finish() says)
+    fill: PendingFill | None = None
+
+
+class PendingFill:
+    """A parallel page fill that goes on while the restored tree runs (fill_while_running).
+
+    Why a handle: the CUDA restore and the worker's own start-up can then overlap the fill,
+    and the caller decides when to wait. `ready_to_continue()` before continuing the tree (a
+    fill that already failed must never let it run), `finish()` for the figures (raising, the
+    tree killed, if it failed), `close()` on every path."""
+
+    def __init__(self, server: pagefill.LazyPagesServer, host_pid: int, log_path: Path,
+                 prefetch: Future[dict[str, int]] | None,
+                 prefetcher: ThreadPoolExecutor | None, timeout_s: float) -> None:  # fmt: skip
+        self.server = server
+        self.host_pid = host_pid
+        self.log_path = log_path
+        self._prefetch = prefetch
+        self._prefetcher = prefetcher
+        self._timeout_s = timeout_s
+        self._stats: dict[str, float | int | str] | None = None
+        self._closed = False
+
+    def _failed(self, exc: BaseException) -> CriuError:
+        kill_restored(self.host_pid)
+        self.close()
+        return CriuError("restore", 0, str(self.log_path), "the parallel page fill failed, "
+                         f"the restored tree was killed: {exc}")  # fmt: skip
+
+    def ready_to_continue(self) -> None:
+        """Raise (the tree killed) if the fill failed already; else mark the tree running."""
+        if (exc := self.server.error) is not None:
+            raise self._failed(exc) from exc
+        self.server.mark_running()
+
+    def failure(self) -> CriuError | None:
+        """The fill's failure, if it failed (its server killed the tree): the reason to give
+        for a restore that then broke, rather than what broke next."""
+        if (exc := self.server.error) is None:
+            return None
+        return CriuError("restore", 0, str(self.log_path), "the parallel page fill failed "
+                         f"while the tree ran, the restored tree was killed: {exc}")  # fmt: skip
+
+    def finish(self) -> dict[str, float | int | str]:
+        """Wait for every page; the fill's figures. A failed fill raises CriuError (its
+        server killed the tree before it let go of the memory)."""
+        if self._stats is None:
+            try:
+                filled = self.server.wait_filled(self._timeout_s)
+            except pagefill.PageFillError as exc:
+                raise self._failed(exc) from exc
+            self._stats = {**filled.as_dict(), **_prefetched(self._prefetch)}
+            self.close()
+        return self._stats
+
+    def close(self) -> None:
+        """Let go of the server (after finish, or when the restore is abandoned: the tree must
+        be dead or stopped by then, since a running one would read zeros). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.server.close()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+            self._prefetcher = None
 
 
 def _kdat_cache(options: CriuOptions, target: NamespaceTarget | None) -> str:
@@ -320,6 +393,7 @@ def restore(
         else None
     )
     stats: dict[str, float | int | str] | None = None
+    pending: PendingFill | None = None
     start = time.perf_counter()
     cache = _kdat_cache(options, target)
     prefetch: Future[dict[str, int]] | None = None
@@ -344,7 +418,11 @@ def restore(
         host = host_pid_of(target, inner) if target else inner
         if target is None:
             reap_when_exits(host)
-        if server is not None:
+        if server is not None and options.fill_while_running:
+            pending = PendingFill(server, host, log_path, prefetch, prefetcher, timeout_s)
+            if not server.arm_kill(partial(kill_restored, host)):
+                pending.ready_to_continue()  # raises: the fill failed already
+        elif server is not None:
             try:
                 stats = {**server.wait_filled(timeout_s).as_dict(), **_prefetched(prefetch)}
             except pagefill.PageFillError as exc:
@@ -353,15 +431,18 @@ def restore(
                                 f"the parallel page fill failed, the restored tree was "
                                 f"killed: {exc}") from exc  # fmt: skip
     finally:
-        if server is not None:
-            server.close()
-        if prefetcher is not None:
-            prefetcher.shutdown(wait=False, cancel_futures=True)
+        if pending is None:
+            if server is not None:
+                server.close()
+            if prefetcher is not None:
+                prefetcher.shutdown(wait=False, cancel_futures=True)
     seconds = time.perf_counter() - start
     if parallel and not options.leave_stopped:
+        if pending is not None:
+            pending.ready_to_continue()
         continue_tree(host)
     return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path,
-                         page_fill=stats, kdat=cache)  # fmt: skip
+                         page_fill=stats, kdat=cache, fill=pending)  # fmt: skip
 
 
 def _prefetched(prefetch: Future[dict[str, int]] | None) -> dict[str, float | int | str]:

@@ -13,6 +13,16 @@ The process never runs before all of its memory is in place: it is the process a
 gives, sooner. Faults that CRIU's restorer itself takes meanwhile are served at once, and its
 mremaps are followed.
 
+Filling while the tree runs (`criu.CriuOptions(fill_while_running=True)`): the caller continues
+the tree as soon as CRIU is done, and the fill goes on beside it. A page the process touches
+before the fill got there faults and is served at once (with the rest of its chunk), so the
+process still never sees a page that is not the dumped one; what it drops meanwhile (munmap,
+MADV_DONTNEED: UFFD_EVENT_UNMAP / REMOVE) is never filled again. Why: a CUDA worker's restore
+then overlaps the fill (0.1-0.2 s) with the CUDA restore (0.2-0.3 s) instead of running after
+it. Ordering: events are read under an exclusive gate that every fill copy holds shared, so a
+copy is either issued before an event was read (and the process's own munmap or zap, which
+follows the read, then removes it) or sees that event's record and skips the range.
+
 The protocol (CRIU 4.x, criu/uffd.c): CRIU connects to `lazy-pages.socket` in its work dir and
 sends, per restored process, its pid as an int, then (pid > 0) one byte carrying the
 userfaultfd as SCM_RIGHTS; a zombie has a negative pid and no fd. Last comes 0x52535446
@@ -34,6 +44,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +98,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.syscall.restype = ctypes.c_long
-_MAX_RETRIES = 10_000
+_STALL_S = 10.0  # a copy that makes no progress this long (EAGAIN / ENOENT) fails the fill
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -399,6 +410,11 @@ class FillStats:
     remaps: int = 0
     ranges: int = 0  # lazy ranges (pagemap entries split at VMA bounds)
     chunks: int = 0  # UFFDIO_COPY calls planned
+    # filling while the tree runs: faults it took before the fill got there, and the ranges
+    # it dropped meanwhile (never filled)
+    while_running: int = 0
+    faults_while_running: int = 0
+    dropped: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -412,12 +428,75 @@ class _Task:
     src_len: int
     # runtime address -> dump-time address shifts from UFFD_EVENT_REMAP: (from, to, len)
     remaps: list[tuple[int, int, int]] = field(default_factory=list)
+    # runtime ranges the process dropped (UNMAP / REMOVE events): never filled from the image
+    dropped: list[tuple[int, int]] = field(default_factory=list)
+
+    def dropped_at(self, runtime: int) -> tuple[int, int] | None:
+        """The dropped range holding `runtime`, if any (a short list: linear scan)."""
+        return next(((a, b) for a, b in self.dropped if a <= runtime < b), None)
+
+    def next_dropped_after(self, runtime: int) -> int | None:
+        """The start of the first dropped range beyond `runtime` (None: there is none)."""
+        starts = [a for a, _b in self.dropped if a > runtime]
+        return min(starts) if starts else None
+
+    def runtime_extent(self, image: int, length: int) -> tuple[int, int]:
+        """Where [image, image+length) lives now: (runtime address, bytes of it that move as
+        one block). The remaps are applied in order; a block never straddles a remap's edge."""
+        address = image
+        for src, dst, n in self.remaps:
+            if src <= address < src + n:
+                length = min(length, src + n - address)
+                address = dst + (address - src)
+            elif address < src < address + length:
+                length = src - address
+        return address, length
 
     def range_at(self, image_address: int) -> LazyRange | None:
         """The lazy range holding a dump-time address (ranges are sorted and disjoint)."""
         ranges = self.pages.ranges
         i = bisect.bisect_right(ranges, image_address, key=lambda r: r.start) - 1
         return ranges[i] if i >= 0 and image_address < ranges[i].end else None
+
+
+class _Gate:
+    """Many fill copies (shared) against the one thread reading events (exclusive), the
+    reader preferred: a copy holds it for one UFFDIO_COPY at most."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
@@ -431,7 +510,10 @@ class LazyPagesServer:
 
     Use: `with LazyPagesServer(images, work) as server:` run `criu restore --lazy-pages
     --leave-stopped` with that work dir, then `server.wait_filled(timeout)`; leaving the block
-    closes the userfaultfds (after a fill) or drops everything (on failure)."""
+    closes the userfaultfds (after a fill) or drops everything (on failure). To let the tree
+    run during the fill: once CRIU is done, `arm_kill(kill the tree)`, then `mark_running()`
+    and continue the tree, and `wait_filled` later; a fill that fails then kills the tree
+    before it lets go of its memory."""
 
     def __init__(
         self,
@@ -462,6 +544,9 @@ class LazyPagesServer:
         self._t0 = 0.0
         self._serve_thread: threading.Thread | None = None
         self._event_thread: threading.Thread | None = None
+        self._gate = _Gate()
+        self._kill: Callable[[], None] | None = None
+        self._running = False
 
     # -- lifecycle --
     def __enter__(self) -> LazyPagesServer:
@@ -498,6 +583,26 @@ class LazyPagesServer:
         if self._error is not None:
             raise PageFillError(f"page fill failed: {self._error}") from self._error
         return self.stats
+
+    def arm_kill(self, kill: Callable[[], None]) -> bool:
+        """Have a failed fill call `kill` (the restored tree) before it closes the
+        userfaultfds: a running process whose missing pages were no longer served would read
+        zeros. False: the fill has failed already (kill the tree yourself; never continue it)."""
+        with self._lock:
+            if self._error is not None:
+                return False
+            self._kill = kill
+            return True
+
+    def mark_running(self) -> None:
+        """The tree is about to be continued while the fill goes on (counted in the stats)."""
+        self._running = True
+        self.stats.while_running = 1
+
+    @property
+    def error(self) -> BaseException | None:
+        """What failed the fill (None: nothing yet), without waiting for it to end."""
+        return self._error
 
     def close(self) -> None:
         self._closing = True
@@ -546,14 +651,23 @@ class LazyPagesServer:
             self.stats.wait_s = time.perf_counter() - self._t0
             self._fill()
         except BaseException as exc:  # reported by wait_filled
-            self._error = exc
-            self._close_uffds()
+            self._fail(exc)
         finally:
             self._done.set()
 
+    def _fail(self, exc: BaseException) -> None:
+        """Record the first failure, kill the tree where one was armed, then close the
+        userfaultfds: a fault left unserved would hold CRIU's restorer until its timeout, and
+        closing wakes it (the restore is failed and its tree killed anyway)."""
+        with self._lock:
+            self._error = self._error or exc
+            kill, self._kill = self._kill, None
+        if kill is not None:
+            with contextlib.suppress(Exception):
+                kill()
+        self._close_uffds()
+
     def _close_uffds(self) -> None:
-        """After a failure: a fault left unserved would hold CRIU's restorer until its timeout;
-        closing the userfaultfds wakes it (the restore is failed and its tree killed anyway)."""
         with self._lock:
             for task in self._tasks:
                 self._close_uffd(task)
@@ -661,42 +775,67 @@ class LazyPagesServer:
                     if task is not None:
                         self._handle_events(task)
         except BaseException as exc:  # reported by wait_filled
-            self._error = self._error or exc
-            self._close_uffds()
+            self._fail(exc)
 
     def _handle_events(self, task: _Task) -> None:
+        """Read every pending event under the exclusive gate (recording remaps and dropped
+        ranges before any fill copy can be issued past them), then serve the faults; a fault
+        the kernel answers EAGAIN for (the mm is changing: an event is pending) is tried again
+        after the next read."""
+        faults: list[int] = []
+        stalled_since: float | None = None
         while True:
-            try:
-                msg = os.read(task.uffd, _MSG_SIZE)
-            except BlockingIOError:
+            more = True
+            with self._gate.exclusive():
+                while True:
+                    try:
+                        msg = os.read(task.uffd, _MSG_SIZE)
+                    except BlockingIOError:
+                        more = False
+                        break
+                    if len(msg) < _MSG_SIZE:
+                        more = False
+                        break
+                    faults.extend(self._record_event(task, msg))
+            faults = [f for f in faults if not self._serve_fault(task, f)]
+            if not faults and not more:
                 return
-            if len(msg) < _MSG_SIZE:
-                return
-            event = msg[0]
-            if event == _UFFD_EVENT_PAGEFAULT:
-                (_flags, address) = struct.unpack_from("<QQ", msg, 8)
-                self._serve_fault(task, address & ~(PAGE - 1))
-            elif event == _UFFD_EVENT_REMAP:
-                src, dst, length = struct.unpack_from("<QQQ", msg, 8)
-                with self._lock:
-                    task.remaps.append((src, dst, length))
-                    self.stats.remaps += 1
-            elif event in (_UFFD_EVENT_REMOVE, _UFFD_EVENT_UNMAP):
-                start, end = struct.unpack_from("<QQ", msg, 8)
-                raise PageFillError(f"process {task.pages.pid} dropped memory "
-                                    f"[{start:#x}, {end:#x}) during the restore")  # fmt: skip
-            elif event == _UFFD_EVENT_FORK:
-                (child,) = struct.unpack_from("<I", msg, 8)
-                os.close(child)
-                raise PageFillError(f"process {task.pages.pid} forked during the restore")
+            if faults:  # the event that makes the kernel say EAGAIN / ENOENT is on its way
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > _STALL_S:
+                    raise PageFillError(f"a fault at {faults[0]:#x} in process "
+                                        f"{task.pages.pid} could not be served for "
+                                        f"{_STALL_S:.0f} s")  # fmt: skip
+                time.sleep(0.0002)
             else:
-                raise PageFillError(f"unexpected userfaultfd event {event:#x}")
+                stalled_since = None
 
-    def _to_runtime(self, task: _Task, address: int) -> int:
-        for src, dst, length in task.remaps:
-            if src <= address < src + length:
-                address = dst + (address - src)
-        return address
+    def _record_event(self, task: _Task, msg: bytes) -> list[int]:
+        """Note one event (called with the gate held exclusively); a fault's page address is
+        returned to be served once the gate is let go."""
+        event = msg[0]
+        if event == _UFFD_EVENT_PAGEFAULT:
+            (_flags, address) = struct.unpack_from("<QQ", msg, 8)
+            return [address & ~(PAGE - 1)]
+        if event == _UFFD_EVENT_REMAP:
+            src, dst, length = struct.unpack_from("<QQQ", msg, 8)
+            with self._lock:
+                task.remaps.append((src, dst, length))
+                self.stats.remaps += 1
+        elif event in (_UFFD_EVENT_REMOVE, _UFFD_EVENT_UNMAP):
+            start, end = struct.unpack_from("<QQ", msg, 8)
+            with self._lock:
+                task.dropped.append((start, end))
+                self.stats.dropped += 1
+        elif event == _UFFD_EVENT_FORK:
+            (child,) = struct.unpack_from("<I", msg, 8)
+            os.close(child)
+            raise PageFillError(f"process {task.pages.pid} forked during the restore (its "
+                                "child's memory would have no server)")  # fmt: skip
+        else:
+            raise PageFillError(f"unexpected userfaultfd event {event:#x}")
+        return []
 
     def _to_image(self, task: _Task, address: int) -> int:
         for src, dst, length in reversed(task.remaps):
@@ -704,58 +843,103 @@ class LazyPagesServer:
                 address = src + (address - dst)
         return address
 
-    def _serve_fault(self, task: _Task, runtime: int) -> None:
+    def _serve_fault(self, task: _Task, runtime: int) -> bool:
+        """Put the faulting page in place, with the rest of its fill chunk (a running process
+        reads on: one fault then serves a chunk, not a page). False: the kernel said EAGAIN,
+        try again after reading the pending events."""
         image = self._to_image(task, runtime)
         r = task.range_at(image)
-        if r is not None:
-            self._copy(task, runtime, task.src + r.offset + (image - r.start), PAGE)
-        else:  # not in the image: a page never written before the dump
+        if r is not None and task.dropped_at(runtime) is None:
+            chunk_end = r.start + ((image - r.start) // self.chunk_bytes + 1) * self.chunk_bytes
+            length = min(r.end, chunk_end) - image
+            _where, length = task.runtime_extent(image, length)
+            nxt = task.next_dropped_after(runtime)
+            if nxt is not None:
+                length = min(length, nxt - runtime)
+            arg = _UffdioCopy(dst=runtime, src=task.src + r.offset + (image - r.start),
+                              len=length, mode=0, copy=0)  # fmt: skip
+            err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
+            if err in (errno.EAGAIN, errno.ENOENT) and arg.copy <= 0:
+                return False  # the mm is changing / the memory went: read its event first
+            # EEXIST, or EAGAIN after some pages: the faulting page is in place (the copy that
+            # put it there woke the process); the fill does what is left of the chunk
+            if err and err not in (errno.EEXIST, errno.EAGAIN):
+                raise PageFillError(f"UFFDIO_COPY at {runtime:#x} for a fault in process "
+                                    f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
+        else:  # not in the image (never written before the dump), or dropped since
             zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
+            if err == errno.EAGAIN:
+                return False
+            if err == errno.ENOENT and task.dropped_at(runtime) is not None:
+                return True  # unmapped while the fault waited: nothing left to serve
             if err and err != errno.EEXIST:
                 raise PageFillError(f"UFFDIO_ZEROPAGE at {runtime:#x}: {os.strerror(err)}")
         self.stats.faults_served += 1
+        if self._running:
+            self.stats.faults_while_running += 1
+        return True
 
     # -- the fill --
     def _copy(
-        self, task: _Task, dst: int, src: int, length: int, arg: _UffdioCopy | None = None
+        self, task: _Task, image: int, src: int, length: int, arg: _UffdioCopy | None = None
     ) -> tuple[int, int]:
-        """Copy [dst, dst+length) from src; returns (bytes copied, pages already there)."""
+        """Copy the dump's [image, image+length) (its bytes at `src`) to wherever that memory
+        lives now, skipping what the process dropped; returns (bytes copied, pages already
+        there). Each UFFDIO_COPY holds the gate shared (see the module's docstring)."""
         arg = arg if arg is not None else _UffdioCopy()
-        copied = existing = retries = 0
-        while length > 0:
-            arg.dst, arg.src, arg.len, arg.mode, arg.copy = dst, src, length, 0, 0
-            err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
-            done = max(0, arg.copy)
-            if err == 0:
-                return copied + done, existing
-            if err == errno.EAGAIN:
-                retries += 1  # the mm is changing; retry what is left
-                if retries > _MAX_RETRIES:
-                    raise PageFillError(f"UFFDIO_COPY at {dst:#x} in process {task.pages.pid}: "
-                                        f"EAGAIN {retries} times")  # fmt: skip
+        copied = existing = 0
+        end = image + length
+        stalled_since: float | None = None
+        while image < end:
+            with self._gate.shared():
+                runtime, n = task.runtime_extent(image, end - image)
+                hole = task.dropped_at(runtime)
+                if hole is None:
+                    nxt = task.next_dropped_after(runtime)
+                    n = min(n, nxt - runtime) if nxt is not None else n
+                    arg.dst, arg.src, arg.len, arg.mode, arg.copy = runtime, src, n, 0, 0
+                    err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
+            if hole is not None:  # dropped since the dump: nothing to put back
+                step = min(n, hole[1] - runtime)
+                image, src = image + step, src + step
+                continue
+            done = n if err == 0 else max(0, arg.copy)
+            if err in (0, errno.EAGAIN, errno.ENOENT):
+                copied += done
             elif err == errno.EEXIST or arg.copy == -errno.EEXIST:
-                done += PAGE  # that page is in place (a fault got there first): skip it
+                copied += max(0, arg.copy)
+                done = max(0, arg.copy) + PAGE  # in place (a fault got there first): skip it
                 existing += 1
             else:
-                raise PageFillError(f"UFFDIO_COPY of {length} bytes at {dst:#x} in process "
+                raise PageFillError(f"UFFDIO_COPY of {n} bytes at {runtime:#x} in process "
                                     f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
-            copied += max(0, arg.copy)
-            dst, src, length = dst + done, src + done, length - done
+            if done:
+                stalled_since = None
+            else:
+                # EAGAIN: the mm is changing and its event is being read; ENOENT: the memory
+                # went away and the UNMAP saying so is being read. Out of the gate, briefly.
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > _STALL_S:
+                    raise PageFillError(f"UFFDIO_COPY at {runtime:#x} in process "
+                                        f"{task.pages.pid}: {os.strerror(err)} for "
+                                        f"{_STALL_S:.0f} s")  # fmt: skip
+                time.sleep(0.0002)
+            image, src = image + done, src + done
         return copied, existing
 
     def _fill(self) -> None:
         t = time.perf_counter()
         chunks: list[tuple[_Task, int, int, int]] = []
-        with self._lock:
+        with self._lock:  # in dump-time addresses: where each lives now is asked per copy
             for task in self._tasks:
                 self.stats.ranges += len(task.pages.ranges)
                 for r in task.pages.ranges:
                     at = r.start
                     while at < r.end:
                         n = min(self.chunk_bytes, r.end - at)
-                        chunks.append((task, self._to_runtime(task, at),
-                                       task.src + r.offset + (at - r.start), n))  # fmt: skip
+                        chunks.append((task, at, task.src + r.offset + (at - r.start), n))
                         at += n
         self.stats.chunks = len(chunks)
         # one list per thread, balanced by bytes (largest first to the least loaded), each
@@ -770,8 +954,8 @@ class LazyPagesServer:
         def copy_share(share: list[tuple[_Task, int, int, int]]) -> tuple[int, int]:
             arg = _UffdioCopy()
             copied = existing = 0
-            for task, dst, src, n in share:
-                c, e = self._copy(task, dst, src, n, arg)
+            for task, image, src, n in share:
+                c, e = self._copy(task, image, src, n, arg)
                 copied += c
                 existing += e
             return copied, existing

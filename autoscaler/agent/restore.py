@@ -530,8 +530,9 @@ def _restore(
             quarantined=tuple(quarantined),
         )  # fmt: skip
     timings["criu_restore"] = restored.seconds
-    if restored.page_fill is not None:
-        timings["page_fill"] = float(restored.page_fill["fill_s"])
+    page_fill = restored.page_fill
+    if page_fill is not None:
+        timings["page_fill"] = float(page_fill["fill_s"])
     preloads.not_waited_for()  # the tree runs now, whatever the preloader is doing
     try:
         if verified.manifest.has_cuda_state and records:
@@ -563,8 +564,16 @@ def _restore(
             t = time.perf_counter()
             check_health(request.health_url, request.health_timeout_s, request.namespace_pid)
             timings["health"] = time.perf_counter() - t
+        if restored.fill is not None:  # it went on beside all of the above
+            t = time.perf_counter()
+            page_fill = restored.fill.finish()
+            timings["page_fill"] = float(page_fill["fill_s"])
+            timings["page_fill_wait"] = time.perf_counter() - t
     except (AgentError, OSError) as exc:
         kill_restored(restored.host_pid)
+        if restored.fill is not None:
+            exc = restored.fill.failure() or exc
+            restored.fill.close()
         for record in records:  # ranks that left the root's process group die too
             with contextlib.suppress(ProcessLookupError, AgentError, OSError):
                 kill_restored(_inner_to_host(target)(record.pid))
@@ -583,7 +592,7 @@ def _restore(
         seconds=timings,
         quarantined=tuple(quarantined),
         log_path=str(restored.log_path),
-        page_fill=restored.page_fill,
+        page_fill=page_fill,
         criu_kdat=restored.kdat,
     )
 
@@ -617,8 +626,12 @@ def restore_while_verifying(
             raise
         try:
             checked.result()
+            if restored.fill is not None:
+                restored.fill.ready_to_continue()  # a fill that failed: never continued
         except BaseException:
             kill_restored(restored.host_pid)
+            if restored.fill is not None:
+                restored.fill.close()
             raise
     criu_mod.continue_tree(restored.host_pid)
     return restored

@@ -354,6 +354,7 @@ class ModelRun:
         return criu_mod.CriuOptions(
             verbosity=self.args.criu_verbosity, extra_args=tuple(shlex.split(self.args.criu_extra)),
             page_fill=self.args.page_fill, page_fill_threads=self.args.page_fill_threads,
+            fill_while_running=self.args.fill_while_running,
         )  # fmt: skip
 
     @property
@@ -478,11 +479,14 @@ class ModelRun:
         preload: bool | None = None, page_fill: str | None = None,
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
+        fill_while_running: bool | None = None,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
         if page_fill is not None:  # a comparison run: who copies the pages into place
             options = replace(options, page_fill=page_fill)
+        if fill_while_running is not None:  # a comparison run: the tree runs during the fill
+            options = replace(options, fill_while_running=fill_while_running)
         if not kdat_cache:  # a comparison run: CRIU probes the kernel, as before the cache
             options = replace(options, kdat_cache=False)
             for made in (kdat.KDAT_FILE, kdat.STAMP_FILE):
@@ -596,18 +600,29 @@ class ModelRun:
         t_criu = time.perf_counter() - t0
         t_verify = timings.get("verify_contents", 0.0)
         pid = restored.host_pid
-        if self.api is not None:
-            self.api.restore_process(pid)
-        t_cuda = time.perf_counter() - t0
-        hs.signal_restored(**preloads.answer())  # the per-GPU socket's name and the ticket
-        body = first_response(self.port, self.args.timeout, lambda: pid_alive(pid), pid)
-        seconds = time.perf_counter() - t0
+        try:  # with fill_while_running the fill goes on beside the CUDA restore and the worker
+            if self.api is not None:
+                self.api.restore_process(pid)
+            t_cuda = time.perf_counter() - t0
+            hs.signal_restored(**preloads.answer())  # the per-GPU socket's name and the ticket
+            body = first_response(self.port, self.args.timeout, lambda: pid_alive(pid), pid)
+            seconds = time.perf_counter() - t0
+            # the restore is not done before its fill is (the agent waits for it too): any
+            # wait past the first response is added
+            fill = restored.fill.finish() if restored.fill else restored.page_fill
+            fill_wait = max(0.0, time.perf_counter() - t0 - seconds) if restored.fill else 0.0
+            seconds += fill_wait
+        finally:
+            if restored.fill is not None:
+                restored.fill.close()
         read_after = disk_read_bytes(images)
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         ok = self.reference is not None and same_output(body, self.reference)
-        fill = restored.page_fill
         filled = (f", page fill {fill['bytes'] / 1e9:.2f} GB in {fill['fill_s']:.3f} s x"
                   f"{fill['threads']}" if fill else ", CRIU's page fill")  # fmt: skip
+        if fill and fill.get("while_running"):
+            filled += (f" while running ({fill['faults_while_running']} faults, "
+                       f"{fill_wait:.3f} s waited after the first response)")  # fmt: skip
         log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f} incl. verify "
             f"{t_verify:.3f} alongside{filled}, cuda "
             f"{t_cuda - t_criu:.3f}) ok={ok} worker={health.get('restore_phases')}")  # fmt: skip
@@ -629,7 +644,9 @@ class ModelRun:
             "staging": staging,
             "preloaded": preloads.requested, "preload_warnings": preloads.warnings,
             # the parallel page fill (None: CRIU copied the pages itself)
-            "page_fill": restored.page_fill,
+            "page_fill": fill,
+            "fill_while_running": options.fill_while_running,
+            "fill_wait_after_response_s": round(fill_wait, 4),
             # CRIU's kernel-feature cache (autoscaler.agent.kdat): "written", "cached", "off"...
             "criu_kdat": restored.kdat,
             "verify_threads": verify_threads or store_mod.default_threads(),
@@ -735,6 +752,17 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--page-fill-threads", type=int, default=pagefill.DEFAULT_THREADS)
     p.add_argument(
+        "--fill-while-running", action="store_true",
+        help="every restore continues the tree once CRIU is done and fills its pages beside "
+        "the CUDA restore and the worker (CriuOptions.fill_while_running)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-fill-while-running", action="store_true",
+        help="after each memory restore (and each memory_gpu_staged one), and in each disk "
+        "round, one more with the other fill_while_running setting (paths *_fill_running, "
+        "or *_fill_first with --fill-while-running)",
+    )  # fmt: skip
+    p.add_argument(
         "--compare-page-fill", action="store_true",
         help="also restore from memory (x --memory-repeats) and from disk with CRIU's own "
         "single-threaded page fill (paths memory_criu_fill, disk_criu_fill)",
@@ -816,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         api = get_api()
         result["machine"]["cuda_driver"] = api.driver_version
     paths = args.paths.split(",")
+    other_fill = "_fill_first" if args.fill_while_running else "_fill_running"
     preloaders: list[subprocess.Popen] = []
     if args.preload and args.preloader_per_gpu:
         if args.compare_pinned_areas or api is None:
@@ -888,9 +917,16 @@ def main(argv: list[str] | None = None) -> int:
                     if args.compare_preload_lead and args.preload:
                         run.restore("memory_preload_done", fast_images, ckpt,
                                     preload_lead_s=args.compare_preload_lead)  # fmt: skip
+                    if args.compare_fill_while_running:
+                        run.restore(f"memory{other_fill}", fast_images, ckpt,
+                                    fill_while_running=not args.fill_while_running)  # fmt: skip
                     if args.compare_gpu_staged and args.preload:
                         run.restore("memory_gpu_staged", fast_images, ckpt,
                                     gpu_staged_s=args.compare_gpu_staged)  # fmt: skip
+                        if args.compare_fill_while_running:
+                            run.restore(f"memory_gpu_staged{other_fill}", fast_images, ckpt,
+                                        gpu_staged_s=args.compare_gpu_staged,
+                                        fill_while_running=not args.fill_while_running)  # fmt: skip
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)
@@ -906,6 +942,9 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("disk", fast_images, ckpt)
                 if "disk_artifact" in paths:
                     run.restore("disk_artifact", fast_images, ckpt)
+                if args.compare_fill_while_running and "disk" in paths:
+                    run.restore(f"disk{other_fill}", fast_images, ckpt,
+                                fill_while_running=not args.fill_while_running)  # fmt: skip
                 if args.compare_pinned_areas and args.preload and "disk" in paths:
                     with preloader_pinning_per_load(work):
                         run.restore("disk_pinned_per_load", fast_images, ckpt)

@@ -35,8 +35,14 @@ def expected_answers() -> list[list[list[float]]]:
     return [model.predict(model.example_input(s)).tolist() for s in SEEDS]
 
 
+# the agent's fill: before the tree runs, or beside it (fill_while_running)
+FILLS = pytest.mark.parametrize("while_running", [False, True], ids=["filled-first", "running"])
+
+
+@FILLS
 def test_checkpoint_restore_on_host_gives_same_answers(
-    criu_binary: Path, host_worker, tmp_path: Path, cleanup_pids: list[int]
+    criu_binary: Path, host_worker, tmp_path: Path, cleanup_pids: list[int],
+    while_running: bool,
 ) -> None:
     store = DirectoryStore(tmp_path / "store")
     proc, port, handshake = host_worker()
@@ -59,7 +65,8 @@ def test_checkpoint_restore_on_host_gives_same_answers(
     proc.wait(timeout=10)
     outcome = restore_artifact(
         RestoreRequest(artifact_id="cpu-worker-1", handshake_dir=str(handshake),
-                       health_url=f"http://127.0.0.1:{port}/health"),
+                       health_url=f"http://127.0.0.1:{port}/health",
+                       criu_options=criu_mod.CriuOptions(fill_while_running=while_running)),
         store=store, log_root=tmp_path / "restore-logs",
     )
     assert outcome.ok, outcome.reason
@@ -70,6 +77,8 @@ def test_checkpoint_restore_on_host_gives_same_answers(
     assert outcome.page_fill is not None
     assert outcome.page_fill["processes"] == 1
     assert outcome.page_fill["bytes"] > 1 << 20
+    assert outcome.page_fill["while_running"] == int(while_running)
+    assert ("page_fill_wait" in outcome.seconds) == while_running
     # CRIU found its kernel-feature cache (kept by the agent where /run is not a tmpfs)
     assert outcome.criu_kdat in ("written", "cached", "tmpfs"), outcome.criu_kdat
     after = answers(port)
@@ -104,8 +113,9 @@ def test_restore_whose_pid_is_taken_is_refused_clearly(
         criu_mod.restore(verified.images_dir, tmp_path / "logs")
 
 
+@FILLS
 def test_checkpoint_and_restore_inside_pod_namespaces(
-    criu_binary: Path, pods, tmp_path: Path, cleanup_pids: list[int]
+    criu_binary: Path, pods, tmp_path: Path, cleanup_pids: list[int], while_running: bool
 ) -> None:
     store = DirectoryStore(tmp_path / "store")
     handshake = tmp_path / "handshake"
@@ -138,7 +148,8 @@ def test_checkpoint_and_restore_inside_pod_namespaces(
     outcome = restore_artifact(
         RestoreRequest(artifact_id="pod-worker", handshake_dir=str(handshake),
                        health_url=f"http://127.0.0.1:{port}/health",
-                       namespace_pid=target.init_pid),
+                       namespace_pid=target.init_pid,
+                       criu_options=criu_mod.CriuOptions(fill_while_running=while_running)),
         store=store, log_root=tmp_path / "restore-logs",
     )
     assert outcome.ok, outcome.reason
@@ -146,6 +157,7 @@ def test_checkpoint_and_restore_inside_pod_namespaces(
     assert outcome.pid == WORKER_PID_IN_POD  # same PID inside the new pod
     # CRIU ran inside the pod's namespaces and still found the agent's lazy-pages socket
     assert outcome.page_fill is not None and outcome.page_fill["bytes"] > 1 << 20
+    assert outcome.page_fill["while_running"] == int(while_running)
     # ... and its kernel-feature cache, in the pod's own /run
     assert outcome.criu_kdat in ("written", "cached", "tmpfs"), outcome.criu_kdat
     assert outcome.host_pid != WORKER_PID_IN_POD or os.getpid() == 1

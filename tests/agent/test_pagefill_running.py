@@ -1,0 +1,166 @@
+"""The parallel page fill going on while the restored tree runs (fill_while_running): real
+CRIU restores whose fill is held back (a subclass of the real server waits before filling), so
+the running process's own faults, the memory it drops meanwhile and a fill that fails then are
+each exercised for certain, not by luck of timing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from autoscaler.agent import criu as criu_mod
+from autoscaler.agent import pagefill
+from autoscaler.agent.errors import CriuError
+
+from .conftest import kill_pid, wait_for
+
+SIZE_MIB = 16
+# Three private anonymous mappings of random bytes: `keep` stays, `zap`'s second half is
+# dropped (MADV_DONTNEED) and `gone` unmapped on SIGUSR2; SIGUSR1 reports digests and whether
+# the dropped half reads zeros, as an eager restore would leave it.
+HOLDER = f"""
+import hashlib, mmap, os, signal, sys, time
+out = sys.argv[1]
+size = {SIZE_MIB} << 20
+half = size // 2
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+keep, zap, gone = (mmap.mmap(-1, size, flags=flags) for _ in range(3))
+for m in (keep, zap, gone):
+    m.write(os.urandom(size))
+def write(text):
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+def digests():
+    return hashlib.sha256(keep).hexdigest() + " " + hashlib.sha256(zap[:half]).hexdigest()
+def report(*_):
+    write(digests() + " " + str(zap[half:] == bytes(half)))
+def drop(*_):
+    zap.madvise(mmap.MADV_DONTNEED, half, half)
+    gone.close()
+    write("dropped")
+signal.signal(signal.SIGUSR1, report)
+signal.signal(signal.SIGUSR2, drop)
+write(digests())
+while True:
+    time.sleep(1)
+"""
+
+
+class HeldServer(pagefill.LazyPagesServer):
+    """The real server, whose fill starts only when `release` is set."""
+
+    release = threading.Event()
+    instances: list[pagefill.LazyPagesServer] = []
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        HeldServer.instances.append(self)
+
+    def _fill(self) -> None:
+        if not HeldServer.release.wait(60):
+            raise pagefill.PageFillError("the test never released the fill")
+        super()._fill()
+
+
+@pytest.fixture
+def held(monkeypatch):
+    HeldServer.release = threading.Event()
+    HeldServer.instances = []
+    monkeypatch.setattr(pagefill, "LazyPagesServer", HeldServer)
+    yield HeldServer
+    HeldServer.release.set()
+
+
+@pytest.fixture
+def dumped(criu_binary: Path, tmp_path: Path):
+    out = tmp_path / "report"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    wait_for(out.exists, 30, "the holder's digests")
+    digests = out.read_text()
+    images = tmp_path / "images"
+    criu_mod.dump(proc.pid, images, tmp_path / "dump-logs")
+    proc.wait(timeout=10)
+    return proc.pid, images, out, digests
+
+
+def signal_and_read(pid: int, out: Path, sig: int) -> str:
+    out.unlink(missing_ok=True)
+    os.kill(pid, sig)
+    wait_for(out.exists, 30, f"the restored holder's answer to signal {sig}")
+    return out.read_text()
+
+
+def running_options() -> criu_mod.CriuOptions:
+    return criu_mod.CriuOptions(page_fill="parallel", page_fill_threads=2,
+                                fill_while_running=True)  # fmt: skip
+
+
+@pytest.mark.integration
+def test_the_tree_runs_on_its_own_faults_before_the_fill(dumped, held, tmp_path: Path) -> None:
+    pid, images, out, digests = dumped
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None and restored.page_fill is None
+        server = held.instances[0]
+        # the fill has not copied a byte, yet the running holder reads all of its memory
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " False"
+        assert server.stats.faults_while_running > 0 and server.stats.bytes == 0
+        held.release.set()
+        stats = restored.fill.finish()
+        assert stats["while_running"] == 1 and stats["dropped"] == 0
+        assert stats["pages_existing"] > 0  # pages the faults had put in place were skipped
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " False"
+        assert not (tmp_path / "restore-logs" / pagefill.SOCKET_NAME).exists()
+    finally:
+        kill_pid(pid)
+
+
+@pytest.mark.integration
+def test_memory_dropped_while_running_is_never_filled(dumped, held, tmp_path: Path) -> None:
+    pid, images, out, digests = dumped
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None
+        assert signal_and_read(pid, out, signal.SIGUSR2) == "dropped"
+        held.release.set()  # the fill now copies everything else, around what was dropped
+        stats = restored.fill.finish()
+        assert stats["dropped"] >= 2  # the MADV_DONTNEED (REMOVE) and the munmap (UNMAP)
+        # kept memory intact; the dropped half reads zeros, not the dumped bytes
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " True"
+    finally:
+        kill_pid(pid)
+
+
+@pytest.mark.integration
+def test_a_fill_that_fails_while_running_kills_the_tree(dumped, held, tmp_path: Path) -> None:
+    pid, images, _out, _digests = dumped
+    pages = pagefill.read_task_pages(images, pid)
+    with open(pages.pages_path, "r+b") as f:  # the copy will read past the image's end
+        f.truncate(pages.ranges[-1].offset)
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    assert restored.fill is not None
+    assert Path(f"/proc/{pid}").exists()  # running, its fill held back
+    held.release.set()
+    with pytest.raises(CriuError, match="parallel page fill failed"):
+        restored.fill.finish()
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 10,
+             "the tree to be killed by the failed fill")  # fmt: skip
+    assert restored.fill.failure() is not None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
