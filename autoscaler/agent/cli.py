@@ -117,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         external_check=args.external_check,
         page_fill=args.page_fill,
         page_fill_threads=args.page_fill_threads,
+        fill_while_running=args.fill_while_running,
     )
     server = serve(Agent(config), args.host, args.port)
     _warm_criu_kdat()
@@ -193,6 +194,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         preload_socket=args.preload_socket, preload_socket_dir=args.preload_socket_dir,
         external_check=args.external_check, criu_options=CriuOptions(page_fill=args.page_fill,
                                  page_fill_threads=args.page_fill_threads),
+        fill_while_running=args.fill_while_running,
     ), _cache(args), _store(args), _progress)  # fmt: skip
     _print(outcome.to_dict())
     return 0 if outcome.ok else 1
@@ -215,6 +217,7 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
     from autoscaler.agent.criu import PAGE_FILL_MODES
     from autoscaler.agent.pagefill import DEFAULT_THREADS
+    from autoscaler.agent.restore import FILL_WHILE_RUNNING
 
     p.add_argument(
         "--preload-socket", default=None,
@@ -242,6 +245,12 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--page-fill-threads", type=int, default=DEFAULT_THREADS,
         help=f"threads of the parallel page fill (default {DEFAULT_THREADS}: the CPUs, at most 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fill-while-running", choices=FILL_WHILE_RUNNING, default="memory",
+        help="let the restored worker run while the parallel fill puts its pages in place (its "
+        "own faults served at once), so the CUDA restore overlaps the fill: for copies staged "
+        "in 'memory' (default), 'always', or 'off' (the tree waits for every page)",
     )  # fmt: skip
 
 

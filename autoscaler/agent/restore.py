@@ -60,6 +60,7 @@ from autoscaler.agent.store import (
 
 Progress = Callable[[str], None]
 VERIFY_MODES = ("alongside", "before")
+FILL_WHILE_RUNNING = ("memory", "always", "off")
 MAX_COPIES = 3  # memory, disk, store: one restore attempt per copy at most
 #: the weights' preload when the copy came from disk (the weights are then not in the page
 #: cache either): 32 reader threads instead of the preloader's 16 keep enough reads in flight
@@ -120,13 +121,30 @@ class RestoreRequest:
     # an external file this node has not verified: "hash" it (every block) or trust a "stat"
     # (size and mtime as the manifest recorded them; see external.check)
     external_check: str = "hash"
+    # when the parallel page fill goes on while the restored tree runs (CriuOptions.
+    # fill_while_running): "memory" (a copy staged in memory: the fill then overlaps the CUDA
+    # restore; from disk the fill's reads would compete with the rest), "always" or "off"
+    fill_while_running: str = "memory"
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {self.verify!r}")
+        if self.fill_while_running not in FILL_WHILE_RUNNING:
+            raise ValueError(f"fill_while_running must be one of {FILL_WHILE_RUNNING}, "
+                             f"not {self.fill_while_running!r}")  # fmt: skip
         if self.external_check not in external.CHECK_MODES:
             raise ValueError(f"external_check must be one of {external.CHECK_MODES}, "
                              f"not {self.external_check!r}")  # fmt: skip
+
+
+def fills_while_running(policy: str, source: str) -> bool:
+    """Whether a restore from `source` ("memory", "disk", "store") lets its tree run during
+    the page fill under `policy` (RestoreRequest.fill_while_running).
+
+    Measured on the H200 (benchmarks/results/restore-explore/fill-while-running-2026-11-24.json,
+    alternated in one call): from memory 0.6B 0.693 -> 0.628 s and 8B 0.976 -> 0.915 s
+    (medians of 5); from disk no better (0.6B 1.58 / 1.64 s -> 1.64 / 1.82 s)."""
+    return policy == "always" or (policy == "memory" and source == "memory")
 
 
 @dataclass(frozen=True)
@@ -504,9 +522,12 @@ def _restore(
             ),
             mode=request.external_check,
         ) if alongside else None  # fmt: skip
+        options = request.criu_options
+        if fills_while_running(request.fill_while_running, source):
+            options = replace(options, fill_while_running=True)
         try:
             restored = restore_while_verifying(
-                verified.images_dir, logs, request.criu_options, target, check, "restore.log"
+                verified.images_dir, logs, options, target, check, "restore.log"
             )
         except PidTaken as exc:  # nothing was restored and the artifact is fine
             return _failure(artifact_id, exc, source=source, quarantined=tuple(quarantined))

@@ -174,6 +174,8 @@ class AgentConfig:
     # agent's own parallel fill where the kernel allows it, else CRIU's
     page_fill: str = "auto"
     page_fill_threads: int = field(default_factory=lambda: pagefill.DEFAULT_THREADS)
+    # when the tree runs during the page fill (RestoreRequest.fill_while_running)
+    fill_while_running: str = "memory"
 
     def criu_options(self) -> criu_mod.CriuOptions:
         return criu_mod.CriuOptions(page_fill=self.page_fill,
@@ -389,6 +391,7 @@ class Agent:
             preload_socket_dir=self.config.preload_socket_dir,
             external_check=self.config.external_check,
             criu_options=self.config.criu_options(),
+            fill_while_running=self.config.fill_while_running,
         )
         with self._lock_for(body.artifact_id):
             outcome = restore_artifact(request, self.config.cache, self.config.store, progress,

@@ -354,7 +354,6 @@ class ModelRun:
         return criu_mod.CriuOptions(
             verbosity=self.args.criu_verbosity, extra_args=tuple(shlex.split(self.args.criu_extra)),
             page_fill=self.args.page_fill, page_fill_threads=self.args.page_fill_threads,
-            fill_while_running=self.args.fill_while_running,
         )  # fmt: skip
 
     @property
@@ -485,13 +484,16 @@ class ModelRun:
         options = self.criu_options
         if page_fill is not None:  # a comparison run: who copies the pages into place
             options = replace(options, page_fill=page_fill)
-        if fill_while_running is not None:  # a comparison run: the tree runs during the fill
-            options = replace(options, fill_while_running=fill_while_running)
         if not kdat_cache:  # a comparison run: CRIU probes the kernel, as before the cache
             options = replace(options, kdat_cache=False)
             for made in (kdat.KDAT_FILE, kdat.STAMP_FILE):
                 (Path("/") / made).unlink(missing_ok=True)
         from_disk = path.startswith("disk")
+        # the agent's policy (RestoreRequest.fill_while_running), unless a comparison run asks
+        running = (restore_mod.fills_while_running(self.args.fill_while_running,
+                                                   "disk" if from_disk else "memory")
+                   if fill_while_running is None else fill_while_running)  # fmt: skip
+        options = replace(options, fill_while_running=running)
         # the agent's order from disk: the images first, then the weights (one stream at a
         # time); "_preload_at_once" runs (--compare-disk-preload) start both together
         preload_at_once = not from_disk or path.endswith("_preload_at_once")
@@ -752,15 +754,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--page-fill-threads", type=int, default=pagefill.DEFAULT_THREADS)
     p.add_argument(
-        "--fill-while-running", action="store_true",
-        help="every restore continues the tree once CRIU is done and fills its pages beside "
-        "the CUDA restore and the worker (CriuOptions.fill_while_running)",
+        "--fill-while-running", default="memory", choices=restore_mod.FILL_WHILE_RUNNING,
+        help="which restores continue the tree once CRIU is done and fill its pages beside "
+        "the CUDA restore and the worker (the agent's --fill-while-running; default memory)",
     )  # fmt: skip
     p.add_argument(
         "--compare-fill-while-running", action="store_true",
         help="after each memory restore (and each memory_gpu_staged one), and in each disk "
-        "round, one more with the other fill_while_running setting (paths *_fill_running, "
-        "or *_fill_first with --fill-while-running)",
+        "round, one more with the other fill setting (paths *_fill_running or *_fill_first)",
     )  # fmt: skip
     p.add_argument(
         "--compare-page-fill", action="store_true",
@@ -844,7 +845,11 @@ def main(argv: list[str] | None = None) -> int:
         api = get_api()
         result["machine"]["cuda_driver"] = api.driver_version
     paths = args.paths.split(",")
-    other_fill = "_fill_first" if args.fill_while_running else "_fill_running"
+
+    def other_fill(source: str) -> tuple[bool, str]:
+        """The fill setting the policy does not pick for `source`, and its paths' suffix."""
+        other = not restore_mod.fills_while_running(args.fill_while_running, source)
+        return other, "_fill_running" if other else "_fill_first"
     preloaders: list[subprocess.Popen] = []
     if args.preload and args.preloader_per_gpu:
         if args.compare_pinned_areas or api is None:
@@ -918,15 +923,17 @@ def main(argv: list[str] | None = None) -> int:
                         run.restore("memory_preload_done", fast_images, ckpt,
                                     preload_lead_s=args.compare_preload_lead)  # fmt: skip
                     if args.compare_fill_while_running:
-                        run.restore(f"memory{other_fill}", fast_images, ckpt,
-                                    fill_while_running=not args.fill_while_running)  # fmt: skip
+                        other, name = other_fill("memory")
+                        run.restore(f"memory{name}", fast_images, ckpt,
+                                    fill_while_running=other)  # fmt: skip
                     if args.compare_gpu_staged and args.preload:
                         run.restore("memory_gpu_staged", fast_images, ckpt,
                                     gpu_staged_s=args.compare_gpu_staged)  # fmt: skip
                         if args.compare_fill_while_running:
-                            run.restore(f"memory_gpu_staged{other_fill}", fast_images, ckpt,
+                            other, name = other_fill("memory")
+                            run.restore(f"memory_gpu_staged{name}", fast_images, ckpt,
                                         gpu_staged_s=args.compare_gpu_staged,
-                                        fill_while_running=not args.fill_while_running)  # fmt: skip
+                                        fill_while_running=other)  # fmt: skip
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)
@@ -943,8 +950,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "disk_artifact" in paths:
                     run.restore("disk_artifact", fast_images, ckpt)
                 if args.compare_fill_while_running and "disk" in paths:
-                    run.restore(f"disk{other_fill}", fast_images, ckpt,
-                                fill_while_running=not args.fill_while_running)  # fmt: skip
+                    other, name = other_fill("disk")
+                    run.restore(f"disk{name}", fast_images, ckpt, fill_while_running=other)
                 if args.compare_pinned_areas and args.preload and "disk" in paths:
                     with preloader_pinning_per_load(work):
                         run.restore("disk_pinned_per_load", fast_images, ckpt)

@@ -301,6 +301,8 @@ def test_memory_staging_warms_and_verifies_then_restore_only_stats_and_answers_t
     assert listed.external_files[0]["page_cache_bytes"] == params.stat().st_size
     outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store)
     assert outcome.source == "memory"
+    # a copy in memory: the tree ran while the fill put its pages in place (the default)
+    assert outcome.page_fill is not None and outcome.page_fill["while_running"] == 1
     assert [(f["path"], f["how"]) for f in outcome.external_files] == [(str(params), "record")]
     assert "external_check" in outcome.seconds
     assert answers(dumped["port"]) == expected(params) != expected_default()

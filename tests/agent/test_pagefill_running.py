@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -56,8 +57,8 @@ while True:
 class HeldServer(pagefill.LazyPagesServer):
     """The real server, whose fill starts only when `release` is set."""
 
-    release = threading.Event()
-    instances: list[pagefill.LazyPagesServer] = []
+    release: ClassVar[threading.Event] = threading.Event()
+    instances: ClassVar[list[pagefill.LazyPagesServer]] = []
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
@@ -164,3 +165,18 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_the_agent_fills_while_running_for_copies_in_memory_by_default() -> None:
+    from autoscaler.agent.restore import RestoreRequest, fills_while_running
+    from autoscaler.agent.server import AgentConfig
+
+    assert RestoreRequest("a").fill_while_running == "memory"
+    assert AgentConfig.__dataclass_fields__["fill_while_running"].default == "memory"
+    assert fills_while_running("memory", "memory")
+    assert not fills_while_running("memory", "disk")
+    assert not fills_while_running("memory", "store")
+    assert fills_while_running("always", "store")
+    assert not fills_while_running("off", "memory")
+    with pytest.raises(ValueError, match="fill_while_running must be one of"):
+        RestoreRequest("a", fill_while_running="sometimes")
