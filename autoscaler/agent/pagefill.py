@@ -428,16 +428,17 @@ class _Task:
     src_len: int
     # runtime address -> dump-time address shifts from UFFD_EVENT_REMAP: (from, to, len)
     remaps: list[tuple[int, int, int]] = field(default_factory=list)
-    # runtime ranges the process dropped (UNMAP / REMOVE events): never filled from the image
-    dropped: list[tuple[int, int]] = field(default_factory=list)
+    # dump-time ranges whose memory the process dropped (UNMAP / REMOVE events): never filled.
+    # Kept in dump-time addresses: a runtime address a drop freed may later hold moved memory
+    dead: list[tuple[int, int]] = field(default_factory=list)
 
-    def dropped_at(self, runtime: int) -> tuple[int, int] | None:
-        """The dropped range holding `runtime`, if any (a short list: linear scan)."""
-        return next(((a, b) for a, b in self.dropped if a <= runtime < b), None)
+    def dead_at(self, image: int) -> tuple[int, int] | None:
+        """The dead range holding dump-time address `image`, if any (a short list)."""
+        return next(((a, b) for a, b in self.dead if a <= image < b), None)
 
-    def next_dropped_after(self, runtime: int) -> int | None:
-        """The start of the first dropped range beyond `runtime` (None: there is none)."""
-        starts = [a for a, _b in self.dropped if a > runtime]
+    def next_dead_after(self, image: int) -> int | None:
+        """The start of the first dead range beyond `image` (None: there is none)."""
+        starts = [a for a, _b in self.dead if a > image]
         return min(starts) if starts else None
 
     def runtime_extent(self, image: int, length: int) -> tuple[int, int]:
@@ -451,6 +452,25 @@ class _Task:
             elif address < src < address + length:
                 length = src - address
         return address, length
+
+    def image_extent(self, runtime: int, length: int) -> tuple[int, int]:
+        """The inverse walk: which dump-time address [runtime, runtime+length) came from, if
+        anything lives there (check with runtime_extent: see image_living_at)."""
+        address = runtime
+        for src, dst, n in reversed(self.remaps):
+            if dst <= address < dst + n:
+                length = min(length, dst + n - address)
+                address = src + (address - dst)
+            elif address < dst < address + length:
+                length = dst - address
+        return address, length
+
+    def image_living_at(self, runtime: int, length: int) -> tuple[int | None, int]:
+        """(the dump-time address whose memory is at `runtime` now, or None when nothing of
+        the dump is: fresh memory, or what moved away; bytes for which that holds)."""
+        image, n = self.image_extent(runtime, length)
+        now, n2 = self.runtime_extent(image, n)
+        return (image if now == runtime else None), min(n, n2)
 
     def range_at(self, image_address: int) -> LazyRange | None:
         """The lazy range holding a dump-time address (ranges are sorted and disjoint)."""
@@ -826,7 +846,12 @@ class LazyPagesServer:
         elif event in (_UFFD_EVENT_REMOVE, _UFFD_EVENT_UNMAP):
             start, end = struct.unpack_from("<QQ", msg, 8)
             with self._lock:
-                task.dropped.append((start, end))
+                at = start  # what of the dump lives there now dies (moved-away memory lives on)
+                while at < end:
+                    image, n = task.image_living_at(at, end - at)
+                    if image is not None:
+                        task.dead.append((image, image + n))
+                    at += n
                 self.stats.dropped += 1
         elif event == _UFFD_EVENT_FORK:
             (child,) = struct.unpack_from("<I", msg, 8)
@@ -837,25 +862,19 @@ class LazyPagesServer:
             raise PageFillError(f"unexpected userfaultfd event {event:#x}")
         return []
 
-    def _to_image(self, task: _Task, address: int) -> int:
-        for src, dst, length in reversed(task.remaps):
-            if dst <= address < dst + length:
-                address = src + (address - dst)
-        return address
-
     def _serve_fault(self, task: _Task, runtime: int) -> bool:
         """Put the faulting page in place, with the rest of its fill chunk (a running process
         reads on: one fault then serves a chunk, not a page). False: the kernel said EAGAIN,
         try again after reading the pending events."""
-        image = self._to_image(task, runtime)
-        r = task.range_at(image)
-        if r is not None and task.dropped_at(runtime) is None:
+        image, _n = task.image_living_at(runtime, PAGE)
+        r = task.range_at(image) if image is not None and task.dead_at(image) is None else None
+        if r is not None and image is not None:
             chunk_end = r.start + ((image - r.start) // self.chunk_bytes + 1) * self.chunk_bytes
             length = min(r.end, chunk_end) - image
-            _where, length = task.runtime_extent(image, length)
-            nxt = task.next_dropped_after(runtime)
+            nxt = task.next_dead_after(image)
             if nxt is not None:
-                length = min(length, nxt - runtime)
+                length = min(length, nxt - image)
+            _where, length = task.runtime_extent(image, length)
             arg = _UffdioCopy(dst=runtime, src=task.src + r.offset + (image - r.start),
                               len=length, mode=0, copy=0)  # fmt: skip
             err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
@@ -866,12 +885,12 @@ class LazyPagesServer:
             if err and err not in (errno.EEXIST, errno.EAGAIN):
                 raise PageFillError(f"UFFDIO_COPY at {runtime:#x} for a fault in process "
                                     f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
-        else:  # not in the image (never written before the dump), or dropped since
+        else:  # nothing of the dump lives here: never written before it, dropped, moved away
             zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
             if err == errno.EAGAIN:
                 return False
-            if err == errno.ENOENT and task.dropped_at(runtime) is not None:
+            if err == errno.ENOENT:
                 return True  # unmapped while the fault waited: nothing left to serve
             if err and err != errno.EEXIST:
                 raise PageFillError(f"UFFDIO_ZEROPAGE at {runtime:#x}: {os.strerror(err)}")
@@ -893,15 +912,15 @@ class LazyPagesServer:
         stalled_since: float | None = None
         while image < end:
             with self._gate.shared():
-                runtime, n = task.runtime_extent(image, end - image)
-                hole = task.dropped_at(runtime)
+                hole = task.dead_at(image)
                 if hole is None:
-                    nxt = task.next_dropped_after(runtime)
-                    n = min(n, nxt - runtime) if nxt is not None else n
+                    nxt = task.next_dead_after(image)
+                    n = min(end, nxt) - image if nxt is not None else end - image
+                    runtime, n = task.runtime_extent(image, n)
                     arg.dst, arg.src, arg.len, arg.mode, arg.copy = runtime, src, n, 0, 0
                     err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
             if hole is not None:  # dropped since the dump: nothing to put back
-                step = min(n, hole[1] - runtime)
+                step = min(end, hole[1]) - image
                 image, src = image + step, src + step
                 continue
             done = n if err == 0 else max(0, arg.copy)

@@ -54,6 +54,44 @@ while True:
 """
 
 
+# Two private anonymous mappings `a` and `b` of random bytes (made with libc, so that they can
+# be moved): on SIGUSR2 `a` is unmapped and `b` moved into the hole it left (mremap, FIXED);
+# SIGUSR1 reports the digest of what is now at a's address.
+MOVER = f"""
+import ctypes, hashlib, mmap, os, signal, sys, time
+out = sys.argv[1]
+size = {SIZE_MIB} << 20
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = libc.mremap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+rw, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+a, b = (libc.mmap(None, size, rw, flags, -1, 0) for _ in range(2))
+for at in (a, b):
+    ctypes.memmove(at, os.urandom(size), size)
+def write(text):
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+def digest(at):
+    return hashlib.sha256(ctypes.string_at(at, size)).hexdigest()
+def report(*_):
+    write(digest(a))
+def move(*_):
+    assert libc.munmap(a, size) == 0
+    moved = libc.mremap(b, size, size, 1 | 2, a)  # MREMAP_MAYMOVE | MREMAP_FIXED
+    write("moved" if moved == a else "mremap failed: " + str(ctypes.get_errno()))
+signal.signal(signal.SIGUSR1, report)
+signal.signal(signal.SIGUSR2, move)
+write(digest(a) + " " + digest(b))
+while True:
+    time.sleep(1)
+"""
+
+
 class HeldServer(pagefill.LazyPagesServer):
     """The real server, whose fill starts only when `release` is set."""
 
@@ -79,11 +117,11 @@ def held(monkeypatch):
     HeldServer.release.set()
 
 
-@pytest.fixture
-def dumped(criu_binary: Path, tmp_path: Path):
+def dump_program(program: str, tmp_path: Path) -> tuple[int, Path, Path, str]:
+    """Run `program`, wait for its first report, dump it (it is gone after)."""
     out = tmp_path / "report"
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)],
+        [sys.executable, "-c", program, str(out)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
@@ -93,6 +131,11 @@ def dumped(criu_binary: Path, tmp_path: Path):
     criu_mod.dump(proc.pid, images, tmp_path / "dump-logs")
     proc.wait(timeout=10)
     return proc.pid, images, out, digests
+
+
+@pytest.fixture
+def dumped(criu_binary: Path, tmp_path: Path):
+    return dump_program(HOLDER, tmp_path)
 
 
 def signal_and_read(pid: int, out: Path, sig: int) -> str:
@@ -144,6 +187,26 @@ def test_memory_dropped_while_running_is_never_filled(dumped, held, tmp_path: Pa
 
 
 @pytest.mark.integration
+def test_memory_moved_into_a_dropped_hole_is_filled_there(
+    criu_binary: Path, held, tmp_path: Path
+) -> None:
+    pid, images, out, digests = dump_program(MOVER, tmp_path)
+    _digest_a, digest_b = digests.split()
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None
+        # before any byte is filled: a is unmapped (UNMAP) and b moved onto its addresses
+        assert signal_and_read(pid, out, signal.SIGUSR2) == "moved"
+        held.release.set()
+        stats = restored.fill.finish()
+        assert stats["remaps"] >= 1 and stats["dropped"] >= 1
+        # b's bytes were filled at their new home, though it lies where a was dropped
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digest_b
+    finally:
+        kill_pid(pid)
+
+
+@pytest.mark.integration
 def test_a_fill_that_fails_while_running_kills_the_tree(dumped, held, tmp_path: Path) -> None:
     pid, images, _out, _digests = dumped
     pages = pagefill.read_task_pages(images, pid)
@@ -180,3 +243,28 @@ def test_the_agent_fills_while_running_for_copies_in_memory_by_default() -> None
     assert not fills_while_running("off", "memory")
     with pytest.raises(ValueError, match="fill_while_running must be one of"):
         RestoreRequest("a", fill_while_running="sometimes")
+
+
+def test_where_dumped_memory_lives_after_moves_and_drops() -> None:
+    """The bookkeeping the fill and the fault path share (pure): moves are followed both ways,
+    a vacated address holds nothing of the dump, and memory moved into a hole another range
+    left is that memory's, not the dead range's."""
+    mib = 1 << 20
+    pages = pagefill.TaskPages(pid=1, pages_path=Path("/nonexistent"), ranges=())
+    task = pagefill._Task(pages=pages, uffd=-1, src=0, src_len=0)
+    a, b, c = 100 * mib, 200 * mib, 300 * mib
+    assert task.image_living_at(a, mib) == (a, mib)  # nothing moved: identity
+    task.remaps.append((b, a, 4 * mib))  # b moved onto a (a had been unmapped: dead)
+    task.dead.append((a, a + 4 * mib))
+    assert task.runtime_extent(b + mib, mib) == (a + mib, mib)
+    assert task.image_living_at(a + mib, mib) == (b + mib, mib)  # b's bytes live at a now
+    assert task.image_living_at(b, mib) == (None, mib)  # b's old home: nothing of the dump
+    assert task.dead_at(a) == (a, a + 4 * mib) and task.dead_at(b) is None
+    # a block never straddles a move's edge
+    assert task.runtime_extent(b + 3 * mib, 2 * mib) == (a + 3 * mib, mib)
+    assert task.image_living_at(a + 3 * mib, 2 * mib) == (b + 3 * mib, mib)
+    task.remaps.append((a, c, 4 * mib))  # and on again, to c
+    assert task.runtime_extent(b, mib) == (c, mib)
+    assert task.image_living_at(c, mib) == (b, mib)
+    assert task.image_living_at(a, mib) == (None, mib)  # vacated twice over
+    assert task.next_dead_after(0) == a and task.next_dead_after(a) is None
