@@ -878,6 +878,11 @@ class LazyPagesServer:
             arg = _UffdioCopy(dst=runtime, src=task.src + r.offset + (image - r.start),
                               len=length, mode=0, copy=0)  # fmt: skip
             err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
+            if err == errno.ENOENT and arg.copy <= 0 and length > PAGE:
+                # the chunk may cross a VMA boundary the process made (mprotect or madvise
+                # split a VMA, no event): the kernel copies within one VMA only. Its page alone
+                arg.len, arg.copy = PAGE, 0
+                err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
             if err in (errno.EAGAIN, errno.ENOENT) and arg.copy <= 0:
                 return False  # the mm is changing / the memory went: read its event first
             # EEXIST, or EAGAIN after some pages: the faulting page is in place (the copy that
@@ -910,13 +915,14 @@ class LazyPagesServer:
         copied = existing = 0
         end = image + length
         stalled_since: float | None = None
+        limit = length  # halved while a copy crosses a VMA boundary (see ENOENT below)
         while image < end:
             with self._gate.shared():
                 hole = task.dead_at(image)
                 if hole is None:
                     nxt = task.next_dead_after(image)
                     n = min(end, nxt) - image if nxt is not None else end - image
-                    runtime, n = task.runtime_extent(image, n)
+                    runtime, n = task.runtime_extent(image, min(n, limit))
                     arg.dst, arg.src, arg.len, arg.mode, arg.copy = runtime, src, n, 0, 0
                     err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
             if hole is not None:  # dropped since the dump: nothing to put back
@@ -924,6 +930,11 @@ class LazyPagesServer:
                 image, src = image + step, src + step
                 continue
             done = n if err == 0 else max(0, arg.copy)
+            if err == errno.ENOENT and not done and n > PAGE:
+                # the range may cross a VMA boundary the running process made (mprotect or
+                # madvise split a VMA, with no event): the kernel copies within one VMA only
+                limit = n // 2 // PAGE * PAGE
+                continue
             if err in (0, errno.EAGAIN, errno.ENOENT):
                 copied += done
             elif err == errno.EEXIST or arg.copy == -errno.EEXIST:
@@ -934,7 +945,7 @@ class LazyPagesServer:
                 raise PageFillError(f"UFFDIO_COPY of {n} bytes at {runtime:#x} in process "
                                     f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
             if done:
-                stalled_since = None
+                stalled_since, limit = None, length
             else:
                 # EAGAIN: the mm is changing and its event is being read; ENOENT: the memory
                 # went away and the UNMAP saying so is being read. Out of the gate, briefly.

@@ -268,3 +268,59 @@ def test_where_dumped_memory_lives_after_moves_and_drops() -> None:
     assert task.image_living_at(c, mib) == (b, mib)
     assert task.image_living_at(a, mib) == (None, mib)  # vacated twice over
     assert task.next_dead_after(0) == a and task.next_dead_after(a) is None
+
+
+# One private anonymous mapping of random bytes (made with libc, so that it can be
+# mprotect'ed): on SIGUSR2 a few pages inside its first fill chunk are made read-only, which
+# splits its VMA in three without an event (no memory moves or goes); SIGUSR1 reports its
+# digest.
+SPLITTER = f"""
+import ctypes, hashlib, mmap, os, signal, sys, time
+out = sys.argv[1]
+size = {SIZE_MIB} << 20
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+rw, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+a = libc.mmap(None, size, rw, flags, -1, 0)
+ctypes.memmove(a, os.urandom(size), size)
+def write(text):
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+def report(*_):
+    write(hashlib.sha256(ctypes.string_at(a, size)).hexdigest())
+def split(*_):
+    ok = libc.mprotect(a + (1 << 20) + 2 * mmap.PAGESIZE, 16 * mmap.PAGESIZE, mmap.PROT_READ)
+    write("split" if ok == 0 else "mprotect failed: " + str(ctypes.get_errno()))
+signal.signal(signal.SIGUSR1, report)
+signal.signal(signal.SIGUSR2, split)
+report()
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("who", ["fill", "fault"])
+def test_memory_whose_vma_was_split_while_running_is_still_filled(
+    criu_binary: Path, held, tmp_path: Path, who: str
+) -> None:
+    """mprotect on part of a lazy range splits its VMA with no userfaultfd event; a copy that
+    spans the new boundary gets ENOENT though nothing went away (the kernel copies within one
+    VMA only), so it must be split, not retried as it was until the fill gave up."""
+    pid, images, out, digest = dump_program(SPLITTER, tmp_path)
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None
+        assert signal_and_read(pid, out, signal.SIGUSR2) == "split"
+        if who == "fault":  # the running process reads it all before the fill starts
+            assert signal_and_read(pid, out, signal.SIGUSR1) == digest
+        held.release.set()
+        stats = restored.fill.finish()
+        assert stats["dropped"] == 0
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digest
+    finally:
+        kill_pid(pid)
