@@ -885,6 +885,8 @@ class LazyPagesServer:
                 err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
             if err in (errno.EAGAIN, errno.ENOENT) and arg.copy <= 0:
                 return False  # the mm is changing / the memory went: read its event first
+            if err == errno.ESRCH:
+                return True  # the process exited (or exec'd) meanwhile: its memory is gone
             # EEXIST, or EAGAIN after some pages: the faulting page is in place (the copy that
             # put it there woke the process); the fill does what is left of the chunk
             if err and err not in (errno.EEXIST, errno.EAGAIN):
@@ -895,8 +897,8 @@ class LazyPagesServer:
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
             if err == errno.EAGAIN:
                 return False
-            if err == errno.ENOENT:
-                return True  # unmapped while the fault waited: nothing left to serve
+            if err in (errno.ENOENT, errno.ESRCH):
+                return True  # unmapped while the fault waited, or the process exited
             if err and err != errno.EEXIST:
                 raise PageFillError(f"UFFDIO_ZEROPAGE at {runtime:#x}: {os.strerror(err)}")
         self.stats.faults_served += 1
@@ -929,6 +931,8 @@ class LazyPagesServer:
                 step = min(end, hole[1]) - image
                 image, src = image + step, src + step
                 continue
+            if err == errno.ESRCH:  # the process exited (or exec'd): nothing left to fill
+                break
             done = n if err == 0 else max(0, arg.copy)
             if err == errno.ENOENT and not done and n > PAGE:
                 # the range may cross a VMA boundary the running process made (mprotect or

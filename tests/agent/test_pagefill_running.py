@@ -5,6 +5,7 @@ each exercised for certain, not by luck of timing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -324,3 +325,62 @@ def test_memory_whose_vma_was_split_while_running_is_still_filled(
         assert signal_and_read(pid, out, signal.SIGUSR1) == digest
     finally:
         kill_pid(pid)
+
+
+# A parent and the child it forked, each with a private anonymous mapping of random bytes:
+# the child exits on SIGUSR2 (a tree's helper that ends); SIGUSR1 has the parent report its
+# digest.
+FAMILY = f"""
+import hashlib, mmap, os, signal, sys, time
+out = sys.argv[1]
+size = {SIZE_MIB} << 20
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+def write(text):
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+child = os.fork()
+if child == 0:
+    mine = mmap.mmap(-1, size, flags=flags)
+    mine.write(os.urandom(size))
+    signal.signal(signal.SIGUSR2, lambda *_: os._exit(0))
+    while True:
+        time.sleep(1)
+keep = mmap.mmap(-1, size, flags=flags)
+keep.write(os.urandom(size))
+signal.signal(signal.SIGUSR1, lambda *_: write(hashlib.sha256(keep).hexdigest()))
+time.sleep(1)  # the child's memory is written
+write(hashlib.sha256(keep).hexdigest() + " " + str(child))
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.integration
+def test_a_process_that_exits_while_running_fails_nothing(
+    criu_binary: Path, held, tmp_path: Path
+) -> None:
+    """A process of the tree that exits before the fill reached its memory has no memory left
+    to fill (the kernel answers ESRCH): the rest of the tree is filled and keeps running."""
+    pid, images, out, first = dump_program(FAMILY, tmp_path)
+    digest, child = first.split()
+    wait_for(lambda: _reaped(int(child)), 10, "the dumped child to be gone")
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None
+        os.kill(int(child), signal.SIGUSR2)
+        wait_for(lambda: _zombie(int(child)), 30, "the restored child to exit")
+        held.release.set()
+        stats = restored.fill.finish()
+        assert stats["processes"] == 2
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digest
+    finally:
+        kill_pid(int(child))
+        kill_pid(pid)
+
+
+def _reaped(pid: int) -> bool:
+    """Whether `pid` is gone, reaping it where the dump left it to this process (a subreaper)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return not Path(f"/proc/{pid}").exists()
