@@ -458,11 +458,17 @@ def _prefetched(prefetch: Future[dict[str, int]] | None) -> dict[str, float | in
 
 
 def kill_restored(host_pid: int, timeout_s: float = 10.0) -> None:
-    """SIGKILL the restored tree (its process group, the worker being a session leader)."""
+    """SIGKILL the restored tree (its process group, the worker being a session leader, and
+    every descendant, also one that left that group: a page fill that fails while the tree
+    runs lets go of all of their memory once this returns)."""
     try:
         pgid = os.getpgid(host_pid)
     except ProcessLookupError:
         return
+    descendants = tree_pids(host_pid)[1:]  # found before the root dies and they are re-parented
+    for pid in descendants:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     # Never signal our own group (a restored tree that is not a session leader shares it).
     if pgid != os.getpgid(0):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -472,6 +478,16 @@ def kill_restored(host_pid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while Path(f"/proc/{host_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
+    while not all(map(_exited, descendants)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a zombie is enough: re-parented, it may have nobody to reap it
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` runs no more (gone, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except (OSError, IndexError):
+        return True
 
 
 def tree_pids(host_pid: int) -> list[int]:

@@ -384,3 +384,54 @@ def _reaped(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     return not Path(f"/proc/{pid}").exists()
+
+
+# A parent and a child that left its process group (setsid, as a worker's ranks may), each
+# with a private anonymous mapping of random bytes; the first report names the child.
+SESSIONS = f"""
+import mmap, os, sys, time
+out = sys.argv[1]
+size = {SIZE_MIB} << 20
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+child = os.fork()
+if child == 0:
+    os.setsid()
+    mine = mmap.mmap(-1, size, flags=flags)
+    mine.write(os.urandom(size))
+    while True:
+        time.sleep(1)
+keep = mmap.mmap(-1, size, flags=flags)
+keep.write(os.urandom(size))
+time.sleep(1)  # the child's memory is written, its session its own
+with open(out + ".tmp", "w") as f:
+    f.write(str(child))
+os.rename(out + ".tmp", out)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.integration
+def test_a_failed_fill_kills_tree_members_outside_the_roots_group(
+    criu_binary: Path, held, tmp_path: Path
+) -> None:
+    """The fill lets go of every process's memory when it fails: a child in its own session
+    (outside the root's process group, which kill_restored signals) must be dead by then too,
+    not left running on pages that now read as zeros."""
+    pid, images, _out, first = dump_program(SESSIONS, tmp_path)
+    child = int(first)
+    wait_for(lambda: _reaped(child), 10, "the dumped child to be gone")
+    pages = pagefill.read_task_pages(images, pid)
+    with open(pages.pages_path, "r+b") as f:  # the root's copy will read past the image's end
+        f.truncate(pages.ranges[-1].offset)
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None
+        assert os.getsid(child) == child != os.getpgid(pid)
+        held.release.set()
+        with pytest.raises(CriuError, match="parallel page fill failed"):
+            restored.fill.finish()
+        wait_for(lambda: _zombie(child), 10, "the child to be killed by the failed fill")
+    finally:
+        kill_pid(child)
+        kill_pid(pid)
