@@ -781,7 +781,9 @@ class LazyPagesServer:
         watched: set[int] = set()
         poller.register(self._wake_r, select.POLLIN)
         try:
-            while not self._closing and not self._stop_events:
+            # after a failure the userfaultfds are closed: nothing is left to serve (and a
+            # closed descriptor polls POLLNVAL at once, a busy loop)
+            while not self._closing and not self._stop_events and self._error is None:
                 with self._lock:
                     for task in self._tasks:
                         if task.uffd >= 0 and task.uffd not in watched:

@@ -435,3 +435,29 @@ def test_a_failed_fill_kills_tree_members_outside_the_roots_group(
     finally:
         kill_pid(child)
         kill_pid(pid)
+
+
+@pytest.mark.integration
+def test_a_failed_fill_stops_its_event_thread(dumped, held, tmp_path: Path) -> None:
+    """Once a fill failed (the tree killed, its userfaultfds closed) the event thread has
+    nothing left to serve: it ends, rather than polling the closed descriptors (POLLNVAL at
+    once: a busy loop on a core) until the restore closes the server, which in the agent comes
+    after the worker's ready and health waits. The failure is made with the server's own
+    failure routine (what a failed copy, event or protocol step calls) while the process idles."""
+    pid, images, _out, _digests = dumped
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    try:
+        assert restored.fill is not None
+        server = held.instances[0]
+        server._fail(pagefill.PageFillError("failed for the test"))
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)  # killed before the close
+        event_thread = server._event_thread
+        assert event_thread is not None
+        wait_for(lambda: not event_thread.is_alive(), 10, "the event thread to end")
+        held.release.set()  # the held fill now ends at once (its descriptors are closed)
+        with pytest.raises(CriuError, match="failed for the test"):
+            restored.fill.ready_to_continue()
+    finally:
+        kill_pid(pid)
+        held.release.set()
+        restored.fill.close()
