@@ -77,14 +77,20 @@ class Handshake:
         for name in names or ALL_SENTINELS:
             self.path(name).unlink(missing_ok=True)
 
-    def wait_any(self, names: tuple[str, ...], timeout_s: float | None) -> tuple[str, dict]:
-        """Block until one of the sentinels exists; returns (name, its content)."""
+    def wait_any(
+        self, names: tuple[str, ...], timeout_s: float | None,
+        abort: Callable[[], str | None] | None = None,
+    ) -> tuple[str, dict]:  # fmt: skip
+        """Block until one of the sentinels exists; returns (name, its content). `abort` is
+        asked every poll: a reason it returns (the worker died, ...) ends the wait at once."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             for name in names:
                 info = self.read(name)
                 if info is not None:
                     return name, info
+            if abort is not None and (why := abort()) is not None:
+                raise WorkerNotReady(f"no {' or '.join(names)} in {self.directory}: {why}")
             if deadline is not None and time.monotonic() >= deadline:
                 raise WorkerNotReady(
                     f"no {' or '.join(names)} in {self.directory} after {timeout_s} s"
@@ -107,8 +113,10 @@ class Handshake:
         self.clear(READY_FOR_CHECKPOINT)
         self.write(CHECKPOINT_DONE, **info)
 
-    def wait_ready(self, timeout_s: float) -> dict:
-        return self.wait_any((READY,), timeout_s)[1]
+    def wait_ready(
+        self, timeout_s: float, abort: Callable[[], str | None] | None = None
+    ) -> dict:
+        return self.wait_any((READY,), timeout_s, abort)[1]
 
 
 Callback = Callable[[], None]

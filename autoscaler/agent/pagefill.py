@@ -636,9 +636,10 @@ class LazyPagesServer:
             self._listener = None
         with contextlib.suppress(OSError):
             (self.work_dir / SOCKET_NAME).unlink(missing_ok=True)
-        for task in self._tasks:
-            self._release(task)
-        self._tasks.clear()
+        with self._gate.exclusive():  # no copy in flight (a thread that outlived its join)
+            for task in self._tasks:
+                self._release(task)
+            self._tasks.clear()
         for fd in (self._wake_r, self._wake_w, self._dirfd):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
@@ -648,10 +649,10 @@ class LazyPagesServer:
 
     @staticmethod
     def _close_uffd(task: _Task) -> None:
-        if task.uffd >= 0:
+        fd, task.uffd = task.uffd, -1  # never an ioctl on a closed (perhaps reused) number
+        if fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(task.uffd)
-            task.uffd = -1
+                os.close(fd)
 
     @classmethod
     def _release(cls, task: _Task) -> None:
@@ -688,7 +689,7 @@ class LazyPagesServer:
         self._close_uffds()
 
     def _close_uffds(self) -> None:
-        with self._lock:
+        with self._gate.exclusive(), self._lock:
             for task in self._tasks:
                 self._close_uffd(task)
 
@@ -867,7 +868,14 @@ class LazyPagesServer:
     def _serve_fault(self, task: _Task, runtime: int) -> bool:
         """Put the faulting page in place, with the rest of its fill chunk (a running process
         reads on: one fault then serves a chunk, not a page). False: the kernel said EAGAIN,
-        try again after reading the pending events."""
+        try again after reading the pending events. Holds the gate shared, as a fill copy
+        does, so that closing (exclusive) never races a copy."""
+        with self._gate.shared():
+            return self._serve_fault_gated(task, runtime)
+
+    def _serve_fault_gated(self, task: _Task, runtime: int) -> bool:
+        if task.uffd < 0:
+            return True  # closed after a failure: nothing is served any more
         image, _n = task.image_living_at(runtime, PAGE)
         r = task.range_at(image) if image is not None and task.dead_at(image) is None else None
         if r is not None and image is not None:
@@ -1007,6 +1015,7 @@ class LazyPagesServer:
             self._event_thread.join(timeout=5)
         if self._error is not None:
             raise self._error
-        with self._lock:  # every page is in place: the process needs no server any more
+        # every page is in place: the process needs no server any more
+        with self._gate.exclusive(), self._lock:
             for task in self._tasks:
                 self._release(task)

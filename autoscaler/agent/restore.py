@@ -575,15 +575,17 @@ def _restore(
             say(f"waiting for {len(rank_handshakes)} ranks' ready signals")
             multiproc.wait_group_ready(rank_handshakes, request.ready_timeout_s)
             timings["ready"] = time.perf_counter() - t
+        gone = _gone(restored)
         if handshake:
             t = time.perf_counter()
             handshake.signal_restored(artifact=artifact_id, **preloads.answer())
             say("waiting for the worker's ready signal")
-            handshake.wait_ready(request.ready_timeout_s)
+            handshake.wait_ready(request.ready_timeout_s, gone)
             timings["ready"] = time.perf_counter() - t
         if request.health_url:
             t = time.perf_counter()
-            check_health(request.health_url, request.health_timeout_s, request.namespace_pid)
+            check_health(request.health_url, request.health_timeout_s, request.namespace_pid,
+                         gone)  # fmt: skip
             timings["health"] = time.perf_counter() - t
         if restored.fill is not None:  # it went on beside all of the above
             t = time.perf_counter()
@@ -616,6 +618,22 @@ def _restore(
         page_fill=page_fill,
         criu_kdat=restored.kdat,
     )
+
+
+def _gone(restored: criu_mod.RestoreResult) -> Callable[[], str | None]:
+    """Why waiting for the restored worker is pointless (its fill failed, it died), or None:
+    the ready and health waits end at once instead of running out their timeouts."""
+
+    def why() -> str | None:
+        if restored.fill is not None and restored.fill.server.error is not None:
+            return "the page fill failed while the tree ran"
+        try:
+            state = Path(f"/proc/{restored.host_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return f"the restored worker (pid {restored.host_pid}) is gone"
+        return f"the restored worker (pid {restored.host_pid}) died" if state in "ZX" else None
+
+    return why
 
 
 def restore_while_verifying(
@@ -727,11 +745,17 @@ def _quarantine_local(
     return done
 
 
-def check_health(url: str, timeout_s: float, netns_pid: int | None = None) -> int:
-    """GET url until it answers 200 (from inside netns_pid's network namespace if given)."""
+def check_health(
+    url: str, timeout_s: float, netns_pid: int | None = None,
+    abort: Callable[[], str | None] | None = None,
+) -> int:  # fmt: skip
+    """GET url until it answers 200 (from inside netns_pid's network namespace if given);
+    `abort` ends the wait at once with the reason it returns."""
     deadline = time.monotonic() + timeout_s
     last = "no attempt"
     while time.monotonic() < deadline:
+        if abort is not None and (why := abort()) is not None:
+            raise WorkerNotReady(f"health check {url}: {why}")
         try:
             status = http_get(url, min(5.0, timeout_s), netns_pid)[0]
         except OSError as exc:

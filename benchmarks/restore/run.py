@@ -614,6 +614,14 @@ class ModelRun:
             fill = restored.fill.finish() if restored.fill else restored.page_fill
             fill_wait = max(0.0, time.perf_counter() - t0 - seconds) if restored.fill else 0.0
             seconds += fill_wait
+        except BaseException as exc:
+            # the worker must be dead before its fill's server lets go of its memory (it would
+            # read zeros), and a fill that failed is the reason to give
+            criu_mod.kill_restored(pid)
+            failure = restored.fill.failure() if restored.fill is not None else None
+            if failure is not None:
+                raise failure from exc
+            raise
         finally:
             if restored.fill is not None:
                 restored.fill.close()

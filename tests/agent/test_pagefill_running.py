@@ -461,3 +461,28 @@ def test_a_failed_fill_stops_its_event_thread(dumped, held, tmp_path: Path) -> N
         kill_pid(pid)
         held.release.set()
         restored.fill.close()
+
+
+def test_waiting_for_the_worker_ends_when_its_fill_failed_or_it_died(tmp_path: Path) -> None:
+    """The restore's ready and health waits ask restore._gone every poll, so a fill that
+    failed while the tree ran (its server killed the tree) or a dead worker is reported at
+    once instead of after the ready timeout."""
+    from types import SimpleNamespace
+
+    from autoscaler.agent.errors import WorkerNotReady
+    from autoscaler.agent.hooks import Handshake
+    from autoscaler.agent.restore import _gone
+
+    def result(pid: int, fill: object = None) -> criu_mod.RestoreResult:
+        return criu_mod.RestoreResult(pid=pid, host_pid=pid, seconds=0.0,
+                                      log_path=tmp_path / "log", fill=fill)  # type: ignore[arg-type]
+
+    assert _gone(result(os.getpid()))() is None  # alive, no fill: keep waiting
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert "is gone" in (_gone(result(dead.pid))() or "")
+    failed = SimpleNamespace(server=SimpleNamespace(error=pagefill.PageFillError("boom")))
+    assert _gone(result(os.getpid(), failed))() == "the page fill failed while the tree ran"
+    # the handshake's wait ends with that reason, not with its timeout's
+    with pytest.raises(WorkerNotReady, match="the page fill failed while the tree ran"):
+        Handshake(tmp_path / "hs").wait_ready(60, _gone(result(os.getpid(), failed)))
