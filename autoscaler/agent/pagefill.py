@@ -479,6 +479,25 @@ class _Task:
         return ranges[i] if i >= 0 and image_address < ranges[i].end else None
 
 
+class _Stall:
+    """How long a copy or a fault has made no progress (EAGAIN / ENOENT while the event that
+    explains it is read); past _STALL_S the fill fails rather than wait forever."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def progressed(self) -> None:
+        self.since = None
+
+    def wait(self, what: str) -> None:
+        """Sleep briefly (out of the gate); raise once stalled for too long."""
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > _STALL_S:
+            raise PageFillError(f"{what} for {_STALL_S:.0f} s")
+        time.sleep(0.0002)
+
+
 class _Gate:
     """Many fill copies (shared) against the one thread reading events (exclusive), the
     reader preferred: a copy holds it for one UFFDIO_COPY at most."""
@@ -806,7 +825,7 @@ class LazyPagesServer:
         the kernel answers EAGAIN for (the mm is changing: an event is pending) is tried again
         after the next read."""
         faults: list[int] = []
-        stalled_since: float | None = None
+        stall = _Stall()
         while True:
             more = True
             with self._gate.exclusive():
@@ -824,15 +843,10 @@ class LazyPagesServer:
             if not faults and not more:
                 return
             if faults:  # the event that makes the kernel say EAGAIN / ENOENT is on its way
-                now = time.monotonic()
-                stalled_since = stalled_since or now
-                if now - stalled_since > _STALL_S:
-                    raise PageFillError(f"a fault at {faults[0]:#x} in process "
-                                        f"{task.pages.pid} could not be served for "
-                                        f"{_STALL_S:.0f} s")  # fmt: skip
-                time.sleep(0.0002)
+                stall.wait(f"a fault at {faults[0]:#x} in process {task.pages.pid} could not "
+                           "be served")  # fmt: skip
             else:
-                stalled_since = None
+                stall.progressed()
 
     def _record_event(self, task: _Task, msg: bytes) -> list[int]:
         """Note one event (called with the gate held exclusively); a fault's page address is
@@ -926,7 +940,7 @@ class LazyPagesServer:
         arg = arg if arg is not None else _UffdioCopy()
         copied = existing = 0
         end = image + length
-        stalled_since: float | None = None
+        stall = _Stall()
         limit = length  # halved while a copy crosses a VMA boundary (see ENOENT below)
         while image < end:
             with self._gate.shared():
@@ -959,17 +973,13 @@ class LazyPagesServer:
                 raise PageFillError(f"UFFDIO_COPY of {n} bytes at {runtime:#x} in process "
                                     f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
             if done:
-                stalled_since, limit = None, length
+                stall.progressed()
+                limit = length
             else:
                 # EAGAIN: the mm is changing and its event is being read; ENOENT: the memory
                 # went away and the UNMAP saying so is being read. Out of the gate, briefly.
-                now = time.monotonic()
-                stalled_since = stalled_since or now
-                if now - stalled_since > _STALL_S:
-                    raise PageFillError(f"UFFDIO_COPY at {runtime:#x} in process "
-                                        f"{task.pages.pid}: {os.strerror(err)} for "
-                                        f"{_STALL_S:.0f} s")  # fmt: skip
-                time.sleep(0.0002)
+                stall.wait(f"UFFDIO_COPY at {runtime:#x} in process {task.pages.pid}: "
+                           f"{os.strerror(err)}")  # fmt: skip
             image, src = image + done, src + done
         return copied, existing
 

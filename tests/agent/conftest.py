@@ -129,3 +129,11 @@ def restored_ok(
     assert outcome.ok, outcome.reason
     cleanup_pids.append(outcome.host_pid)
     return outcome
+
+
+def dead(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (killed, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -18,7 +18,7 @@ from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import pagefill
 from autoscaler.agent.errors import CriuError
 
-from .conftest import kill_pid, wait_for
+from .conftest import dead, kill_pid, wait_for
 
 MEMORY_MIB = 48
 # A process holding MEMORY_MIB of random bytes; on SIGUSR1 it writes their sha256 to `out`.
@@ -155,15 +155,9 @@ def test_a_fill_that_fails_kills_the_restored_tree(dumped, tmp_path: Path) -> No
             images, tmp_path / "restore-logs", criu_mod.CriuOptions(page_fill="parallel")
         )
     assert "parallel page fill failed" in str(info.value)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 10,
+    wait_for(lambda: dead(pid), 10,
              "the half-restored tree to be killed")  # fmt: skip
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_options_are_validated() -> None:

@@ -20,7 +20,7 @@ from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import pagefill
 from autoscaler.agent.errors import CriuError
 
-from .conftest import kill_pid, wait_for
+from .conftest import dead, kill_pid, wait_for
 
 SIZE_MIB = 16
 # Three private anonymous mappings of random bytes: `keep` stays, `zap`'s second half is
@@ -219,16 +219,10 @@ def test_a_fill_that_fails_while_running_kills_the_tree(dumped, held, tmp_path: 
     held.release.set()
     with pytest.raises(CriuError, match="parallel page fill failed"):
         restored.fill.finish()
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 10,
+    wait_for(lambda: dead(pid), 10,
              "the tree to be killed by the failed fill")  # fmt: skip
     assert restored.fill.failure() is not None
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_the_agent_fills_while_running_for_copies_in_memory_by_default() -> None:
@@ -369,7 +363,7 @@ def test_a_process_that_exits_while_running_fails_nothing(
     try:
         assert restored.fill is not None
         os.kill(int(child), signal.SIGUSR2)
-        wait_for(lambda: _zombie(int(child)), 30, "the restored child to exit")
+        wait_for(lambda: dead(int(child)), 30, "the restored child to exit")
         held.release.set()
         stats = restored.fill.finish()
         assert stats["processes"] == 2
@@ -431,7 +425,7 @@ def test_a_failed_fill_kills_tree_members_outside_the_roots_group(
         held.release.set()
         with pytest.raises(CriuError, match="parallel page fill failed"):
             restored.fill.finish()
-        wait_for(lambda: _zombie(child), 10, "the child to be killed by the failed fill")
+        wait_for(lambda: dead(child), 10, "the child to be killed by the failed fill")
     finally:
         kill_pid(child)
         kill_pid(pid)
@@ -450,7 +444,7 @@ def test_a_failed_fill_stops_its_event_thread(dumped, held, tmp_path: Path) -> N
         assert restored.fill is not None
         server = held.instances[0]
         server._fail(pagefill.PageFillError("failed for the test"))
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)  # killed before the close
+        assert dead(pid)  # killed before the close
         event_thread = server._event_thread
         assert event_thread is not None
         wait_for(lambda: not event_thread.is_alive(), 10, "the event thread to end")
