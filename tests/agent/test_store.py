@@ -204,3 +204,41 @@ def test_block_digests_locate_damage_and_old_manifests_still_verify(
         del entry["blocks"]
     path.write_text(json.dumps(data))
     assert store.open("b2").manifest.files["images/pages-1.img"].blocks == ()
+
+
+def test_hashing_in_place_gives_the_same_digests_and_finds_the_same_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mapped=True (the agent's own node copies) hashes through a read-only mapping instead of
+    reads: the same digests for any range, the same damage found, and a file already shorter
+    than asked is read, not mapped (a mismatch, never SIGBUS)."""
+    import hashlib
+
+    from autoscaler.agent import store as store_mod
+
+    data = os.urandom((3 << 20) + 12345)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        seen: list[int] = []
+        for offset, length in ((0, len(data)), (4096, 1 << 20), (12345, (2 << 20) + 7), (5, 0)):
+            want = hashlib.sha256(data[offset : offset + length]).hexdigest()
+            assert store_mod.hash_fd_range(fd, offset, length, seen.append, mapped=True) == want
+            assert store_mod.hash_fd_range(fd, offset, length, lambda _n: None) == want
+        assert sum(seen) == len(data) + (1 << 20) + (2 << 20) + 7  # progress per byte hashed
+        # asked past the end: hashed with reads, so a digest that cannot match
+        short = store_mod.hash_fd_range(fd, len(data) - 10, 100, lambda _n: None, mapped=True)
+        assert short == hashlib.sha256(data[-10:]).hexdigest()
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(store_mod, "BLOCK_SIZE", 8 << 20)
+    store = DirectoryStore(tmp_path / "store")
+    make_artifact(store, "m1", size=20 << 20)
+    root = tmp_path / "store" / "m1"
+    assert store_mod.verify_directory("m1", root, mapped=True).files
+    with open(root / "images" / "pages-1.img", "r+b") as f:
+        f.seek((16 << 20) + 3)
+        f.write(b"\x00\x01")
+    with pytest.raises(ArtifactCorrupt, match=f"bytes {16 << 20}..{20 << 20}"):
+        store_mod.verify_directory("m1", root, mapped=True)
