@@ -521,9 +521,6 @@ def _restore(
                 partial(preloads.start, files, from_disk=True) if preload_after_images else None
             ),
             mode=request.external_check,
-            # the node's own copies are hashed in place; the shared store's (which another
-            # node could rewrite under a mapping) with reads
-            mapped=source in ("memory", "disk"),
         ) if alongside else None  # fmt: skip
         options = request.criu_options
         if fills_while_running(request.fill_while_running, source):
@@ -690,14 +687,12 @@ def artifact_check(
     after_images: Callable[[], None] | None = None,
     mode: str = "hash",
     threads: int = 0,
-    mapped: bool = False,
 ) -> Callable[[], object]:
     """What runs alongside CRIU for one copy: the hashing half of verify_directory (verified
     None: the images were hashed before), then `after_images` (e.g. start the preloads, which
     must return at once: this runs before the tree may continue), then the external files (one
     stat each when this node verified them unchanged, else hashed or, mode "stat", trusted on
-    size and mtime). `threads`: the hashing threads (0: store.default_threads()); `mapped`:
-    hash the images in place (store.hash_fd_range), for the node's own copies only.
+    size and mtime). `threads`: the hashing threads (0: store.default_threads()).
     Timed into timings; the external results go into `checked`. Raises ArtifactCorrupt or
     ExternalFileChanged, which restore_while_verifying turns into a killed, never-run tree."""
 
@@ -706,8 +701,7 @@ def artifact_check(
         if verified is not None:
             t = time.perf_counter()
             try:
-                manifest = verify_directory(artifact_id, verified.path, threads=threads,
-                                            mapped=mapped)  # fmt: skip
+                manifest = verify_directory(artifact_id, verified.path, threads=threads)
             finally:
                 timings["verify_contents"] = time.perf_counter() - t
         if after_images is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -333,29 +332,16 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> File
     return FileEntry(size=size, sha256=digest.hexdigest(), blocks=tuple(blocks))
 
 
-def _hash_range(
-    path: Path, offset: int, length: int, progress: Callable[[int], None], mapped: bool = False
-) -> str:
+def _hash_range(path: Path, offset: int, length: int, progress: Callable[[int], None]) -> str:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return hash_fd_range(fd, offset, length, progress, mapped)
+        return hash_fd_range(fd, offset, length, progress)
     finally:
         os.close(fd)
 
 
-def hash_fd_range(
-    fd: int, offset: int, length: int, progress: Callable[[int], None], mapped: bool = False
-) -> str:
-    """sha256 of `length` bytes at `offset` of an open file (pread: threads share the fd).
-
-    mapped=True hashes the bytes in place through a read-only mapping instead of copying them
-    out. Why: on the H200 host 16 threads hash a 1.5 GB file from the page cache in 0.10 s
-    mapped against 0.15-0.18 s with pread, and a memory restore waits for that hashing. Only for
-    files nobody truncates in place (the agent's own node copies): a file cut short under a
-    mapping raises SIGBUS, which ends the process. A file already shorter than asked is hashed
-    with pread (a mismatch, not a crash)."""
-    if mapped and length > 0 and os.fstat(fd).st_size >= offset + length:
-        return _hash_mapped(fd, offset, length, progress)
+def hash_fd_range(fd: int, offset: int, length: int, progress: Callable[[int], None]) -> str:
+    """sha256 of `length` bytes at `offset` of an open file (pread: threads share the fd)."""
     digest = hashlib.sha256()
     done = 0
     while done < length:
@@ -365,22 +351,6 @@ def hash_fd_range(
         digest.update(chunk)
         done += len(chunk)
         progress(len(chunk))
-    return digest.hexdigest()
-
-
-def _hash_mapped(fd: int, offset: int, length: int, progress: Callable[[int], None]) -> str:
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on that grain
-    skip = offset - start
-    digest = hashlib.sha256()
-    with (
-        mmap.mmap(fd, skip + length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                  offset=start) as mapping,
-        memoryview(mapping) as view,
-    ):  # fmt: skip
-        for at in range(skip, skip + length, HASH_CHUNK):
-            with view[at : min(at + HASH_CHUNK, skip + length)] as piece:
-                digest.update(piece)  # hashlib releases the GIL: threads hash at once
-                progress(len(piece))
     return digest.hexdigest()
 
 
@@ -420,13 +390,11 @@ def verify_directory(
     progress: ProgressCallback | None = None,
     threads: int = 0,
     check_contents: bool = True,
-    mapped: bool = False,
 ) -> Manifest:
     """Check that root holds exactly the manifest's files with their sizes and hashes.
 
     check_contents=False stops after the cheap part (manifest, file set, sizes): a restore then
     hashes the contents alongside CRIU (autoscaler.agent.restore) before anything runs.
-    mapped=True hashes through mappings (hash_fd_range): for the agent's own node copies only.
     """
     manifest_path = root / MANIFEST_NAME
     try:
@@ -461,7 +429,7 @@ def verify_directory(
 
     def check(job: tuple[str, int, int, str]) -> str | None:
         rel, offset, length, expected = job
-        if _hash_range(root / rel, offset, length, advance, mapped) != expected:
+        if _hash_range(root / rel, offset, length, advance) != expected:
             return f"sha256 mismatch at bytes {offset}..{offset + length} (content changed)"
         return None
 

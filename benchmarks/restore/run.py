@@ -478,7 +478,7 @@ class ModelRun:
         preload: bool | None = None, page_fill: str | None = None,
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
-        fill_while_running: bool | None = None, verify_mapped: bool = True,
+        fill_while_running: bool | None = None,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -584,7 +584,6 @@ class ModelRun:
                 after_images=None if preload_at_once else (
                     lambda: preloads.start(files, from_disk=from_disk)),
                 threads=verify_threads,
-                mapped=verify_mapped,  # a node's own copy is hashed in place, as the agent does
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, options, None, check, log_name
@@ -800,11 +799,6 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the default (path memory_verifyN)",
     )  # fmt: skip
     p.add_argument(
-        "--compare-verify-reads", action="store_true",
-        help="after each memory restore, one more whose artifact is hashed with reads (pread) "
-        "instead of in place through mappings, as before (path memory_verify_reads)",
-    )  # fmt: skip
-    p.add_argument(
         "--compare-preload-lead", type=float, default=0.0, metavar="S",
         help="with --preload: after each memory restore, one more whose weights' preload was "
         "asked S seconds before the restore starts (path memory_preload_done: the restore "
@@ -927,8 +921,6 @@ def main(argv: list[str] | None = None) -> int:
                     run.restore("memory", fast_images, ckpt)
                     if args.compare_kdat:  # interleaved: the VM's drift hits both alike
                         run.restore("memory_no_kdat", fast_images, ckpt, kdat_cache=False)
-                    if args.compare_verify_reads:
-                        run.restore("memory_verify_reads", fast_images, ckpt, verify_mapped=False)
                     if args.compare_verify_threads:
                         n = args.compare_verify_threads
                         run.restore(f"memory_verify{n}", fast_images, ckpt, verify_threads=n)
