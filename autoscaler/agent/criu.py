@@ -37,7 +37,13 @@ from functools import partial
 from pathlib import Path
 
 from autoscaler.agent import images, kdat, pagefill
-from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
+from autoscaler.agent.errors import (
+    AgentError,
+    CriuError,
+    CriuNotFound,
+    PidTaken,
+    WorkerForkedDuringFill,
+)
 
 MIN_VERSION = (4, 2)
 LOG_TAIL_LINES = 25
@@ -239,11 +245,16 @@ class PendingFill:
         self._stats: dict[str, float | int | str] | None = None
         self._closed = False
 
-    def _failed(self, exc: BaseException) -> CriuError:
+    def _failed(self, exc: BaseException) -> AgentError:
         kill_restored(self.host_pid)
         self.close()
-        return CriuError("restore", 0, str(self.log_path), "the parallel page fill failed, "
-                         f"the restored tree was killed: {exc}")  # fmt: skip
+        return self._error_for(exc, "")
+
+    def _error_for(self, exc: BaseException, when: str) -> AgentError:
+        if isinstance(exc, pagefill.ForkDuringFill):  # the worker's doing, not the copy's
+            return WorkerForkedDuringFill(f"the restored tree was killed: {exc}")
+        return CriuError("restore", 0, str(self.log_path), f"the parallel page fill failed"
+                         f"{when}, the restored tree was killed: {exc}")  # fmt: skip
 
     def ready_to_continue(self) -> None:
         """Raise (the tree killed) if the fill failed already; else mark the tree running."""
@@ -251,13 +262,12 @@ class PendingFill:
             raise self._failed(exc) from exc
         self.server.mark_running()
 
-    def failure(self) -> CriuError | None:
+    def failure(self) -> AgentError | None:
         """The fill's failure, if it failed (its server killed the tree): the reason to give
         for a restore that then broke, rather than what broke next."""
         if (exc := self.server.error) is None:
             return None
-        return CriuError("restore", 0, str(self.log_path), "the parallel page fill failed "
-                         f"while the tree ran, the restored tree was killed: {exc}")  # fmt: skip
+        return self._error_for(exc, " while the tree ran")
 
     def finish(self) -> dict[str, float | int | str]:
         """Wait for every page; the fill's figures. A failed fill raises CriuError (its
@@ -265,8 +275,8 @@ class PendingFill:
         if self._stats is None:
             try:
                 filled = self.server.wait_filled(self._timeout_s)
-            except pagefill.PageFillError as exc:
-                raise self._failed(exc) from exc
+            except pagefill.PageFillError as exc:  # wait_filled wraps the server's own error
+                raise self._failed(self.server.error or exc) from exc
             self._stats = {**filled.as_dict(), **_prefetched(self._prefetch)}
             self.close()
         return self._stats

@@ -80,6 +80,10 @@ class PageFillError(RuntimeError):
     """The parallel page fill could not put every page in place (the restore must fail)."""
 
 
+class ForkDuringFill(PageFillError):
+    """A restored process forked while the fill went on beside it (fill while running)."""
+
+
 class _UffdioCopy(ctypes.Structure):
     _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
                 ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]  # fmt: skip
@@ -873,8 +877,8 @@ class LazyPagesServer:
         elif event == _UFFD_EVENT_FORK:
             (child,) = struct.unpack_from("<I", msg, 8)
             os.close(child)
-            raise PageFillError(f"process {task.pages.pid} forked during the restore (its "
-                                "child's memory would have no server)")  # fmt: skip
+            raise ForkDuringFill(f"process {task.pages.pid} forked during the restore (its "
+                                 "child's memory would have no server)")  # fmt: skip
         else:
             raise PageFillError(f"unexpected userfaultfd event {event:#x}")
         return []

@@ -45,6 +45,7 @@ from autoscaler.agent.errors import (
     ArtifactNotFound,
     ExternalFileChanged,
     PidTaken,
+    WorkerForkedDuringFill,
     WorkerNotReady,
 )
 from autoscaler.agent.hooks import Handshake
@@ -739,7 +740,7 @@ def _quarantine_local(
 ) -> list[str]:
     """Quarantine the node-local copy that failed; the shared store's copy is left alone
     (a failure on one node may be that node's, and other nodes still restore from it)."""
-    if source != "store":
+    if source != "store" and not isinstance(exc, WorkerForkedDuringFill):
         with contextlib.suppress(AgentError, OSError):
             done.append(holder.quarantine(artifact_id, f"restore failed: {exc}"))
     return done

@@ -480,3 +480,62 @@ def test_waiting_for_the_worker_ends_when_its_fill_failed_or_it_died(tmp_path: P
     # the handshake's wait ends with that reason, not with its timeout's
     with pytest.raises(WorkerNotReady, match="the page fill failed while the tree ran"):
         Handshake(tmp_path / "hs").wait_ready(60, _gone(result(os.getpid(), failed)))
+
+
+# On SIGUSR2 it forks (a real fork, as multiprocessing's "fork" start method does).
+FORKER = """
+import os, signal, sys, time
+out = sys.argv[1]
+def write(text):
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+def fork(*_):
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    write("forked")
+signal.signal(signal.SIGUSR2, fork)
+write("ready")
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.integration
+def test_a_fork_during_the_fill_fails_the_restore_as_the_workers_doing(
+    criu_binary: Path, held, tmp_path: Path
+) -> None:
+    from autoscaler.agent.errors import WorkerForkedDuringFill
+
+    pid, images, _out, _ready = dump_program(FORKER, tmp_path)
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    assert restored.fill is not None
+    try:
+        os.kill(pid, signal.SIGUSR2)  # its child's memory would have no server
+        wait_for(lambda: dead(pid), 30, "the tree to be killed for its fork")
+        failure = restored.fill.failure()
+        assert isinstance(failure, WorkerForkedDuringFill)
+        assert "not quarantined" in str(failure) and "fill-while-running off" in str(failure)
+        held.release.set()
+        with pytest.raises(WorkerForkedDuringFill):
+            restored.fill.finish()
+    finally:
+        held.release.set()
+        restored.fill.close()
+        kill_pid(pid)
+
+
+def test_a_copy_is_not_quarantined_for_a_fork_during_the_fill(tmp_path: Path) -> None:
+    from autoscaler.agent.errors import WorkerForkedDuringFill
+    from autoscaler.agent.restore import _quarantine_local
+    from autoscaler.agent.store import DirectoryStore
+
+    from .test_store import make_artifact
+
+    store = DirectoryStore(tmp_path / "store")
+    make_artifact(store, "w1", size=4096)
+    assert _quarantine_local(store, "memory", "w1", WorkerForkedDuringFill("forked"), []) == []
+    assert store.exists("w1")
+    assert _quarantine_local(store, "memory", "w1", RuntimeError("broke"), []) != []
+    assert not store.exists("w1")  # any other failure of a node copy still quarantines it
