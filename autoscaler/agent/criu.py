@@ -270,8 +270,8 @@ class PendingFill:
         return self._error_for(exc, " while the tree ran")
 
     def finish(self) -> dict[str, float | int | str]:
-        """Wait for every page; the fill's figures. A failed fill raises CriuError (its
-        server killed the tree before it let go of the memory)."""
+        """Wait for every page; the fill's figures. A failed fill kills the tree (if its
+        server has not already) and raises CriuError (WorkerForkedDuringFill for a fork)."""
         if self._stats is None:
             try:
                 filled = self.server.wait_filled(self._timeout_s)
@@ -428,18 +428,12 @@ def restore(
         host = host_pid_of(target, inner) if target else inner
         if target is None:
             reap_when_exits(host)
-        if server is not None and options.fill_while_running:
+        if server is not None:  # from here on the handle lets go of the server
             pending = PendingFill(server, host, log_path, prefetch, prefetcher, timeout_s)
-            if not server.arm_kill(partial(kill_restored, host)):
+            if not options.fill_while_running:
+                stats = pending.finish()  # every page in place; a failure kills the tree
+            elif not server.arm_kill(partial(kill_restored, host)):
                 pending.ready_to_continue()  # raises: the fill failed already
-        elif server is not None:
-            try:
-                stats = {**server.wait_filled(timeout_s).as_dict(), **_prefetched(prefetch)}
-            except pagefill.PageFillError as exc:
-                kill_restored(host)
-                raise CriuError("restore", 0, str(log_path),
-                                f"the parallel page fill failed, the restored tree was "
-                                f"killed: {exc}") from exc  # fmt: skip
     finally:
         if pending is None:
             if server is not None:
@@ -447,12 +441,13 @@ def restore(
             if prefetcher is not None:
                 prefetcher.shutdown(wait=False, cancel_futures=True)
     seconds = time.perf_counter() - start
+    fill = pending if options.fill_while_running else None  # the caller's to finish
     if parallel and not options.leave_stopped:
-        if pending is not None:
-            pending.ready_to_continue()
+        if fill is not None:
+            fill.ready_to_continue()
         continue_tree(host)
     return RestoreResult(pid=inner, host_pid=host, seconds=seconds, log_path=log_path,
-                         page_fill=stats, kdat=cache, fill=pending)  # fmt: skip
+                         page_fill=stats, kdat=cache, fill=fill)  # fmt: skip
 
 
 def _prefetched(prefetch: Future[dict[str, int]] | None) -> dict[str, float | int | str]:
@@ -488,12 +483,12 @@ def kill_restored(host_pid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while Path(f"/proc/{host_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    while not all(map(_exited, descendants)) and time.monotonic() < deadline:
+    while not all(map(exited, descendants)) and time.monotonic() < deadline:
         time.sleep(0.01)  # a zombie is enough: re-parented, it may have nobody to reap it
 
 
-def _exited(pid: int) -> bool:
-    """Whether `pid` runs no more (gone, or a zombie)."""
+def exited(pid: int) -> bool:
+    """Whether `pid` runs no more (gone, or a zombie not yet reaped)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
     except (OSError, IndexError):

@@ -589,7 +589,6 @@ class LazyPagesServer:
         self._event_thread: threading.Thread | None = None
         self._gate = _Gate()
         self._kill: Callable[[], None] | None = None
-        self._running = False
 
     # -- lifecycle --
     def __enter__(self) -> LazyPagesServer:
@@ -639,7 +638,6 @@ class LazyPagesServer:
 
     def mark_running(self) -> None:
         """The tree is about to be continued while the fill goes on (counted in the stats)."""
-        self._running = True
         self.stats.while_running = 1
 
     @property
@@ -930,7 +928,7 @@ class LazyPagesServer:
             if err and err != errno.EEXIST:
                 raise PageFillError(f"UFFDIO_ZEROPAGE at {runtime:#x}: {os.strerror(err)}")
         self.stats.faults_served += 1
-        if self._running:
+        if self.stats.while_running:
             self.stats.faults_while_running += 1
         return True
 

@@ -626,13 +626,11 @@ def _gone(restored: criu_mod.RestoreResult) -> Callable[[], str | None]:
     the ready and health waits end at once instead of running out their timeouts."""
 
     def why() -> str | None:
-        if restored.fill is not None and restored.fill.server.error is not None:
+        if restored.fill is not None and restored.fill.failure() is not None:
             return "the page fill failed while the tree ran"
-        try:
-            state = Path(f"/proc/{restored.host_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return f"the restored worker (pid {restored.host_pid}) is gone"
-        return f"the restored worker (pid {restored.host_pid}) died" if state in "ZX" else None
+        if criu_mod.exited(restored.host_pid):
+            return f"the restored worker (pid {restored.host_pid}) died or is gone"
+        return None
 
     return why
 

@@ -131,9 +131,27 @@ def restored_ok(
     return outcome
 
 
-def dead(pid: int) -> bool:
-    """Whether `pid` is gone or a zombie (killed, not yet reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+dead = criu_mod.exited  # gone, or a zombie not yet reaped
+
+
+def dump_program(program: str, tmp_path: Path) -> tuple[int, Path, Path, str]:
+    """Run `program`, wait for its first report, dump it (it is gone after)."""
+    out = tmp_path / "report"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, str(out)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    wait_for(out.exists, 30, "the program's first report")
+    digests = out.read_text()
+    images = tmp_path / "images"
+    criu_mod.dump(proc.pid, images, tmp_path / "dump-logs")
+    proc.wait(timeout=10)
+    return proc.pid, images, out, digests
+
+
+def signal_and_read(pid: int, out: Path, sig: int) -> str:
+    out.unlink(missing_ok=True)
+    os.kill(pid, sig)
+    wait_for(out.exists, 30, f"the restored holder's answer to signal {sig}")
+    return out.read_text()

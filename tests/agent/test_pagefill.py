@@ -8,8 +8,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import pagefill
 from autoscaler.agent.errors import CriuError
 
-from .conftest import dead, kill_pid, wait_for
+from .conftest import dead, dump_program, kill_pid, signal_and_read, wait_for
 
 MEMORY_MIB = 48
 # A process holding MEMORY_MIB of random bytes; on SIGUSR1 it writes their sha256 to `out`.
@@ -38,32 +36,10 @@ while True:
 """
 
 
-def start_holder(tmp_path: Path) -> tuple[subprocess.Popen, Path, str]:
-    out = tmp_path / "digest"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    wait_for(out.exists, 30, "the holder's first digest")
-    return proc, out, out.read_text()
-
-
-def digest_now(pid: int, out: Path) -> str:
-    out.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_for(out.exists, 30, "the restored holder's digest")
-    return out.read_text()
-
-
 @pytest.fixture
 def dumped(criu_binary: Path, tmp_path: Path):
     """A holder process dumped (and so gone), with the digest of its memory."""
-    proc, out, digest = start_holder(tmp_path)
-    images = tmp_path / "images"
-    criu_mod.dump(proc.pid, images, tmp_path / "dump-logs")
-    proc.wait(timeout=10)
-    return proc.pid, images, out, digest
+    return dump_program(HOLDER, tmp_path)
 
 
 @pytest.mark.integration
@@ -89,7 +65,7 @@ def test_restored_memory_is_byte_identical(dumped, tmp_path: Path, page_fill: st
             assert not (tmp_path / "restore-logs" / pagefill.SOCKET_NAME).exists()
         else:
             assert restored.page_fill is None
-        assert digest_now(pid, out) == digest
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digest
     finally:
         kill_pid(pid)
 
@@ -103,7 +79,7 @@ def test_leave_stopped_keeps_the_filled_tree_stopped(dumped, tmp_path: Path) -> 
         state = Path(f"/proc/{restored.host_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         assert state == "T"  # stopped, as asked; the fill did not continue it
         criu_mod.continue_tree(restored.host_pid)
-        assert digest_now(pid, out) == digest
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digest
     finally:
         kill_pid(pid)
 

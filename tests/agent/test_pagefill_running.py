@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +19,7 @@ from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import pagefill
 from autoscaler.agent.errors import CriuError
 
-from .conftest import dead, kill_pid, wait_for
+from .conftest import dead, dump_program, kill_pid, signal_and_read, wait_for
 
 SIZE_MIB = 16
 # Three private anonymous mappings of random bytes: `keep` stays, `zap`'s second half is
@@ -118,32 +117,9 @@ def held(monkeypatch):
     HeldServer.release.set()
 
 
-def dump_program(program: str, tmp_path: Path) -> tuple[int, Path, Path, str]:
-    """Run `program`, wait for its first report, dump it (it is gone after)."""
-    out = tmp_path / "report"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", program, str(out)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    wait_for(out.exists, 30, "the holder's digests")
-    digests = out.read_text()
-    images = tmp_path / "images"
-    criu_mod.dump(proc.pid, images, tmp_path / "dump-logs")
-    proc.wait(timeout=10)
-    return proc.pid, images, out, digests
-
-
 @pytest.fixture
 def dumped(criu_binary: Path, tmp_path: Path):
     return dump_program(HOLDER, tmp_path)
-
-
-def signal_and_read(pid: int, out: Path, sig: int) -> str:
-    out.unlink(missing_ok=True)
-    os.kill(pid, sig)
-    wait_for(out.exists, 30, f"the restored holder's answer to signal {sig}")
-    return out.read_text()
 
 
 def running_options() -> criu_mod.CriuOptions:
@@ -475,7 +451,7 @@ def test_waiting_for_the_worker_ends_when_its_fill_failed_or_it_died(tmp_path: P
     dead = subprocess.Popen(["true"])
     dead.wait()
     assert "is gone" in (_gone(result(dead.pid))() or "")
-    failed = SimpleNamespace(server=SimpleNamespace(error=pagefill.PageFillError("boom")))
+    failed = SimpleNamespace(failure=lambda: pagefill.PageFillError("boom"))  # PendingFill
     assert _gone(result(os.getpid(), failed))() == "the page fill failed while the tree ran"
     # the handshake's wait ends with that reason, not with its timeout's
     with pytest.raises(WorkerNotReady, match="the page fill failed while the tree ran"):
