@@ -42,7 +42,6 @@ from autoscaler.agent.errors import (
     CriuError,
     CriuNotFound,
     PidTaken,
-    WorkerForkedDuringFill,
 )
 
 MIN_VERSION = (4, 2)
@@ -251,8 +250,6 @@ class PendingFill:
         return self._error_for(exc, "")
 
     def _error_for(self, exc: BaseException, when: str) -> AgentError:
-        if isinstance(exc, pagefill.ForkDuringFill):  # the worker's doing, not the copy's
-            return WorkerForkedDuringFill(f"the restored tree was killed: {exc}")
         return CriuError("restore", 0, str(self.log_path), f"the parallel page fill failed"
                          f"{when}, the restored tree was killed: {exc}")  # fmt: skip
 
@@ -271,7 +268,7 @@ class PendingFill:
 
     def finish(self) -> dict[str, float | int | str]:
         """Wait for every page; the fill's figures. A failed fill kills the tree (if its
-        server has not already) and raises CriuError (WorkerForkedDuringFill for a fork)."""
+        server has not already) and raises CriuError."""
         if self._stats is None:
             try:
                 filled = self.server.wait_filled(self._timeout_s)

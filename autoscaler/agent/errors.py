@@ -181,18 +181,5 @@ class ProcessNotFound(AgentError, LookupError):
         super().__init__(f"pid {pid}: {detail}")
 
 
-class WorkerForkedDuringFill(AgentError):
-    """The restored worker forked while its pages were still being filled (the agent's fill
-    while the tree runs serves the restored processes, not a child made meanwhile). The copy
-    itself is fine: it is not quarantined, and a restore that fills first works."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(
-            f"{detail}; the copy is intact (not quarantined): restore this worker with the page "
-            "fill first (agent --fill-while-running off, or RestoreRequest.fill_while_running"
-            "='off'), or have it fork only after its ready signal"
-        )
-
-
 class WorkerNotReady(AgentError):
     """The worker did not reach the expected handshake state in time."""

@@ -17,7 +17,9 @@ Filling while the tree runs (`criu.CriuOptions(fill_while_running=True)`): the c
 the tree as soon as CRIU is done, and the fill goes on beside it. A page the process touches
 before the fill got there faults and is served at once (with the rest of its chunk), so the
 process still never sees a page that is not the dumped one; what it drops meanwhile (munmap,
-MADV_DONTNEED: UFFD_EVENT_UNMAP / REMOVE) is never filled again. Why: a CUDA worker's restore
+MADV_DONTNEED: UFFD_EVENT_UNMAP / REMOVE) is never filled again. A child it forks meanwhile
+(UFFD_EVENT_FORK) is served the same way: its own userfaultfd, its parent's moves and drops so
+far, and the chunks its parent had not completed by the fork. Why: a CUDA worker's restore
 then overlaps the fill (0.1-0.2 s) with the CUDA restore (0.2-0.3 s) instead of running after
 it. Ordering: events are read under an exclusive gate that every fill copy holds shared, so a
 copy is either issued before an event was read (and the process's own munmap or zap, which
@@ -78,10 +80,6 @@ _MSG_SIZE = 32
 
 class PageFillError(RuntimeError):
     """The parallel page fill could not put every page in place (the restore must fail)."""
-
-
-class ForkDuringFill(PageFillError):
-    """A restored process forked while the fill went on beside it (fill while running)."""
 
 
 class _UffdioCopy(ctypes.Structure):
@@ -399,6 +397,25 @@ def prefetch_eager_pages(
     return asked
 
 
+def _map_pages(pages: TaskPages) -> tuple[int, int]:
+    """(address, size) of the pages image mapped read-only, (0, 0) when nothing is lazy."""
+    size = os.path.getsize(pages.pages_path) if pages.ranges else 0
+    if not size:
+        return 0, 0
+    fd = os.open(pages.pages_path, os.O_RDONLY)
+    try:
+        src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
+        # from disk: start reading the image now, while CRIU restores (the kernel reads only
+        # its first readahead window for a WILLNEED; the verification's reads bring the rest)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+    if src in (0, _MAP_FAILED):
+        raise PageFillError(f"cannot map {pages.pages_path}: "
+                            f"{os.strerror(ctypes.get_errno())}")  # fmt: skip
+    return src, size
+
+
 # --- the server ------------------------------------------------------------------------------
 @dataclass
 class FillStats:
@@ -419,22 +436,57 @@ class FillStats:
     while_running: int = 0
     faults_while_running: int = 0
     dropped: int = 0
+    forks: int = 0  # children made meanwhile, whose missing pages were filled too
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-@dataclass
+@dataclass(eq=False)
+class _Chunk:
+    """One UFFDIO_COPY's worth of a process's fill: the dump's [image, image+n), whose bytes
+    are at `offset` in the pages image. `complete` once every page of it is in place (or
+    dropped): a child forked after that has it already, copied with its parent's memory."""
+
+    task: _Task
+    image: int
+    offset: int
+    n: int
+    complete: bool = False
+
+
+@dataclass(eq=False)
 class _Task:
     pages: TaskPages
     uffd: int
     src: int  # address of the pages image mapped read-only
     src_len: int
+    parent: str | None = None  # a child forked while the tree ran: who forked it
+    chunks: list[_Chunk] = field(default_factory=list)
     # runtime address -> dump-time address shifts from UFFD_EVENT_REMAP: (from, to, len)
     remaps: list[tuple[int, int, int]] = field(default_factory=list)
     # dump-time ranges whose memory the process dropped (UNMAP / REMOVE events): never filled.
     # Kept in dump-time addresses: a runtime address a drop freed may later hold moved memory
     dead: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def who(self) -> str:
+        """The process, for messages (a forked child has no pid in the images)."""
+        if self.parent is None:
+            return f"process {self.pages.pid}"
+        return f"a child forked by {self.parent}"
+
+    def plan_chunks(self, chunk_bytes: int) -> list[_Chunk]:
+        """Every lazy range cut into `chunk_bytes` pieces, in dump-time addresses (where each
+        lives now is asked per copy)."""
+        out = []
+        for r in self.pages.ranges:
+            at = r.start
+            while at < r.end:
+                n = min(chunk_bytes, r.end - at)
+                out.append(_Chunk(self, at, r.offset + (at - r.start), n))
+                at += n
+        return out
 
     def dead_at(self, image: int) -> tuple[int, int] | None:
         """The dead range holding dump-time address `image`, if any (a short list)."""
@@ -589,6 +641,7 @@ class LazyPagesServer:
         self._event_thread: threading.Thread | None = None
         self._gate = _Gate()
         self._kill: Callable[[], None] | None = None
+        self._queued: list[_Chunk] = []  # chunks not yet handed to the fill's threads
 
     # -- lifecycle --
     def __enter__(self) -> LazyPagesServer:
@@ -769,28 +822,18 @@ class LazyPagesServer:
     def _add_task(self, pid: int, uffd: int) -> None:
         try:
             pages = read_task_pages(self.images_dir, pid)
-            size = os.path.getsize(pages.pages_path) if pages.ranges else 0
-            src = 0
-            if size:
-                fd = os.open(pages.pages_path, os.O_RDONLY)
-                try:
-                    src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
-                    # from disk: start reading the image now, while CRIU restores (the kernel
-                    # reads only its first readahead window for a WILLNEED; the verification's
-                    # reads bring the rest)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-                if src in (0, _MAP_FAILED):
-                    raise PageFillError(f"cannot map {pages.pages_path}: "
-                                        f"{os.strerror(ctypes.get_errno())}")  # fmt: skip
+            src, size = _map_pages(pages)
         except BaseException:
             os.close(uffd)  # not ours to serve: CRIU's restorer must not wait on it
             raise
         task = _Task(pages=pages, uffd=uffd, src=src, src_len=size)
+        task.chunks = task.plan_chunks(self.chunk_bytes)
         with self._lock:
             self._tasks.append(task)
+            self._queued.extend(task.chunks)
             self.stats.processes += 1
+            self.stats.ranges += len(pages.ranges)
+            self.stats.chunks += len(task.chunks)
             os.write(self._wake_w, b"x")
         if self._event_thread is None:
             self._event_thread = threading.Thread(target=self._events, name="pagefill-events",
@@ -845,7 +888,7 @@ class LazyPagesServer:
             if not faults and not more:
                 return
             if faults:  # the event that makes the kernel say EAGAIN / ENOENT is on its way
-                stall.wait(f"a fault at {faults[0]:#x} in process {task.pages.pid} could not "
+                stall.wait(f"a fault at {faults[0]:#x} in {task.who} could not "
                            "be served")  # fmt: skip
             else:
                 stall.progressed()
@@ -874,12 +917,34 @@ class LazyPagesServer:
                 self.stats.dropped += 1
         elif event == _UFFD_EVENT_FORK:
             (child,) = struct.unpack_from("<I", msg, 8)
-            os.close(child)
-            raise ForkDuringFill(f"process {task.pages.pid} forked during the restore (its "
-                                 "child's memory would have no server)")  # fmt: skip
+            self._forked(task, child)
         else:
             raise PageFillError(f"unexpected userfaultfd event {event:#x}")
         return []
+
+    def _forked(self, parent: _Task, uffd: int) -> None:
+        """Serve a child that `parent` forked while the tree ran (called with the gate held
+        exclusively, so no copy is in flight). The child's memory is its parent's as of the
+        fork: what the parent had in place was copied into it, what was still missing is
+        missing there too, behind the child's own userfaultfd (read from this event). So the
+        child takes its parent's moves and drops so far, and the chunks its parent had not
+        completed. A chunk marked complete was copied before the fork: a copy after it gets
+        EAGAIN until this event is read, and its chunk is then still incomplete here."""
+        try:
+            os.set_blocking(uffd, False)
+            src, size = _map_pages(parent.pages)
+        except BaseException:
+            os.close(uffd)  # the child then faults in zeros: fail the fill, which kills it
+            raise
+        child = _Task(pages=parent.pages, uffd=uffd, src=src, src_len=size, parent=parent.who,
+                      remaps=list(parent.remaps), dead=list(parent.dead))  # fmt: skip
+        child.chunks = [_Chunk(child, c.image, c.offset, c.n)
+                        for c in parent.chunks if not c.complete]  # fmt: skip
+        with self._lock:
+            self._tasks.append(child)
+            self._queued.extend(child.chunks)
+            self.stats.forks += 1
+            self.stats.chunks += len(child.chunks)
 
     def _serve_fault(self, task: _Task, runtime: int) -> bool:
         """Put the faulting page in place, with the rest of its fill chunk (a running process
@@ -916,8 +981,8 @@ class LazyPagesServer:
             # EEXIST, or EAGAIN after some pages: the faulting page is in place (the copy that
             # put it there woke the process); the fill does what is left of the chunk
             if err and err not in (errno.EEXIST, errno.EAGAIN):
-                raise PageFillError(f"UFFDIO_COPY at {runtime:#x} for a fault in process "
-                                    f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
+                raise PageFillError(f"UFFDIO_COPY at {runtime:#x} for a fault in "
+                                    f"{task.who}: {os.strerror(err)}")  # fmt: skip
         else:  # nothing of the dump lives here: never written before it, dropped, moved away
             zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
@@ -933,13 +998,13 @@ class LazyPagesServer:
         return True
 
     # -- the fill --
-    def _copy(
-        self, task: _Task, image: int, src: int, length: int, arg: _UffdioCopy | None = None
-    ) -> tuple[int, int]:
-        """Copy the dump's [image, image+length) (its bytes at `src`) to wherever that memory
-        lives now, skipping what the process dropped; returns (bytes copied, pages already
-        there). Each UFFDIO_COPY holds the gate shared (see the module's docstring)."""
+    def _copy(self, chunk: _Chunk, arg: _UffdioCopy | None = None) -> tuple[int, int]:
+        """Copy the dump's [image, image+n) of one chunk to wherever that memory lives now,
+        skipping what the process dropped; returns (bytes copied, pages already there). Each
+        UFFDIO_COPY holds the gate shared (see the module's docstring)."""
         arg = arg if arg is not None else _UffdioCopy()
+        task, image, length = chunk.task, chunk.image, chunk.n
+        src = task.src + chunk.offset
         copied = existing = 0
         end = image + length
         stall = _Stall()
@@ -972,46 +1037,60 @@ class LazyPagesServer:
                 done = max(0, arg.copy) + PAGE  # in place (a fault got there first): skip it
                 existing += 1
             else:
-                raise PageFillError(f"UFFDIO_COPY of {n} bytes at {runtime:#x} in process "
-                                    f"{task.pages.pid}: {os.strerror(err)}")  # fmt: skip
+                raise PageFillError(f"UFFDIO_COPY of {n} bytes at {runtime:#x} in "
+                                    f"{task.who}: {os.strerror(err)}")  # fmt: skip
             if done:
                 stall.progressed()
                 limit = length
             else:
                 # EAGAIN: the mm is changing and its event is being read; ENOENT: the memory
                 # went away and the UNMAP saying so is being read. Out of the gate, briefly.
-                stall.wait(f"UFFDIO_COPY at {runtime:#x} in process {task.pages.pid}: "
+                stall.wait(f"UFFDIO_COPY at {runtime:#x} in {task.who}: "
                            f"{os.strerror(err)}")  # fmt: skip
             image, src = image + done, src + done
         return copied, existing
 
     def _fill(self) -> None:
+        """Fill every queued chunk; then those of children forked meanwhile (queued by the
+        event thread), until none is left."""
         t = time.perf_counter()
-        chunks: list[tuple[_Task, int, int, int]] = []
-        with self._lock:  # in dump-time addresses: where each lives now is asked per copy
+        while True:
+            with self._lock:
+                chunks, self._queued = self._queued, []
+            if not chunks or self._error is not None:
+                break
+            self._fill_chunks(chunks)
+        self.stats.fill_s = time.perf_counter() - t
+        self._stop_events = True
+        os.write(self._wake_w, b"x")
+        if self._event_thread is not None:
+            self._event_thread.join(timeout=5)
+        if self._error is not None:
+            raise self._error
+        if self._queued:  # cannot happen (see _forked): say so rather than leave zeros
+            raise PageFillError(f"a child forked as the fill ended still lacked "
+                                f"{len(self._queued)} chunks")  # fmt: skip
+        # every page is in place: the processes need no server any more
+        with self._gate.exclusive(), self._lock:
             for task in self._tasks:
-                self.stats.ranges += len(task.pages.ranges)
-                for r in task.pages.ranges:
-                    at = r.start
-                    while at < r.end:
-                        n = min(self.chunk_bytes, r.end - at)
-                        chunks.append((task, at, task.src + r.offset + (at - r.start), n))
-                        at += n
-        self.stats.chunks = len(chunks)
+                self._release(task)
+
+    def _fill_chunks(self, chunks: list[_Chunk]) -> None:
         # one list per thread, balanced by bytes (largest first to the least loaded), each
         # copied in a tight loop: per-chunk Python work is what the threads share (the GIL)
-        shares: list[list[tuple[_Task, int, int, int]]] = [[] for _ in range(self.threads)]
+        shares: list[list[_Chunk]] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads
-        for chunk in sorted(chunks, key=lambda c: -c[3]):
+        for chunk in sorted(chunks, key=lambda c: -c.n):
             i = loads.index(min(loads))
             shares[i].append(chunk)
-            loads[i] += chunk[3]
+            loads[i] += chunk.n
 
-        def copy_share(share: list[tuple[_Task, int, int, int]]) -> tuple[int, int]:
+        def copy_share(share: list[_Chunk]) -> tuple[int, int]:
             arg = _UffdioCopy()
             copied = existing = 0
-            for task, image, src, n in share:
-                c, e = self._copy(task, image, src, n, arg)
+            for chunk in share:
+                c, e = self._copy(chunk, arg)
+                chunk.complete = True  # after its last copy: a fork read later has it
                 copied += c
                 existing += e
             return copied, existing
@@ -1020,14 +1099,3 @@ class LazyPagesServer:
             for copied, existing in pool.map(copy_share, [s for s in shares if s]):
                 self.stats.bytes += copied
                 self.stats.pages_existing += existing
-        self.stats.fill_s = time.perf_counter() - t
-        self._stop_events = True
-        os.write(self._wake_w, b"x")
-        if self._event_thread is not None:
-            self._event_thread.join(timeout=5)
-        if self._error is not None:
-            raise self._error
-        # every page is in place: the process needs no server any more
-        with self._gate.exclusive(), self._lock:
-            for task in self._tasks:
-                self._release(task)

@@ -45,7 +45,6 @@ from autoscaler.agent.errors import (
     ArtifactNotFound,
     ExternalFileChanged,
     PidTaken,
-    WorkerForkedDuringFill,
     WorkerNotReady,
 )
 from autoscaler.agent.hooks import Handshake
@@ -738,7 +737,7 @@ def _quarantine_local(
 ) -> list[str]:
     """Quarantine the node-local copy that failed; the shared store's copy is left alone
     (a failure on one node may be that node's, and other nodes still restore from it)."""
-    if source != "store" and not isinstance(exc, WorkerForkedDuringFill):
+    if source != "store":
         with contextlib.suppress(AgentError, OSError):
             done.append(holder.quarantine(artifact_id, f"restore failed: {exc}"))
     return done

@@ -458,60 +458,107 @@ def test_waiting_for_the_worker_ends_when_its_fill_failed_or_it_died(tmp_path: P
         Handshake(tmp_path / "hs").wait_ready(60, _gone(result(os.getpid(), failed)))
 
 
-# On SIGUSR2 it forks (a real fork, as multiprocessing's "fork" start method does).
-FORKER = """
-import os, signal, sys, time
+# Three private anonymous mappings of random bytes. On SIGUSR2 the process reads `warm` (its
+# own faults put it in place), drops the second half of `zap` (MADV_DONTNEED) and forks (a real
+# fork, as multiprocessing's "fork" start method does); the child sleeps, with the same
+# handlers. SIGUSR1 reports the digests and whether zap's dropped half reads zeros. Reports go
+# to <out>.<pid>; the first, before the dump, to <out>.
+FORKER = f"""
+import hashlib, mmap, os, signal, sys, time
 out = sys.argv[1]
-def write(text):
-    with open(out + ".tmp", "w") as f:
+size = {SIZE_MIB} << 20
+half = size // 2
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+warm, cold, zap = (mmap.mmap(-1, size, flags=flags) for _ in range(3))
+for m in (warm, cold, zap):
+    m.write(os.urandom(size))
+def write(text, path):
+    with open(path + ".tmp", "w") as f:
         f.write(text)
-    os.rename(out + ".tmp", out)
+    os.rename(path + ".tmp", path)
+def digests():
+    return " ".join(hashlib.sha256(m).hexdigest() for m in (warm, cold, zap[:half]))
+def report(*_):
+    write(digests() + " " + str(zap[half:] == bytes(half)), f"{{out}}.{{os.getpid()}}")
 def fork(*_):
-    if os.fork() == 0:
-        time.sleep(60)
-        os._exit(0)
-    write("forked")
+    hashlib.sha256(warm).digest()
+    zap.madvise(mmap.MADV_DONTNEED, half, half)
+    child = os.fork()
+    if child == 0:
+        while True:
+            time.sleep(1)
+    write(f"forked {{child}}", f"{{out}}.{{os.getpid()}}")
+signal.signal(signal.SIGUSR1, report)
 signal.signal(signal.SIGUSR2, fork)
-write("ready")
+write(digests(), out)
 while True:
     time.sleep(1)
 """
 
 
 @pytest.mark.integration
-def test_a_fork_during_the_fill_fails_the_restore_as_the_workers_doing(
+def test_children_forked_during_the_fill_get_all_of_their_memory(
     criu_binary: Path, held, tmp_path: Path
 ) -> None:
-    from autoscaler.agent.errors import WorkerForkedDuringFill
-
-    pid, images, _out, _ready = dump_program(FORKER, tmp_path)
+    """A child made while the fill is held back (so before any byte of it) and a grandchild
+    of it: each must end with exactly its parent's memory as of the fork (what the parent had
+    faulted in, the dump's bytes for the rest, zeros where the parent had dropped). After the
+    fill the userfaultfds are closed, so a page no one filled would read zeros."""
+    pid, images, out, digests = dump_program(FORKER, tmp_path)
     restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
     assert restored.fill is not None
     try:
-        os.kill(pid, signal.SIGUSR2)  # its child's memory would have no server
-        wait_for(lambda: dead(pid), 30, "the tree to be killed for its fork")
-        failure = restored.fill.failure()
-        assert isinstance(failure, WorkerForkedDuringFill)
-        assert "not quarantined" in str(failure) and "fill-while-running off" in str(failure)
+        forked = signal_and_read(pid, Path(f"{out}.{pid}"), signal.SIGUSR2)
+        child = int(forked.split()[1])
+        forked = signal_and_read(child, Path(f"{out}.{child}"), signal.SIGUSR2)
+        grandchild = int(forked.split()[1])
+        server = held.instances[0]
+        assert server.stats.forks == 2 and server.stats.bytes == 0
         held.release.set()
-        with pytest.raises(WorkerForkedDuringFill):
-            restored.fill.finish()
+        stats = restored.fill.finish()
+        assert stats["forks"] == 2 and stats["bytes"] > 0
+        for p in (pid, child, grandchild):
+            assert signal_and_read(p, Path(f"{out}.{p}"), signal.SIGUSR1) == digests + " True"
     finally:
         held.release.set()
         restored.fill.close()
-        kill_pid(pid)
+        criu_mod.kill_restored(pid)
 
 
-def test_a_copy_is_not_quarantined_for_a_fork_during_the_fill(tmp_path: Path) -> None:
-    from autoscaler.agent.errors import WorkerForkedDuringFill
-    from autoscaler.agent.restore import _quarantine_local
-    from autoscaler.agent.store import DirectoryStore
-
-    from .test_store import make_artifact
-
-    store = DirectoryStore(tmp_path / "store")
-    make_artifact(store, "w1", size=4096)
-    assert _quarantine_local(store, "memory", "w1", WorkerForkedDuringFill("forked"), []) == []
-    assert store.exists("w1")
-    assert _quarantine_local(store, "memory", "w1", RuntimeError("broke"), []) != []
-    assert not store.exists("w1")  # any other failure of a node copy still quarantines it
+def test_a_forked_child_takes_the_chunks_its_parent_had_not_completed(tmp_path: Path) -> None:
+    """The bookkeeping behind the test above, for a fork in the middle of the fill: a chunk
+    its parent completed was copied into the child with its memory; the rest, and the
+    parent's moves and drops so far, are the child's own from then on."""
+    chunk = 2 * pagefill.PAGE
+    image = tmp_path / "pages-1.img"
+    image.write_bytes(os.urandom(4 * chunk))
+    lazy = pagefill.LazyRange(0x100000, 0x100000 + 4 * chunk, 0)
+    pages = pagefill.TaskPages(pid=7, pages_path=image, ranges=(lazy,))
+    server = pagefill.LazyPagesServer(tmp_path, tmp_path / "work", chunk_bytes=chunk)
+    moved = [(0x100000, 0x900000, chunk)]
+    dropped = [(0x100000 + chunk, 0x100000 + 2 * chunk)]
+    parent = pagefill._Task(pages=pages, uffd=-1, src=0, src_len=0, remaps=moved, dead=dropped)
+    parent.chunks = parent.plan_chunks(chunk)
+    assert [(c.image, c.offset, c.n) for c in parent.chunks] == [
+        (0x100000 + i * chunk, i * chunk, chunk) for i in range(4)
+    ]
+    parent.chunks[0].complete = parent.chunks[2].complete = True
+    try:
+        server._forked(parent, os.pipe()[0])
+        child = server._tasks[-1]
+        assert child.who == "a child forked by process 7" and child.src != 0
+        assert [(c.image, c.offset, c.n) for c in child.chunks] == [
+            (c.image, c.offset, c.n) for c in (parent.chunks[1], parent.chunks[3])
+        ]
+        assert all(c.task is child and not c.complete for c in child.chunks)
+        assert (child.remaps, child.dead) == (parent.remaps, parent.dead)
+        parent.dead.append((0, 1))  # the child's own lists from the fork on
+        assert child.dead != parent.dead
+        assert server._queued == child.chunks and server.stats.forks == 1
+        child.chunks[0].complete = True
+        server._forked(child, os.pipe()[0])
+        grandchild = server._tasks[-1]
+        assert grandchild.who == "a child forked by a child forked by process 7"
+        assert [c.image for c in grandchild.chunks] == [parent.chunks[3].image]
+    finally:
+        server.close()  # closes the children's descriptors, unmaps their images
