@@ -22,6 +22,7 @@ from autoscaler.agent.cpu_worker import MLP
 from autoscaler.agent.errors import CriuNotFound
 from autoscaler.cluster.adapter import Cluster, wait_until
 from autoscaler.cluster.labels import (
+    ARTIFACT_RECORD_ANNOTATION,
     CHECKPOINT_LABEL,
     FALLBACK_ANNOTATION,
     RETIRED_ARTIFACTS_ANNOTATION,
@@ -288,3 +289,33 @@ def test_checkpoint_pod_that_never_gets_ready_is_reported_and_retried(
     assert "attempt 1, retry in 1 s" in messages[0] and "attempt 2, retry in 2 s" in messages[1]
     assert report is not None and report.error is None  # the loop went on
     assert world.record() is None
+
+
+def test_a_record_lost_after_its_checkpoint_is_adopted_from_the_store(
+    snap: SnapWorld, monkeypatch
+):
+    """An earlier attempt sealed the artifact but its record never reached the Deployment (the
+    controller stopped between the two). The next attempt's checkpoint is answered 409 by the
+    agent: the id is the identity's, so the store's artifact is the one wanted. It is adopted
+    (staged, so every byte verified) and recorded without a checkpoint time; nothing is made
+    twice."""
+    world = snap
+    first = make_first_artifact(world, monkeypatch)
+    world.cluster.annotate_deployment(world.namespace, DEPLOYMENT,
+                                      {ARTIFACT_RECORD_ANNOTATION: None})  # fmt: skip
+    assert world.record() is None
+    in_store = world.store.list_ids()
+    service = start_controller(world, controller_raw(world, max_replicas=1), monkeypatch)
+    try:
+        assert wait_until(lambda: world.record() is not None, 45, poll=0.2), (
+            [e.message for e in events(world)], world.kubelet.errors)
+        assert wait_until(lambda: not checkpoint_pods(world), 10), "checkpoint pod not deleted"
+    finally:
+        service.stop()
+    record = world.record()
+    assert (record["id"], record["identity"]) == (first["id"], first["identity"])
+    assert record["checkpoint_seconds"] is None and record["size_gb"] > 0
+    assert world.store.list_ids() == in_store
+    created = [e.message for e in events(world) if e.reason == "ArtifactCreated"]
+    assert sorted("adopted from the store" in m for m in created) == [False, True], created
+    assert not [e for e in events(world) if e.reason == "CheckpointFailed"]
