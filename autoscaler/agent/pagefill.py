@@ -397,7 +397,7 @@ def prefetch_eager_pages(
     return asked
 
 
-def _map_pages(pages: TaskPages) -> tuple[int, int]:
+def _map_pages(pages: TaskPages, willneed: bool = True) -> tuple[int, int]:
     """(address, size) of the pages image mapped read-only, (0, 0) when nothing is lazy."""
     size = os.path.getsize(pages.pages_path) if pages.ranges else 0
     if not size:
@@ -407,7 +407,8 @@ def _map_pages(pages: TaskPages) -> tuple[int, int]:
         src = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
         # from disk: start reading the image now, while CRIU restores (the kernel reads only
         # its first readahead window for a WILLNEED; the verification's reads bring the rest)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        if willneed:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
     if src in (0, _MAP_FAILED):
@@ -932,7 +933,7 @@ class LazyPagesServer:
         EAGAIN until this event is read, and its chunk is then still incomplete here."""
         try:
             os.set_blocking(uffd, False)
-            src, size = _map_pages(parent.pages)
+            src, size = _map_pages(parent.pages, willneed=False)  # asked for already
         except BaseException:
             os.close(uffd)  # the child then faults in zeros: fail the fill, which kills it
             raise
