@@ -62,6 +62,9 @@ PAGE = mmap.PAGESIZE
 DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_CHUNK_BYTES = 2 << 20
 
+# vma_entry.madv holds 1 << advice for each madvise CRIU saw (criu/proc_parse.c)
+MADV_WIPEONFORK_BIT = 1 << 18
+
 # pagemap entry flags (criu/include/pagemap.h)
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
@@ -162,6 +165,8 @@ class TaskPages:
     pid: int
     pages_path: Path
     ranges: tuple[LazyRange, ...]
+    # VMAs madvised MADV_WIPEONFORK at the dump (vma_entry.madv): a child gets them empty
+    wipe_on_fork: tuple[tuple[int, int], ...] = ()
 
     @property
     def bytes(self) -> int:
@@ -253,7 +258,10 @@ def read_task_pages(images_dir: Path, pid: int) -> TaskPages:
                 off += stop - at
                 at = stop
         offset += end - start
-    return TaskPages(pid=pid, pages_path=loaded.pages_path, ranges=tuple(ranges))
+    wipe = tuple((int(v[1][0]), int(v[2][0])) for v in loaded.vmas  # type: ignore[arg-type]
+                 if int(v.get(9, [0])[0]) & MADV_WIPEONFORK_BIT)  # type: ignore[arg-type]
+    return TaskPages(pid=pid, pages_path=loaded.pages_path, ranges=tuple(ranges),
+                     wipe_on_fork=wipe)  # fmt: skip
 
 
 def eager_spans(images_dir: Path, pids: list[int], gap: int = 256 << 10) -> list[
@@ -937,8 +945,12 @@ class LazyPagesServer:
         except BaseException:
             os.close(uffd)  # the child then faults in zeros: fail the fill, which kills it
             raise
+        # what the parent madvised MADV_WIPEONFORK the child has empty: zeros, never the dump
+        # (BoringSSL tells a fork by such a page). MADV_DONTFORK memory it does not have at
+        # all: its copies find no mapping (_copy)
         child = _Task(pages=parent.pages, uffd=uffd, src=src, src_len=size, parent=parent.who,
-                      remaps=list(parent.remaps), dead=list(parent.dead))  # fmt: skip
+                      remaps=list(parent.remaps),
+                      dead=[*parent.dead, *parent.pages.wipe_on_fork])  # fmt: skip
         child.chunks = [_Chunk(child, c.image, c.offset, c.n)
                         for c in parent.chunks if not c.complete]  # fmt: skip
         with self._lock:
@@ -1031,6 +1043,14 @@ class LazyPagesServer:
                 # madvise split a VMA, with no event): the kernel copies within one VMA only
                 limit = n // 2 // PAGE * PAGE
                 continue
+            if err == errno.ENOENT and not done and task.parent is not None:
+                # a forked child has no mapping here: a fork does not copy MADV_DONTFORK memory
+                # (pinned buffers), and no event will come (a move answers EAGAIN; an unmap's
+                # memory is past filling). Nothing to put back; the next pages one at a time,
+                # the copies growing again once one lands
+                image, src = image + PAGE, src + PAGE
+                stall.progressed()
+                continue
             if err in (0, errno.EAGAIN, errno.ENOENT):
                 copied += done
             elif err == errno.EEXIST or arg.copy == -errno.EEXIST:
@@ -1042,7 +1062,7 @@ class LazyPagesServer:
                                     f"{task.who}: {os.strerror(err)}")  # fmt: skip
             if done:
                 stall.progressed()
-                limit = length
+                limit = min(length, limit * 2)
             else:
                 # EAGAIN: the mm is changing and its event is being read; ENOENT: the memory
                 # went away and the UNMAP saying so is being read. Out of the gate, briefly.

@@ -458,28 +458,48 @@ def test_waiting_for_the_worker_ends_when_its_fill_failed_or_it_died(tmp_path: P
         Handshake(tmp_path / "hs").wait_ready(60, _gone(result(os.getpid(), failed)))
 
 
-# Three private anonymous mappings of random bytes. On SIGUSR2 the process reads `warm` (its
+# Private anonymous mappings of random bytes; `nofork` is madvised MADV_DONTFORK and `wipe`
+# MADV_WIPEONFORK before the dump (CRIU restores both). On SIGUSR2 the process reads `warm` (its
 # own faults put it in place), drops the second half of `zap` (MADV_DONTNEED) and forks (a real
 # fork, as multiprocessing's "fork" start method does); the child sleeps, with the same
-# handlers. SIGUSR1 reports the digests and whether zap's dropped half reads zeros. Reports go
-# to <out>.<pid>; the first, before the dump, to <out>.
+# handlers. SIGUSR1 reports the digests, whether zap's dropped half reads zeros, and `nofork`
+# ("absent" where it is not mapped) and `wipe` ("zero" where it reads zeros). Reports go to
+# <out>.<pid>; the first, before the dump, to <out>.
 FORKER = f"""
 import hashlib, mmap, os, signal, sys, time
 out = sys.argv[1]
 size = {SIZE_MIB} << 20
 half = size // 2
 flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-warm, cold, zap = (mmap.mmap(-1, size, flags=flags) for _ in range(3))
-for m in (warm, cold, zap):
+warm, cold, zap, nofork, wipe = (mmap.mmap(-1, size, flags=flags) for _ in range(5))
+for m in (warm, cold, zap, nofork, wipe):
     m.write(os.urandom(size))
+nofork.madvise(mmap.MADV_DONTFORK)
+wipe.madvise(getattr(mmap, "MADV_WIPEONFORK", 18))
+def address(m):
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+def mapped(m):
+    at = address(m)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= at < hi:
+                return True
+    return False
 def write(text, path):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.rename(path + ".tmp", path)
+def digest(m):
+    return hashlib.sha256(m).hexdigest()
 def digests():
-    return " ".join(hashlib.sha256(m).hexdigest() for m in (warm, cold, zap[:half]))
+    return " ".join(digest(m) for m in (warm, cold, zap[:half]))
 def report(*_):
-    write(digests() + " " + str(zap[half:] == bytes(half)), f"{{out}}.{{os.getpid()}}")
+    n = digest(nofork) if mapped(nofork) else "absent"
+    w = "zero" if wipe[:] == bytes(size) else digest(wipe)
+    text = " ".join([digests(), str(zap[half:] == bytes(half)), n, w])
+    write(text, f"{{out}}.{{os.getpid()}}")
 def fork(*_):
     hashlib.sha256(warm).digest()
     zap.madvise(mmap.MADV_DONTNEED, half, half)
@@ -490,7 +510,7 @@ def fork(*_):
     write(f"forked {{child}}", f"{{out}}.{{os.getpid()}}")
 signal.signal(signal.SIGUSR1, report)
 signal.signal(signal.SIGUSR2, fork)
-write(digests(), out)
+write(" ".join([digests(), digest(nofork), digest(wipe)]), out)
 while True:
     time.sleep(1)
 """
@@ -503,8 +523,11 @@ def test_children_forked_during_the_fill_get_all_of_their_memory(
     """A child made while the fill is held back (so before any byte of it) and a grandchild
     of it: each must end with exactly its parent's memory as of the fork (what the parent had
     faulted in, the dump's bytes for the rest, zeros where the parent had dropped). After the
-    fill the userfaultfds are closed, so a page no one filled would read zeros."""
-    pid, images, out, digests = dump_program(FORKER, tmp_path)
+    fill the userfaultfds are closed, so a page no one filled would read zeros. What a fork
+    does not copy (MADV_DONTFORK) the children lack, and what it wipes (MADV_WIPEONFORK) they
+    read as zeros, as after any fork; the parent keeps both."""
+    pid, images, out, before = dump_program(FORKER, tmp_path)
+    warm_cold_zap, nofork, wipe = before.rsplit(" ", 2)
     restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
     assert restored.fill is not None
     try:
@@ -517,8 +540,11 @@ def test_children_forked_during_the_fill_get_all_of_their_memory(
         held.release.set()
         stats = restored.fill.finish()
         assert stats["forks"] == 2 and stats["bytes"] > 0
-        for p in (pid, child, grandchild):
-            assert signal_and_read(p, Path(f"{out}.{p}"), signal.SIGUSR1) == digests + " True"
+        answer = signal_and_read(pid, Path(f"{out}.{pid}"), signal.SIGUSR1)
+        assert answer == f"{warm_cold_zap} True {nofork} {wipe}"
+        for p in (child, grandchild):
+            answer = signal_and_read(p, Path(f"{out}.{p}"), signal.SIGUSR1)
+            assert answer == f"{warm_cold_zap} True absent zero"
     finally:
         held.release.set()
         restored.fill.close()
@@ -533,7 +559,8 @@ def test_a_forked_child_takes_the_chunks_its_parent_had_not_completed(tmp_path: 
     image = tmp_path / "pages-1.img"
     image.write_bytes(os.urandom(4 * chunk))
     lazy = pagefill.LazyRange(0x100000, 0x100000 + 4 * chunk, 0)
-    pages = pagefill.TaskPages(pid=7, pages_path=image, ranges=(lazy,))
+    wiped = ((0x800000, 0x801000),)  # madvised MADV_WIPEONFORK: empty in a child
+    pages = pagefill.TaskPages(pid=7, pages_path=image, ranges=(lazy,), wipe_on_fork=wiped)
     server = pagefill.LazyPagesServer(tmp_path, tmp_path / "work", chunk_bytes=chunk)
     moved = [(0x100000, 0x900000, chunk)]
     dropped = [(0x100000 + chunk, 0x100000 + 2 * chunk)]
@@ -551,7 +578,7 @@ def test_a_forked_child_takes_the_chunks_its_parent_had_not_completed(tmp_path: 
             (c.image, c.offset, c.n) for c in (parent.chunks[1], parent.chunks[3])
         ]
         assert all(c.task is child and not c.complete for c in child.chunks)
-        assert (child.remaps, child.dead) == (parent.remaps, parent.dead)
+        assert (child.remaps, child.dead) == (parent.remaps, [*parent.dead, *wiped])
         parent.dead.append((0, 1))  # the child's own lists from the fork on
         assert child.dead != parent.dead
         assert server._queued == child.chunks and server.stats.forks == 1
