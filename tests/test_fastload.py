@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,24 @@ def test_a_held_load_answers_a_new_request_only_for_the_same_unchanged_file(
     assert not fastload.can_keep(failed, identity)
     unknown = fastload._PreloadJob(str(weights), 4, 1 << 20)  # no identity recorded
     assert not fastload.can_keep(unknown, ())
+
+
+def test_the_fork_probe_reports_what_its_child_read() -> None:
+    """gpu_worker --fork-after-restore: a real fork whose child hashes memory made before it;
+    /health then carries the child's verdict (the restore benchmark reads it)."""
+    from autoscaler.agent.gpu_worker import ForkProbe
+
+    info: dict = {}
+    probe = ForkProbe(info, mib=1)
+    probe.fork()
+    assert info["fork_after_restore"]["state"] in ("running", "exited")
+    deadline = time.monotonic() + 30
+    while info["fork_after_restore"]["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    report = info["fork_after_restore"]
+    assert report["state"] == "exited" and report["exit_status"] == 0 and report["matches"]
+    probe.data[0] ^= 0xFF  # memory that no longer matches: the child says so
+    probe.fork()
+    while info["fork_after_restore"]["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert info["fork_after_restore"]["matches"] is False

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import hashlib
 import json
 import os
 import queue
@@ -840,6 +841,40 @@ def _make_handler(
     return Handler
 
 
+class ForkProbe:
+    """`--fork-after-restore`: after each restore, fork a child (as a multiprocessing pool with
+    the "fork" start method does) that hashes host memory made before the checkpoint and exits.
+    Why: the agent fills a restored worker's pages while it runs, and a child forked meanwhile
+    must get every page too; `/health` says what the child read (`fork_after_restore`)."""
+
+    def __init__(self, info: dict[str, Any], mib: int = 64) -> None:
+        self.info = info
+        self.data = bytearray(os.urandom(mib << 20))
+        self.digest = hashlib.sha256(self.data).hexdigest()
+
+    def fork(self) -> None:
+        read, write = os.pipe()
+        started = time.time()
+        pid = os.fork()
+        if pid == 0:  # the child: no CUDA, no threads; hash, answer, leave
+            try:
+                os.write(write, hashlib.sha256(self.data).hexdigest().encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.info["fork_after_restore"] = {"child_pid": pid, "state": "running"}
+        threading.Thread(target=self._collect, args=(pid, read, started), daemon=True).start()
+
+    def _collect(self, pid: int, read: int, started: float) -> None:
+        with os.fdopen(read, "rb") as answer:
+            got = answer.read().decode()
+        _, status = os.waitpid(pid, 0)
+        self.info["fork_after_restore"] = {
+            "child_pid": pid, "state": "exited", "exit_status": status,
+            "matches": got == self.digest, "seconds": round(time.time() - started, 4),
+        }  # fmt: skip
+
+
 def serve(args: argparse.Namespace) -> int:
     stdio = StdioLog(args.log_file)
     phases = PhaseLog(float(os.environ.get("WORKER_T_EXEC", time.time())))
@@ -871,6 +906,8 @@ def serve(args: argparse.Namespace) -> int:
     hooks.before_checkpoint(declare_weights)
     hooks.before_checkpoint(worker.release)
     hooks.before_checkpoint(stdio.detach)
+    if args.fork_after_restore:  # first: while the agent may still be filling the pages
+        hooks.after_restore(ForkProbe(worker.info).fork)
     hooks.after_restore(stdio.attach)
     hooks.after_restore(worker.reacquire)
     listener = Listener(worker, args.host, args.port, hooks)
@@ -941,6 +978,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--hugepage-advice", action="store_true",
         help="fast checkpoints: madvise(MADV_HUGEPAGE) the heap and large anonymous mappings",
+    )  # fmt: skip
+    sv.add_argument(
+        "--fork-after-restore", action="store_true",
+        help="after each restore, fork a child that checks host memory made before the "
+        "checkpoint (reported by /health as fork_after_restore)",
     )  # fmt: skip
     sv.add_argument(
         "--checkpoint-after-warmup", action="store_true",

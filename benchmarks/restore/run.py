@@ -627,12 +627,24 @@ class ModelRun:
                 restored.fill.close()
         read_after = disk_read_bytes(images)
         _, health = http(f"http://127.0.0.1:{self.port}/health")
+        if "--fork-after-restore" in self.args.worker_args:  # what its child read
+            deadline = time.monotonic() + 30
+            while (health.get("fork_after_restore") or {}).get("state") == "running" and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+                _, health = http(f"http://127.0.0.1:{self.port}/health")
         ok = self.reference is not None and same_output(body, self.reference)
         filled = (f", page fill {fill['bytes'] / 1e9:.2f} GB in {fill['fill_s']:.3f} s x"
                   f"{fill['threads']}" if fill else ", CRIU's page fill")  # fmt: skip
         if fill and fill.get("while_running"):
             filled += (f" while running ({fill['faults_while_running']} faults, "
                        f"{fill_wait:.3f} s waited after the first response)")  # fmt: skip
+        if fill and fill.get("forks"):
+            filled += f", {fill['forks']} forked child(ren) filled too"
+        if fork := health.get("fork_after_restore"):
+            filled += f", the child forked after the restore read its memory intact: " \
+                      f"{fork.get('matches')}"
         log(f"{self.model} restore {path}: {seconds:.3f} s (criu {t_criu:.3f} incl. verify "
             f"{t_verify:.3f} alongside{filled}, cuda "
             f"{t_cuda - t_criu:.3f}) ok={ok} worker={health.get('restore_phases')}")  # fmt: skip
@@ -670,7 +682,8 @@ class ModelRun:
                        "load": health.get("last_load") if weights_needed else None,
                        "gpu_at_checkpoint": health.get("gpu_at_checkpoint"),
                        "limits_set_back": health.get("limits_set_back"),
-                       "hugepage_advised_bytes": health.get("hugepage_advised_bytes")},
+                       "hugepage_advised_bytes": health.get("hugepage_advised_bytes"),
+                       "fork_after_restore": health.get("fork_after_restore")},
         })  # fmt: skip
         self.pid = pid
         if not keep:
