@@ -462,9 +462,10 @@ def test_waiting_for_the_worker_ends_when_its_fill_failed_or_it_died(tmp_path: P
 # MADV_WIPEONFORK before the dump (CRIU restores both). On SIGUSR2 the process reads `warm` (its
 # own faults put it in place), drops the second half of `zap` (MADV_DONTNEED) and forks (a real
 # fork, as multiprocessing's "fork" start method does); the child sleeps, with the same
-# handlers. SIGUSR1 reports the digests, whether zap's dropped half reads zeros, and `nofork`
-# ("absent" where it is not mapped) and `wipe` ("zero" where it reads zeros). Reports go to
-# <out>.<pid>; the first, before the dump, to <out>.
+# handlers. On SIGHUP it forks a child that execs at once. SIGUSR1 reports the digests,
+# whether zap's dropped half reads zeros, and `nofork` ("absent" where it is not mapped) and
+# `wipe` ("zero" where it reads zeros). Reports go to <out>.<pid>; the first, before the dump,
+# to <out>.
 FORKER = f"""
 import hashlib, mmap, os, signal, sys, time
 out = sys.argv[1]
@@ -508,8 +509,14 @@ def fork(*_):
         while True:
             time.sleep(1)
     write(f"forked {{child}}", f"{{out}}.{{os.getpid()}}")
+def fork_exec(*_):
+    child = os.fork()
+    if child == 0:
+        os.execv("/bin/sleep", ["sleep", "60"])
+    write(f"forked {{child}}", f"{{out}}.{{os.getpid()}}")
 signal.signal(signal.SIGUSR1, report)
 signal.signal(signal.SIGUSR2, fork)
+signal.signal(signal.SIGHUP, fork_exec)
 write(" ".join([digests(), digest(nofork), digest(wipe)]), out)
 while True:
     time.sleep(1)
@@ -535,11 +542,13 @@ def test_children_forked_during_the_fill_get_all_of_their_memory(
         child = int(forked.split()[1])
         forked = signal_and_read(child, Path(f"{out}.{child}"), signal.SIGUSR2)
         grandchild = int(forked.split()[1])
+        # and one that execs at once (fork + exec): its old memory is gone, nothing to fill
+        signal_and_read(pid, Path(f"{out}.{pid}"), signal.SIGHUP)
         server = held.instances[0]
-        assert server.stats.forks == 2 and server.stats.bytes == 0
+        assert server.stats.forks == 3 and server.stats.bytes == 0
         held.release.set()
         stats = restored.fill.finish()
-        assert stats["forks"] == 2 and stats["bytes"] > 0
+        assert stats["forks"] == 3 and stats["bytes"] > 0
         answer = signal_and_read(pid, Path(f"{out}.{pid}"), signal.SIGUSR1)
         assert answer == f"{warm_cold_zap} True {nofork} {wipe}"
         for p in (child, grandchild):
