@@ -598,3 +598,60 @@ def test_a_forked_child_takes_the_chunks_its_parent_had_not_completed(tmp_path: 
         assert [c.image for c in grandchild.chunks] == [parent.chunks[3].image]
     finally:
         server.close()  # closes the children's descriptors, unmaps their images
+
+
+class HalfFilledServer(pagefill.LazyPagesServer):
+    """The real server, whose fill stops after the first half of the restored process's chunks
+    until `go_on` is set (a fork then comes in the middle of the fill, for certain)."""
+
+    half_done: ClassVar[threading.Event] = threading.Event()
+    go_on: ClassVar[threading.Event] = threading.Event()
+    instances: ClassVar[list[pagefill.LazyPagesServer]] = []
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        HalfFilledServer.instances.append(self)
+
+    def _fill_chunks(self, chunks: list) -> None:
+        if HalfFilledServer.half_done.is_set():
+            super()._fill_chunks(chunks)
+            return
+        first, rest = chunks[: len(chunks) // 2], chunks[len(chunks) // 2 :]
+        super()._fill_chunks(first)
+        HalfFilledServer.half_done.set()
+        if not HalfFilledServer.go_on.wait(60):
+            raise pagefill.PageFillError("the test never let the fill go on")
+        with self._lock:  # the rest comes round again, with the chunks of a child forked since
+            self._queued[:0] = rest
+
+
+@pytest.mark.integration
+def test_a_child_forked_in_the_middle_of_the_fill_takes_only_what_was_missing(
+    criu_binary: Path, monkeypatch, tmp_path: Path
+) -> None:
+    """Half of the parent's chunks are in place when it forks: the child has those with its
+    parent's memory, takes the other half as its own chunks, and ends with all of it."""
+    HalfFilledServer.half_done, HalfFilledServer.go_on = threading.Event(), threading.Event()
+    HalfFilledServer.instances = []
+    monkeypatch.setattr(pagefill, "LazyPagesServer", HalfFilledServer)
+    pid, images, out, before = dump_program(FORKER, tmp_path)
+    warm_cold_zap, nofork, wipe = before.rsplit(" ", 2)
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", running_options())
+    assert restored.fill is not None
+    try:
+        assert HalfFilledServer.half_done.wait(30), "the fill never got half way"
+        server = HalfFilledServer.instances[0]
+        planned = server.stats.chunks
+        child = int(signal_and_read(pid, Path(f"{out}.{pid}"), signal.SIGUSR2).split()[1])
+        assert server.stats.forks == 1
+        assert server.stats.chunks - planned == planned - planned // 2  # the missing half
+        HalfFilledServer.go_on.set()
+        restored.fill.finish()
+        answer = signal_and_read(pid, Path(f"{out}.{pid}"), signal.SIGUSR1)
+        assert answer == f"{warm_cold_zap} True {nofork} {wipe}"
+        answer = signal_and_read(child, Path(f"{out}.{child}"), signal.SIGUSR1)
+        assert answer == f"{warm_cold_zap} True absent zero"
+    finally:
+        HalfFilledServer.go_on.set()
+        restored.fill.close()
+        criu_mod.kill_restored(pid)
