@@ -204,6 +204,10 @@ class Metrics:
         self.page_fill_seconds = Histogram(
             "autoscaler_agent_page_fill_seconds", "The parallel page fill's copy",
             buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4), registry=r)
+        # children a restored worker forked while its pages were filled (each filled too)
+        self.page_fill_forks = Counter("autoscaler_agent_page_fill_forks_total",
+                                       "Children forked during a page fill, filled too",
+                                       registry=r)  # fmt: skip
         self.stage_seconds = Histogram("autoscaler_agent_stage_seconds", "Staging copy time",
                                        ["tier"], registry=r)
         self.cache_bytes = Gauge("autoscaler_agent_cache_bytes", "Bytes held per tier",
@@ -405,6 +409,7 @@ class Agent:
             self.metrics.page_fills.labels("parallel" if fill else "criu").inc()
             if fill:
                 self.metrics.page_fill_seconds.observe(float(fill["fill_s"]))
+                self.metrics.page_fill_forks.inc(int(fill.get("forks") or 0))
         return outcome.to_dict()
 
     def inventory(self) -> dict:

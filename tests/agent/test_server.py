@@ -225,6 +225,7 @@ def test_checkpoint_stage_restore_through_the_api(
     # the node's page fill is visible to its operator (the agent's own by default)
     assert 'autoscaler_agent_page_fills_total{mode="parallel"} 1.0' in text
     assert "autoscaler_agent_page_fill_seconds_count 1.0" in text
+    assert "autoscaler_agent_page_fill_forks_total 0.0" in text  # the CPU worker forks none
     wait_for(lambda: True, 1, "noop")
 
 
