@@ -388,3 +388,63 @@ def test_the_fork_probe_reports_what_its_child_read() -> None:
     while info["fork_after_restore"]["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert info["fork_after_restore"]["matches"] is False
+
+
+def test_registrations_lock_a_file_once_and_serve_loads_of_that_unchanged_file_only(
+    tmp_path,
+) -> None:
+    """HostRegistrations' bookkeeping, with the CUDA page-locking injected: one lock per file
+    identity, found by identity (a pod reads the same file under another name), a changed
+    file locked afresh and its old lock let go, nothing let go while a load copies from it."""
+    from autoscaler.agent.fastload import HostRegistrations, file_identity
+
+    locked: dict[int, str] = {}
+    unlocked: list[int] = []
+
+    def lock(path: str) -> tuple[int, int]:
+        ptr = 0x1000 * (len(locked) + 1)
+        locked[ptr] = path
+        return ptr, os.path.getsize(path)
+
+    regs = HostRegistrations(lock, lambda ptr, _n: unlocked.append(ptr))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x" * 100)
+    first = regs.register(str(weights))
+    assert first["held"] is False and first["bytes"] == 100
+    assert regs.register(str(weights))["held"] is True and len(locked) == 1
+    alias = tmp_path / "alias"  # the same file under another name
+    alias.symlink_to(weights)
+    with regs.borrowed(file_identity(alias)) as reg:
+        assert reg is not None and reg.ptr == 0x1000
+    time.sleep(0.01)
+    weights.write_bytes(b"y" * 200)  # rewritten: its identity changes
+    with regs.borrowed(file_identity(weights)) as reg:
+        assert reg is None  # the lock is of the old contents
+    assert regs.register(str(weights))["held"] is False
+    assert unlocked == [0x1000] and regs.paths() == [str(weights)]
+
+    # unregistering waits for a load copying from it
+    import threading
+
+    borrowing, release = threading.Event(), threading.Event()
+
+    def load() -> None:
+        with regs.borrowed(file_identity(weights)) as reg:
+            assert reg is not None
+            borrowing.set()
+            release.wait(10)
+
+    t = threading.Thread(target=load)
+    t.start()
+    assert borrowing.wait(10)
+    dropper = threading.Thread(target=regs.unregister, args=(str(weights),))
+    dropper.start()
+    time.sleep(0.05)
+    assert unlocked == [0x1000]  # still in use
+    with regs.borrowed(file_identity(weights)) as reg:
+        assert reg is None  # being dropped: no new load takes it
+    release.set()
+    t.join(10)
+    dropper.join(10)
+    assert unlocked == [0x1000, 0x2000] and regs.paths() == []
+    assert regs.unregister(str(weights)) is False

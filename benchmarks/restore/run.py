@@ -478,7 +478,7 @@ class ModelRun:
         preload: bool | None = None, page_fill: str | None = None,
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
-        fill_while_running: bool | None = None,
+        fill_while_running: bool | None = None, registered: bool = False,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -570,6 +570,11 @@ class ModelRun:
             if on_gpu["warnings"] or not on_gpu["requested"]:
                 raise RuntimeError(f"weights not staged on the GPU: {on_gpu}")
             time.sleep(gpu_staged_s)
+        if registered:  # the agent's stage with weights_registered: the preloader page-locks
+            # the staged file where it lies, and the restore's load is then one DMA from it
+            staging["registered"] = fastload.register_weights(
+                str(self.preload_socket), str(self.weights)
+            )
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
@@ -625,6 +630,8 @@ class ModelRun:
         finally:
             if restored.fill is not None:
                 restored.fill.close()
+            if registered:  # the next restores load as before
+                fastload.unregister_weights(str(self.preload_socket), str(self.weights))
         read_after = disk_read_bytes(images)
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         if "--fork-after-restore" in self.args.worker_args:  # what its child read
@@ -824,6 +831,12 @@ def main(argv: list[str] | None = None) -> int:
         "memory_gpu_staged)",
     )  # fmt: skip
     p.add_argument(
+        "--compare-registered", action="store_true",
+        help="with --preload: after each memory restore, one more whose staged weights file the "
+        "preloader page-locked where it lies beforehand (stage weights_registered; path "
+        "memory_registered: the load is one DMA from the page cache, no reader threads)",
+    )  # fmt: skip
+    p.add_argument(
         "--cold-repeats", type=int, default=1,
         help="cold starts per model; ratios are against their median (a cold start reads the "
         "weights from disk, whose bandwidth moves between calls)",
@@ -955,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
                             run.restore(f"memory_gpu_staged{name}", fast_images, ckpt,
                                         gpu_staged_s=args.compare_gpu_staged,
                                         fill_while_running=other)  # fmt: skip
+                    if args.compare_registered and args.preload:
+                        run.restore("memory_registered", fast_images, ckpt, registered=True)
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)
