@@ -163,7 +163,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
         staging.require_preloader(args.preload_socket, args.preload_socket_dir, args.gpu_uuid)
         if args.weights_on_gpu else None
     )  # refused before any copying
+    sockets = staging.node_preloaders(args.preload_socket, args.preload_socket_dir)
+    if args.pin_weights and args.tier != "memory":
+        raise ConfigError("pin_weights", "--pin-weights keeps the weights in memory: --tier memory")
+    if args.pin_weights and not sockets:
+        raise ConfigError("preload_socket",
+                          "--pin-weights needs --preload-socket or --preload-socket-dir")
     cache = _cache(args)
+    # a memory copy evicted to make room gives back what preloaders hold for its weights
+    cache.on_memory_evict = lambda files: staging.release_held_weights(files, sockets)
     held = cache.stage(_store(args), args.id, args.tier,
                        progress=_byte_progress(f"staging {args.id}"), warm=args.warm)
     out = held.to_dict()
@@ -172,6 +180,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         out["weights_on_gpu"] = staging.stage_weights_on_gpu(
             manifest.external_files, socket_path
         )
+    if args.pin_weights:
+        manifest = cache.tiers[args.tier].read_manifest(args.id)
+        out["pinned_weights"] = staging.pin_weights(manifest.external_files, sockets)
     _print(out)
     return 0
 
@@ -306,6 +317,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--weights-on-gpu", action="store_true",
         help="also have the node's weight preloader (--preload-socket) load the worker's "
         "weights onto its GPU now, for the restore to find there (holds that GPU memory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pin-weights", action="store_true",
+        help="with --tier memory: also have the node's weight preloaders page-lock the "
+        "worker's weights where they lie, so a restore loads them by one DMA (keeps them "
+        "resident; no GPU memory)",
     )  # fmt: skip
     p.add_argument("--preload-socket", default=None, help="the node's weight preloader")
     p.add_argument("--preload-socket-dir", default=None,

@@ -50,7 +50,7 @@ from autoscaler.agent.errors import (
 from autoscaler.agent.policy import PidPolicy, contained_path
 from autoscaler.agent.restore import RestoreRequest, restore_artifact
 from autoscaler.agent.staging import NodeCache
-from autoscaler.agent.store import ARTIFACT_ID_PATTERN, ArtifactStore
+from autoscaler.agent.store import ARTIFACT_ID_PATTERN, ArtifactStore, ExternalFile
 
 log = logging.getLogger("autoscaler.agent")
 MAX_BODY = 64 << 10
@@ -119,6 +119,9 @@ class StageBody(_Body):
     # --preload-socket-dir, where gpu_uuid names the GPU (optional with one preloader)
     weights_on_gpu: bool = False
     gpu_uuid: str | None = Field(default=None, pattern=GPU_UUID_PATTERN, max_length=64)
+    # have the node's weight preloaders page-lock the worker's weights where they lie, so a
+    # restore loads them by one DMA (staging.pin_weights); memory tier and a preloader only
+    pin_weights: bool = False
 
 
 class EvictBody(_Body):
@@ -230,6 +233,13 @@ class Agent:
         self._locks_guard = threading.Lock()
         self._review_cache: dict[str, float] = {}
         self._versions: dict[str, str] | None = None
+        # a memory copy leaving (evict, or room made for another) takes with it what the
+        # node's preloaders hold for its weights: their GPU copy, their page lock
+        config.cache.on_memory_evict = self._release_weights
+
+    def _release_weights(self, files: tuple[ExternalFile, ...]) -> None:
+        staging.release_held_weights(files, staging.node_preloaders(
+            self.config.preload_socket, self.config.preload_socket_dir))  # fmt: skip
 
     def _lock_for(self, artifact_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -334,6 +344,12 @@ class Agent:
             socket_path = staging.require_preloader(
                 self.config.preload_socket, self.config.preload_socket_dir, body.gpu_uuid
             )
+        sockets = staging.node_preloaders(self.config.preload_socket,
+                                          self.config.preload_socket_dir)  # fmt: skip
+        if body.pin_weights and body.tier != "memory":
+            raise StagingError("pin_weights keeps the weights in memory: stage tier memory")
+        if body.pin_weights and not sockets:
+            staging.pin_weights((), sockets)  # raises, saying what is missing
         t = time.perf_counter()
         with self._lock_for(body.artifact_id):
             cache = self.config.cache
@@ -346,25 +362,17 @@ class Agent:
                     manifest.external_files, socket_path
                 )
                 out["weights_on_gpu"]["preloader"] = socket_path
+            if body.pin_weights:
+                manifest = cache.tiers[body.tier].read_manifest(body.artifact_id)
+                out["pinned_weights"] = staging.pin_weights(manifest.external_files, sockets)
         self.metrics.stage_seconds.labels(body.tier).observe(time.perf_counter() - t)
         return out
 
     def evict(self, body: EvictBody) -> dict:
         cache = self.config.cache
         with self._lock_for(body.artifact_id):
-            # weights a stage put on the GPU go with the memory copy (or with every copy);
-            # every copy has the same manifest, and evicting none releases nothing below
-            sockets = staging.node_preloaders(
-                self.config.preload_socket, self.config.preload_socket_dir
-            )
-            held = (
-                cache.best_copies(body.artifact_id)
-                if sockets and body.tier in (None, "memory") else []
-            )  # fmt: skip
-            files = held[0][1].read_manifest(body.artifact_id).external_files if held else ()
+            # what preloaders hold for a memory copy's weights goes with it (on_memory_evict)
             removed = cache.evict(body.artifact_id, body.tier, body.force)
-            if removed and files:
-                staging.release_weights_on_gpu(files, sockets)
         if not removed:
             raise ArtifactNotFound(body.artifact_id, "the node cache")
         return {"artifact_id": body.artifact_id, "evicted_from": removed}

@@ -22,13 +22,14 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autoscaler.agent import external, preloaders
 from autoscaler.agent.errors import (
+    AgentError,
     ArtifactCorrupt,
     ArtifactNotFound,
     BudgetExceeded,
@@ -105,6 +106,22 @@ class NodeCache:
         self.verified = external.VerifiedFiles(
             self.tiers["disk"].root / META_DIR / "external-verified.json"
         )
+        # called (outside the cache's lock) with the weights of each memory copy that leaves,
+        # by an evict or to make room: the agent gives back what preloaders hold for them
+        self.on_memory_evict: Callable[[tuple[ExternalFile, ...]], None] | None = None
+
+    def _weights_leaving(self, tier: str, artifact_id: str) -> tuple[ExternalFile, ...]:
+        """The weights of a copy about to be deleted, when someone wants to hear of them."""
+        if tier != "memory" or self.on_memory_evict is None:
+            return ()
+        try:
+            return self.tiers[tier].read_manifest(artifact_id).external_files
+        except (AgentError, OSError):
+            return ()
+
+    def _memory_evicted(self, files: list[ExternalFile]) -> None:
+        if files and self.on_memory_evict is not None:
+            self.on_memory_evict(tuple(files))
 
     # --- metadata ---------------------------------------------------------------------------
     def _meta_path(self, tier: str, artifact_id: str) -> Path:
@@ -202,6 +219,7 @@ class NodeCache:
     def evict(self, artifact_id: str, tier: str | None = None, force: bool = False) -> list[str]:
         """Remove a copy (from one tier or all); pinned ones only with force. Returns tiers."""
         validate_artifact_id(artifact_id)
+        leaving: list[ExternalFile] = []
         with self._lock:
             if artifact_id in self.pinned and not force:
                 raise StagingError(f"artifact {artifact_id!r} is pinned by a plan; not evicted")
@@ -210,13 +228,16 @@ class NodeCache:
                 if name not in self.tiers:
                     raise StagingError(f"no tier {name!r} on this node")
                 if self.tiers[name].exists(artifact_id):
+                    leaving.extend(self._weights_leaving(name, artifact_id))
                     self.tiers[name].delete(artifact_id)
                     self._meta_path(name, artifact_id).unlink(missing_ok=True)
                     removed.append(name)
-            return removed
+        self._memory_evicted(leaving)
+        return removed
 
-    def _make_room(self, tier: str, needed: int) -> list[str]:
-        """Evict LRU unpinned artifacts of a tier until `needed` more bytes fit the budget."""
+    def _make_room(self, tier: str, needed: int, leaving: list[ExternalFile]) -> list[str]:
+        """Evict LRU unpinned artifacts of a tier until `needed` more bytes fit the budget (the
+        weights of memory copies evicted are added to `leaving`)."""
         budget = self.budgets[tier]
         held = sorted(
             (a for a in self.inventory() if a.tier == tier), key=lambda a: a.last_used
@@ -229,6 +250,7 @@ class NodeCache:
         for victim in evictable:
             if used + needed <= budget:
                 break
+            leaving.extend(self._weights_leaving(tier, victim.artifact_id))
             self.tiers[tier].delete(victim.artifact_id)
             self._meta_path(tier, victim.artifact_id).unlink(missing_ok=True)
             used -= victim.bytes
@@ -249,6 +271,7 @@ class NodeCache:
         if tier not in self.tiers:
             raise StagingError(f"no {tier!r} tier configured on this node")
         dest = self.tiers[tier]
+        leaving: list[ExternalFile] = []
         with self._lock:
             held = dest.exists(artifact_id)
             if held:
@@ -260,7 +283,8 @@ class NodeCache:
                 if tier == "memory" and self.holds(artifact_id, "disk"):
                     origin = self.tiers["disk"]
                 manifest = origin.read_manifest(artifact_id)
-                self._make_room(tier, manifest.total_bytes)
+                self._make_room(tier, manifest.total_bytes, leaving)
+        self._memory_evicted(leaving)
         if not held:
             copy_artifact(origin, dest, manifest, progress)
             now = time.time()
@@ -343,6 +367,60 @@ def release_weights_on_gpu(files: Sequence[ExternalFile], sockets: Sequence[str]
         return
     for socket_path in sockets:
         external.release_preloads(socket_path, paths)
+
+
+def pin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> dict[str, list]:
+    """Have the node's weight preloaders page-lock the worker's staged weights where they lie
+    (fastload.HostRegistrations): a restore's load of those unchanged files is then one DMA
+    from the page cache, with no reader threads beside CRIU. On the H200 an 8B memory restore
+    went 1.067 -> 0.857 s (medians of 5, alternated, 5 of 5 faster; weights on the GPU 0.919 s
+    in the same call), 0.6B unchanged. It holds no GPU memory and serves whichever GPU the
+    next replica gets; its cost is the files' pages kept resident. Every preloader is asked
+    (those of one process share one lock). A preloader that cannot lock is a warning: the
+    restore then loads as before. Returns {"pinned": [...], "warnings": [...]}."""
+    from autoscaler.agent import fastload
+
+    if not sockets:
+        raise StagingError(
+            "pinned weights need a weight preloader on this node "
+            "(start the agent with --preload-socket or --preload-socket-dir)"
+        )
+    pinned: list[dict] = []
+    warnings: list[str] = []
+    for f in files:
+        if not f.preload:
+            continue
+        node = str(external.node_path(f.path, None))
+        for socket_path in sockets:
+            try:
+                reply = fastload.register_weights(socket_path, node)
+            except (OSError, RuntimeError) as exc:
+                warnings.append(f"preloader {socket_path} did not pin {f.path}: {exc}")
+                continue
+            pinned.append({"path": f.path, "preloader": socket_path, "bytes": reply.get("bytes"),
+                           "seconds": reply.get("seconds"), "held": reply.get("held")})  # fmt: skip
+    return {"pinned": pinned, "warnings": warnings}
+
+
+def unpin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> None:
+    """Let go of what pin_weights locked (nothing locked: no-op), on every preloader given."""
+    from autoscaler.agent import fastload
+
+    for f in files:
+        if not f.preload:
+            continue
+        node = str(external.node_path(f.path, None))
+        for socket_path in sockets:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                fastload.unregister_weights(socket_path, node)
+
+
+def release_held_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> None:
+    """What the node's preloaders hold for a memory copy's weights, given back as it leaves:
+    their GPU copy (stage weights_on_gpu) and their page lock (stage pin_weights)."""
+    if sockets:
+        release_weights_on_gpu(files, sockets)
+        unpin_weights(files, sockets)
 
 
 def copy_artifact(

@@ -157,7 +157,8 @@ def test_a_record_spares_hashing_only_while_the_file_is_unchanged(
 
 class PreloaderDouble:
     """Records what the agent sends on the preloader's socket (the real preloader needs a GPU).
-    Answers `load` with ok and `take` with 'nothing loaded' (no descriptor)."""
+    Answers `load`, `register` and `unregister` with ok and `take` with 'nothing loaded' (no
+    descriptor)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -183,8 +184,11 @@ class PreloaderDouble:
                     buf += chunk
                 req = json.loads(buf)
                 self.requests.append(req)
-                answer = {"ok": True} if req["op"] == "load" else {"ok": False,
-                                                                   "error": "nothing loaded"}
+                answer = {
+                    "load": {"ok": True},
+                    "register": {"ok": True, "bytes": 1, "seconds": 0.0, "held": False},
+                    "unregister": {"ok": True, "dropped": True},
+                }.get(req["op"], {"ok": False, "error": "nothing loaded"})
                 conn.sendall((json.dumps(answer) + "\n").encode())
 
     def close(self) -> None:

@@ -263,10 +263,10 @@ def _agent_with_preloader(
     return Api(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, store, cache), server
 
 
-def _artifact_with_weights(store: DirectoryStore, weights: Path) -> None:
+def _artifact_with_weights(store: DirectoryStore, weights: Path, artifact_id: str = "w1") -> None:
     weights.write_bytes(os.urandom(1 << 20))
     files = external.record_paths([external.Declared(str(weights), preload=True)])
-    with store.create("w1") as w:
+    with store.create(artifact_id) as w:
         (w.images_dir / "pages-1.img").write_bytes(os.urandom(1 << 16))
         w.commit(ArtifactInfo(workload="wl", external_files=files))
 
@@ -287,9 +287,10 @@ def test_stage_can_put_the_weights_on_the_gpu_and_evict_gives_them_back(tmp_path
         # a plain stage asks for nothing
         assert api.call("POST", "/v1/stage", {"artifact_id": "w1"})[0] == 200
         assert len(double.requests) == 1
-        # evicting the memory copy hands the GPU copy back (a take, then closed)
+        # evicting the memory copy hands the GPU copy back (a take, then closed), and any lock
         assert api.call("POST", "/v1/evict", {"artifact_id": "w1", "tier": "memory"})[0] == 200
-        assert [(r["op"], r["path"]) for r in double.requests[1:]] == [("take", str(weights))]
+        assert [(r["op"], r["path"]) for r in double.requests[1:]] == [
+            ("take", str(weights)), ("unregister", str(weights))]
     finally:
         server.shutdown()
         server.server_close()
@@ -324,14 +325,52 @@ def test_weights_on_the_gpu_go_to_the_named_gpus_preloader_on_a_node_with_severa
         assert doubles[gpu_a].requests == []
         # the evict asks every GPU's preloader to give back what it may hold
         assert api.call("POST", "/v1/evict", {"artifact_id": "w1", "tier": "memory"})[0] == 200
-        assert [r["op"] for r in doubles[gpu_b].requests] == ["load", "take"]
-        assert [r["op"] for r in doubles[gpu_a].requests] == ["take"]
+        assert [r["op"] for r in doubles[gpu_b].requests] == ["load", "take", "unregister"]
+        assert [r["op"] for r in doubles[gpu_a].requests] == ["take", "unregister"]
     finally:
         server.shutdown()
         server.server_close()
         for d in doubles.values():
             d.close()
         shutil.rmtree(folder)
+
+
+def test_stage_can_pin_the_weights_where_they_lie_and_their_memory_copy_leaving_unpins_them(
+    tmp_path: Path,
+) -> None:
+    double = PreloaderDouble(tmp_path / "preload.sock")
+    api, server = _agent_with_preloader(tmp_path, str(double.path))
+    try:
+        weights, other = tmp_path / "weights.safetensors", tmp_path / "other.safetensors"
+        _artifact_with_weights(api.store, weights)
+        _artifact_with_weights(api.store, other, "w2")
+        pin = {"artifact_id": "w1", "tier": "memory", "pin_weights": True}
+        status, body = api.call("POST", "/v1/stage", pin)
+        assert status == 200, body
+        assert body["pinned_weights"] == {"pinned": [
+            {"path": str(weights), "preloader": str(double.path), "bytes": 1, "seconds": 0.0,
+             "held": False}], "warnings": []}  # fmt: skip
+        assert [(r["op"], r["path"]) for r in double.requests] == [("register", str(weights))]
+        # the memory copy leaving by an evict gives back the GPU copy and the lock
+        assert api.call("POST", "/v1/evict", {"artifact_id": "w1", "tier": "memory"})[0] == 200
+        assert [(r["op"], r["path"]) for r in double.requests[1:]] == [
+            ("take", str(weights)), ("unregister", str(weights))]
+        # ... and so does one evicted to make room for another (the LRU)
+        assert api.call("POST", "/v1/stage", pin)[0] == 200
+        api.cache.budgets["memory"] = api.cache.usage()[-1].used_bytes + 1
+        before = len(double.requests)
+        status, body = api.call("POST", "/v1/stage", {"artifact_id": "w2", "tier": "memory"})
+        assert status == 200, body
+        assert not api.cache.holds("w1", "memory")
+        assert [(r["op"], r["path"]) for r in double.requests[before:]] == [
+            ("take", str(weights)), ("unregister", str(weights))]
+        # only the memory tier keeps weights pinned
+        status, body = api.call("POST", "/v1/stage", {**pin, "tier": "disk"})
+        assert status == 409 and "tier memory" in body["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        double.close()
 
 
 def test_weights_on_the_gpu_without_a_preloader_are_refused_before_copying(
@@ -344,6 +383,9 @@ def test_weights_on_the_gpu_without_a_preloader_are_refused_before_copying(
                                 {"artifact_id": "w1", "tier": "memory", "weights_on_gpu": True})
         assert status == 409 and "--preload-socket" in body["error"]
         assert api.call("GET", "/v1/inventory")[1]["preloaders"] == {}
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "pin_weights": True})
+        assert status == 409 and "--preload-socket" in body["error"]
         assert api.cache.inventory() == []  # nothing copied
     finally:
         server.shutdown()
