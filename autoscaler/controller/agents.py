@@ -32,6 +32,7 @@ class AgentInventory:
     holdings: AgentHoldings
     versions: Mapping[str, str]
     pinned: frozenset[str] = frozenset()  # the copies the agent will not evict to make room
+    preloaders: bool = False  # the agent names weight preloaders (it can pin staged weights)
 
 
 class AgentDirectory(Protocol):
@@ -73,12 +74,15 @@ class HttpAgents:
         token: str | None,
         timeout_s: float = 5.0,
         session: requests.Session | None = None,
+        pin_weights: bool = True,
     ) -> None:
         self._endpoints_fn = endpoints
         self._endpoints: dict[str, str] = {}
         self.token = token
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
+        self.pin_weights = pin_weights
+        self._with_preloaders: set[str] = set()  # nodes whose last inventory named preloaders
 
     def refresh(self) -> Mapping[str, str]:
         self._endpoints = dict(self._endpoints_fn())
@@ -136,14 +140,23 @@ class HttpAgents:
         if isinstance(reported, dict):
             versions.update({str(k): str(v) for k, v in reported.items()})
         pinned = data.get("pinned") or []
+        preloaders = isinstance(data.get("preloaders"), dict) and bool(data["preloaders"])
+        if preloaders:
+            self._with_preloaders.add(node)
+        else:
+            self._with_preloaders.discard(node)
         return AgentInventory(node=node, holdings=holdings, versions=versions,
                               pinned=frozenset(str(a) for a in pinned)
-                              if isinstance(pinned, list) else frozenset())  # fmt: skip
+                              if isinstance(pinned, list) else frozenset(),
+                              preloaders=preloaders)  # fmt: skip
 
     def stage(self, node: str, artifact: str, tier: str, source: str) -> Mapping[str, Any]:
-        """POST /v1/stage: copy from the store (or warm a disk copy) into `tier`."""
-        return self._call(node, "stage", {"artifact_id": artifact, "tier": tier,
-                                          "warm": False})  # fmt: skip
+        """POST /v1/stage: copy from the store (or warm a disk copy) into `tier`; into memory on
+        a node with weight preloaders (its last inventory), with the weights pinned too."""
+        body = {"artifact_id": artifact, "tier": tier, "warm": False}
+        if tier == "memory" and self.pin_weights and node in self._with_preloaders:
+            body["pin_weights"] = True
+        return self._call(node, "stage", body)
 
     def evict(self, node: str, artifact: str) -> Mapping[str, Any]:
         return self._call(node, "evict", {"artifact_id": artifact})

@@ -136,7 +136,7 @@ def build_controller(
     if agents is None and a.enabled:
         agents = HttpAgents(
             lambda: cluster.agent_endpoints(a.namespace, a.selector, a.port, a.scheme),
-            a.token(), a.timeout_s,
+            a.token(), a.timeout_s, pin_weights=a.pin_weights,
         )  # fmt: skip
     elector = None
     if settings.leader.enabled:

@@ -82,6 +82,10 @@ class AgentSettings(_Strict):
     token_file: str | None = None
     token_env: str = "AUTOSCALER_AGENT_TOKEN"
     timeout_s: float = Field(default=5.0, gt=0)
+    # a copy staged in memory on a node whose agent has weight preloaders also has the
+    # worker's weights page-locked where they lie (the agent's stage pin_weights): its restores
+    # then load them by one DMA (H200, 8B: 1.067 -> 0.857 s); false keeps them evictable
+    pin_weights: bool = True
 
     def token(self) -> str | None:
         if self.token_file:

@@ -373,6 +373,35 @@ def test_stage_can_pin_the_weights_where_they_lie_and_their_memory_copy_leaving_
         double.close()
 
 
+@pytest.mark.parametrize("pin", [True, False])
+def test_the_controllers_memory_stage_pins_the_weights_where_the_agent_has_preloaders(
+    tmp_path: Path, pin: bool
+) -> None:
+    """The controller's agent client (HttpAgents) against a real agent: its inventory names
+    the node's preloaders, and a memory stage then asks for pin_weights (unless the
+    controller's agents.pin_weights is false); a disk stage never does."""
+    from autoscaler.controller.agents import HttpAgents
+
+    double = PreloaderDouble(tmp_path / "preload.sock")
+    api, server = _agent_with_preloader(tmp_path, str(double.path))
+    try:
+        weights = tmp_path / "weights.safetensors"
+        _artifact_with_weights(api.store, weights)
+        agents = HttpAgents(lambda: {"node-a": api.url}, TOKEN, pin_weights=pin)
+        agents.refresh()
+        assert agents.inventory("node-a").preloaders
+        agents.stage("node-a", "w1", "disk", "store")
+        assert double.requests == []
+        answer = agents.stage("node-a", "w1", "memory", "disk")
+        assert [(r["op"], r["path"]) for r in double.requests] == (
+            [("register", str(weights))] if pin else [])
+        assert ("pinned_weights" in answer) is pin
+    finally:
+        server.shutdown()
+        server.server_close()
+        double.close()
+
+
 def test_weights_on_the_gpu_without_a_preloader_are_refused_before_copying(
     tmp_path: Path,
 ) -> None:
