@@ -1255,43 +1255,42 @@ def request_preload(
     reads a pod's file through /proc/<pid>/root and files it under the worker's own path.
     `ticket`: what a taker that is not the agent must present (the restored worker gets it in
     the agent's restore-complete answer)."""
+    _ask_preloader(
+        socket_path,
+        {"op": "load", "path": str(weights_path), "threads": threads,
+         "chunk_bytes": chunk_bytes, **({"key": key} if key else {}),
+         **({"ticket": ticket} if ticket else {})},
+        timeout_s, f"refused {weights_path}",
+    )  # fmt: skip
+
+
+def _ask_preloader(
+    socket_path: str, request: dict[str, Any], timeout_s: float, refused: str
+) -> dict[str, Any]:
+    """One request and its answer; RuntimeError("preloader <refused>: <its reason>") when the
+    answer is not ok."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout_s)
         conn.connect(socket_path)
-        _send_json(
-            conn,
-            {"op": "load", "path": str(weights_path), "threads": threads,
-             "chunk_bytes": chunk_bytes, **({"key": key} if key else {}),
-             **({"ticket": ticket} if ticket else {})},
-        )  # fmt: skip
+        _send_json(conn, request)
         reply, _ = _recv_json(conn)
     if not reply.get("ok"):
-        raise RuntimeError(f"preloader refused {weights_path}: {reply.get('error')}")
+        raise RuntimeError(f"preloader {refused}: {reply.get('error')}")
+    return reply
 
 
 def register_weights(socket_path: str, path: str, timeout_s: float = 120.0) -> dict[str, Any]:
     """Have the preloader page-lock a staged weights file where it lies (HostRegistrations);
     its answer ({"bytes", "seconds", "held"}). RuntimeError with its reason when refused."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout_s)
-        conn.connect(socket_path)
-        _send_json(conn, {"op": "register", "path": str(path)})
-        reply, _ = _recv_json(conn)
-    if not reply.get("ok"):
-        raise RuntimeError(f"preloader did not lock {path}: {reply.get('error')}")
-    return reply
+    request = {"op": "register", "path": str(path)}
+    return _ask_preloader(socket_path, request, timeout_s, f"did not lock {path}")
 
 
 def unregister_weights(socket_path: str, path: str, timeout_s: float = 120.0) -> bool:
     """Let go of a file register_weights locked; False when it was not locked."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout_s)
-        conn.connect(socket_path)
-        _send_json(conn, {"op": "unregister", "path": str(path)})
-        reply, _ = _recv_json(conn)
-    if not reply.get("ok"):
-        raise RuntimeError(f"preloader did not unlock {path}: {reply.get('error')}")
-    return bool(reply.get("dropped"))
+    request = {"op": "unregister", "path": str(path)}
+    return bool(_ask_preloader(socket_path, request, timeout_s, f"did not unlock {path}")
+                .get("dropped"))  # fmt: skip
 
 
 def take_preloaded(
