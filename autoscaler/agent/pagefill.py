@@ -434,6 +434,7 @@ class FillStats:
     bytes: int = 0
     pages_existing: int = 0  # already in place (a fault served them first)
     faults_served: int = 0
+    fault_bytes: int = 0  # copied by serving faults (a fault copies the rest of its chunk)
     threads: int = 0
     wait_s: float = 0.0  # from the start of the restore to CRIU's "restore finished"
     fill_s: float = 0.0  # the parallel copy itself
@@ -996,6 +997,7 @@ class LazyPagesServer:
             if err and err not in (errno.EEXIST, errno.EAGAIN):
                 raise PageFillError(f"UFFDIO_COPY at {runtime:#x} for a fault in "
                                     f"{task.who}: {os.strerror(err)}")  # fmt: skip
+            self.stats.fault_bytes += max(0, arg.copy)
         else:  # nothing of the dump lives here: never written before it, dropped, moved away
             zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
