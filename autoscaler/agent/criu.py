@@ -37,12 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from autoscaler.agent import images, kdat, pagefill
-from autoscaler.agent.errors import (
-    AgentError,
-    CriuError,
-    CriuNotFound,
-    PidTaken,
-)
+from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
 
 MIN_VERSION = (4, 2)
 LOG_TAIL_LINES = 25
@@ -244,12 +239,12 @@ class PendingFill:
         self._stats: dict[str, float | int | str] | None = None
         self._closed = False
 
-    def _failed(self, exc: BaseException) -> AgentError:
+    def _failed(self, exc: BaseException) -> CriuError:
         kill_restored(self.host_pid)
         self.close()
         return self._error_for(exc, "")
 
-    def _error_for(self, exc: BaseException, when: str) -> AgentError:
+    def _error_for(self, exc: BaseException, when: str) -> CriuError:
         return CriuError("restore", 0, str(self.log_path), f"the parallel page fill failed"
                          f"{when}, the restored tree was killed: {exc}")  # fmt: skip
 
@@ -259,7 +254,7 @@ class PendingFill:
             raise self._failed(exc) from exc
         self.server.mark_running()
 
-    def failure(self) -> AgentError | None:
+    def failure(self) -> CriuError | None:
         """The fill's failure, if it failed (its server killed the tree): the reason to give
         for a restore that then broke, rather than what broke next."""
         if (exc := self.server.error) is None:

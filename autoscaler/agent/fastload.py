@@ -475,35 +475,42 @@ def page_cache_fraction(path: str | os.PathLike[str]) -> float:
     size = os.path.getsize(path)
     if size == 0:
         return 1.0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     npages = -(-size // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * npages)()
+    addr = map_read_only(path, size)
+    try:
+        if _LIBC.mincore(addr, size, vec) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mincore {path}: {os.strerror(err)}")
+    finally:
+        _LIBC.munmap(addr, size)
+    return sum(b & 1 for b in vec) / npages
+
+
+def _bind_libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+_LIBC = _bind_libc()
+
+
+def map_read_only(path: str | os.PathLike[str], size: int) -> int:
+    """The address of a shared read-only mapping of a file's first `size` bytes (munmap it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap {path}: {os.strerror(err)}")
-        try:
-            if libc.mincore(addr, size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore {path}: {os.strerror(err)}")
-        finally:
-            libc.munmap(addr, size)
+        addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     finally:
         os.close(fd)
-    return sum(b & 1 for b in vec) / npages
+    if addr in (None, ctypes.c_void_p(-1).value):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap {path}: {os.strerror(err)}")
+    return addr
 
 
 # --- GPU side (torch imported lazily) -------------------------------------------------------
@@ -712,6 +719,12 @@ class _CuMemAccessDesc(ctypes.Structure):
     _fields_ = [("location", _CuMemLocation), ("flags", ctypes.c_int)]  # 3 = read/write
 
 
+def _cuda_error(cu: ctypes.CDLL, call: str, code: int) -> RuntimeError:
+    name = ctypes.c_char_p()
+    cu.cuGetErrorName(code, ctypes.byref(name))
+    return RuntimeError(f"{call} failed: CUDA error {code} ({(name.value or b'?').decode()})")
+
+
 class CudaVmm:
     """The driver's virtual memory calls: reserve addresses, create physical memory (shareable
     as a POSIX file descriptor), map it, export and import it. The calling thread must have
@@ -734,11 +747,7 @@ class CudaVmm:
 
     def _check(self, call: str, code: int) -> None:
         if code != 0:
-            name = ctypes.c_char_p()
-            self.cu.cuGetErrorName(code, ctypes.byref(name))
-            raise RuntimeError(
-                f"{call} failed: CUDA error {code} ({(name.value or b'?').decode()})"
-            )
+            raise _cuda_error(self.cu, call, code)
 
     def round_up(self, nbytes: int) -> int:
         return -(-nbytes // self.granularity) * self.granularity
@@ -868,49 +877,26 @@ CU_MEMHOSTREGISTER_PORTABLE = 0x01  # every CUDA context of the process may DMA 
 CU_MEMHOSTREGISTER_READ_ONLY = 0x08  # the GPU only reads it: allowed on a read-only mapping
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return libc
-
-
-def _cuda_error(cu: ctypes.CDLL, call: str, code: int) -> RuntimeError:
-    name = ctypes.c_char_p()
-    cu.cuGetErrorName(code, ctypes.byref(name))
-    return RuntimeError(f"{call} failed: CUDA error {code} ({(name.value or b'?').decode()})")
-
-
 def lock_file_pages(path: str) -> tuple[int, int]:
     """Map a file read-only and page-lock its pages for every GPU of the process; returns
     (address, bytes). Its page-cache pages then stay resident, and a copy to a GPU reads them
     by DMA. The calling thread needs a current CUDA context (torch.cuda.set_device)."""
-    libc = _libc()
     nbytes = os.path.getsize(path)
     if not nbytes:
         raise ValueError(f"{path} is empty")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        ptr = libc.mmap(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    finally:
-        os.close(fd)
-    if ptr in (None, ctypes.c_void_p(-1).value):
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap {path}: {os.strerror(err)}")
+    ptr = map_read_only(path, nbytes)
     cu = ctypes.CDLL("libcuda.so.1")
     flags = CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_READ_ONLY
     code = cu.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), flags)
     if code:
-        libc.munmap(ptr, nbytes)
+        _LIBC.munmap(ptr, nbytes)
         raise _cuda_error(cu, f"cuMemHostRegister of {path} ({nbytes} bytes)", code)
     return ptr, nbytes
 
 
 def unlock_file_pages(ptr: int, nbytes: int) -> None:
     ctypes.CDLL("libcuda.so.1").cuMemHostUnregister(ctypes.c_void_p(ptr))
-    _libc().munmap(ptr, nbytes)
+    _LIBC.munmap(ptr, nbytes)
 
 
 @dataclass(eq=False)
