@@ -163,14 +163,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
         staging.require_preloader(args.preload_socket, args.preload_socket_dir, args.gpu_uuid)
         if args.weights_on_gpu else None
     )  # refused before any copying
-    sockets = staging.node_preloaders(args.preload_socket, args.preload_socket_dir)
-    if args.pin_weights and args.tier != "memory":
-        raise ConfigError("pin_weights", "--pin-weights keeps the weights in memory: --tier memory")
-    if args.pin_weights and not sockets:
-        raise ConfigError("preload_socket",
-                          "--pin-weights needs --preload-socket or --preload-socket-dir")
+    pin_sockets = (
+        staging.pin_preloaders(args.tier, args.preload_socket, args.preload_socket_dir)
+        if args.pin_weights else []
+    )  # refused before any copying
     cache = _cache(args)
     # a memory copy evicted to make room gives back what preloaders hold for its weights
+    sockets = staging.node_preloaders(args.preload_socket, args.preload_socket_dir)
     cache.on_memory_evict = lambda files: staging.release_held_weights(files, sockets)
     held = cache.stage(_store(args), args.id, args.tier,
                        progress=_byte_progress(f"staging {args.id}"), warm=args.warm)
@@ -182,7 +181,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         )
     if args.pin_weights:
         manifest = cache.tiers[args.tier].read_manifest(args.id)
-        out["pinned_weights"] = staging.pin_weights(manifest.external_files, sockets)
+        out["pinned_weights"] = staging.pin_weights(manifest.external_files, pin_sockets)
     _print(out)
     return 0
 

@@ -344,12 +344,11 @@ class Agent:
             socket_path = staging.require_preloader(
                 self.config.preload_socket, self.config.preload_socket_dir, body.gpu_uuid
             )
-        sockets = staging.node_preloaders(self.config.preload_socket,
-                                          self.config.preload_socket_dir)  # fmt: skip
-        if body.pin_weights and body.tier != "memory":
-            raise StagingError("pin_weights keeps the weights in memory: stage tier memory")
-        if body.pin_weights and not sockets:
-            staging.pin_weights((), sockets)  # raises, saying what is missing
+        sockets = (
+            staging.pin_preloaders(body.tier, self.config.preload_socket,
+                                   self.config.preload_socket_dir)
+            if body.pin_weights else []
+        )  # fmt: skip
         t = time.perf_counter()
         with self._lock_for(body.artifact_id):
             cache = self.config.cache

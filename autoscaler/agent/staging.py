@@ -369,6 +369,21 @@ def release_weights_on_gpu(files: Sequence[ExternalFile], sockets: Sequence[str]
         external.release_preloads(socket_path, paths)
 
 
+def pin_preloaders(tier: str, socket_path: str | None, socket_dir: str | None) -> list[str]:
+    """The preloaders a stage with pin_weights asks (every one of the node); StagingError,
+    saying why, before anything is copied: pinned weights stay in memory, so only with the
+    memory tier, and only where the node runs a preloader."""
+    if tier != "memory":
+        raise StagingError("pin_weights keeps the weights in memory: stage tier memory")
+    sockets = node_preloaders(socket_path, socket_dir)
+    if not sockets:
+        raise StagingError(
+            "pinned weights need a weight preloader on this node "
+            "(start the agent with --preload-socket or --preload-socket-dir)"
+        )
+    return sockets
+
+
 def pin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> dict[str, list]:
     """Have the node's weight preloaders page-lock the worker's staged weights where they lie
     (fastload.HostRegistrations): a restore's load of those unchanged files is then one DMA
@@ -377,14 +392,10 @@ def pin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> dict[s
     in the same call), 0.6B unchanged. It holds no GPU memory and serves whichever GPU the
     next replica gets; its cost is the files' pages kept resident. Every preloader is asked
     (those of one process share one lock). A preloader that cannot lock is a warning: the
-    restore then loads as before. Returns {"pinned": [...], "warnings": [...]}."""
+    restore then loads as before. `sockets`: pin_preloaders. Returns {"pinned": [...],
+    "warnings": [...]}."""
     from autoscaler.agent import fastload
 
-    if not sockets:
-        raise StagingError(
-            "pinned weights need a weight preloader on this node "
-            "(start the agent with --preload-socket or --preload-socket-dir)"
-        )
     pinned: list[dict] = []
     warnings: list[str] = []
     for f in files:

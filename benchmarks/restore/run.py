@@ -570,11 +570,12 @@ class ModelRun:
             if on_gpu["warnings"] or not on_gpu["requested"]:
                 raise RuntimeError(f"weights not staged on the GPU: {on_gpu}")
             time.sleep(gpu_staged_s)
-        if registered:  # the agent's stage with weights_registered: the preloader page-locks
-            # the staged file where it lies, and the restore's load is then one DMA from it
-            staging["registered"] = fastload.register_weights(
-                str(self.preload_socket), str(self.weights)
-            )
+        if registered:  # the agent's stage with pin_weights: the preloader page-locks the
+            # staged file where it lies, and the restore's load is then one DMA from it
+            pinned = staging_mod.pin_weights(files, [str(self.preload_socket)])
+            if pinned["warnings"] or not pinned["pinned"]:
+                raise RuntimeError(f"weights not pinned: {pinned}")
+            staging["registered"] = pinned["pinned"]
         t0 = time.perf_counter()
         # From memory the weights and the images are both in the page cache: start at once.
         # From disk the images come first (CRIU needs them now, the worker needs the weights
@@ -631,7 +632,7 @@ class ModelRun:
             if restored.fill is not None:
                 restored.fill.close()
             if registered:  # the next restores load as before
-                fastload.unregister_weights(str(self.preload_socket), str(self.weights))
+                staging_mod.unpin_weights(files, [str(self.preload_socket)])
         read_after = disk_read_bytes(images)
         _, health = http(f"http://127.0.0.1:{self.port}/health")
         if "--fork-after-restore" in self.args.worker_args:  # what its child read
@@ -833,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compare-registered", action="store_true",
         help="with --preload: after each memory restore, one more whose staged weights file the "
-        "preloader page-locked where it lies beforehand (stage weights_registered; path "
+        "preloader page-locked where it lies beforehand (stage pin_weights; path "
         "memory_registered: the load is one DMA from the page cache, no reader threads)",
     )  # fmt: skip
     p.add_argument(
