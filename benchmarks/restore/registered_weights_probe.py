@@ -35,8 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from autoscaler.agent import fastload
 
-CU_MEMHOSTREGISTER_PORTABLE = 0x01
-CU_MEMHOSTREGISTER_READ_ONLY = 0x08
 MiB = 1 << 20
 
 
@@ -85,20 +83,19 @@ def main() -> int:
                     "gpu": torch.cuda.get_device_name(), "runs": []}  # fmt: skip
     result["page_cache_fraction"] = fastload.page_cache_fraction(path)
 
-    fd = os.open(path, os.O_RDONLY)
-    mapped = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
-    host_ptr = libc.mmap(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    expected = sample_digest(mapped, nbytes)
+    with open(path, "rb") as f:
+        expected = sample_digest(mmap.mmap(f.fileno(), nbytes, prot=mmap.PROT_READ), nbytes)
 
     t, c = time.perf_counter(), cpu_seconds()
-    flags = CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_READ_ONLY
-    rc = cu.cuMemHostRegister_v2(ctypes.c_void_p(host_ptr), ctypes.c_size_t(nbytes), flags)
-    result["register"] = {"rc": rc, "seconds": round(time.perf_counter() - t, 3),
-                          "cpu_s": round(cpu_seconds() - c, 3), "flags": flags}  # fmt: skip
+    host_ptr, rc, error = 0, 0, None
+    try:  # the preloader's own lock (fastload.HostRegistrations)
+        host_ptr, _ = fastload.lock_file_pages(str(path))
+    except (OSError, RuntimeError) as exc:
+        rc, error = 1, str(exc)
+    result["register"] = {"rc": rc, "error": error, "seconds": round(time.perf_counter() - t, 3),
+                          "cpu_s": round(cpu_seconds() - c, 3),
+                          "flags": fastload.CU_MEMHOSTREGISTER_PORTABLE
+                          | fastload.CU_MEMHOSTREGISTER_READ_ONLY}  # fmt: skip
     print(json.dumps({"register": result["register"]}), flush=True)
 
     dest = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -134,8 +131,8 @@ def main() -> int:
 
     if rc == 0:
         t = time.perf_counter()
-        result["unregister"] = {"rc": cu.cuMemHostUnregister(ctypes.c_void_p(host_ptr)),
-                                "seconds": round(time.perf_counter() - t, 3)}  # fmt: skip
+        fastload.unlock_file_pages(host_ptr, nbytes)
+        result["unregister"] = {"seconds": round(time.perf_counter() - t, 3)}
     pool.close()
     Path(args.out).write_text(json.dumps(result, indent=1))
     path.unlink()
