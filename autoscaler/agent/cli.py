@@ -201,6 +201,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         artifact_id=args.id, handshake_dir=args.handshake_dir, health_url=args.health_url,
         namespace_pid=args.namespace_pid, gpu_pairs=tuple(pairs),
         ready_timeout_s=args.timeout, use_store=not args.local_only, verify=args.verify,
+        verify_digest=args.verify_digest,
         preload_socket=args.preload_socket, preload_socket_dir=args.preload_socket_dir,
         external_check=args.external_check, criu_options=CriuOptions(page_fill=args.page_fill,
                                  page_fill_threads=args.page_fill_threads),
@@ -344,6 +345,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify", choices=("alongside", "before"), default="alongside",
         help="hash the copy while CRIU restores it stopped (default), or before CRIU starts",
+    )  # fmt: skip
+    p.add_argument(
+        "--verify-digest", choices=("blake3", "sha256"), default="blake3",
+        help="block digests the copy is checked against (default blake3: a third of sha256's "
+        "CPU; sha256 where the artifact has no BLAKE3 digests)",
     )  # fmt: skip
     _add_restore_options(p)
     p.set_defaults(func=cmd_restore)

@@ -50,6 +50,8 @@ from autoscaler.agent.errors import (
 from autoscaler.agent.hooks import Handshake
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import (
+    DEFAULT_DIGEST,
+    DIGESTS,
     ArtifactStore,
     ExternalFile,
     Manifest,
@@ -104,6 +106,9 @@ class RestoreRequest:
     # "alongside": hash the copy's files while CRIU restores it (stopped) and let it run only
     # when every file matched; "before": hash first, then restore (slower by the hashing time)
     verify: str = "alongside"
+    # the block digests the copy is checked against: "blake3" (a third of sha256's CPU, beside
+    # CRIU on the same cores; sha256 where the manifest predates them) or "sha256"
+    verify_digest: str = DEFAULT_DIGEST
     # the node's weight preloader (fastload preload): asked to load the manifest's preloadable
     # external files when the restore starts; None: the restored worker reads them itself
     preload_socket: str | None = None
@@ -129,6 +134,9 @@ class RestoreRequest:
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {self.verify!r}")
+        if self.verify_digest not in DIGESTS:
+            raise ValueError(f"verify_digest must be one of {DIGESTS}, "
+                             f"not {self.verify_digest!r}")  # fmt: skip
         if self.fill_while_running not in FILL_WHILE_RUNNING:
             raise ValueError(f"fill_while_running must be one of {FILL_WHILE_RUNNING}, "
                              f"not {self.fill_while_running!r}")  # fmt: skip
@@ -200,6 +208,7 @@ def choose_copy(
     quarantined: list[str],
     progress: Progress,
     check_contents: bool = True,
+    digest: str = DEFAULT_DIGEST,
 ) -> tuple[str, VerifiedArtifact, ArtifactStore]:
     """The best verified copy; corrupt copies are quarantined on the way (check_contents
     False: the contents are left for the caller to hash, see restore_while_verifying)."""
@@ -218,7 +227,7 @@ def choose_copy(
     for source, holder in candidates:
         progress(f"verifying the {source} copy of {artifact_id}")
         try:
-            verified = holder.open(artifact_id, check_contents=check_contents)
+            verified = holder.open(artifact_id, check_contents=check_contents, digest=digest)
         except ArtifactCorrupt as exc:
             quarantined.append(holder.quarantine(artifact_id, str(exc)))
             last = exc
@@ -470,7 +479,7 @@ def _restore(
         try:
             source, verified, holder = choose_copy(
                 artifact_id, cache, store, request.use_store, quarantined, say,
-                check_contents=not alongside,
+                check_contents=not alongside, digest=request.verify_digest,
             )  # fmt: skip
         except AgentError as exc:
             why = corrupt if corrupt is not None and isinstance(exc, ArtifactNotFound) else exc
@@ -520,7 +529,7 @@ def _restore(
             after_images=(
                 partial(preloads.start, files, from_disk=True) if preload_after_images else None
             ),
-            mode=request.external_check,
+            mode=request.external_check, digest=request.verify_digest,
         ) if alongside else None  # fmt: skip
         options = request.criu_options
         if fills_while_running(request.fill_while_running, source):
@@ -685,12 +694,14 @@ def artifact_check(
     after_images: Callable[[], None] | None = None,
     mode: str = "hash",
     threads: int = 0,
+    digest: str = DEFAULT_DIGEST,
 ) -> Callable[[], object]:
     """What runs alongside CRIU for one copy: the hashing half of verify_directory (verified
     None: the images were hashed before), then `after_images` (e.g. start the preloads, which
     must return at once: this runs before the tree may continue), then the external files (one
     stat each when this node verified them unchanged, else hashed or, mode "stat", trusted on
-    size and mtime). `threads`: the hashing threads (0: store.default_threads()).
+    size and mtime). `threads`: the hashing threads (0: store.default_threads()); `digest`: the
+    block digests the images are checked against (store.DIGESTS).
     Timed into timings; the external results go into `checked`. Raises ArtifactCorrupt or
     ExternalFileChanged, which restore_while_verifying turns into a killed, never-run tree."""
 
@@ -699,7 +710,8 @@ def artifact_check(
         if verified is not None:
             t = time.perf_counter()
             try:
-                manifest = verify_directory(artifact_id, verified.path, threads=threads)
+                manifest = verify_directory(artifact_id, verified.path, threads=threads,
+                                            digest=digest)  # fmt: skip
             finally:
                 timings["verify_contents"] = time.perf_counter() - t
         if after_images is not None:

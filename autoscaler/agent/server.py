@@ -151,6 +151,7 @@ class RestoreBody(_Body):
     health_timeout_s: float = Field(default=30.0, gt=0, le=600)
     use_store: bool = True
     verify: Literal["alongside", "before"] = "alongside"
+    verify_digest: Literal["blake3", "sha256"] = "blake3"
 
 
 @dataclass
@@ -398,7 +399,8 @@ class Agent:
             health_url=body.health_url, namespace_pid=body.namespace_pid,
             gpu_pairs=tuple(body.gpu_pairs), ready_timeout_s=body.ready_timeout_s,
             health_timeout_s=body.health_timeout_s, use_store=body.use_store,
-            verify=body.verify, preload_socket=self.config.preload_socket,
+            verify=body.verify, verify_digest=body.verify_digest,
+            preload_socket=self.config.preload_socket,
             preload_socket_dir=self.config.preload_socket_dir,
             external_check=self.config.external_check,
             criu_options=self.config.criu_options(),

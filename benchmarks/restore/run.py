@@ -479,6 +479,7 @@ class ModelRun:
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
         fill_while_running: bool | None = None, registered: bool = False,
+        verify_digest: str = store_mod.DEFAULT_DIGEST,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -589,7 +590,7 @@ class ModelRun:
                 verify_root.name, verified, files, Path, known, timings, checked,  # type: ignore[union-attr]
                 after_images=None if preload_at_once else (
                     lambda: preloads.start(files, from_disk=from_disk)),
-                threads=verify_threads,
+                threads=verify_threads, digest=verify_digest,
             )  # fmt: skip
             restored = restore_mod.restore_while_verifying(
                 images, logs, options, None, check, log_name
@@ -680,6 +681,7 @@ class ModelRun:
             # CRIU's kernel-feature cache (autoscaler.agent.kdat): "written", "cached", "off"...
             "criu_kdat": restored.kdat,
             "verify_threads": verify_threads or store_mod.default_threads(),
+            "verify_digest": verify_digest if verify_root is not None else None,
             "phases": {"verify_s": round(t_verify, 3),  # alongside CRIU (overlapped)
                        "external_check_s": round(timings.get("external_check", 0.0), 4),
                        "criu_restore_s": round(t_criu, 3),
@@ -813,6 +815,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --preload: after each memory restore and in each disk round, one more "
         "whose preloader pins its readers' areas per load instead of once at start (paths "
         "memory_pinned_per_load, disk_pinned_per_load)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-verify-digest", action="store_true",
+        help="after each memory (and memory_registered) restore, the same one with the "
+        "artifact checked against its sha256 block digests instead of BLAKE3 (paths "
+        "memory_sha256, memory_registered_sha256)",
     )  # fmt: skip
     p.add_argument(
         "--compare-verify-threads", type=int, default=0, metavar="N",
@@ -969,8 +977,13 @@ def main(argv: list[str] | None = None) -> int:
                             run.restore(f"memory_gpu_staged{name}", fast_images, ckpt,
                                         gpu_staged_s=args.compare_gpu_staged,
                                         fill_while_running=other)  # fmt: skip
+                    if args.compare_verify_digest:  # the same restore checked by sha256
+                        run.restore("memory_sha256", fast_images, ckpt, verify_digest="sha256")
                     if args.compare_registered and args.preload:
                         run.restore("memory_registered", fast_images, ckpt, registered=True)
+                        if args.compare_verify_digest:
+                            run.restore("memory_registered_sha256", fast_images, ckpt,
+                                        registered=True, verify_digest="sha256")  # fmt: skip
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)

@@ -214,6 +214,9 @@ def test_the_agent_fills_while_running_for_copies_in_memory_by_default() -> None
     assert not fills_while_running("off", "memory")
     with pytest.raises(ValueError, match="fill_while_running must be one of"):
         RestoreRequest("a", fill_while_running="sometimes")
+    assert RestoreRequest("a").verify_digest == "blake3"
+    with pytest.raises(ValueError, match="verify_digest must be one of"):
+        RestoreRequest("a", verify_digest="md5")
 
 
 def test_where_dumped_memory_lives_after_moves_and_drops() -> None:

@@ -64,10 +64,12 @@ def node_with_copy(tmp_path: Path, dumped: dict) -> tuple[DirectoryStore, NodeCa
     return store, cache
 
 
-@pytest.mark.parametrize("verify", ["alongside", "before"])
+@pytest.mark.parametrize(("verify", "digest"), [
+    ("alongside", "blake3"), ("before", "blake3"), ("alongside", "sha256"), ("before", "sha256"),
+])
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "missing"])
 def test_damaged_artifact_is_detected_and_nothing_restored(
-    tmp_path: Path, dumped: dict, damage: str, verify: str
+    tmp_path: Path, dumped: dict, damage: str, verify: str, digest: str
 ) -> None:
     store, cache = node_with_copy(tmp_path, dumped)
     store.delete("w")  # the staged copy is the only one
@@ -83,12 +85,14 @@ def test_damaged_artifact_is_detected_and_nothing_restored(
     else:
         pages.unlink()
     outcome = restore_artifact(
-        restore_request(dumped, verify=verify),
+        restore_request(dumped, verify=verify, verify_digest=digest),
         cache=cache, store=store,
     )
     assert not outcome.ok
     assert outcome.error == "ArtifactCorrupt"
     assert pages.name in (outcome.reason or "")
+    if damage == "corrupt":  # the digest asked for is the one that caught it
+        assert f"{digest} mismatch" in (outcome.reason or "")
     assert outcome.fallback == "cold-start"
     assert len(outcome.quarantined) == 1 and ".quarantine" in outcome.quarantined[0]
     assert not cache.holds("w", "disk")

@@ -141,6 +141,8 @@ def test_bad_bodies_are_refused_with_the_field_named(api: Api) -> None:
     status, body = api.call("POST", "/v1/checkpoint",
                             {"artifact_id": "a1", "pid": "12", "workload": "w"})
     assert status == 400 and body["details"][0]["field"] == "pid"
+    status, body = api.call("POST", "/v1/restore", {"artifact_id": "a1", "verify_digest": "md5"})
+    assert status == 400 and body["details"][0]["field"] == "verify_digest"
 
 
 def test_handshake_dirs_must_stay_under_the_root(api: Api) -> None:

@@ -133,7 +133,7 @@ def test_every_kind_of_damage_is_detected(tmp_path: Path, damage: str) -> None:
     with pytest.raises(ArtifactCorrupt) as info:
         store.open("a1")
     expected = {
-        "flip": "sha256 mismatch", "truncate": "truncated", "missing": "missing",
+        "flip": "blake3 mismatch", "truncate": "truncated", "missing": "missing",
         "extra": "not in the manifest", "manifest": "unreadable manifest", "link": "symbolic",
     }[damage]
     assert expected in str(info.value)
@@ -189,18 +189,75 @@ def test_block_digests_locate_damage_and_old_manifests_still_verify(
     store = DirectoryStore(tmp_path / "store")
     manifest = make_artifact(store, "b1", size=20 << 20)
     assert len(manifest.files["images/pages-1.img"].blocks) == 3
+    assert len(manifest.files["images/pages-1.img"].blake3) == 3
     store.open("b1")
+    store.open("b1", digest="sha256")
     pages = tmp_path / "store" / "b1" / "images" / "pages-1.img"
     with open(pages, "r+b") as f:
         f.seek((8 << 20) + 5)
         f.write(b"\xff\xfe")
-    with pytest.raises(ArtifactCorrupt, match=f"bytes {8 << 20}..{16 << 20}"):
-        store.open("b1")
+    for digest in ("blake3", "sha256"):
+        where = f"{digest} mismatch at bytes {8 << 20}..{16 << 20}"
+        with pytest.raises(ArtifactCorrupt, match=where):
+            store.open("b1", digest=digest)
     # A manifest without block digests is checked file by file.
     make_artifact(store, "b2", size=1 << 20)
     path = tmp_path / "store" / "b2" / "manifest.json"
     data = json.loads(path.read_text())
     for entry in data["files"].values():
         del entry["blocks"]
+        del entry["blake3"]
     path.write_text(json.dumps(data))
     assert store.open("b2").manifest.files["images/pages-1.img"].blocks == ()
+    pages = tmp_path / "store" / "b2" / "images" / "pages-1.img"
+    with open(pages, "r+b") as f:
+        f.seek(5)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ArtifactCorrupt, match="sha256 mismatch"):
+        store.open("b2")
+
+
+def test_block_digests_are_the_blocks_sha256_and_blake3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sealing hashes blocks on other threads than the whole-file pass: each digest must still
+    be of exactly its bytes."""
+    import hashlib
+
+    import blake3
+
+    from autoscaler.agent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "BLOCK_SIZE", 8 << 20)
+    store = DirectoryStore(tmp_path / "store")
+    entry = make_artifact(store, "h1", size=(20 << 20) + 12345).files["images/pages-1.img"]
+    data = (tmp_path / "store" / "h1" / "images" / "pages-1.img").read_bytes()
+    blocks = [data[i:i + (8 << 20)] for i in range(0, len(data), 8 << 20)]
+    assert entry.size == len(data)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert entry.blocks == tuple(hashlib.sha256(b).hexdigest() for b in blocks)
+    assert entry.blake3 == tuple(blake3.blake3(b).hexdigest() for b in blocks)
+    one_thread = store_mod.hash_file(tmp_path / "store" / "h1" / "images" / "pages-1.img")
+    assert one_thread == entry
+
+
+def test_each_digest_checks_its_own_block_digests(tmp_path: Path) -> None:
+    """A manifest whose BLAKE3 digests lie fails the default check and passes sha256's: the
+    digest asked for is the one compared, and a bad digest list is a corrupt manifest."""
+    store = DirectoryStore(tmp_path / "store")
+    make_artifact(store, "d1")
+    path = tmp_path / "store" / "d1" / "manifest.json"
+    data = json.loads(path.read_text())
+    good = data["files"]["images/pages-1.img"]["blake3"]
+    data["files"]["images/pages-1.img"]["blake3"] = ["0" * 64] * len(good)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactCorrupt, match="blake3 mismatch"):
+        store.open("d1")
+    store.open("d1", digest="sha256")
+    data["files"]["images/pages-1.img"]["blake3"] = ["0" * 64] * (len(good) + 1)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactCorrupt, match="bad blake3 block digests"):
+        store.open("d1", digest="sha256")
+    make_artifact(store, "d2")
+    with pytest.raises(ValueError, match="digest must be one of"):
+        store.open("d2", digest="md5")
