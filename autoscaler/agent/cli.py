@@ -348,7 +348,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--verify-digest", choices=("blake3", "sha256"), default="blake3",
-        help="block digests the copy is checked against (default blake3: a third of sha256's "
+        help="block digests the copy is checked against (default blake3: ~40% of sha256's "
         "CPU; sha256 where the artifact has no BLAKE3 digests)",
     )  # fmt: skip
     _add_restore_options(p)

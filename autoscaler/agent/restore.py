@@ -106,7 +106,7 @@ class RestoreRequest:
     # "alongside": hash the copy's files while CRIU restores it (stopped) and let it run only
     # when every file matched; "before": hash first, then restore (slower by the hashing time)
     verify: str = "alongside"
-    # the block digests the copy is checked against: "blake3" (a third of sha256's CPU, beside
+    # the block digests the copy is checked against: "blake3" (~40% of sha256's CPU, beside
     # CRIU on the same cores; sha256 where the manifest predates them) or "sha256"
     verify_digest: str = DEFAULT_DIGEST
     # the node's weight preloader (fastload preload): asked to load the manifest's preloadable
