@@ -202,3 +202,108 @@ def test_long_work_dirs_still_bind(tmp_path: Path) -> None:
         with pytest.raises(pagefill.PageFillError):
             server.wait_filled(0.2)
     assert not (deep / pagefill.SOCKET_NAME).exists()
+
+
+@pytest.mark.integration
+def test_priority_ranges_are_filled_first_and_the_memory_is_whole(dumped, tmp_path: Path) -> None:
+    """A restore told to fill part of the buffer first (as a checkpoint names the CUDA
+    driver's host copy) copies exactly those bytes first and still restores every byte."""
+    pid, images, out, digest = dumped
+    ranges = pagefill.read_task_pages(images, pid).ranges
+    start = ranges[len(ranges) // 4].start + pagefill.PAGE
+    end = ranges[3 * len(ranges) // 4].end - 3 * pagefill.PAGE  # not on the 2 MiB chunks
+    expected = sum(max(0, min(r.end, end) - max(r.start, start)) for r in ranges)
+    assert expected > 0
+    options = criu_mod.CriuOptions(page_fill="parallel", page_fill_threads=3,
+                                   fill_priority=((pid, start, end),))  # fmt: skip
+    restored = criu_mod.restore(images, tmp_path / "restore-logs", options)
+    try:
+        stats = restored.page_fill
+        assert stats is not None
+        assert stats["priority_bytes"] == expected
+        assert 0 < stats["priority_s"] <= stats["fill_s"]
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digest
+    finally:
+        kill_pid(pid)
+
+
+def test_fill_priority_chunks_are_cut_at_the_range_edges() -> None:
+    page = pagefill.PAGE
+    pages = pagefill.TaskPages(pid=7, pages_path=Path("/nonexistent"), ranges=(
+        pagefill.LazyRange(0x100000, 0x100000 + 10 * page, 0),
+        pagefill.LazyRange(0x200000, 0x200000 + 4 * page, 10 * page),
+    ))  # fmt: skip
+    task = pagefill._Task(pages=pages, uffd=-1, src=0, src_len=0)
+    priority = ((0x100000 + 3 * page, 0x100000 + 5 * page), (0x200000, 0x300000))
+    chunks = task.plan_chunks(4 * page, priority)
+    got = [(c.image, c.n // page, c.offset // page, c.priority) for c in chunks]
+    assert got == [
+        (0x100000, 3, 0, False),
+        (0x100000 + 3 * page, 2, 3, True),
+        (0x100000 + 5 * page, 4, 5, False),
+        (0x100000 + 9 * page, 1, 9, False),
+        (0x200000, 4, 10, True),
+    ]
+    assert sum(c.n for c in chunks) == pages.bytes
+
+
+def test_ranges_added_are_what_the_step_mapped_anew() -> None:
+    mib = 1 << 20
+    before = [(0, 4 * mib), (10 * mib, 12 * mib)]
+    after = [(0, 6 * mib), (8 * mib, 14 * mib), (20 * mib, 20 * mib + 4096)]
+    # grown by 2 MiB, new around an old one, and a page too small to matter
+    assert pagefill.ranges_added(before, after) == [
+        (4 * mib, 6 * mib), (8 * mib, 10 * mib), (12 * mib, 14 * mib),
+    ]
+    assert pagefill.ranges_added(after, before) == []
+
+
+def test_the_manifests_fill_priority_is_read_strictly() -> None:
+    key = pagefill.FILL_PRIORITY_KEY
+    assert pagefill.fill_priority_ranges({}) == ()
+    assert pagefill.fill_priority_ranges({key: {"12": [[4096, 8192]], "13": []}}) == (
+        (12, 4096, 8192),
+    )
+    for bad in ([1, 2], {"x": [[0, 1]]}, {"1": [[5, 5]]}, {"1": [[1]]}, {"1": [["a", "b"]]},
+                {"1": [[-1, 4]]}, {"1": "0-1"}):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            pagefill.fill_priority_ranges({key: bad})
+    with pytest.raises(ValueError, match="is empty"):
+        pagefill.LazyPagesServer(Path("/x"), Path("/y"), fill_priority=((1, 8192, 4096),))
+
+
+def test_a_checkpoint_records_the_memory_its_cuda_step_mapped(tmp_path: Path) -> None:
+    """checkpoint.cuda_host_copy on a real process: what it maps between the two looks (as
+    the CUDA driver maps its host copy of the GPU's memory) is named, nothing else."""
+    import subprocess
+    import sys
+
+    from autoscaler.agent import checkpoint
+
+    program = ("import mmap, sys\n"
+               "print('ready', flush=True)\n"
+               "sys.stdin.readline()\n"
+               "m = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+               "m[:] = b'x' * (8 << 20)\n"
+               "import ctypes\n"
+               "print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n"
+               "sys.stdin.readline()\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"  # exec'd: its own maps, not ours
+        before = pagefill.anonymous_ranges(proc.pid)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        address = int(proc.stdout.readline())
+        extra = checkpoint.cuda_host_copy(41, before, proc.pid)
+        ranges = extra[pagefill.FILL_PRIORITY_KEY]["41"]  # type: ignore[index]
+        assert [address, address + (8 << 20)] in ranges or any(
+            a <= address and address + (8 << 20) <= b for a, b in ranges
+        )
+        assert sum(b - a for a, b in ranges) < 64 << 20  # not the whole process
+        assert pagefill.fill_priority_ranges(extra)[0][0] == 41
+    finally:
+        proc.kill()
+        proc.wait()
