@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import external, pagefill
+from autoscaler.agent import external
 from autoscaler.agent.cuda import (
     driver_info,
     format_gpu_uuid,
@@ -106,15 +106,12 @@ def checkpoint_worker(
     cuda_checkpointed = False
     try:
         with record_external_files(offer, request.pid, say) as recording:
-            fill_priority: dict[str, object] = {}
             if api is not None:
                 say("CUDA lock + checkpoint")
-                before = pagefill.anonymous_ranges(request.pid)
                 t = time.perf_counter()
                 api.checkpoint_process(request.pid, request.lock_timeout_ms)
                 cuda_checkpointed = True
                 timings["cuda_checkpoint"] = time.perf_counter() - t
-                fill_priority = cuda_host_copy(dump_pid, before, request.pid)  # type: ignore[arg-type]
             with store.create(request.artifact_id) as writer:
                 say(f"CRIU dump of pid {dump_pid}"
                     + (f" in {target.describe()}" if target else ""))  # fmt: skip
@@ -129,8 +126,7 @@ def checkpoint_worker(
                 say("sealing the artifact (sha256 of every file)")
                 t = time.perf_counter()
                 info = artifact_info(request, dumped, api is not None, target is not None,
-                                     extra={**gpus, **fill_priority},
-                                     external_files=externals)  # fmt: skip
+                                     extra=gpus, external_files=externals)  # fmt: skip
                 manifest = writer.commit(info)
                 timings["seal"] = time.perf_counter() - t
     except BaseException:
@@ -162,28 +158,6 @@ def source_gpus(
         from autoscaler.agent.multiproc import nvidia_smi_gpu_uuids as probe
     found = list(probe([host_pid]).get(host_pid, []))
     return {"gpu_uuids": found, "uuid_source": "nvidia-smi" if found else "none"}
-
-
-def cuda_host_copy(
-    pid_in_images: int, before: list[tuple[int, int]], host_pid: int
-) -> dict[str, object]:
-    """The manifest extra naming the memory a CUDA checkpoint just added to a process (the
-    driver's host copy of the GPU's memory): a restore's page fill copies it first, because
-    the CUDA restore reads all of it (pagefill.FILL_PRIORITY_KEY). `before`: the process's
-    anonymous ranges just before the checkpoint."""
-    return cuda_host_copies({host_pid: before}, lambda _pid: pid_in_images)
-
-
-def cuda_host_copies(
-    before: dict[int, list[tuple[int, int]]], pid_in_images: Callable[[int], int]
-) -> dict[str, object]:
-    """cuda_host_copy for several processes: `before` by host pid, named in the manifest by
-    `pid_in_images(host pid)`."""
-    return {pagefill.FILL_PRIORITY_KEY: {
-        str(pid_in_images(pid)): [list(r) for r in pagefill.ranges_added(
-            ranges, pagefill.anonymous_ranges(pid))]
-        for pid, ranges in before.items()
-    }}  # fmt: skip
 
 
 def artifact_info(

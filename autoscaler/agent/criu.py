@@ -133,10 +133,6 @@ class CriuOptions:
     # restore only, with the parallel fill: return (and continue the tree, unless
     # leave_stopped) once CRIU is done; the fill goes on beside the process (RestoreResult.fill)
     fill_while_running: bool = False
-    # restore only, with the parallel fill: (pid in the images, start, end) dump-time ranges
-    # filled before the rest: the CUDA driver's host copy of the GPU's memory, which the CUDA
-    # restore reads first (the checkpoint records them: checkpoint.FILL_PRIORITY_KEY)
-    fill_priority: tuple[tuple[int, int, int], ...] = ()
     # keep CRIU's kernel-feature cache where /run is not a tmpfs (autoscaler.agent.kdat)
     kdat_cache: bool = True
 
@@ -394,8 +390,7 @@ def restore(
         *(["--lazy-pages"] if parallel else []),
     ]  # fmt: skip
     server = (
-        pagefill.LazyPagesServer(images_dir, logs_dir, threads=options.page_fill_threads,
-                                 fill_priority=options.fill_priority)
+        pagefill.LazyPagesServer(images_dir, logs_dir, threads=options.page_fill_threads)
         if parallel
         else None
     )

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import pagefill
-from autoscaler.agent.checkpoint import artifact_info, cuda_host_copies, record_external_files
+from autoscaler.agent.checkpoint import artifact_info, record_external_files
 from autoscaler.agent.cuda import get_api, parse_gpu_uuid, process_uses_cuda
 from autoscaler.agent.errors import AgentError, ArtifactExists, CudaError, ProcessNotFound
 from autoscaler.agent.hooks import Handshake, rank_handshake_dir
@@ -429,15 +428,12 @@ def checkpoint_group(
         with record_external_files(
             [(o, pid) for pid, o in offers.items()], None, say
         ) as recording:  # the ranks' declared weights, hashed while CUDA and CRIU work
-            fill_priority: dict[str, object] = {}
             if cuda_pids:
                 say(f"CUDA lock of {len(cuda_pids)} processes, then checkpoint of each")
-                before = {pid: pagefill.anonymous_ranges(pid) for pid in cuda_pids}
                 t = time.perf_counter()
                 lock_and_checkpoint_all(api, cuda_pids, request.lock_timeout_ms)  # type: ignore[arg-type]
                 cuda_done = True
                 timings["cuda_checkpoint"] = time.perf_counter() - t
-                fill_priority = cuda_host_copies(before, lambda pid: ns_pid(pid, target))
             with store.create(request.artifact_id) as writer:
                 dump_pid = ns_pid(request.root_pid, target)
                 say(f"CRIU dump of the tree of pid {dump_pid}")
@@ -451,9 +447,9 @@ def checkpoint_group(
                     raise ProcessNotInTree(missing[0], dump_pid)
                 externals = recording.result() if recording else ()
                 t = time.perf_counter()
-                manifest = writer.commit(_group_info(
-                    request, dumped, records, target is not None, externals, fill_priority
-                ))  # fmt: skip
+                manifest = writer.commit(
+                    _group_info(request, dumped, records, target is not None, externals)
+                )
                 timings["seal"] = time.perf_counter() - t
     except BaseException:
         _put_back_group(api if cuda_done else None, cuda_pids)
@@ -523,7 +519,6 @@ def _group_info(
     records: Sequence[ProcessRecord],
     namespaced: bool,
     external_files: tuple[ExternalFile, ...] = (),
-    fill_priority: dict[str, object] | None = None,
 ) -> ArtifactInfo:
     return artifact_info(
         request,
@@ -537,7 +532,6 @@ def _group_info(
             "ranks": request.ranks,
             "processes": [asdict(r) for r in records],
             "gpu_uuids": sorted({u for r in records for u in r.gpu_uuids}),
-            **(fill_priority or {}),
         },
     )
 

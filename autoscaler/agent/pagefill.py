@@ -425,67 +425,6 @@ def _map_pages(pages: TaskPages, willneed: bool = True) -> tuple[int, int]:
     return src, size
 
 
-# --- what to fill first ------------------------------------------------------------------------
-#: manifest extra: {"<pid in the images>": [[start, end], ...]} of memory the CUDA checkpoint
-#: added to the process (the driver's host copy of the GPU's memory), recorded at checkpoint
-FILL_PRIORITY_KEY = "fill_priority"
-
-
-def anonymous_ranges(pid: int) -> list[tuple[int, int]]:
-    """The [start, end) of every mapping of `pid` backed by no file (heap, stacks, anonymous
-    mmaps), from /proc/<pid>/maps, sorted."""
-    out = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            inode = parts[4] if len(parts) > 4 else "0"
-            if inode != "0":
-                continue
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((lo, hi))
-    return sorted(out)
-
-
-def ranges_added(
-    before: list[tuple[int, int]], after: list[tuple[int, int]], min_bytes: int = 1 << 20
-) -> list[tuple[int, int]]:
-    """The parts of `after`'s ranges that no range of `before` covered (pure), pieces smaller
-    than `min_bytes` dropped: what a step (the CUDA checkpoint) mapped anew."""
-    out = []
-    for lo, hi in after:
-        at = lo
-        for b_lo, b_hi in before:
-            if b_hi <= at or b_lo >= hi:
-                continue
-            if b_lo > at:
-                out.append((at, b_lo))
-            at = max(at, b_hi)
-        if at < hi:
-            out.append((at, hi))
-    return [(a, b) for a, b in out if b - a >= min_bytes]
-
-
-def fill_priority_ranges(extra: dict[str, object]) -> tuple[tuple[int, int, int], ...]:
-    """The manifest's fill_priority record as LazyPagesServer's (pid, start, end) triples; raises
-    ValueError naming what is malformed (the caller decides what a bad hint costs)."""
-    raw = extra.get(FILL_PRIORITY_KEY)
-    if raw is None:
-        return ()
-    if not isinstance(raw, dict):
-        raise ValueError(f"{FILL_PRIORITY_KEY} is not an object")
-    out = []
-    for pid, ranges in raw.items():
-        if not str(pid).isdigit() or not isinstance(ranges, list):
-            raise ValueError(f"{FILL_PRIORITY_KEY}: bad entry for pid {pid!r}")
-        for item in ranges:
-            if (not isinstance(item, list) or len(item) != 2
-                    or not all(isinstance(v, int) and v >= 0 for v in item)
-                    or item[0] >= item[1]):  # fmt: skip
-                raise ValueError(f"{FILL_PRIORITY_KEY}: bad range {item!r} for pid {pid}")
-            out.append((int(pid), item[0], item[1]))
-    return tuple(out)
-
-
 # --- the server ------------------------------------------------------------------------------
 @dataclass
 class FillStats:
@@ -508,11 +447,6 @@ class FillStats:
     faults_while_running: int = 0
     dropped: int = 0
     forks: int = 0  # children made meanwhile, whose missing pages were filled too
-    # the ranges asked to be filled first (fill_priority: the CUDA driver's host copy of the GPU's
-    # memory, which the CUDA restore reads): their bytes, and when the last of them was in
-    # place (seconds from the fill's start)
-    priority_bytes: int = 0
-    priority_s: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -529,7 +463,6 @@ class _Chunk:
     offset: int
     n: int
     complete: bool = False
-    priority: bool = False  # in a fill_priority range: copied before the rest
 
 
 @dataclass(eq=False)
@@ -553,23 +486,15 @@ class _Task:
             return f"process {self.pages.pid}"
         return f"a child forked by {self.parent}"
 
-    def plan_chunks(
-        self, chunk_bytes: int, priority: tuple[tuple[int, int], ...] = ()
-    ) -> list[_Chunk]:
+    def plan_chunks(self, chunk_bytes: int) -> list[_Chunk]:
         """Every lazy range cut into `chunk_bytes` pieces, in dump-time addresses (where each
-        lives now is asked per copy). Pieces are also cut at the edges of the `priority`
-        ranges (dump-time [start, end)), and those inside one are marked `priority`."""
-        edges = sorted({e for a, b in priority for e in (a, b)})
+        lives now is asked per copy)."""
         out = []
         for r in self.pages.ranges:
             at = r.start
             while at < r.end:
                 n = min(chunk_bytes, r.end - at)
-                cut = bisect.bisect_right(edges, at)
-                if cut < len(edges) and edges[cut] < at + n:
-                    n = edges[cut] - at
-                inside = any(a <= at < b for a, b in priority)
-                out.append(_Chunk(self, at, r.offset + (at - r.start), n, priority=inside))
+                out.append(_Chunk(self, at, r.offset + (at - r.start), n))
                 at += n
         return out
 
@@ -701,7 +626,6 @@ class LazyPagesServer:
         work_dir: Path,
         threads: int = DEFAULT_THREADS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        fill_priority: tuple[tuple[int, int, int], ...] = (),
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -711,13 +635,6 @@ class LazyPagesServer:
         self.work_dir = Path(work_dir)
         self.threads = threads
         self.chunk_bytes = chunk_bytes
-        # (pid in the images, start, end): dump-time ranges copied before the rest (all
-        # threads start on them), e.g. the CUDA driver's host copy the CUDA restore reads
-        self.fill_priority: dict[int, tuple[tuple[int, int], ...]] = {}
-        for pid, start, end in fill_priority:
-            if start >= end:
-                raise ValueError(f"fill_priority range {start:#x}-{end:#x} of pid {pid} is empty")
-            self.fill_priority[pid] = (*self.fill_priority.get(pid, ()), (start, end))
         self.stats = FillStats(threads=threads)
         self._tasks: list[_Task] = []
         self._lock = threading.Lock()
@@ -735,7 +652,6 @@ class LazyPagesServer:
         self._gate = _Gate()
         self._kill: Callable[[], None] | None = None
         self._queued: list[_Chunk] = []  # chunks not yet handed to the fill's threads
-        self._fill_t0 = 0.0
 
     # -- lifecycle --
     def __enter__(self) -> LazyPagesServer:
@@ -921,7 +837,7 @@ class LazyPagesServer:
             os.close(uffd)  # not ours to serve: CRIU's restorer must not wait on it
             raise
         task = _Task(pages=pages, uffd=uffd, src=src, src_len=size)
-        task.chunks = task.plan_chunks(self.chunk_bytes, self.fill_priority.get(pid, ()))
+        task.chunks = task.plan_chunks(self.chunk_bytes)
         with self._lock:
             self._tasks.append(task)
             self._queued.extend(task.chunks)
@@ -1036,7 +952,7 @@ class LazyPagesServer:
         child = _Task(pages=parent.pages, uffd=uffd, src=src, src_len=size, parent=parent.who,
                       remaps=list(parent.remaps),
                       dead=[*parent.dead, *parent.pages.wipe_on_fork])  # fmt: skip
-        child.chunks = [_Chunk(child, c.image, c.offset, c.n, priority=c.priority)
+        child.chunks = [_Chunk(child, c.image, c.offset, c.n)
                         for c in parent.chunks if not c.complete]  # fmt: skip
         with self._lock:
             self._tasks.append(child)
@@ -1160,7 +1076,7 @@ class LazyPagesServer:
     def _fill(self) -> None:
         """Fill every queued chunk; then those of children forked meanwhile (queued by the
         event thread), until none is left."""
-        t = self._fill_t0 = time.perf_counter()
+        t = time.perf_counter()
         while True:
             with self._lock:
                 chunks, self._queued = self._queued, []
@@ -1183,35 +1099,26 @@ class LazyPagesServer:
                 self._release(task)
 
     def _fill_chunks(self, chunks: list[_Chunk]) -> None:
-        # one list per thread, balanced by bytes (the fill_priority chunks, then largest first,
-        # each to the least loaded), each copied in a tight loop: per-chunk Python work is
-        # what the threads share (the GIL). Every thread starts on its part of the first ones.
+        # one list per thread, balanced by bytes (largest first to the least loaded), each
+        # copied in a tight loop: per-chunk Python work is what the threads share (the GIL)
         shares: list[list[_Chunk]] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads
-        for chunk in sorted(chunks, key=lambda c: (not c.priority, -c.n)):
+        for chunk in sorted(chunks, key=lambda c: -c.n):
             i = loads.index(min(loads))
             shares[i].append(chunk)
             loads[i] += chunk.n
-        self.stats.priority_bytes += sum(c.n for c in chunks if c.priority)
-        t0 = self._fill_t0
-        priority_done: list[float] = []
 
         def copy_share(share: list[_Chunk]) -> tuple[int, int]:
             arg = _UffdioCopy()
             copied = existing = 0
-            n_priority = sum(c.priority for c in share)  # they lead the share
-            for i, chunk in enumerate(share, 1):
+            for chunk in share:
                 c, e = self._copy(chunk, arg)
                 chunk.complete = True  # after its last copy: a fork read later has it
                 copied += c
                 existing += e
-                if i == n_priority:
-                    priority_done.append(time.perf_counter() - t0)
             return copied, existing
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="pagefill") as pool:
             for copied, existing in pool.map(copy_share, [s for s in shares if s]):
                 self.stats.bytes += copied
                 self.stats.pages_existing += existing
-        if priority_done:
-            self.stats.priority_s = max(self.stats.priority_s, max(priority_done))

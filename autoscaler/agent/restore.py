@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from autoscaler.agent import criu as criu_mod
-from autoscaler.agent import external, multiproc, pagefill, pod_gpus, preloaders
+from autoscaler.agent import external, multiproc, pod_gpus, preloaders
 from autoscaler.agent.criu import kill_restored
 from autoscaler.agent.cuda import get_api
 from autoscaler.agent.errors import (
@@ -130,9 +130,6 @@ class RestoreRequest:
     # fill_while_running): "memory" (a copy staged in memory: the fill then overlaps the CUDA
     # restore; from disk the fill's reads would compete with the rest), "always" or "off"
     fill_while_running: str = "memory"
-    # the parallel fill copies first what the checkpoint recorded as the CUDA driver's host
-    # copy of the GPU's memory (manifest extra fill_priority), which the CUDA restore reads
-    fill_priority: bool = True
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -537,13 +534,6 @@ def _restore(
         options = request.criu_options
         if fills_while_running(request.fill_while_running, source):
             options = replace(options, fill_while_running=True)
-        if request.fill_priority:
-            try:
-                options = replace(
-                    options, fill_priority=pagefill.fill_priority_ranges(verified.manifest.extra)
-                )
-            except ValueError as exc:  # an ordering hint: the fill is whole without it
-                preloads.warn(f"the manifest's fill order is ignored: {exc}")
         try:
             restored = restore_while_verifying(
                 verified.images_dir, logs, options, target, check, "restore.log"

@@ -301,8 +301,6 @@ class ModelRun:
     # per images directory: the external files the checkpoint recorded (the fast path's weights)
     externals: dict[Path, tuple[Any, ...]] = field(default_factory=dict)
     recorded_gpus: dict[Path, list[str]] = field(default_factory=dict)
-    # per images directory: the manifest extra naming the CUDA driver's host copy (fill_priority)
-    fill_priority: dict[Path, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def probe(self) -> Path:
@@ -328,7 +326,6 @@ class ModelRun:
             root, root.name, store_mod.ArtifactInfo(
                 workload=f"restore-bench-{self.model}",
                 external_files=self.externals.get(images, ()),
-                extra=self.fill_priority.get(images, {}),
             ),
         )  # fmt: skip
         log(f"{self.model}: sealed {images.name} for verification in "
@@ -442,13 +439,10 @@ class ModelRun:
         # As the agent does: the files the worker declared (fast path: its weights) are opened
         # now and hashed in the background while CUDA and CRIU work; the dump waits for them.
         with checkpoint_mod.record_external_files(offer, self.pid, log) as recording:
-            before = pagefill.anonymous_ranges(self.pid)
             t = time.perf_counter()
             if self.api is not None:
                 self.api.checkpoint_process(self.pid)
             t_cuda = time.perf_counter() - t
-            # as the agent does: what the CUDA checkpoint mapped anew, filled first on restore
-            self.fill_priority[images] = checkpoint_mod.cuda_host_copy(self.pid, before, self.pid)
             memory["cuda_checkpointed"] = memory_map(self.pid)
             dumped = criu_mod.dump(self.pid, images, logs, self.criu_options)
             t = time.perf_counter()
@@ -485,7 +479,7 @@ class ModelRun:
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
         fill_while_running: bool | None = None, registered: bool = False,
-        verify_digest: str = store_mod.DEFAULT_DIGEST, fill_priority: bool = True,
+        verify_digest: str = store_mod.DEFAULT_DIGEST,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -501,9 +495,6 @@ class ModelRun:
                                                    "disk" if from_disk else "memory")
                    if fill_while_running is None else fill_while_running)  # fmt: skip
         options = replace(options, fill_while_running=running)
-        if fill_priority:  # the agent's default (RestoreRequest.fill_priority)
-            options = replace(options, fill_priority=pagefill.fill_priority_ranges(
-                self.fill_priority.get(images, {})))  # fmt: skip
         # the agent's order from disk: the images first, then the weights (one stream at a
         # time); "_preload_at_once" runs (--compare-disk-preload) start both together
         preload_at_once = not from_disk or path.endswith("_preload_at_once")
@@ -826,12 +817,6 @@ def main(argv: list[str] | None = None) -> int:
         "memory_pinned_per_load, disk_pinned_per_load)",
     )  # fmt: skip
     p.add_argument(
-        "--compare-fill-priority", action="store_true",
-        help="after each memory (and memory_registered) restore, the same one whose page fill "
-        "ignores the recorded CUDA host copy and fills in address order (paths "
-        "memory_unprioritized, memory_registered_unprioritized)",
-    )  # fmt: skip
-    p.add_argument(
         "--compare-verify-digest", action="store_true",
         help="after each memory (and memory_registered) restore, the same one with the "
         "artifact checked against its sha256 block digests instead of BLAKE3 (paths "
@@ -992,15 +977,10 @@ def main(argv: list[str] | None = None) -> int:
                             run.restore(f"memory_gpu_staged{name}", fast_images, ckpt,
                                         gpu_staged_s=args.compare_gpu_staged,
                                         fill_while_running=other)  # fmt: skip
-                    if args.compare_fill_priority:  # the same restore, filled in address order
-                        run.restore("memory_unprioritized", fast_images, ckpt, fill_priority=False)
                     if args.compare_verify_digest:  # the same restore checked by sha256
                         run.restore("memory_sha256", fast_images, ckpt, verify_digest="sha256")
                     if args.compare_registered and args.preload:
                         run.restore("memory_registered", fast_images, ckpt, registered=True)
-                        if args.compare_fill_priority:
-                            run.restore("memory_registered_unprioritized", fast_images, ckpt,
-                                        registered=True, fill_priority=False)  # fmt: skip
                         if args.compare_verify_digest:
                             run.restore("memory_registered_sha256", fast_images, ckpt,
                                         registered=True, verify_digest="sha256")  # fmt: skip

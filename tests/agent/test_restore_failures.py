@@ -182,25 +182,3 @@ def test_unknown_artifact_is_a_clean_failure(tmp_path: Path, dumped: dict) -> No
     assert not outcome.ok and outcome.error == "ArtifactNotFound"
     bad = restore_artifact(RestoreRequest(artifact_id="../etc"), cache=cache)
     assert not bad.ok and bad.error == "InvalidArtifactId"
-
-
-def test_a_malformed_fill_order_in_the_manifest_is_a_warning_not_a_failure(
-    tmp_path: Path, dumped: dict, cleanup_pids: list[int]
-) -> None:
-    """The manifest's fill_priority only orders the fill: a bad one is named in the outcome's
-    warnings and the restore goes on with every page (the worker answers)."""
-    import json
-
-    from autoscaler.agent import pagefill
-
-    store, cache = node_with_copy(tmp_path, dumped)
-    store.delete("w")
-    manifest = tmp_path / "disk" / "w" / "manifest.json"
-    data = json.loads(manifest.read_text())
-    data["extra"][pagefill.FILL_PRIORITY_KEY] = {"1": [[8192, 4096]]}
-    os.chmod(manifest, 0o600)
-    manifest.write_text(json.dumps(data))
-    outcome = restored_ok(dumped, cleanup_pids, cache=cache, store=store,
-                          fill_while_running="always")  # fmt: skip
-    assert any("fill order is ignored" in w and "bad range" in w for w in outcome.warnings)
-    assert outcome.page_fill is not None and outcome.page_fill["priority_bytes"] == 0
