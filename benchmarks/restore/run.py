@@ -981,6 +981,10 @@ def main(argv: list[str] | None = None) -> int:
                         run.restore("memory_sha256", fast_images, ckpt, verify_digest="sha256")
                     if args.compare_registered and args.preload:
                         run.restore("memory_registered", fast_images, ckpt, registered=True)
+                        if args.compare_fill_while_running:
+                            other, name = other_fill("memory")
+                            run.restore(f"memory_registered{name}", fast_images, ckpt,
+                                        registered=True, fill_while_running=other)  # fmt: skip
                         if args.compare_verify_digest:
                             run.restore("memory_registered_sha256", fast_images, ckpt,
                                         registered=True, verify_digest="sha256")  # fmt: skip
