@@ -180,8 +180,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             manifest.external_files, socket_path
         )
     if args.pin_weights:
-        manifest = cache.tiers[args.tier].read_manifest(args.id)
-        out["pinned_weights"] = staging.pin_weights(manifest.external_files, pin_sockets)
+        out["pinned_weights"] = staging.pin_staged_weights(cache, args.id, pin_sockets)
     _print(out)
     return 0
 

@@ -363,8 +363,9 @@ class Agent:
                 )
                 out["weights_on_gpu"]["preloader"] = socket_path
             if body.pin_weights:
-                manifest = cache.tiers[body.tier].read_manifest(body.artifact_id)
-                out["pinned_weights"] = staging.pin_weights(manifest.external_files, sockets)
+                out["pinned_weights"] = staging.pin_staged_weights(
+                    cache, body.artifact_id, sockets
+                )
         self.metrics.stage_seconds.labels(body.tier).observe(time.perf_counter() - t)
         return out
 

@@ -78,8 +78,14 @@ class CachedArtifact:
 class TierUsage:
     tier: str
     root: str
-    used_bytes: int
+    used_bytes: int  # what counts against the budget: the copies, and pinned weights (memory)
     budget_bytes: int
+    # memory tier: the weights files its copies' stages page-locked (each file once); they
+    # cannot be reclaimed while locked, so they count against the memory budget
+    pinned_weight_bytes: int = 0
+
+
+PINNED_WEIGHTS_META = "pinned_weights"  # a memory copy's meta: {path: bytes} its stage locked
 
 
 class NodeCache:
@@ -111,13 +117,69 @@ class NodeCache:
         self.on_memory_evict: Callable[[tuple[ExternalFile, ...]], None] | None = None
 
     def _weights_leaving(self, tier: str, artifact_id: str) -> tuple[ExternalFile, ...]:
-        """The weights of a copy about to be deleted, when someone wants to hear of them."""
+        """The weights of a memory copy about to be deleted that no other memory copy uses,
+        when someone wants to hear of them (a file two copies share stays held for the
+        other: the preloaders hold each file once)."""
         if tier != "memory" or self.on_memory_evict is None:
             return ()
+        store = self.tiers[tier]
         try:
-            return self.tiers[tier].read_manifest(artifact_id).external_files
+            files = store.read_manifest(artifact_id).external_files
         except (AgentError, OSError):
             return ()
+        others: set[str] = set()
+        for other in store.list_ids():
+            if other != artifact_id:
+                with contextlib.suppress(AgentError, OSError):
+                    others.update(f.path for f in store.read_manifest(other).external_files)
+        return tuple(f for f in files if f.path not in others)
+
+    # --- weights pinned for memory copies ---------------------------------------------------
+    def pinned_weights(self, exclude: Iterable[str] = ()) -> dict[str, int]:
+        """{path: bytes} of the weights files the memory copies' stages page-locked (each
+        file once), leaving out the copies in `exclude`."""
+        if "memory" not in self.tiers:
+            return {}
+        skip = set(exclude)
+        out: dict[str, int] = {}
+        for artifact_id in self.tiers["memory"].list_ids():
+            if artifact_id not in skip:
+                for path, n in dict(self._read_meta("memory", artifact_id).get(
+                        PINNED_WEIGHTS_META, {})).items():  # fmt: skip
+                    out[str(path)] = int(n)
+        return out
+
+    def reserve_pinned(self, artifact_id: str, files: Sequence[ExternalFile]) -> list[str]:
+        """Make room in the memory budget for page-locking the preloadable `files` of the
+        memory copy `artifact_id` and record them as its pins; returns their paths.
+
+        Why: locked pages cannot be reclaimed, so a node that pins N models' weights holds
+        that memory as surely as its tmpfs copies; counted here, the budget (and the
+        controller's view of the room left, inventory used_bytes) stays true. A file another
+        copy already pinned costs nothing more. LRU copies other than this one are evicted to
+        make room (their pins given back); BudgetExceeded when even that is not enough."""
+        if "memory" not in self.tiers or not self.tiers["memory"].exists(artifact_id):
+            raise StagingError(f"no memory copy of {artifact_id!r} to pin weights for")
+        leaving: list[ExternalFile] = []
+        wanted = {f.path: f.size for f in files if f.preload}
+        with self._lock:
+            held = self.pinned_weights()
+            needed = sum(n for path, n in wanted.items() if path not in held)
+            self._make_room("memory", needed, leaving, keep={artifact_id})
+            self._write_meta("memory", artifact_id, **{PINNED_WEIGHTS_META: wanted})
+        self._memory_evicted(leaving)
+        return list(wanted)
+
+    def record_pinned(self, artifact_id: str, paths: Iterable[str]) -> None:
+        """After the preloaders answered: keep only the pins that took (reserve_pinned
+        recorded them all beforehand)."""
+        took = set(paths)
+        with self._lock:
+            if not self.tiers.get("memory") or not self.tiers["memory"].exists(artifact_id):
+                return
+            meta = dict(self._read_meta("memory", artifact_id).get(PINNED_WEIGHTS_META, {}))
+            self._write_meta("memory", artifact_id, **{
+                PINNED_WEIGHTS_META: {p: n for p, n in meta.items() if p in took}})
 
     def _memory_evicted(self, files: list[ExternalFile]) -> None:
         if files and self.on_memory_evict is not None:
@@ -133,7 +195,7 @@ class NodeCache:
         except (OSError, ValueError):
             return {}
 
-    def _write_meta(self, tier: str, artifact_id: str, **values: float) -> None:
+    def _write_meta(self, tier: str, artifact_id: str, **values: object) -> None:
         meta = {**self._read_meta(tier, artifact_id), **values}
         path = self._meta_path(tier, artifact_id)
         tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
@@ -205,12 +267,15 @@ class NodeCache:
 
     def usage(self) -> list[TierUsage]:
         held = self.inventory()
+        pinned = sum(self.pinned_weights().values())
         return [
             TierUsage(
                 tier=tier,
                 root=str(store.root),
-                used_bytes=sum(a.bytes for a in held if a.tier == tier),
+                used_bytes=sum(a.bytes for a in held if a.tier == tier)
+                + (pinned if tier == "memory" else 0),
                 budget_bytes=self.budgets[tier],
+                pinned_weight_bytes=pinned if tier == "memory" else 0,
             )
             for tier, store in self.tiers.items()
         ]
@@ -235,25 +300,35 @@ class NodeCache:
         self._memory_evicted(leaving)
         return removed
 
-    def _make_room(self, tier: str, needed: int, leaving: list[ExternalFile]) -> list[str]:
-        """Evict LRU unpinned artifacts of a tier until `needed` more bytes fit the budget (the
-        weights of memory copies evicted are added to `leaving`)."""
+    def _make_room(
+        self, tier: str, needed: int, leaving: list[ExternalFile], keep: Iterable[str] = ()
+    ) -> list[str]:
+        """Evict LRU unpinned artifacts of a tier (never those in `keep`) until `needed` more
+        bytes fit the budget; in the memory tier the weights its copies pinned count too, and
+        evicting the last copy that pinned a file frees it (the weights of memory copies
+        evicted are added to `leaving`)."""
         budget = self.budgets[tier]
+        kept = set(keep)
         held = sorted(
             (a for a in self.inventory() if a.tier == tier), key=lambda a: a.last_used
         )
-        used = sum(a.bytes for a in held)
-        evictable = [a for a in held if not a.pinned]
-        if needed > budget - used + sum(a.bytes for a in evictable):
-            raise BudgetExceeded(tier, needed, budget - used + sum(a.bytes for a in evictable))
-        evicted = []
+        evictable = [a for a in held if not a.pinned and a.artifact_id not in kept]
+
+        def used(without: set[str]) -> int:
+            pins = self.pinned_weights(without) if tier == "memory" else {}
+            return sum(a.bytes for a in held if a.artifact_id not in without) + sum(
+                pins.values())
+
+        gone = {a.artifact_id for a in evictable}
+        if used(gone) + needed > budget:
+            raise BudgetExceeded(tier, needed, budget - used(gone))
+        evicted: list[str] = []
         for victim in evictable:
-            if used + needed <= budget:
+            if used(set(evicted)) + needed <= budget:
                 break
             leaving.extend(self._weights_leaving(tier, victim.artifact_id))
             self.tiers[tier].delete(victim.artifact_id)
             self._meta_path(tier, victim.artifact_id).unlink(missing_ok=True)
-            used -= victim.bytes
             evicted.append(victim.artifact_id)
         return evicted
 
@@ -411,6 +486,22 @@ def pin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> dict[s
             pinned.append({"path": f.path, "preloader": socket_path, "bytes": reply.get("bytes"),
                            "seconds": reply.get("seconds"), "held": reply.get("held")})  # fmt: skip
     return {"pinned": pinned, "warnings": warnings}
+
+
+def pin_staged_weights(cache: NodeCache, artifact_id: str, sockets: Sequence[str]) -> dict:
+    """pin_weights for the memory copy `artifact_id`, within the memory tier's budget: room is
+    made first (NodeCache.reserve_pinned; other LRU copies may be evicted), and what the
+    preloaders pinned is recorded against the copy. Weights that cannot fit are not pinned: a
+    warning, since the copy itself is staged and restores load them as before."""
+    files = cache.tiers["memory"].read_manifest(artifact_id).external_files
+    try:
+        cache.reserve_pinned(artifact_id, files)
+    except BudgetExceeded as exc:
+        return {"pinned": [], "warnings": [
+            f"weights not pinned: pinned weights count against the memory tier, and {exc}"]}
+    out = pin_weights(files, sockets)
+    cache.record_pinned(artifact_id, {p["path"] for p in out["pinned"]})
+    return out
 
 
 def unpin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> None:

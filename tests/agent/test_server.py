@@ -375,6 +375,65 @@ def test_stage_can_pin_the_weights_where_they_lie_and_their_memory_copy_leaving_
         double.close()
 
 
+def test_pinned_weights_count_against_the_memory_budget_once_per_file(tmp_path: Path) -> None:
+    """Page-locked weights cannot be reclaimed: the memory tier counts them (each file once,
+    however many copies share it), makes room for them by evicting LRU copies, refuses to pin
+    what cannot fit (the copy stays staged), and a shared file stays pinned until the last
+    memory copy using it leaves."""
+    double = PreloaderDouble(tmp_path / "preload.sock")
+    api, server = _agent_with_preloader(tmp_path, str(double.path))
+    try:
+        weights, other = tmp_path / "weights.safetensors", tmp_path / "other.safetensors"
+        _artifact_with_weights(api.store, weights)  # w1: 1 MiB of weights
+        files = external.record_paths([external.Declared(str(weights), preload=True)])
+        with api.store.create("w3") as w:  # w3 shares w1's weights file
+            (w.images_dir / "pages-1.img").write_bytes(os.urandom(1 << 16))
+            w.commit(ArtifactInfo(workload="wl", external_files=files))
+        _artifact_with_weights(api.store, other, "w2")
+        copy = api.store.read_manifest("w1").total_bytes
+        pin = {"tier": "memory", "pin_weights": True}
+
+        def memory() -> dict:
+            return next(t for t in api.call("GET", "/v1/inventory")[1]["tiers"]
+                        if t["tier"] == "memory")  # fmt: skip
+
+        assert api.call("POST", "/v1/stage", {"artifact_id": "w1", **pin})[0] == 200
+        assert api.call("POST", "/v1/stage", {"artifact_id": "w3", **pin})[0] == 200
+        assert memory()["pinned_weight_bytes"] == 1 << 20  # one file, counted once
+        assert memory()["used_bytes"] == 2 * copy + (1 << 20)
+        # the shared file stays locked while w3 still uses it, and goes with the last copy
+        api.call("POST", "/v1/evict", {"artifact_id": "w1", "tier": "memory"})
+        assert ("unregister", str(weights)) not in [(r["op"], r["path"]) for r in double.requests]
+        assert memory()["pinned_weight_bytes"] == 1 << 20
+        api.call("POST", "/v1/evict", {"artifact_id": "w3", "tier": "memory"})
+        assert ("unregister", str(weights)) in [(r["op"], r["path"]) for r in double.requests]
+        assert memory()["pinned_weight_bytes"] == 0 and memory()["used_bytes"] == 0
+        # room for w2's pin is made by evicting the LRU copy (w1 and its pin) ...
+        assert api.call("POST", "/v1/stage", {"artifact_id": "w1", **pin})[0] == 200
+        api.cache.budgets["memory"] = 2 * copy + (1 << 20) + (1 << 19)
+        status, body = api.call("POST", "/v1/stage", {"artifact_id": "w2", **pin})
+        assert status == 200 and body["pinned_weights"]["warnings"] == [], body
+        assert not api.cache.holds("w1", "memory") and api.cache.holds("w2", "memory")
+        assert memory()["pinned_weight_bytes"] == 1 << 20
+        # ... but weights that cannot fit even then are not pinned, and the copy stays staged
+        api.cache.budgets["memory"] = 2 * copy + (1 << 19)
+        before = len(double.requests)
+        status, body = api.call("POST", "/v1/stage", {"artifact_id": "w3", **pin})
+        assert status == 200, body
+        assert body["pinned_weights"]["pinned"] == []
+        assert "memory tier" in body["pinned_weights"]["warnings"][0]
+        assert ("register", str(weights)) not in [
+            (r["op"], r["path"]) for r in double.requests[before:]]
+        # (w2 and its pin made room for w3's copy; nothing was left to make room for a pin)
+        assert api.cache.holds("w3", "memory") and not api.cache.holds("w2", "memory")
+        assert api.cache.pinned_weights() == {}
+        assert memory()["used_bytes"] == copy
+    finally:
+        server.shutdown()
+        server.server_close()
+        double.close()
+
+
 @pytest.mark.parametrize("pin", [True, False])
 def test_the_controllers_memory_stage_pins_the_weights_where_the_agent_has_preloaders(
     tmp_path: Path, pin: bool
