@@ -479,7 +479,7 @@ class ModelRun:
         load: tuple[int, int] | None = None, kdat_cache: bool = True, verify_threads: int = 0,
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
         fill_while_running: bool | None = None, registered: bool = False,
-        verify_digest: str = store_mod.DEFAULT_DIGEST,
+        verify_digest: str = store_mod.DEFAULT_DIGEST, fill_threads: int = 0,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -495,6 +495,8 @@ class ModelRun:
                                                    "disk" if from_disk else "memory")
                    if fill_while_running is None else fill_while_running)  # fmt: skip
         options = replace(options, fill_while_running=running)
+        if fill_threads:  # a comparison run: the parallel fill's threads
+            options = replace(options, page_fill_threads=fill_threads)
         # the agent's order from disk: the images first, then the weights (one stream at a
         # time); "_preload_at_once" runs (--compare-disk-preload) start both together
         preload_at_once = not from_disk or path.endswith("_preload_at_once")
@@ -817,6 +819,12 @@ def main(argv: list[str] | None = None) -> int:
         "memory_pinned_per_load, disk_pinned_per_load)",
     )  # fmt: skip
     p.add_argument(
+        "--compare-fill-threads", type=int, default=0, metavar="N",
+        help="after each memory (and memory_registered) restore, the same one whose page fill "
+        "uses N threads instead of --page-fill-threads (paths memory_fillN, "
+        "memory_registered_fillN)",
+    )  # fmt: skip
+    p.add_argument(
         "--compare-verify-digest", action="store_true",
         help="after each memory (and memory_registered) restore, the same one with the "
         "artifact checked against its sha256 block digests instead of BLAKE3 (paths "
@@ -977,6 +985,9 @@ def main(argv: list[str] | None = None) -> int:
                             run.restore(f"memory_gpu_staged{name}", fast_images, ckpt,
                                         gpu_staged_s=args.compare_gpu_staged,
                                         fill_while_running=other)  # fmt: skip
+                    if args.compare_fill_threads:  # the same restore, another fill width
+                        n = args.compare_fill_threads
+                        run.restore(f"memory_fill{n}", fast_images, ckpt, fill_threads=n)
                     if args.compare_verify_digest:  # the same restore checked by sha256
                         run.restore("memory_sha256", fast_images, ckpt, verify_digest="sha256")
                     if args.compare_registered and args.preload:
@@ -985,6 +996,10 @@ def main(argv: list[str] | None = None) -> int:
                             other, name = other_fill("memory")
                             run.restore(f"memory_registered{name}", fast_images, ckpt,
                                         registered=True, fill_while_running=other)  # fmt: skip
+                        if args.compare_fill_threads:
+                            n = args.compare_fill_threads
+                            run.restore(f"memory_registered_fill{n}", fast_images, ckpt,
+                                        registered=True, fill_threads=n)  # fmt: skip
                         if args.compare_verify_digest:
                             run.restore("memory_registered_sha256", fast_images, ckpt,
                                         registered=True, verify_digest="sha256")  # fmt: skip
