@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -352,12 +352,16 @@ def hash_file(
     offsets = range(0, size, BLOCK_SIZE)
     fd = os.open(path, os.O_RDONLY)
     try:
-        def block(offset: int) -> tuple[str, str]:
+        def block(offset: int) -> tuple[str, ...]:  # both digests from one read of the block
             length = min(BLOCK_SIZE, size - offset)
-            return (hash_fd_range(fd, offset, length, None, "sha256"),
-                    hash_fd_range(fd, offset, length, None, "blake3"))  # fmt: skip
+            return hash_fd_digests(fd, offset, length, ("sha256", "blake3"))
 
-        if threads > 1 and len(offsets) > 1:
+        if len(offsets) == 1:  # one block: its sha256 is the file's, one read for all
+            pairs = [block(0)]
+            whole = pairs[0][0]
+            if progress:
+                progress(size)
+        elif threads > 1:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 blocks = pool.map(block, offsets)
                 whole = hash_fd_range(fd, 0, size, progress, "sha256")
@@ -392,17 +396,29 @@ def hash_fd_range(
 ) -> str:
     """`digest` (DIGESTS) of `length` bytes at `offset` of an open file (pread: threads share
     the fd). A file shorter than that hashes what there is (the caller compares sizes)."""
-    hasher = _hasher(digest)
+    return hash_fd_digests(fd, offset, length, (digest,), progress)[0]
+
+
+def hash_fd_digests(
+    fd: int,
+    offset: int,
+    length: int,
+    digests: Sequence[str],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, ...]:
+    """Each of `digests` (DIGESTS) of the same byte range, from one read of it."""
+    hashers = [_hasher(d) for d in digests]
     done = 0
     while done < length:
         chunk = os.pread(fd, min(HASH_CHUNK, length - done), offset + done)
         if not chunk:
             break
-        hasher.update(chunk)
+        for hasher in hashers:
+            hasher.update(chunk)
         done += len(chunk)
         if progress:
             progress(len(chunk))
-    return hasher.hexdigest()
+    return tuple(h.hexdigest() for h in hashers)
 
 
 def hash_fd_blocks(
