@@ -138,20 +138,21 @@ class NodeCache:
     def pinned_weights(self, exclude: Iterable[str] = ()) -> dict[str, int]:
         """{path: bytes} of the weights files the memory copies' stages page-locked (each
         file once), leaving out the copies in `exclude`."""
+        return _files_pinned(self._pins_by_copy(), set(exclude))
+
+    def _pins_by_copy(self) -> dict[str, dict[str, int]]:
+        """{artifact id: {path: bytes}} each memory copy's stage recorded as pinned."""
         if "memory" not in self.tiers:
             return {}
-        skip = set(exclude)
-        out: dict[str, int] = {}
-        for artifact_id in self.tiers["memory"].list_ids():
-            if artifact_id not in skip:
-                for path, n in dict(self._read_meta("memory", artifact_id).get(
-                        PINNED_WEIGHTS_META, {})).items():  # fmt: skip
-                    out[str(path)] = int(n)
-        return out
+        return {
+            artifact_id: {str(p): int(n) for p, n in dict(
+                self._read_meta("memory", artifact_id).get(PINNED_WEIGHTS_META, {})).items()}
+            for artifact_id in self.tiers["memory"].list_ids()
+        }  # fmt: skip
 
-    def reserve_pinned(self, artifact_id: str, files: Sequence[ExternalFile]) -> list[str]:
+    def reserve_pinned(self, artifact_id: str, files: Sequence[ExternalFile]) -> None:
         """Make room in the memory budget for page-locking the preloadable `files` of the
-        memory copy `artifact_id` and record them as its pins; returns their paths.
+        memory copy `artifact_id` and record them as its pins.
 
         Why: locked pages cannot be reclaimed, so a node that pins N models' weights holds
         that memory as surely as its tmpfs copies; counted here, the budget (and the
@@ -168,7 +169,6 @@ class NodeCache:
             self._make_room("memory", needed, leaving, keep={artifact_id})
             self._write_meta("memory", artifact_id, **{PINNED_WEIGHTS_META: wanted})
         self._memory_evicted(leaving)
-        return list(wanted)
 
     def record_pinned(self, artifact_id: str, paths: Iterable[str]) -> None:
         """After the preloaders answered: keep only the pins that took (reserve_pinned
@@ -313,11 +313,11 @@ class NodeCache:
             (a for a in self.inventory() if a.tier == tier), key=lambda a: a.last_used
         )
         evictable = [a for a in held if not a.pinned and a.artifact_id not in kept]
+        pins = self._pins_by_copy() if tier == "memory" else {}  # read once
 
         def used(without: set[str]) -> int:
-            pins = self.pinned_weights(without) if tier == "memory" else {}
             return sum(a.bytes for a in held if a.artifact_id not in without) + sum(
-                pins.values())
+                _files_pinned(pins, without).values())
 
         gone = {a.artifact_id for a in evictable}
         if used(gone) + needed > budget:
@@ -486,6 +486,16 @@ def pin_weights(files: Sequence[ExternalFile], sockets: Sequence[str]) -> dict[s
             pinned.append({"path": f.path, "preloader": socket_path, "bytes": reply.get("bytes"),
                            "seconds": reply.get("seconds"), "held": reply.get("held")})  # fmt: skip
     return {"pinned": pinned, "warnings": warnings}
+
+
+def _files_pinned(pins: dict[str, dict[str, int]], without: set[str]) -> dict[str, int]:
+    """{path: bytes} of the files pinned by the copies in `pins` other than `without` (each
+    file once, however many copies pinned it)."""
+    out: dict[str, int] = {}
+    for artifact_id, files in pins.items():
+        if artifact_id not in without:
+            out.update(files)
+    return out
 
 
 def pin_staged_weights(cache: NodeCache, artifact_id: str, sockets: Sequence[str]) -> dict:
