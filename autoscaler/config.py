@@ -28,9 +28,10 @@ START_PATH_NAMES: tuple[str, ...] = ("cold", "restore-store", "restore-disk", "r
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a misspelt option must not be silently ignored."""
+    """Unknown keys are errors: a misspelt option must not be silently ignored. So are NaN and
+    infinity (YAML's `.nan`, `.inf`): no knob here means anything at either."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CapacityConfig(_Strict):

@@ -23,7 +23,8 @@ import pandas as pd
 from rich.panel import Panel
 from rich.table import Table
 
-from autoscaler.errors import InsufficientData
+from autoscaler.cli import writable_output
+from autoscaler.errors import ConfigError, InsufficientData
 from autoscaler.plan.replicas import WorkloadState, plan_replicas
 from autoscaler.plan.staging import NodeInventory, StageRequest, plan_staging, replicas_to_stage
 from autoscaler.plan.startpaths import LeadTimes, StartPath
@@ -92,6 +93,10 @@ def _through_prometheus(name: str, series: pd.Series, console) -> pd.Series:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if not (np.isfinite(args.days) and args.days > 0):
+        # a negative span would slice from the end (iloc[:-n]): all but the last days
+        raise ConfigError("--days", f"must be a positive number of days, got {args.days}")
+    writable_output(Path(args.out) / "demo.json", "--out")
     console = report_console()
     t0 = time.perf_counter()
     series, label = load_series(bundled=args.bundled)

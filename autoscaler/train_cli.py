@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from autoscaler.cli import writable_output
 from autoscaler.errors import ConfigError, InsufficientData
 from autoscaler.forecast.auto import CANDIDATE_ERRORS
 from autoscaler.forecast.backtest import rolling_origin
 from autoscaler.forecast.base import DEFAULT_QUANTILES
 from autoscaler.forecast.registry import make_forecaster, model_names
 from autoscaler.model_store import ModelCard, TrainingData, save_model
+from autoscaler.signals.cli import add_csv_column_args
 
 #: Errors that make a model fail on a given history (not a bug of the caller).
 MODEL_FAILURES = (*CANDIDATE_ERRORS, ValueError)
@@ -155,6 +157,9 @@ def load_history(
     format: str = "auto",
     step: str = "1min",
     last: str | None = None,
+    time_column: str | None = None,
+    value_column: str | None = None,
+    time_unit: str | None = None,
 ) -> tuple[pd.Series, str, str]:
     """The demand series named on the command line, its source label and its attribution."""
     if bundled:
@@ -165,12 +170,17 @@ def load_history(
     elif trace:
         from autoscaler.signals.traces import read_trace
 
-        series = read_trace(trace, format, step)
+        series = read_trace(trace, format, step, time_column=time_column,
+                            value_column=value_column, time_unit=time_unit)  # fmt: skip
         source, attribution = f"trace:{trace}", ""
     else:
         raise ConfigError("--bundled/--trace", "give one demand history to train on")
     if last:
-        series = series[series.index > series.index[-1] - pd.Timedelta(last)]
+        try:
+            span = pd.Timedelta(last)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("--last", f"not a duration: {last!r}") from exc
+        series = series[series.index > series.index[-1] - span]
     return series, source, attribution
 
 
@@ -187,6 +197,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     src.add_argument("--trace", metavar="PATH", help="a trace file or ServeGen folder")
     p.add_argument("--format", default="auto", help="trace format (default: detect)")
     p.add_argument("--step", default="1min", help="grid step for --trace (default 1min)")
+    add_csv_column_args(p)
     p.add_argument("--last", default=None, help="train on the last SPAN only, e.g. 7D")
     p.add_argument("--model", default="auto",
                    help=f"forecaster: {', '.join(model_names())}, or 'best' (the backtest "
@@ -217,14 +228,24 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("--horizon", f"must be >= 1 step, got {args.horizon}")
     if not 0 < args.holdout < 1:
         raise ConfigError("--holdout", f"must be in (0, 1), got {args.holdout}")
+    if args.refit_every < 1:
+        raise ConfigError("--refit-every", f"must be >= 1 origin, got {args.refit_every}")
+    anchors = tuple(a.strip() for a in args.anchors.split(",") if a.strip())
+    unknown = [a for a in anchors if a not in model_names()]
+    if unknown:
+        # else each would fail in the backtest and be left out of the card as a failed model
+        raise ConfigError("--anchors", f"unknown forecaster(s) {unknown}; known: "
+                                       f"{', '.join(model_names())}")  # fmt: skip
+    writable_output(Path(args.out) / "model.joblib", "--out")
     series, source, attribution = load_history(
-        args.bundled, args.trace, args.format, args.step, args.last
+        args.bundled, args.trace, args.format, args.step, args.last,
+        args.time_column, args.value_column, args.time_unit,
     )
     settings = TrainSettings(
         model=args.model,
         horizon=args.horizon,
         quantiles=_parse_quantiles(args.quantiles),
-        anchors=tuple(a for a in args.anchors.split(",") if a),
+        anchors=anchors,
         holdout=args.holdout,
         refit_every=args.refit_every,
     )

@@ -101,3 +101,20 @@ def test_load_config_from_yaml(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "not valid YAML" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"capacity": {"throughput_per_replica": float("inf")}},
+         "capacity.throughput_per_replica"),
+        ({"start": {"lead_s": {"cold": float("inf")}}}, "start.lead_s.cold"),
+        ({"plan": {"stale_after_s": float("inf")}}, "plan.stale_after_s"),
+    ],
+)
+def test_an_infinite_number_is_rejected_with_its_field(change, field):
+    # YAML reads `.inf`: an infinite capacity would plan min_replicas for any demand, an
+    # infinite staleness would never notice missing data
+    with pytest.raises(ConfigError) as err:
+        parse_workload(_workload(**change))
+    assert err.value.field == field

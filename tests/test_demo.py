@@ -63,3 +63,12 @@ def test_demo_says_when_the_warm_up_is_too_short_to_tune_on(tmp_path: Path, caps
     assert "kalman" in printed
     result = json.loads((tmp_path / "demo.json").read_text())
     assert "predictive-tuned" not in result["policies"] and "predictive" in result["policies"]
+
+
+@pytest.mark.parametrize("days", ["-1", "0", "nan"])
+def test_demo_refuses_a_span_that_is_not_positive(tmp_path: Path, capsys, days: str) -> None:
+    # --days -1 used to cut the last day off the trace (iloc[:-144]) and fail later, unnamed
+    assert main(["demo", "--days", days, "--no-prometheus", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--days" in err and "Traceback" not in err
+    assert not (tmp_path / "demo.json").exists()

@@ -80,6 +80,8 @@ def test_backtest_on_bundled_series_with_auto(tmp_path: Path) -> None:
         (["--models", "last,prophet"], "prophet"),
         (["--horizon", "7s"], "--horizon"),
         (["--quantile", "1.5"], "--quantile"),
+        (["--refit-every", "-3"], "--refit-every"),
+        (["--refit-every", "0"], "--refit-every"),
     ],
 )
 def test_bad_arguments_name_what_is_wrong(
@@ -90,3 +92,65 @@ def test_bad_arguments_name_what_is_wrong(
     assert rc == 1
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def _write_rate_csv(path: Path, values: list[float]) -> Path:
+    start = pd.Timestamp("2024-03-01 00:00", tz="UTC")
+    times = [(start + pd.Timedelta(minutes=10 * i)).isoformat() for i in range(len(values))]
+    pd.DataFrame({"time": times, "rate": values}).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_a_trace_too_short_to_backtest_is_insufficient_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: int
+) -> None:
+    trace = _write_rate_csv(tmp_path / "short.csv", [5.0 + i for i in range(rows)])
+    out = tmp_path / "x.json"
+    rc = main(["backtest", "--trace", str(trace), "--value-column", "rate", "--step", "10min",
+               "--horizon", "30min", "--models", "last", "--json", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "insufficient" in err and f"got {rows}" in err
+    assert not out.exists()
+
+
+def test_constant_demand_scores_zero_without_crashing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a flat series: the last value is exact, pinball 0 for the best anchor (was a division
+    # by zero after the JSON was written)
+    trace = _write_rate_csv(tmp_path / "flat.csv", [4.0] * 200)
+    out = tmp_path / "x.json"
+    rc = main(["backtest", "--trace", str(trace), "--value-column", "rate", "--step", "10min",
+               "--models", "last,ewma", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["models"]["last"]["pinball"] == 0.0
+    assert data["best_anchor"] == "last"
+
+
+def test_unwritable_json_path_is_refused_before_the_backtest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = _write_rate_csv(tmp_path / "r.csv", [5.0 + i % 7 for i in range(200)])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc = main(["backtest", "--trace", str(trace), "--value-column", "rate", "--step", "10min",
+               "--models", "last", "--json", str(blocker / "out.json")])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "--json" in captured.err and "Traceback" not in captured.err
+    assert "origins" not in captured.err  # refused before any backtest ran
+
+
+def test_an_output_the_system_refuses_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /proc takes no new folder even for root, whom the up-front access check lets through
+    trace = _write_rate_csv(tmp_path / "r.csv", [5.0 + i % 7 for i in range(60)])
+    rc = main(["backtest", "--trace", str(trace), "--value-column", "rate", "--step", "10min",
+               "--models", "last", "--json", "/proc/no-such-dir/out.json"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "/proc/no-such-dir" in err and "Traceback" not in err

@@ -202,3 +202,19 @@ def test_error_bands_pickled_without_their_memo_still_forecast():
     old.__setstate__(state)
     restored = pickle.loads(pickle.dumps(old))
     np.testing.assert_array_equal(restored.offsets(3, [0.5, 0.9]), bands.offsets(3, [0.5, 0.9]))
+
+
+@pytest.mark.parametrize("name", ["last", "ewma"])
+def test_predict_from_a_newer_history_that_is_all_gap_keeps_the_last_observed_level(
+    name: str,
+) -> None:
+    # the simulator conditions anchors on a short tail; inside a long gap the tail is all NaN
+    # (a 200-minute gap in a trace aborted the whole replay with InsufficientData for 'last')
+    series = sine_series(days=2)
+    model = make_forecaster(name, STEP, max_horizon=3).fit(series.iloc[:-10])
+    before = model.predict(3, [0.5])
+    tail = series.iloc[-12:].copy()
+    tail.iloc[:] = np.nan  # from within the fitted span to now: nothing observed
+    after = model.predict_from(tail, 3, [0.5])
+    np.testing.assert_allclose(after[0.5].to_numpy(), before[0.5].to_numpy())
+    assert (after[0.5] > 0).all()

@@ -65,3 +65,14 @@ def test_lead_times_defaults_and_profile(tmp_path):
     assert err.value.field == "lead_s.restore-tape"
     with pytest.raises(ConfigError):
         LeadTimes(cold=-1)
+
+
+@pytest.mark.parametrize("content", ["{}", '{"lead_s": {}}', '{"lead_s": {"cold": true}}'])
+def test_a_start_profile_naming_no_lead_time_is_refused(tmp_path, content):
+    # an empty profile used to replay the defaults as if they were the measured leads, and
+    # `true` read as 1 s
+    p = tmp_path / "profile.json"
+    p.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load_start_profile(p)
+    assert "lead_s" in err.value.field

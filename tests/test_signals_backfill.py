@@ -155,3 +155,36 @@ def test_backfill_cli_writes_openmetrics_for_a_bundled_series(tmp_path: Path,
     last = [s for s in _samples(text) if s[0].startswith("vllm:request_success_total")][-1]
     assert last[2] == int(pd.Timestamp("2024-05-01T12:00:00Z").timestamp())
     assert 'model_name="code"' in last[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--step", "abc"], "step"),
+        (["--metric", "bad metric"], "metric"),
+        (["--out-dir", "{blocker}/sub"], "out_dir"),
+    ],
+)
+def test_backfill_cli_names_a_bad_argument_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], field: str
+) -> None:
+    from autoscaler.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    argv = ["prom", "backfill", "bundled:azure-code", "--out-dir", str(out), "--no-tsdb",
+            *[a.format(blocker=blocker) for a in extra]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: {field}:" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_window_grid_names_an_unreadable_time() -> None:
+    with pytest.raises(ConfigError) as err:
+        window_grid("garbage", "2024-05-01T01:00:00Z", "1min")
+    assert err.value.field == "start" and "garbage" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        window_grid("2024-05-01T00:00:00Z", "later", "1min")
+    assert err.value.field == "end"

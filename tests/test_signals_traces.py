@@ -274,7 +274,9 @@ def test_mooncake_malformed_lines(tmp_path: Path) -> None:
     with pytest.raises(TraceFormatError) as err:
         read_trace(bad)
     assert err.value.line == 5 and "invalid JSON" in str(err.value)
-    assert err.value.column is not None and err.value.column.startswith("char ")
+    # the object is cut short after its 34th character: the error sits just past it on line
+    # 5 (the newline ending the line is not line 6's first character)
+    assert err.value.column == "char 35"
 
     obj = json.loads(lines[9])
     del obj["output_length"]
@@ -457,3 +459,18 @@ def test_generic_csv_errors_name_the_problem(tmp_path: Path) -> None:
     g.write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match="no time column"):
         read_trace(g, format="csv")
+
+
+@pytest.mark.parametrize("format", ["auto", "csv", "mooncake"])
+def test_bytes_that_are_not_utf8_are_named_on_their_own_line(tmp_path: Path, format: str) -> None:
+    if format == "mooncake":
+        lines = [json.dumps({"timestamp": i, "input_length": 1, "output_length": 1})
+                 for i in range(5)]
+        path = tmp_path / "m.jsonl"
+    else:
+        lines = ["time,rate", *(f"2024-01-01T00:0{i}:00Z,{i}" for i in range(4))]
+        path = tmp_path / "r.csv"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe,1\n")
+    with pytest.raises(TraceFormatError) as err:
+        read_trace(path, format=format, value_column=None if format == "mooncake" else "rate")
+    assert err.value.line == 6 and "UTF-8" in str(err.value)

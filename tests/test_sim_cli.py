@@ -122,3 +122,59 @@ def test_bad_arguments_name_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError) as err:
         _run(["simulate", "--bundled", "azure-conv", "--start-profile", str(profile)])
     assert err.value.field == "lead_s.restore-tape"
+
+
+def test_a_warm_up_that_leaves_nothing_to_replay_names_the_warm_up(tmp_path):
+    trace = tmp_path / "conv.csv"
+    _azure_trace(trace, minutes=20)
+    with pytest.raises(ConfigError) as err:
+        _run(["simulate", "--trace", str(trace), "--policies", "hpa-cold", "--warmup", "1D"])
+    assert err.value.field == "warmup" and "nothing to replay" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        _run(["simulate", "--trace", str(trace), "--policies", "hpa-cold", "--warmup", "abc"])
+    assert err.value.field == "--warmup" and "abc" in str(err.value)
+
+
+def test_tune_on_a_trace_too_short_to_replay_is_a_clear_error(tmp_path):
+    trace = tmp_path / "rate.csv"
+    times = pd.date_range("2024-01-01", periods=3, freq="1min", tz="UTC")
+    pd.DataFrame({"time": times.strftime("%Y-%m-%dT%H:%M:%SZ"), "rate": [5, 6, 7]}).to_csv(
+        trace, index=False
+    )
+    with pytest.raises(AutoscalerError) as err:
+        _run(["tune", "--trace", str(trace), "--value-column", "rate"])
+    assert "nothing to replay" in str(err.value)
+
+
+def test_a_negative_queue_delay_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _run(["simulate", "--bundled", "azure-conv", "--policies", "hpa-cold",
+              "--max-queue-delay", "-5"])  # fmt: skip
+    assert err.value.field == "max_queue_delay_s"
+
+
+def test_an_unwritable_json_path_is_refused_before_the_replay(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for command in ("simulate", "tune"):
+        with pytest.raises(ConfigError) as err:
+            _run([command, "--bundled", "azure-conv", "--json", str(blocker / "r.json")])
+        assert err.value.field == "--json"
+    assert "replayed" not in capsys.readouterr().out
+
+
+def test_a_long_gap_is_replayed_and_reported_not_fatal(tmp_path, capsys):
+    # 200 missing minutes in the middle: 'last' used to abort the replay (its tail was all gap)
+    index = pd.date_range("2024-01-01", periods=2000, freq="1min", tz="UTC")
+    rate = 5.0 + np.arange(2000) % 10
+    keep = (np.arange(2000) < 800) | (np.arange(2000) >= 1000)
+    trace = tmp_path / "gap.csv"
+    pd.DataFrame({"time": index[keep].strftime("%Y-%m-%dT%H:%M:%SZ"), "rate": rate[keep]}).to_csv(
+        trace, index=False
+    )
+    out = tmp_path / "r.json"
+    rc = _run(["simulate", "--trace", str(trace), "--value-column", "rate", "--policies",
+               "predictive,oracle", "--forecaster", "last", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    assert "200 gap windows" in capsys.readouterr().out
+    assert 0.0 < json.loads(out.read_text())["policies"]["predictive"]["served_fraction"] <= 1.0

@@ -91,12 +91,34 @@ def test_cli_trains_from_a_trace_file(tmp_path, capsys):
         (["--quantiles", "0.5,1.5"], "--quantiles"),
         (["--horizon", "0"], "--horizon"),
         (["--holdout", "1"], "--holdout"),
+        # an unknown anchor used to be caught as a failing model and left out of the card
+        (["--anchors", "last,prophet"], "--anchors"),
+        (["--refit-every", "-3"], "--refit-every"),
+        (["--last", "abc"], "--last"),
+        (["--out", "{blocker}/x"], "--out"),
     ],
 )
 def test_cli_rejects_bad_options_by_name(tmp_path, argv, field):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = [a.format(blocker=blocker) for a in argv]
     with pytest.raises(ConfigError) as err:
         run_cli("--bundled", "azure-conv", "--out", str(tmp_path / "x"), "--no-backtest", *argv)
     assert err.value.field == field
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_reads_a_rate_column_of_a_generic_csv(tmp_path):
+    # a rate CSV (as `prom query --csv` writes) used to be readable only as one request per row
+    index = pd.date_range("2024-03-01", periods=120, freq="1min", tz="UTC")
+    trace = tmp_path / "rates.csv"
+    pd.DataFrame({"time": index.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "rate": 40 + 5 * np.sin(np.arange(120) / 9)}).to_csv(trace, index=False)
+    rc = run_cli("--trace", str(trace), "--value-column", "rate", "--model", "last",
+                 "--no-backtest", "--out", str(tmp_path / "t"))  # fmt: skip
+    assert rc == 0
+    card = json.loads((tmp_path / "t" / CARD_FILE).read_text())
+    assert card["training"]["points"] == 120
 
 
 def test_the_shipped_default_model_is_small_verified_and_forecasts():

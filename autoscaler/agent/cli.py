@@ -118,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         page_fill=args.page_fill,
         page_fill_threads=args.page_fill_threads,
         fill_while_running=args.fill_while_running,
+        working_set=args.working_set,
     )
     server = serve(Agent(config), args.host, args.port)
     _warm_criu_kdat()
@@ -204,7 +205,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         preload_socket=args.preload_socket, preload_socket_dir=args.preload_socket_dir,
         external_check=args.external_check, criu_options=CriuOptions(page_fill=args.page_fill,
                                  page_fill_threads=args.page_fill_threads),
-        fill_while_running=args.fill_while_running,
+        fill_while_running=args.fill_while_running, working_set=args.working_set,
     ), _cache(args), _store(args), _progress)  # fmt: skip
     _print(outcome.to_dict())
     return 0 if outcome.ok else 1
@@ -261,6 +262,12 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
         help="let the restored worker run while the parallel fill puts its pages in place (its "
         "own faults served at once), so the CUDA restore overlaps the fill: for copies staged "
         "in 'memory' (default), 'always', or 'off' (the tree waits for every page)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-working-set", dest="working_set", action="store_false",
+        help="while the tree runs during the fill, do not put the pages earlier restores of "
+        "the artifact on this node faulted on in place first, and record none (default: "
+        "recorded per artifact beside the node cache, and filled first)",
     )  # fmt: skip
 
 

@@ -130,6 +130,11 @@ class CriuOptions:
     # restore only: who copies the memory pages into place (see the module's docstring)
     page_fill: str = "auto"
     page_fill_threads: int = pagefill.DEFAULT_THREADS
+    page_fill_chunk_bytes: int = pagefill.DEFAULT_CHUNK_BYTES
+    page_fill_order: str = pagefill.DEFAULT_FILL_ORDER  # see pagefill.fill_order
+    # (dump-time pid, page address) filled before the rest: a working set an earlier restore
+    # of the same images faulted on while it ran (PendingFill.faults)
+    page_fill_first: tuple[tuple[int, int], ...] = ()
     # restore only, with the parallel fill: return (and continue the tree, unless
     # leave_stopped) once CRIU is done; the fill goes on beside the process (RestoreResult.fill)
     fill_while_running: bool = False
@@ -142,6 +147,13 @@ class CriuOptions:
                              f"not {self.page_fill!r}")  # fmt: skip
         if self.page_fill_threads < 1:
             raise ValueError(f"page_fill_threads must be >= 1, not {self.page_fill_threads}")
+        if self.page_fill_order not in pagefill.FILL_ORDERS:
+            raise ValueError(f"page_fill_order must be one of {pagefill.FILL_ORDERS}, "
+                             f"not {self.page_fill_order!r}")  # fmt: skip
+        chunk = self.page_fill_chunk_bytes
+        if chunk < pagefill.PAGE or chunk % pagefill.PAGE:
+            raise ValueError(f"page_fill_chunk_bytes must be a multiple of {pagefill.PAGE}, "
+                             f"not {chunk}")  # fmt: skip
 
     def parallel_fill(self) -> bool:
         """Whether a restore with these options fills pages with autoscaler.agent.pagefill."""
@@ -247,6 +259,13 @@ class PendingFill:
     def _error_for(self, exc: BaseException, when: str) -> CriuError:
         return CriuError("restore", 0, str(self.log_path), f"the parallel page fill failed"
                          f"{when}, the restored tree was killed: {exc}")  # fmt: skip
+
+    @property
+    def faults(self) -> list[tuple[int, int, int]]:
+        """The faults served while the tree ran, (dump-time pid, page address, bytes of its
+        lazy range) in the order served: after finish(), the working set to fill first next
+        time (CriuOptions.page_fill_first)."""
+        return self.server.faults
 
     def ready_to_continue(self) -> None:
         """Raise (the tree killed) if the fill failed already; else mark the tree running."""
@@ -390,7 +409,11 @@ def restore(
         *(["--lazy-pages"] if parallel else []),
     ]  # fmt: skip
     server = (
-        pagefill.LazyPagesServer(images_dir, logs_dir, threads=options.page_fill_threads)
+        pagefill.LazyPagesServer(
+            images_dir, logs_dir, threads=options.page_fill_threads,
+            chunk_bytes=options.page_fill_chunk_bytes, order=options.page_fill_order,
+            first=options.page_fill_first,
+        )
         if parallel
         else None
     )

@@ -46,7 +46,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,13 @@ PAGE = mmap.PAGESIZE
 # threads only contend with the verification's hashing; restore-explore/pagefill-threads.json)
 DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_CHUNK_BYTES = 2 << 20
+# the order the fill's chunks are handed out in: "largest" first (fewest ioctls early, the
+# threads balanced by bytes), "smallest" first, or dump-time "address" order. Pages named in
+# `first` (a working set recorded from an earlier restore's faults) go before any order.
+FILL_ORDERS = ("largest", "smallest", "address")
+DEFAULT_FILL_ORDER = "largest"
+# faults kept in LazyPagesServer.faults (dump-time pid and page address, its lazy range's size)
+MAX_FAULTS_KEPT = 1 << 16
 
 # vma_entry.madv holds 1 << advice for each madvise CRIU saw (criu/proc_parse.c)
 MADV_WIPEONFORK_BIT = 1 << 18
@@ -447,6 +454,17 @@ class FillStats:
     faults_while_running: int = 0
     dropped: int = 0
     forks: int = 0  # children made meanwhile, whose missing pages were filled too
+    # where the fill's time went (why a fill beside a running tree is slower than alone)
+    running_at_s: float = -1.0  # into the fill when the tree was marked running (-1: never)
+    copy_s: float = 0.0  # inside the fill's UFFDIO_COPY calls, summed over its threads
+    thread_s: float = 0.0  # the fill's threads' wall time, summed (copy_s + Python + gate)
+    stalls: int = 0  # fill copies that found the mm changing (EAGAIN/ENOENT) and waited
+    event_reads: int = 0  # times the event thread took the gate exclusively
+    gate_wait_s: float = 0.0  # the event thread waiting for the fill's copies to drain
+    fault_wait_s: float = 0.0  # faults while running: from their wake-up to served, summed
+    fault_wait_max_s: float = 0.0
+    first_chunks: int = 0  # chunks filled first because `first` named a page of theirs
+    zeroed_first: int = 0  # pages of `first` the dump lacks, zeroed before the fill
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -545,6 +563,38 @@ class _Task:
         return ranges[i] if i >= 0 and image_address < ranges[i].end else None
 
 
+@dataclass
+class _ThreadTiming:
+    """One fill thread's time in UFFDIO_COPY, its wall time and its stalls."""
+
+    copy_s: float = 0.0
+    thread_s: float = 0.0
+    stalls: int = 0
+
+
+def fill_order(chunks: list[_Chunk], order: str,
+               first: dict[int, list[int]]) -> tuple[list[_Chunk], int]:  # fmt: skip
+    """The chunks in the order the fill hands them out, and how many went first: those
+    holding a page of `first` (dump-time pid -> sorted page addresses), then the rest by
+    `order`."""
+    def holds_first(c: _Chunk) -> bool:
+        pages = first.get(c.task.pages.pid, ())
+        i = bisect.bisect_left(pages, c.image)
+        return i < len(pages) and pages[i] < c.image + c.n
+
+    if order == "largest":
+        ranked = sorted(chunks, key=lambda c: -c.n)
+    elif order == "smallest":
+        ranked = sorted(chunks, key=lambda c: c.n)
+    else:
+        ranked = sorted(chunks, key=lambda c: c.image)
+    if not first:
+        return ranked, 0
+    marked = [(holds_first(c), c) for c in ranked]
+    ahead = [c for lead, c in marked if lead]
+    return ahead + [c for lead, c in marked if not lead], len(ahead)
+
+
 class _Stall:
     """How long a copy or a fault has made no progress (EAGAIN / ENOENT while the event that
     explains it is read); past _STALL_S the fill fails rather than wait forever."""
@@ -626,15 +676,32 @@ class LazyPagesServer:
         work_dir: Path,
         threads: int = DEFAULT_THREADS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        order: str = DEFAULT_FILL_ORDER,
+        first: Iterable[tuple[int, int]] = (),
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if chunk_bytes < PAGE or chunk_bytes % PAGE:
             raise ValueError(f"chunk_bytes must be a multiple of {PAGE}, got {chunk_bytes}")
+        if order not in FILL_ORDERS:
+            raise ValueError(f"order must be one of {FILL_ORDERS}, not {order!r}")
         self.images_dir = Path(images_dir)
         self.work_dir = Path(work_dir)
         self.threads = threads
         self.chunk_bytes = chunk_bytes
+        self.order = order
+        # (dump-time pid, page address) to fill before the rest: per pid, sorted (a chunk goes
+        # first if it holds one)
+        self._first: dict[int, list[int]] = {}
+        for pid, address in first:
+            self._first.setdefault(pid, []).append(address - address % PAGE)
+        for pages in self._first.values():
+            pages.sort()
+        # faults served while the tree ran: (dump-time pid, page address, bytes of its lazy
+        # range), the first MAX_FAULTS_KEPT, in the order served (a working set: the `first`
+        # of a later restore of the same images)
+        self.faults: list[tuple[int, int, int]] = []
+        self._fill_t0 = 0.0
         self.stats = FillStats(threads=threads)
         self._tasks: list[_Task] = []
         self._lock = threading.Lock()
@@ -702,6 +769,8 @@ class LazyPagesServer:
     def mark_running(self) -> None:
         """The tree is about to be continued while the fill goes on (counted in the stats)."""
         self.stats.while_running = 1
+        started = self._fill_t0
+        self.stats.running_at_s = time.perf_counter() - started if started else 0.0
 
     @property
     def error(self) -> BaseException | None:
@@ -870,20 +939,24 @@ class LazyPagesServer:
                         continue
                     task = next((t for t in self._tasks if t.uffd == fd), None)
                     if task is not None:
-                        self._handle_events(task)
+                        self._handle_events(task, time.perf_counter())
         except BaseException as exc:  # reported by wait_filled
             self._fail(exc)
 
-    def _handle_events(self, task: _Task) -> None:
+    def _handle_events(self, task: _Task, woke: float) -> None:
         """Read every pending event under the exclusive gate (recording remaps and dropped
         ranges before any fill copy can be issued past them), then serve the faults; a fault
         the kernel answers EAGAIN for (the mm is changing: an event is pending) is tried again
-        after the next read."""
+        after the next read. `woke`: when poll said there was something to read."""
         faults: list[int] = []
         stall = _Stall()
+        stats = self.stats
         while True:
             more = True
+            asked = time.perf_counter()
             with self._gate.exclusive():
+                stats.gate_wait_s += time.perf_counter() - asked
+                stats.event_reads += 1
                 while True:
                     try:
                         msg = os.read(task.uffd, _MSG_SIZE)
@@ -894,7 +967,12 @@ class LazyPagesServer:
                         more = False
                         break
                     faults.extend(self._record_event(task, msg))
+            served = len(faults)
             faults = [f for f in faults if not self._serve_fault(task, f)]
+            if stats.while_running and served > len(faults):
+                waited = time.perf_counter() - woke
+                stats.fault_wait_s += waited * (served - len(faults))
+                stats.fault_wait_max_s = max(stats.fault_wait_max_s, waited)
             if not faults and not more:
                 return
             if faults:  # the event that makes the kernel say EAGAIN / ENOENT is on its way
@@ -980,6 +1058,8 @@ class LazyPagesServer:
             if nxt is not None:
                 length = min(length, nxt - image)
             _where, length = task.runtime_extent(image, length)
+            if self.stats.while_running and len(self.faults) < MAX_FAULTS_KEPT:
+                self.faults.append((task.pages.pid, image - image % PAGE, r.end - r.start))
             arg = _UffdioCopy(dst=runtime, src=task.src + r.offset + (image - r.start),
                               len=length, mode=0, copy=0)  # fmt: skip
             err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
@@ -999,6 +1079,8 @@ class LazyPagesServer:
                                     f"{task.who}: {os.strerror(err)}")  # fmt: skip
             self.stats.fault_bytes += max(0, arg.copy)
         else:  # nothing of the dump lives here: never written before it, dropped, moved away
+            if self.stats.while_running and len(self.faults) < MAX_FAULTS_KEPT:
+                self.faults.append((task.pages.pid, runtime - runtime % PAGE, 0))
             zero = _UffdioZeropage(start=runtime, len=PAGE, mode=0, zeropage=0)
             err = _ioctl(task.uffd, _UFFDIO_ZEROPAGE, zero)
             if err == errno.EAGAIN:
@@ -1013,11 +1095,14 @@ class LazyPagesServer:
         return True
 
     # -- the fill --
-    def _copy(self, chunk: _Chunk, arg: _UffdioCopy | None = None) -> tuple[int, int]:
+    def _copy(self, chunk: _Chunk, arg: _UffdioCopy | None = None,
+              timing: _ThreadTiming | None = None) -> tuple[int, int]:  # fmt: skip
         """Copy the dump's [image, image+n) of one chunk to wherever that memory lives now,
         skipping what the process dropped; returns (bytes copied, pages already there). Each
-        UFFDIO_COPY holds the gate shared (see the module's docstring)."""
+        UFFDIO_COPY holds the gate shared (see the module's docstring). `timing` gathers
+        the calling thread's time in the kernel and its stalls."""
         arg = arg if arg is not None else _UffdioCopy()
+        timing = timing if timing is not None else _ThreadTiming()
         task, image, length = chunk.task, chunk.image, chunk.n
         src = task.src + chunk.offset
         copied = existing = 0
@@ -1032,7 +1117,9 @@ class LazyPagesServer:
                     n = min(end, nxt) - image if nxt is not None else end - image
                     runtime, n = task.runtime_extent(image, min(n, limit))
                     arg.dst, arg.src, arg.len, arg.mode, arg.copy = runtime, src, n, 0, 0
+                    t = time.perf_counter()
                     err = _ioctl(task.uffd, _UFFDIO_COPY, arg)
+                    timing.copy_s += time.perf_counter() - t
             if hole is not None:  # dropped since the dump: nothing to put back
                 step = min(end, hole[1]) - image
                 image, src = image + step, src + step
@@ -1068,6 +1155,7 @@ class LazyPagesServer:
             else:
                 # EAGAIN: the mm is changing and its event is being read; ENOENT: the memory
                 # went away and the UNMAP saying so is being read. Out of the gate, briefly.
+                timing.stalls += 1
                 stall.wait(f"UFFDIO_COPY at {runtime:#x} in {task.who}: "
                            f"{os.strerror(err)}")  # fmt: skip
             image, src = image + done, src + done
@@ -1076,7 +1164,8 @@ class LazyPagesServer:
     def _fill(self) -> None:
         """Fill every queued chunk; then those of children forked meanwhile (queued by the
         event thread), until none is left."""
-        t = time.perf_counter()
+        t = self._fill_t0 = time.perf_counter()
+        self._zero_first()
         while True:
             with self._lock:
                 chunks, self._queued = self._queued, []
@@ -1098,27 +1187,55 @@ class LazyPagesServer:
             for task in self._tasks:
                 self._release(task)
 
+    def _zero_first(self) -> None:
+        """Zero-fill the pages of `first` that the dump lacks (memory a running tree touched
+        for the first time after an earlier restore of these images: it reads zeros), so
+        that the tree does not wait on a fault for each. Only where the dump's own address
+        still holds its own memory, outside every lazy range: a page moved there since, or
+        mapped anew (not registered), is left to its fault."""
+        arg = _UffdioZeropage()
+        for task in list(self._tasks):
+            for page in self._first.get(task.pages.pid, ()):
+                with self._gate.shared():
+                    if task.uffd < 0 or task.range_at(page) is not None:
+                        continue
+                    image, _n = task.image_living_at(page, PAGE)
+                    if image != page or task.dead_at(page) is not None:
+                        continue
+                    arg.start, arg.len, arg.mode, arg.zeropage = page, PAGE, 0, 0
+                    if _ioctl(task.uffd, _UFFDIO_ZEROPAGE, arg) == 0:
+                        self.stats.zeroed_first += 1
+
     def _fill_chunks(self, chunks: list[_Chunk]) -> None:
-        # one list per thread, balanced by bytes (largest first to the least loaded), each
-        # copied in a tight loop: per-chunk Python work is what the threads share (the GIL)
+        # one list per thread, in fill order (see fill_order), each chunk to the least loaded
+        # thread by bytes, each list copied in a tight loop: per-chunk Python work is what the
+        # threads share (the GIL)
         shares: list[list[_Chunk]] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads
-        for chunk in sorted(chunks, key=lambda c: -c.n):
+        ordered, first = fill_order(chunks, self.order, self._first)
+        self.stats.first_chunks += first
+        for chunk in ordered:
             i = loads.index(min(loads))
             shares[i].append(chunk)
             loads[i] += chunk.n
 
-        def copy_share(share: list[_Chunk]) -> tuple[int, int]:
+        def copy_share(share: list[_Chunk]) -> tuple[int, int, _ThreadTiming]:
+            started = time.perf_counter()
             arg = _UffdioCopy()
+            timing = _ThreadTiming()
             copied = existing = 0
             for chunk in share:
-                c, e = self._copy(chunk, arg)
+                c, e = self._copy(chunk, arg, timing)
                 chunk.complete = True  # after its last copy: a fork read later has it
                 copied += c
                 existing += e
-            return copied, existing
+            timing.thread_s = time.perf_counter() - started
+            return copied, existing, timing
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="pagefill") as pool:
-            for copied, existing in pool.map(copy_share, [s for s in shares if s]):
+            for copied, existing, timing in pool.map(copy_share, [s for s in shares if s]):
                 self.stats.bytes += copied
                 self.stats.pages_existing += existing
+                self.stats.copy_s += timing.copy_s
+                self.stats.thread_s += timing.thread_s
+                self.stats.stalls += timing.stalls

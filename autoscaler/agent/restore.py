@@ -48,7 +48,12 @@ from autoscaler.agent.errors import (
     WorkerNotReady,
 )
 from autoscaler.agent.hooks import Handshake
-from autoscaler.agent.staging import NodeCache
+from autoscaler.agent.staging import (
+    NodeCache,
+    artifact_fingerprint,
+    publish_working_set,
+    shared_working_set,
+)
 from autoscaler.agent.store import (
     DEFAULT_DIGEST,
     DIGESTS,
@@ -130,6 +135,11 @@ class RestoreRequest:
     # fill_while_running): "memory" (a copy staged in memory: the fill then overlaps the CUDA
     # restore; from disk the fill's reads would compete with the rest), "always" or "off"
     fill_while_running: str = "memory"
+    # with the tree running during the fill: put the pages earlier restores of this artifact
+    # on this node faulted on in place first (its working set, NodeCache.working_set), and add
+    # this restore's faults to it. Why: each fault waits on the fill's event thread, and a
+    # CUDA worker's ~170 of them cost its restore 0.15-0.2 s (docs/restore-benchmark.md)
+    working_set: bool = True
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -534,6 +544,16 @@ def _restore(
         options = request.criu_options
         if fills_while_running(request.fill_while_running, source):
             options = replace(options, fill_while_running=True)
+        fingerprint = None  # set when this restore reads and records a working set
+        from_store = False
+        shared = store if request.use_store else None
+        if options.fill_while_running and request.working_set and cache is not None:
+            fingerprint = artifact_fingerprint(verified.manifest)
+            first = cache.working_set(artifact_id, fingerprint)  # this node's restores
+            from_store = not first and shared is not None
+            if from_store:  # the artifact's first restore here: what another node published
+                first = shared_working_set(shared, artifact_id, fingerprint)
+            options = replace(options, page_fill_first=first)
         try:
             restored = restore_while_verifying(
                 verified.images_dir, logs, options, target, check, "restore.log"
@@ -601,6 +621,11 @@ def _restore(
             page_fill = restored.fill.finish()
             timings["page_fill"] = float(page_fill["fill_s"])
             timings["page_fill_wait"] = time.perf_counter() - t
+            if fingerprint is not None and cache is not None:
+                page_fill = {**page_fill, "working_set_used": len(options.page_fill_first),
+                             "working_set_from": "store" if from_store else "node",
+                             **_record_working_set(cache, shared, artifact_id, fingerprint,
+                                                   restored.fill.faults, preloads)}  # fmt: skip
     except (AgentError, OSError) as exc:
         kill_restored(restored.host_pid)
         if restored.fill is not None:
@@ -627,6 +652,30 @@ def _restore(
         page_fill=page_fill,
         criu_kdat=restored.kdat,
     )
+
+
+def _record_working_set(cache: NodeCache, store: ArtifactStore | None, artifact_id: str,
+                        fingerprint: str, faults: list[tuple[int, int, int]],
+                        preloads: Preloads) -> dict[str, int]:  # fmt: skip
+    """Add a restore's faults to its artifact's working set on this node, and publish it
+    beside the artifact in the store when the store has none yet; a failure to write either
+    is a warning (the restore worked; the next one fills in the default order)."""
+    out: dict[str, int] = {}
+    try:
+        out["working_set_pages"] = cache.record_working_set(
+            artifact_id, fingerprint, ((pid, page) for pid, page, _n in faults))
+    except OSError as exc:
+        preloads.warn(f"the working set of {artifact_id} was not recorded: {exc}")
+        return out
+    if store is not None:
+        try:
+            pages = cache.working_set(artifact_id, fingerprint)
+            out["working_set_published"] = int(
+                publish_working_set(store, artifact_id, fingerprint, pages))
+        except OSError as exc:
+            preloads.warn(f"the working set of {artifact_id} was not published to "
+                          f"{store.describe()}: {exc}")  # fmt: skip
+    return out
 
 
 def _gone(restored: criu_mod.RestoreResult) -> Callable[[], str | None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -46,12 +47,77 @@ from autoscaler.agent.store import (
     Manifest,
     ProgressCallback,
     VerifiedArtifact,
+    replace_file,
     validate_artifact_id,
 )
 
 TIERS = ("memory", "disk")  # best first
 COPY_CHUNK = 8 << 20
 META_DIR = ".meta"
+WORKING_SETS_DIR = "working-sets"  # under the disk tier's META_DIR, one file per artifact
+MAX_WORKING_SET_PAGES = 1 << 16  # 256 MiB of 4-KiB pages: a bound, never reached by a worker
+MAX_WORKING_SET_BYTES = 8 << 20  # an encoded set of MAX_WORKING_SET_PAGES is < 1.5 MB
+
+
+WORKING_SET_HINT = "working-set"  # its name beside the artifact in the store
+
+
+def encode_working_set(fingerprint: str, pages: Sequence[tuple[int, int]]) -> str:
+    """A working set as kept on disk: page numbers per dump-time pid, with the fingerprint of
+    the artifact whose images they belong to."""
+    by_pid: dict[str, list[int]] = {}
+    for pid, address in pages:
+        by_pid.setdefault(str(pid), []).append(address // mmap.PAGESIZE)
+    return json.dumps({"fingerprint": fingerprint, "updated": time.time(),
+                       "pages": {k: sorted(v) for k, v in by_pid.items()}})  # fmt: skip
+
+
+def decode_working_set(text: str, fingerprint: str) -> tuple[tuple[int, int], ...]:
+    """The (pid, address) pages of an encoded working set; empty when it belongs to other
+    images or cannot be read (a hint only: never an error)."""
+    try:
+        data = json.loads(text)
+        if data.get("fingerprint") != fingerprint:
+            return ()
+        size = mmap.PAGESIZE
+        pages = ((int(pid), int(page) * size) for pid, got in data["pages"].items()
+                 for page in got)  # fmt: skip
+        return tuple(itertools.islice(pages, MAX_WORKING_SET_PAGES))  # whoever wrote it
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ()
+
+
+def shared_working_set(store: ArtifactStore, artifact_id: str,
+                       fingerprint: str) -> tuple[tuple[int, int], ...]:  # fmt: skip
+    """The working set a node published beside the artifact in the store (empty: none, one
+    for other images, unreadable, or a store that keeps no hints)."""
+    try:
+        data = store.read_hint(artifact_id, WORKING_SET_HINT)
+    except OSError:
+        return ()
+    if not data or len(data) > MAX_WORKING_SET_BYTES:  # not one a node wrote: ignored
+        return ()
+    return decode_working_set(data.decode(errors="replace"), fingerprint)
+
+
+def publish_working_set(store: ArtifactStore, artifact_id: str, fingerprint: str,
+                        pages: Sequence[tuple[int, int]]) -> bool:  # fmt: skip
+    """Put a node's working set beside the artifact in the store when the store holds none
+    for these images yet, so that the first restore of it on every other node (the one a
+    pre-staged node makes) fills it first too. True: written. Raises OSError."""
+    if not pages or shared_working_set(store, artifact_id, fingerprint):
+        return False
+    return store.write_hint(artifact_id, WORKING_SET_HINT,
+                            encode_working_set(fingerprint, pages).encode())  # fmt: skip
+
+
+def artifact_fingerprint(manifest: Manifest) -> str:
+    """What ties a working set to one artifact's images: the digest of its files' digests (an
+    artifact made again under the same id gets another, and its old working set is ignored)."""
+    h = hashlib.sha256()
+    for rel in sorted(manifest.files):
+        h.update(f"{rel}\0{manifest.files[rel].sha256}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -197,10 +263,44 @@ class NodeCache:
 
     def _write_meta(self, tier: str, artifact_id: str, **values: object) -> None:
         meta = {**self._read_meta(tier, artifact_id), **values}
-        path = self._meta_path(tier, artifact_id)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, path)
+        replace_file(self._meta_path(tier, artifact_id), json.dumps(meta).encode())
+
+    # --- working sets -----------------------------------------------------------------------
+    def _working_set_path(self, artifact_id: str) -> Path:
+        return self.tiers["disk"].root / META_DIR / WORKING_SETS_DIR / f"{artifact_id}.json"
+
+    def _drop_copy(self, tier: str, artifact_id: str) -> None:
+        """Delete one tier's copy and its metadata; with the last copy, its working set."""
+        self.tiers[tier].delete(artifact_id)
+        self._meta_path(tier, artifact_id).unlink(missing_ok=True)
+        if not any(t.exists(artifact_id) for t in self.tiers.values()):
+            self._working_set_path(artifact_id).unlink(missing_ok=True)
+
+    def working_set(self, artifact_id: str, fingerprint: str) -> tuple[tuple[int, int], ...]:
+        """The pages (dump-time pid, address) earlier restores of this artifact on this node
+        faulted on while their tree ran: the page fill puts them in place first. Empty when
+        none was recorded, for another artifact of that id, or unreadable (a hint only: the
+        next restore records it again)."""
+        validate_artifact_id(artifact_id)
+        try:
+            return decode_working_set(self._working_set_path(artifact_id).read_text(),
+                                      fingerprint)  # fmt: skip
+        except OSError:
+            return ()
+
+    def record_working_set(self, artifact_id: str, fingerprint: str,
+                           pages: Iterable[tuple[int, int]]) -> int:  # fmt: skip
+        """Add the pages a restore faulted on to the artifact's working set (what earlier
+        restores recorded first, up to MAX_WORKING_SET_PAGES); returns its size. Raises
+        OSError when it cannot be written."""
+        validate_artifact_id(artifact_id)
+        with self._lock:
+            kept = list(dict.fromkeys((*self.working_set(artifact_id, fingerprint), *pages)))
+            kept = kept[:MAX_WORKING_SET_PAGES]
+            path = self._working_set_path(artifact_id)
+            path.parent.mkdir(exist_ok=True, mode=DIR_MODE)
+            replace_file(path, encode_working_set(fingerprint, kept).encode())
+            return len(kept)
 
     def touch(self, artifact_id: str, tier: str) -> None:
         """Mark a copy as just used (LRU order)."""
@@ -294,8 +394,7 @@ class NodeCache:
                     raise StagingError(f"no tier {name!r} on this node")
                 if self.tiers[name].exists(artifact_id):
                     leaving.extend(self._weights_leaving(name, artifact_id))
-                    self.tiers[name].delete(artifact_id)
-                    self._meta_path(name, artifact_id).unlink(missing_ok=True)
+                    self._drop_copy(name, artifact_id)
                     removed.append(name)
         self._memory_evicted(leaving)
         return removed
@@ -327,8 +426,7 @@ class NodeCache:
             if used(set(evicted)) + needed <= budget:
                 break
             leaving.extend(self._weights_leaving(tier, victim.artifact_id))
-            self.tiers[tier].delete(victim.artifact_id)
-            self._meta_path(tier, victim.artifact_id).unlink(missing_ok=True)
+            self._drop_copy(tier, victim.artifact_id)
             evicted.append(victim.artifact_id)
         return evicted
 

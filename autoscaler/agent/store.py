@@ -68,6 +68,22 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 STAGING_DIR = ".staging"
 QUARANTINE_DIR = ".quarantine"
+# hints kept beside an artifact, outside it (never verified, never restored from): what nodes
+# learned restoring it, e.g. its working set (autoscaler.agent.staging)
+HINTS_DIR = ".hints"
+_HINT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: through a temporary file in its folder, renamed over
+    it (a reader sees the old contents or the new); the temporary is removed on failure."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def validate_artifact_id(artifact_id: object) -> str:
@@ -654,6 +670,15 @@ class ArtifactStore(ABC):
         """A directory holding the artifact, when the backend has one (None for object storage)."""
         return None
 
+    def read_hint(self, artifact_id: str, name: str) -> bytes | None:
+        """A hint kept beside an artifact (None: none, or a backend that keeps none)."""
+        return None
+
+    def write_hint(self, artifact_id: str, name: str, data: bytes) -> bool:
+        """Keep a hint beside an artifact, replacing one of that name atomically; False for a
+        backend that keeps none. Raises OSError when it cannot be written."""
+        return False
+
 
 class DirectoryStore(ArtifactStore):
     """Artifacts as directories under one root: a node-local disk or a shared filesystem (PVC).
@@ -696,6 +721,23 @@ class DirectoryStore(ArtifactStore):
 
     def exists(self, artifact_id: str) -> bool:
         return (self._path(artifact_id) / MANIFEST_NAME).is_file()
+
+    def _hint_path(self, artifact_id: str, name: str) -> Path:
+        if not _HINT_NAME_RE.fullmatch(name):
+            raise ValueError(f"a hint's name is lowercase letters, digits and '-', not {name!r}")
+        return self.root / HINTS_DIR / validate_artifact_id(artifact_id) / name
+
+    def read_hint(self, artifact_id: str, name: str) -> bytes | None:
+        try:
+            return self._hint_path(artifact_id, name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_hint(self, artifact_id: str, name: str, data: bytes) -> bool:
+        path = self._hint_path(artifact_id, name)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        replace_file(path, data)
+        return True
 
     def read_manifest(self, artifact_id: str) -> Manifest:
         path = self._path(artifact_id)
@@ -759,6 +801,7 @@ class DirectoryStore(ArtifactStore):
         doomed = self.root / STAGING_DIR / f"{artifact_id}.deleting.{uuid.uuid4().hex[:8]}"
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(self.root / HINTS_DIR / artifact_id, ignore_errors=True)
 
     def quarantine(self, artifact_id: str, reason: str) -> str:
         path = self._path(artifact_id)

@@ -6,8 +6,12 @@ import argparse
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from autoscaler.errors import ConfigError
+
+if TYPE_CHECKING:
+    from autoscaler.controller.loop import CycleReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +47,21 @@ def _load(args: argparse.Namespace) -> tuple:
     return load_configmap_config(client.CoreV1Api(api), ns, name)
 
 
+def print_once(report: CycleReport) -> int:
+    """Print one cycle's decisions; the exit status of `--once`: 1 when the cycle failed, a
+    workload hit an internal error or a scale write failed (a script or CI job must see it,
+    not only the log), 0 otherwise. A hold on missing data is a decision, not a failure."""
+    if report.skipped:
+        print(f"skipped: {report.skipped}")
+    for o in report.outcomes.values():
+        written = f" (wrote {o.written})" if o.written is not None else ""
+        print(f"{o.deployment}: {o.summary}{written}")
+    failures = report.failures()
+    for failure in failures:
+        print(f"error: {failure}")
+    return 1 if failures else 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from autoscaler.controller.service import ControllerService, build_controller
     from autoscaler.controller.settings import HttpSettings
@@ -63,17 +82,9 @@ def _run(args: argparse.Namespace) -> int:
         if any("fit still running" in o.summary for o in report.outcomes.values()):
             controller.fits.wait_idle()  # the first fit ran in the background: decide again
             report = controller.run_cycle()
-        if report.error:
-            print(f"cycle failed: {report.error}")
-            return 1
-        if report.skipped:
-            print(f"skipped: {report.skipped}")
-        for o in report.outcomes.values():
-            written = f" (wrote {o.written})" if o.written is not None else ""
-            print(f"{o.deployment}: {o.summary}{written}")
         controller.fits.shutdown()
         controller.tunes.shutdown()
-        return 0
+        return print_once(report)
     service = ControllerService(controller, listen=settings.http.address()).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

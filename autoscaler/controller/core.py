@@ -42,6 +42,24 @@ from autoscaler.plan.nowcast import NowcastBand
 from autoscaler.plan.replicas import quantile_column
 
 
+def unusable_demand(series: pd.Series | np.ndarray) -> str | None:
+    """Why a demand series cannot be planned on, or None. A request rate is never negative nor
+    infinite, so such a value (a query taking delta() over a reset counter, or dividing by
+    zero) means the query is wrong, not that demand is: planned on, -5 req/s reads as no demand
+    and scales down, +inf breaks the replica arithmetic. NaN is a gap (missing data), not this."""
+    values = np.asarray(series, dtype=float)
+    bad = np.isinf(values) | (values < 0)
+    if not bad.any():
+        return None
+    last = int(np.flatnonzero(bad)[-1])
+    where = f" at {series.index[last].isoformat()}" if isinstance(series, pd.Series) else ""
+    return (
+        f"the demand query answered {values[last]:g}{where} ({int(bad.sum())} of "
+        f"{len(values)} windows negative or infinite): not a request rate; check the "
+        "workload's query or the template set"
+    )
+
+
 @dataclass(frozen=True)
 class WorkloadInputs:
     """Everything the planner needs about one workload in this cycle."""

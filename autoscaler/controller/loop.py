@@ -7,6 +7,8 @@ cycle only ever uses the last fitted model through `predict_from`, it never wait
 Safety rules the loop keeps whatever the planner says:
 - no leader lease, no action (a standby replica only observes);
 - a workload whose demand signal is missing never gets a smaller scale written;
+- an unexpected error of one workload holds that workload as on missing data, logged and
+  counted; the others are planned and scaled as usual;
 - scale writes are absolute and carry the read resourceVersion; a 409 re-reads and re-decides;
 - dry-run decides, publishes and exports metrics, and writes nothing to the cluster or agents.
 """
@@ -52,6 +54,7 @@ from autoscaler.controller.core import (
     build_inventory,
     plan_cycle,
     replanned_replicas,
+    unusable_demand,
 )
 from autoscaler.controller.metrics import ControllerMetrics
 from autoscaler.controller.models import (
@@ -269,6 +272,9 @@ class WorkloadOutcome:
     model_error: str | None = None
     # with `tune:` on: the settings this decision planned with and why (tuned or configured)
     tune_note: str | None = None
+    # an unexpected error of this workload alone ("internal error in <stage>: <type>: <msg>"):
+    # it held its count as on missing data, the other workloads were planned as usual
+    internal_error: str | None = None
 
 
 @dataclass
@@ -286,6 +292,48 @@ class CycleReport:
     skipped: str | None = None
     error: str | None = None
     plan: CyclePlan | None = None
+
+    def failures(self) -> list[str]:
+        """What went wrong this cycle beyond a hold on missing data: the cycle-wide error,
+        then per workload an internal error or a scale write that failed."""
+        out = [f"cycle failed: {self.error}"] if self.error else []
+        for o in (self.outcomes[name] for name in sorted(self.outcomes)):
+            if o.internal_error:
+                out.append(f"{o.deployment}: {o.internal_error}")
+            if o.error and o.error != o.internal_error:
+                out.append(f"{o.deployment}: scale not written: {o.error}")
+        return out
+
+
+@dataclass
+class _Stage:
+    """The part of one workload's cycle now running, so an unexpected error can name it."""
+
+    name: str = "demand"
+
+
+@dataclass
+class _GatherContext:
+    """What the per-workload steps of one cycle read (the cycle's lists) and fill in."""
+
+    now_s: float
+    records: Mapping[str, ArtifactRecord | None]
+    pods: Sequence[Any]
+    signal_ok: dict[str, bool]
+    notes: dict[str, str]
+    first_values: dict[str, dict[float, float]]
+    tune_notes: dict[str, str]
+
+
+def _unplanned_outcome(d: ManagedDeployment, reason: str) -> WorkloadOutcome:
+    """The outcome of a workload that could not be planned at all: nothing written, its count
+    as it was."""
+    return WorkloadOutcome(
+        workload=d.workload, deployment=d.key, current=d.spec_replicas,
+        desired=d.spec_replicas, written=None, binding=BINDING_HOLD,
+        summary=f"{d.workload}: hold {d.spec_replicas} ({BINDING_HOLD}: {reason})",
+        signal_ok=False, start_path="", lead_s=math.nan, internal_error=reason,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -392,11 +440,16 @@ class Controller:
         try:
             series = self.demand.demand(w, end - self.history, end, self.step)
         except AutoscalerError as exc:
+            log.warning("demand of %s unavailable, holding: %s", w.name, exc)
             return None, str(exc)
         # Never look past now (a replay's store holds the future of the trace).
         series = series[series.index + self.step <= end + pd.Timedelta(seconds=1e-6)]
         if series.dropna().empty:
             return None, "no demand data in the history window"
+        problem = unusable_demand(series)
+        if problem:
+            log.warning("demand of %s not planned on: %s", w.name, problem)
+            return None, problem
         return series, None
 
     def _nowcast(
@@ -557,90 +610,213 @@ class Controller:
         notes: dict[str, str] = {}
         first_values: dict[str, dict[float, float]] = {}
         tune_notes: dict[str, str] = {}
+        failed: dict[str, str] = {}  # workload -> "internal error in <stage>: <type>: <msg>"
+        ctx = _GatherContext(now_s, records, pods, signal_ok, notes, first_values, tune_notes)
         for name, d in sorted(deployments.items()):
-            w = self.workloads[name]
-            base = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
-            leads = self.leads.lead_times(name, base)
-            series, problem = self._signal(w, now_s)
-            if series is not None and self.config.tune_enabled(w):
-                w, tune_notes[name] = self._tuned(w, leads, now_s)
-            signal_ok[name] = series is not None
-            self.metrics.signal_up.labels(name).set(1 if series is not None else 0)
-            forecast = None
-            last_s, observed, origin = None, math.nan, None
-            if series is not None:
-                last_s, observed, origin_v = last_observation(series, self.step)
-                origin = origin_v if last_s is not None else None
-                forecast, problem = self._forecast(w, series, leads, now_s)
-            if problem:
-                notes[name] = problem
-            if forecast is not None:
-                first_values[name] = {float(q): float(forecast[q].iloc[0])
-                                      for q in forecast.columns}  # fmt: skip
-            record = records.get(name)
-            spec = w.to_spec(
-                interval_s=self.config.interval_s, forecast_step_s=self.step.total_seconds()
-            )
-            unplaced = self._unplaced_replicas(d, pods)
-            if record is not None and self._will_adopt(d, w):
-                unplaced = d.spec_replicas  # the adoption rollout replaces every pod
-            recs = self.recommendations.get(name)
-            if recs is None:  # first cycle (or a restart): the current scale counts as just
-                recs = ((now_s, d.spec_replicas),)  # recommended, so no early scale-down
-            live = self._nowcast(w, spec, leads, record is not None, now_s, series is not None)
-            if live.band is not None:  # as the simulator: the floor reads the latest window
-                observed = live.band.measured
-            inputs.append(
-                WorkloadInputs(
-                    spec=spec,
-                    current_replicas=d.spec_replicas,
-                    ready_replicas=d.ready_replicas,
-                    last_observed_s=last_s,
-                    forecast_origin_s=origin,
-                    observed_demand=observed,
-                    forecast=forecast,
-                    leads=leads,
-                    artifact=record.id if record else None,
-                    artifact_size_gb=record.size_gb if record else w.start.artifact_size_gb,
-                    gpu_type=w.gpu_type,
-                    snapshot=w.start.path != "cold",
-                    recommendations=recs,
-                    staging_quantile=w.plan.staging_quantile,
-                    staging_horizon_s=w.plan.staging_horizon_s,
-                    unplaced_replicas=min(unplaced, d.spec_replicas),
-                    nowcast=live.band,
-                    nowcast_note=live.note,
-                )
-            )
-            self.metrics.nowcast_up.labels(name).set(1 if live.band is not None else 0)
+            stage = _Stage()
+            try:
+                inputs.append(self._workload_inputs(name, d, ctx, stage))
+            except ClusterError:
+                raise  # the cluster, not this workload: the whole cycle stops as before
+            except Exception as exc:  # one workload's bug must not stop the others' scaling
+                failed[name] = self._internal_error(name, stage.name, exc)
+                held = self._held_inputs(name, d, ctx, failed[name])
+                if held is not None:
+                    inputs.append(held)
+                else:
+                    report.outcomes[name] = _unplanned_outcome(d, failed[name])
 
-        plan = plan_cycle(inputs, inventory, now_s, self.config.gpu_budget)
+        plan, inputs = self._plan(inputs, inventory, now_s, failed, ctx, deployments, report)
         report.plan = plan
         if not self.dry_run:
             self._stage(plan, report, deployments, current_artifacts, nodes)
             self._pin(plan, inventory.names, inventories, report)
         by_name = {i.spec.name: i for i in inputs}
         for name, d in sorted(deployments.items()):
-            wp = plan.plans[name]
-            self.recommendations[name] = wp.decision.recommendations
-            ceiling = budget_ceiling(plan.budget, name, by_name[name].spec.gpus_per_replica,
-                                     self.config.gpu_budget)  # fmt: skip
-            outcome = self._scale(d, wp, by_name[name], signal_ok[name], inventory, now_s,
-                                  ceiling)  # fmt: skip
-            if notes.get(name):
-                outcome.summary += f" [{notes[name]}]"
-            note = by_name[name].nowcast_note
-            if note and note not in outcome.summary:
-                outcome.summary += f" [nowcast: {note}]"
-            self._report_model(d, outcome)
-            outcome.tune_note = tune_notes.get(name)
-            report.outcomes[name] = outcome
-            art = current_artifacts.get(name)
-            staged = sum(1 for n in nodes if art and n.staged.get(label_name(name)) == art)
-            self.metrics.record_plan(wp, outcome.current, d.ready_replicas, staged,
-                                     first_values.get(name, {}))  # fmt: skip
-            if self.book is not None:
-                self._publish(name, wp, now_s, signal_ok[name])
+            if name not in plan.plans:  # nothing could be planned: held, reported above
+                continue
+            try:
+                self._apply(d, plan, by_name[name], ctx, inventory, nodes, current_artifacts,
+                            failed.get(name), report)  # fmt: skip
+            except ClusterError:
+                raise
+            except Exception as exc:
+                reason = self._internal_error(name, "scale", exc)
+                outcome = report.outcomes.get(name)
+                if outcome is None:  # failed before or while writing: nothing known written
+                    report.outcomes[name] = _unplanned_outcome(d, reason)
+                    withdrawal = f"{reason}: holding"
+                else:  # failed after the write: the outcome stands, with the error
+                    outcome.internal_error = reason
+                    outcome.summary += f" [{reason}]"
+                    withdrawal = reason
+                # as on missing data: no plan of this cycle for KEDA to read (the book would
+                # otherwise keep serving the previous cycle's plan until it went stale)
+                if self.book is not None:
+                    self.book.withdraw(name, withdrawal, datetime.fromtimestamp(now_s, UTC))
+
+    def _workload_inputs(
+        self, name: str, d: ManagedDeployment, ctx: _GatherContext, stage: _Stage,
+        hold: str | None = None,
+    ) -> WorkloadInputs:  # fmt: skip
+        """One workload's planner inputs: its demand, forecast and nowcast band. With `hold`
+        (the reason), the demand is not read and the inputs are those of missing data."""
+        now_s, signal_ok, notes = ctx.now_s, ctx.signal_ok, ctx.notes
+        first_values, tune_notes = ctx.first_values, ctx.tune_notes
+        records, pods = ctx.records, ctx.pods
+        w = self.workloads[name]
+        base = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
+        leads = self.leads.lead_times(name, base)
+        if hold is None:
+            stage.name = "demand"
+            series, problem = self._signal(w, now_s)
+        else:
+            series, problem = None, hold
+        if series is not None and self.config.tune_enabled(w):
+            stage.name = "tune"
+            w, tune_notes[name] = self._tuned(w, leads, now_s)
+        signal_ok[name] = series is not None
+        if hold is None:
+            self.metrics.signal_up.labels(name).set(1 if series is not None else 0)
+        forecast = None
+        last_s, observed, origin = None, math.nan, None
+        if series is not None:
+            stage.name = "forecast"
+            last_s, observed, origin_v = last_observation(series, self.step)
+            origin = origin_v if last_s is not None else None
+            forecast, problem = self._forecast(w, series, leads, now_s)
+        if problem:
+            notes[name] = problem
+        if forecast is not None:
+            first_values[name] = {float(q): float(forecast[q].iloc[0])
+                                  for q in forecast.columns}  # fmt: skip
+        stage.name = "nowcast"
+        record = records.get(name)
+        spec = w.to_spec(
+            interval_s=self.config.interval_s, forecast_step_s=self.step.total_seconds()
+        )
+        unplaced = self._unplaced_replicas(d, pods)
+        if record is not None and self._will_adopt(d, w):
+            unplaced = d.spec_replicas  # the adoption rollout replaces every pod
+        recs = self.recommendations.get(name)
+        if recs is None:  # first cycle (or a restart): the current scale counts as just
+            recs = ((now_s, d.spec_replicas),)  # recommended, so no early scale-down
+        live = self._nowcast(w, spec, leads, record is not None, now_s, series is not None)
+        if live.band is not None:  # as the simulator: the floor reads the latest window
+            observed = live.band.measured
+        inputs = WorkloadInputs(
+            spec=spec,
+            current_replicas=d.spec_replicas,
+            ready_replicas=d.ready_replicas,
+            last_observed_s=last_s,
+            forecast_origin_s=origin,
+            observed_demand=observed,
+            forecast=forecast,
+            leads=leads,
+            artifact=record.id if record else None,
+            artifact_size_gb=record.size_gb if record else w.start.artifact_size_gb,
+            gpu_type=w.gpu_type,
+            snapshot=w.start.path != "cold",
+            recommendations=recs,
+            staging_quantile=w.plan.staging_quantile,
+            staging_horizon_s=w.plan.staging_horizon_s,
+            unplaced_replicas=min(unplaced, d.spec_replicas),
+            nowcast=live.band,
+            nowcast_note=live.note,
+        )
+        self.metrics.nowcast_up.labels(name).set(1 if live.band is not None else 0)
+        return inputs
+
+    def _internal_error(self, name: str, stage: str, exc: Exception) -> str:
+        """Log (with the traceback) and count an unexpected error of one workload; the reason
+        its hold reports. Called inside the `except` block."""
+        reason = f"internal error in {stage}: {type(exc).__name__}: {exc}"
+        log.exception("%s: %s; holding its replicas, the other workloads go on", name, reason)
+        self.metrics.workload_errors.labels(name, stage).inc()
+        return reason
+
+    def _held_inputs(
+        self, name: str, d: ManagedDeployment, ctx: _GatherContext, reason: str
+    ) -> WorkloadInputs | None:
+        """The inputs of a workload whose demand went missing, for one that failed: it holds
+        its count (never lower) and keeps its place in the budget and the stage plan. None
+        when even those cannot be built (it is then left out of the plan and not scaled)."""
+        for done in (ctx.first_values, ctx.tune_notes):
+            done.pop(name, None)
+        try:
+            return self._workload_inputs(name, d, ctx, _Stage(), hold=reason)
+        except Exception:
+            log.exception("%s: cannot even hold on missing-data inputs; not scaled", name)
+            ctx.signal_ok[name], ctx.notes[name] = False, reason
+            return None
+
+    def _plan(
+        self, inputs: list[WorkloadInputs], inventory: Any, now_s: float,
+        failed: dict[str, str], ctx: _GatherContext,
+        deployments: Mapping[str, ManagedDeployment], report: CycleReport,
+    ) -> tuple[CyclePlan, list[WorkloadInputs]]:  # fmt: skip
+        """The cycle's plan. plan_cycle plans every workload together (budget, staging), so
+        when it fails each workload is planned alone to find the one that makes it fail;
+        those hold on missing-data inputs (or, failing even so, are left out). A failure that
+        no single workload explains stops the cycle, as any cycle-wide failure does."""
+        budget = self.config.gpu_budget
+        try:
+            return plan_cycle(inputs, inventory, now_s, budget), inputs
+        except Exception:
+            if len(inputs) == 0:
+                raise
+            log.exception("planning the cycle failed; planning each workload alone")
+        kept: list[WorkloadInputs] = []
+        for one in inputs:
+            name = one.spec.name
+            try:
+                plan_cycle([one], inventory, now_s, budget)
+                kept.append(one)
+                continue
+            except Exception as exc:
+                failed[name] = self._internal_error(name, "plan", exc)
+            held = replace(one, last_observed_s=None, forecast_origin_s=None,
+                           observed_demand=math.nan, forecast=None, nowcast=None,
+                           nowcast_note="")  # fmt: skip
+            ctx.signal_ok[name], ctx.notes[name] = False, failed[name]
+            ctx.first_values.pop(name, None)
+            try:
+                plan_cycle([held], inventory, now_s, budget)
+                kept.append(held)
+            except Exception:
+                log.exception("%s: cannot even hold on missing-data inputs; not scaled", name)
+                report.outcomes[name] = _unplanned_outcome(deployments[name], failed[name])
+        return plan_cycle(kept, inventory, now_s, budget), kept
+
+    def _apply(
+        self, d: ManagedDeployment, plan: CyclePlan, inputs: WorkloadInputs,
+        ctx: _GatherContext, inventory: Any, nodes: Sequence[Any],
+        current_artifacts: Mapping[str, str], failure: str | None, report: CycleReport,
+    ) -> None:  # fmt: skip
+        """Scale one workload to its plan, report it (in `report` as soon as the scale call
+        returned) and export its metrics."""
+        name, now_s = d.workload, ctx.now_s
+        wp = plan.plans[name]
+        self.recommendations[name] = wp.decision.recommendations
+        ceiling = budget_ceiling(plan.budget, name, inputs.spec.gpus_per_replica,
+                                 self.config.gpu_budget)  # fmt: skip
+        ok = ctx.signal_ok[name]
+        outcome = report.outcomes[name] = self._scale(d, wp, inputs, ok, inventory, now_s,
+                                                      ceiling)  # fmt: skip
+        outcome.internal_error = failure
+        if ctx.notes.get(name):
+            outcome.summary += f" [{ctx.notes[name]}]"
+        note = inputs.nowcast_note
+        if note and note not in outcome.summary:
+            outcome.summary += f" [nowcast: {note}]"
+        self._report_model(d, outcome)
+        outcome.tune_note = ctx.tune_notes.get(name)
+        art = current_artifacts.get(name)
+        staged = sum(1 for n in nodes if art and n.staged.get(label_name(name)) == art)
+        self.metrics.record_plan(wp, outcome.current, d.ready_replicas, staged,
+                                 ctx.first_values.get(name, {}))  # fmt: skip
+        if self.book is not None:
+            self._publish(name, wp, now_s, ok, failure)
 
     def _report_model(self, d: ManagedDeployment, outcome: WorkloadOutcome) -> None:
         """Say which forecaster the decision used; a saved model that was refused is reported
@@ -681,13 +857,15 @@ class Controller:
         except ClusterError as exc:
             log.warning("event not recorded: %s", exc)
 
-    def _publish(self, name: str, wp: Any, now_s: float, ok: bool) -> None:
+    def _publish(
+        self, name: str, wp: Any, now_s: float, ok: bool, failure: str | None = None
+    ) -> None:
         at = datetime.fromtimestamp(now_s, UTC)
         try:
             if ok or wp.decision.explanation.binding != BINDING_HOLD:
                 self.book.publish(name, wp.decision, at)
             else:
-                self.book.withdraw(name, "demand signal missing: holding", at)
+                self.book.withdraw(name, f"{failure or 'demand signal missing'}: holding", at)
         except ValueError as exc:  # an out-of-order publish is refused by the book
             log.warning("decision book refused %s: %s", name, exc)
 
@@ -709,7 +887,7 @@ class Controller:
                 self.metrics.stage_actions.labels(action.workload, action.tier, "error").inc()
                 continue
             self.metrics.stage_actions.labels(action.workload, action.tier, "ok").inc()
-            self.cluster.set_staged(action.node, action.workload, action.artifact)
+            self._label_staged(action.node, action.workload, action.artifact, report)
             report.staged.append((action.node, action.artifact, action.tier))
         for ev in plan.stage.evictions:
             try:
@@ -722,10 +900,26 @@ class Controller:
             report.evicted.append((ev.node, ev.artifact))
             for workload, art in current_artifacts.items():
                 if art == ev.artifact:
-                    self.cluster.set_staged(ev.node, workload, None)
+                    self._label_staged(ev.node, workload, None, report)
         for name, d in deployments.items():
             if name in current_artifacts and self.settings.kubernetes.set_affinity:
-                self._ensure_adopted(d)
+                try:
+                    self._ensure_adopted(d)
+                except ClusterError as exc:  # retried next cycle; scaling goes on
+                    report.stage_errors.append(str(exc))
+                    log.warning("adopting %s failed: %s", d.key, exc)
+
+    def _label_staged(
+        self, node: str, workload: str, artifact: str | None, report: CycleReport
+    ) -> None:
+        """Set (or clear) a node's staged-artifact label. A refusal (RBAC without nodes:
+        patch, a node deleted since the list) is a stage error: staging only makes starts
+        faster, so it must not stop this cycle's scaling."""
+        try:
+            self.cluster.set_staged(node, workload, artifact)
+        except ClusterError as exc:
+            report.stage_errors.append(str(exc))
+            log.warning("staged label of %s on %s not written: %s", workload, node, exc)
 
     def _pin(
         self, plan: CyclePlan, names: Sequence[str],
@@ -846,10 +1040,15 @@ class Controller:
 
         if waits and decision.desired_replicas > d.spec_replicas:
             outcome.summary += " [scale-up waits for the adoption rollout]"
+        if not self.is_leader():  # the cycle outlived the renew deadline: another may act now
+            outcome.error = "lost the leader lease during the cycle: scale not written"
+            log.warning("%s: %s", d.key, outcome.error)
+            return outcome
         try:
             result = self.cluster.apply_scale(d.namespace, d.name, decide)
         except ClusterError as exc:
             outcome.error = str(exc)
+            self.metrics.scale_errors.labels(d.workload).inc()
             log.error("scale of %s failed: %s", d.key, exc)
             return outcome
         outcome.conflicts = result.conflicts

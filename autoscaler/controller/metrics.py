@@ -75,6 +75,16 @@ class ControllerMetrics:
         self.scale_writes = Counter("autoscaler_scale_writes_total",
                                     "Scale subresource writes", ["workload", "direction"],
                                     registry=r)  # fmt: skip
+        self.scale_errors = Counter("autoscaler_scale_write_errors",
+                                    "Scale writes that failed (API server unreachable, refused, "
+                                    "conflicts past the retries): the decision was not applied",
+                                    w, registry=r)  # fmt: skip
+        self.workload_errors = Counter("autoscaler_workload_errors",
+                                       "Unexpected errors of one workload (a model or planner "
+                                       "bug), by the stage that raised (demand, tune, forecast, "
+                                       "nowcast, plan, scale): that workload held its replicas "
+                                       "as on missing data, the others were planned as usual",
+                                       ["workload", "stage"], registry=r)  # fmt: skip
         self.scale_conflicts = Counter("autoscaler_scale_conflicts_total",
                                        "409 conflicts that made the controller re-read", w,
                                        registry=r)  # fmt: skip

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from autoscaler.config import NowcastConfig, WorkloadConfig
+from autoscaler.controller.core import unusable_demand
 from autoscaler.errors import AutoscalerError
 from autoscaler.plan.nowcast import NowcastBand, band_horizons, fit_band_margins, nowcast_band
 from autoscaler.plan.replicas import WorkloadSpec
@@ -290,6 +291,9 @@ class NowcastBands:
             rates = self._rates(w, now_s)
         except AutoscalerError as exc:
             return LiveBand(None, f"fine-grained rate unavailable: {exc}")
+        problem = unusable_demand(rates)
+        if problem:
+            return LiveBand(None, f"fine-grained rate unusable: {problem}")
         key = (horizons, spec.quantile)
         with self._lock:
             fitted = self._fitted.get(w.name)

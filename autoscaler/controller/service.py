@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from autoscaler.controller.http import serve
 from autoscaler.controller.loop import Controller, RealClock, ReplayClock
 from autoscaler.controller.metrics import ControllerMetrics
 from autoscaler.controller.settings import ControllerSettings
+from autoscaler.errors import ConfigError
 from autoscaler.forecast.base import Forecaster
 
 log = logging.getLogger("autoscaler.controller")
@@ -33,7 +34,9 @@ class PrometheusDemand:
     """The controller's demand source: autoscaler.signals' PrometheusSource, one template set
     for all workloads, a workload's own `query` replacing its request-rate template."""
 
-    def __init__(self, settings: ControllerSettings) -> None:
+    def __init__(
+        self, settings: ControllerSettings, workloads: Sequence[WorkloadConfig] = ()
+    ) -> None:
         from autoscaler.signals.prometheus import PrometheusSource, TemplateSet, template_set
 
         p = settings.prometheus
@@ -41,7 +44,19 @@ class PrometheusDemand:
             raise ValueError("controller.prometheus.url is not set")
         self._make = PrometheusSource
         self._template = TemplateSet
-        self._base = template_set(p.templates)
+        try:
+            self._base = template_set(p.templates)
+        except ConfigError as exc:
+            raise ConfigError("controller.prometheus.templates", str(exc).partition(": ")[2]
+                              ) from exc  # fmt: skip
+        templated = [w.name for w in workloads if not w.query]
+        if templated and p.signal not in self._base.queries:  # else every cycle would hold
+            raise ConfigError(
+                "controller.prometheus.signal",
+                f"template set {self._base.name!r} has no signal {p.signal!r} (it has "
+                f"{sorted(self._base.queries)}); workloads without their own query: "
+                f"{', '.join(templated)}",
+            )
         self.settings = p
         self._sources: dict[str, Any] = {}
 
@@ -131,7 +146,7 @@ def build_controller(
         cluster = Cluster(connect(k.kubeconfig, k.context, k.in_cluster),
                           request_timeout=k.request_timeout_s)  # fmt: skip
     if demand is None and settings.prometheus.url:
-        demand = PrometheusDemand(settings)
+        demand = PrometheusDemand(settings, config.workloads)
     a = settings.agents
     if agents is None and a.enabled:
         agents = HttpAgents(

@@ -14,8 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from autoscaler.config import (
     ControllerConfig,
@@ -50,6 +58,30 @@ class LeaderSettings(_Strict):
     lease_duration_s: float = Field(default=15.0, gt=0)
     renew_deadline_s: float = Field(default=10.0, gt=0)
     retry_period_s: float = Field(default=2.0, gt=0)
+
+    # client-go's rule: the holder stops acting (renew deadline) before a standby may take the
+    # Lease over (lease duration), and renews (every retry period) before it must stop.
+    @field_validator("renew_deadline_s")
+    @classmethod
+    def _stops_before_takeover(cls, value: float, info: ValidationInfo) -> float:
+        duration = info.data.get("lease_duration_s")
+        if duration is not None and not value < duration:
+            raise ValueError(
+                f"must be shorter than lease_duration_s ({duration:g} s), got {value:g}: a "
+                "standby could take the Lease while this replica still acts"
+            )
+        return value
+
+    @field_validator("retry_period_s")
+    @classmethod
+    def _renews_before_deadline(cls, value: float, info: ValidationInfo) -> float:
+        deadline = info.data.get("renew_deadline_s")
+        if deadline is not None and not value < deadline:
+            raise ValueError(
+                f"must be shorter than renew_deadline_s ({deadline:g} s), got {value:g}: the "
+                "leader would stop acting between its own renewals"
+            )
+        return value
 
     def resolved_identity(self) -> str:
         return self.identity or f"{socket.gethostname()}-{os.getpid()}"
@@ -117,6 +149,17 @@ class ReplaySettings(_Strict):
 
     origin: str
     speedup: float = Field(default=1.0, gt=0)
+
+    @field_validator("origin")
+    @classmethod
+    def _a_time(cls, value: str) -> str:
+        try:
+            time = pd.Timestamp(value)
+        except (ValueError, TypeError):
+            time = pd.NaT
+        if pd.isna(time):
+            raise ValueError(f"not a time: {value!r} (e.g. 2024-01-05T14:00:00Z)")
+        return value
 
 
 class ForecastSettings(_Strict):

@@ -186,7 +186,12 @@ class LastValue(ErrorBandForecaster):
         return np.repeat(yff[:, None], self._hmax, axis=1)
 
     def _condition(self, history: pd.Series) -> None:
-        self._level = _last_finite(observed_values(history), "history for last")
+        y = observed_values(history)
+        finite = y[np.isfinite(y)]
+        # a newer history that is all gap keeps the last value seen (as EWMA skips gaps): the
+        # planner sees the data is stale and holds; raising here aborted a whole replay
+        if len(finite):
+            self._level = float(finite[-1])
 
     def _point_path(self, horizon: int) -> np.ndarray:
         return np.full(horizon, self._level)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from autoscaler.cli import writable_output
 from autoscaler.errors import ConfigError
 from autoscaler.forecast.common import as_history
 from autoscaler.forecast.evaluate import Comparison, compare_models, windows
@@ -139,7 +140,12 @@ def run_backtest(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.quantile < 1.0:
         raise ConfigError("--quantile", f"must lie strictly between 0 and 1, got {args.quantile}")
+    if args.refit_every is not None and args.refit_every < 1:
+        raise ConfigError("--refit-every", f"must be >= 1 origin, got {args.refit_every}")
     models = parse_models(args.models)
+    json_path = writable_output(args.json, "--json")
+    if args.plot:
+        writable_output(args.plot, "--plot")
     series, trace_name = load_series(args)
     series = as_history(series)
     step = pd.Timedelta(series.index.freq or (series.index[1] - series.index[0]))
@@ -172,8 +178,8 @@ def run_backtest(args: argparse.Namespace) -> int:
         cmp = compare_models(series, models, [h], args.quantile, refit_every=args.refit_every,
                              on_origin=tick)
     result = comparison_json(cmp, trace_name, h)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"{trace_name}: pinball@{args.quantile} at {result['horizon']} "
                   f"over the last 30% ({result['n_forecasts']} forecasts)")
     for col in ("model", "anchor", "pinball", "coverage", "fit s", "selection pinball"):
@@ -190,8 +196,13 @@ def run_backtest(args: argparse.Namespace) -> int:
     for name, why in cmp.skipped.items():
         out.print(f"[yellow]skipped {name}: {why}")
     if best and result["selected"] in cmp.scores[h]:
-        ratio = cmp.scores[h][result["selected"]].pinball / cmp.scores[h][best].pinball
-        out.print(f"selected {result['selected']}: {ratio:.3f} x the best anchor ({best})")
+        chosen, yardstick = cmp.scores[h][result["selected"]].pinball, cmp.scores[h][best].pinball
+        if yardstick > 0:
+            out.print(f"selected {result['selected']}: {chosen / yardstick:.3f} x the best "
+                      f"anchor ({best})")
+        else:  # the anchor was exact (flat or all-zero demand): no ratio to give
+            out.print(f"selected {result['selected']}: pinball {chosen:.4g}; the best anchor "
+                      f"({best}) scored 0")
     if args.plot:
         plot_bands(series, cmp, h, args.plot, trace_name)
         out.print(f"plot written to {args.plot}")

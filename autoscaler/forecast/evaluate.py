@@ -24,8 +24,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from autoscaler.errors import InsufficientData
 from autoscaler.forecast.backtest import BacktestResult, rolling_origin, score_forecasts
-from autoscaler.forecast.common import DAY, as_history, history_step, pinball, season_length
+from autoscaler.forecast.common import (
+    DAY,
+    as_history,
+    history_step,
+    n_observed,
+    pinball,
+    season_length,
+)
 from autoscaler.forecast.ensemble import RULES, combine_backtests
 from autoscaler.forecast.registry import ANCHORS, make_forecaster
 
@@ -123,9 +131,16 @@ def compare_models(
     """Backtest every model over the selection and evaluation windows; select per horizon the
     model with the lowest pinball on the selection window; report the evaluation figures."""
     hist = as_history(series)
-    step = history_step(hist)
     n = len(hist)
     horizons = tuple(sorted({int(h) for h in horizons}))
+    # the first origin needs `min_history` points and its target lies `horizon` steps later:
+    # a shorter series has no target to score (too little data is an error, never an answer)
+    needed = min_history + horizons[-1]
+    if n < needed or n_observed(hist) < needed:
+        raise InsufficientData(
+            needed, n_observed(hist), f"history to backtest {horizons[-1]} step(s) ahead"
+        )
+    step = history_step(hist)
     sel_start, eval_start = windows(n, eval_fraction)
     first_origin = max(min_history - 1, sel_start - horizons[-1])
     every = refit_every or default_refit_every(step, n)

@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--grace", type=float, default=5.0, help="shutdown grace, seconds")
     serve.add_argument("--max-workers", type=int, default=32, help="gRPC handler threads")
+    serve.add_argument(
+        "--metrics-listen", default=None, metavar="HOST:PORT",
+        help="serve Prometheus metrics (plans served per workload, workload errors, cycles) "
+        "over HTTP at /metrics here; default: none",
+    )  # fmt: skip
     serve.set_defaults(func=_serve)
 
     probe = sub.add_parser(
@@ -48,10 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.set_defaults(func=_probe)
 
 
-def _listen(value: str) -> str:
+def _listen(value: str, option: str = "--listen") -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("--listen", f"expected HOST:PORT, got {value!r}")
+        raise ConfigError(option, f"expected HOST:PORT, got {value!r}")
     return value
 
 
@@ -62,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     listen = _listen(args.listen)
+    metrics_listen = args.metrics_listen and _listen(args.metrics_listen, "--metrics-listen")
     if args.stream_interval <= 0:
         raise ConfigError("--stream-interval", f"must be > 0, got {args.stream_interval}")
     config, settings = load_controller_config(args.config)
@@ -72,6 +78,18 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except (OSError, RuntimeError) as exc:
         raise ConfigError("--listen", f"cannot listen on {listen}: {exc}") from exc
+    metrics_server = None
+    if metrics_listen:
+        from prometheus_client import start_http_server
+
+        host, _, port = metrics_listen.rpartition(":")
+        try:
+            metrics_server, _thread = start_http_server(int(port), host, registry=loop.registry)
+        except OSError as exc:
+            server.stop(0)
+            raise ConfigError("--metrics-listen",
+                              f"cannot listen on {metrics_listen}: {exc}") from exc  # fmt: skip
+        logging.info("metrics on http://%s:%d/metrics", host, metrics_server.server_port)
     logging.info(
         "KEDA scaler: planning %d workload(s) every %.1fs, serving on %s",
         len(config.workloads),
@@ -83,6 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
         serve_until_signalled(server, grace=args.grace)
     finally:
         loop.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return 0
 
 

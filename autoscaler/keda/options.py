@@ -8,7 +8,7 @@ Metadata keys (all strings, as KEDA sends them in `scalerMetadata`):
     headroom      optional; extra capacity fraction >= 0 the plan should use
     dryRun        optional; "true" = compute and report the plan, command nothing
                   ("dry-run" is accepted as an alias)
-    targetSize    optional; per-replica target of the metric, > 0, default 1
+    targetSize    optional; per-replica target of the metric, in (0, 1e9], default 1
     metricName    optional; default "planned-replicas-<workload>"
 Other keys (scalerAddress, TLS settings, your own labels) are ignored, except a key that
 differs from a known one only in case or punctuation, which is rejected as a likely typo.
@@ -27,6 +27,9 @@ KNOWN_KEYS = ("workload", "quantile", "headroom", "dryRun", "targetSize", "metri
 ALIASES = {"dry-run": "dryRun"}
 DEFAULT_TARGET_SIZE = 1.0
 MILLI = 1000  # Kubernetes quantities and the HPA work in milli-units
+# KEDA and the HPA hold a metric as int64 milli-units: replicas x target x 1000 must fit in
+# 2^63 (9.2e18), so a target this size leaves room for millions of replicas.
+MAX_TARGET_SIZE = 1e9
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 _HPA_PREFIX = re.compile(r"^s\d+-")
@@ -112,6 +115,12 @@ def parse_metadata(metadata: Mapping[str, str]) -> ScalerOptions:
     target_size = DEFAULT_TARGET_SIZE if target is None else target
     if target_size <= 0:
         raise MetadataError("targetSize", f"must be > 0, got {target_size}")
+    if target_size > MAX_TARGET_SIZE:
+        raise MetadataError(
+            "targetSize",
+            f"must be <= {MAX_TARGET_SIZE:g} (the HPA's metric is an int64 of milli-units), "
+            f"got {target_size:g}",
+        )
     milli = target_size * MILLI
     if abs(milli - round(milli)) > 1e-6:
         raise MetadataError(

@@ -14,6 +14,7 @@ What differs from the in-cluster controller, and why:
 - missing or stale demand, a failed fit or a failed forecast withdraw the plan instead of
   publishing a guess: KEDA then gets a gRPC error and keeps the current count (or its
   `fallback`); the loop never makes KEDA scale down because data went missing;
+- an unexpected error while one workload is planned withdraws that workload's plan only;
 - each published plan carries a re-planner (the same forecast and state, other quantile or
   headroom) so a trigger may ask for options other than the config's.
 """
@@ -29,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NamedTuple, Protocol
 
 import pandas as pd
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from autoscaler.config import ControllerConfig, NowcastConfig, WorkloadConfig
 from autoscaler.controller.nowcast import LiveBand, NowcastBands
@@ -79,6 +81,10 @@ class WorkloadOutcome:
     model: str | None = None
     model_sha256: str | None = None
     model_error: str | None = None
+    # the step of this workload's cycle now running (demand, tune, forecast, nowcast, plan,
+    # publish), so an unexpected error can name it; `internal_error` is that error's reason
+    stage: str = "demand"
+    internal_error: str | None = None
 
 
 class _Planned(NamedTuple):
@@ -175,6 +181,20 @@ class PlanningLoop:
         self.tunes = TuneCache(self.config.tune)
         self.nowcast = NowcastBands(self.config.nowcast, self.config.interval_s,
                                     self.step.total_seconds(), self.demand)  # fmt: skip
+        # What `keda serve --metrics-listen` serves: unexpected errors of one workload, by
+        # stage (autoscaler_workload_errors_total, as the controller's), whether each
+        # workload's plan is served, and the cycles run
+        self.registry = CollectorRegistry()
+        self.plan_served = Gauge("autoscaler_keda_plan_served",
+                                 "1: the workload's plan is served to KEDA; 0: withdrawn or "
+                                 "not made yet (KEDA gets errors and holds)", ["workload"],
+                                 registry=self.registry)  # fmt: skip
+        self.cycles = Counter("autoscaler_keda_cycles", "Planning cycles run",
+                              registry=self.registry)  # fmt: skip
+        self.workload_errors = Counter("autoscaler_workload_errors",
+                                       "Unexpected errors of one workload, by stage: its plan "
+                                       "was withdrawn, the others were planned as usual",
+                                       ["workload", "stage"], registry=self.registry)  # fmt: skip
         self._lock = threading.Lock()
         self._scheduler = None
         self.last_outcomes: dict[str, WorkloadOutcome] = {}
@@ -196,15 +216,35 @@ class PlanningLoop:
                 except AutoscalerError as exc:  # bad config of one workload: the rest go on
                     outcome.withdrawn = str(exc)
                     result = None
+                except Exception as exc:  # a bug of one workload (its model): the rest go on
+                    self._internal_error(outcome, exc)
+                    result = None
                 if result is not None:
                     planned[name] = result
                 elif outcome.withdrawn:
                     self.book.withdraw(name, outcome.withdrawn, self._at(now_s))
             self._publish(planned, now_s, outcomes)
+            self.cycles.inc()
             for outcome in outcomes.values():
-                log.info("%s", outcome.summary or outcome.withdrawn or outcome.waiting)
+                served = outcome.published is not None and not outcome.withdrawn
+                self.plan_served.labels(outcome.workload).set(1 if served else 0)
+                if outcome.withdrawn:  # KEDA gets errors for this workload until it is back
+                    log.warning("%s: plan withdrawn: %s", outcome.workload, outcome.withdrawn)
+                else:
+                    log.info("%s", outcome.summary or outcome.waiting)
             self.last_outcomes = outcomes
             return outcomes
+
+    def _internal_error(self, outcome: WorkloadOutcome, exc: Exception) -> None:
+        """Withdraw the plan of a workload that hit an unexpected error, as on missing data
+        (KEDA holds its count); log it with the traceback and count it. Called inside the
+        `except` block."""
+        reason = f"internal error in {outcome.stage}: {type(exc).__name__}: {exc}"
+        outcome.internal_error = outcome.withdrawn = reason
+        outcome.published = None
+        log.exception("%s: %s; plan withdrawn, the other workloads go on", outcome.workload,
+                      reason)  # fmt: skip
+        self.workload_errors.labels(outcome.workload, outcome.stage).inc()
 
     def _at(self, now_s: float) -> datetime:
         return datetime.fromtimestamp(now_s, UTC)
@@ -223,8 +263,10 @@ class PlanningLoop:
     def _plan_one(
         self, w: WorkloadConfig, now_s: float, outcome: WorkloadOutcome
     ) -> _Planned | None:
+        from autoscaler.controller.core import unusable_demand
         from autoscaler.controller.loop import last_observation
 
+        outcome.stage = "demand"
         try:
             series = self._signal(w, now_s)
         except AutoscalerError as exc:
@@ -234,12 +276,18 @@ class PlanningLoop:
         if last_s is None:
             outcome.withdrawn = "no demand data in the history window"
             return None
+        problem = unusable_demand(series)
+        if problem:
+            outcome.withdrawn = f"demand signal unusable: {problem}"
+            return None
         leads = LeadTimes.from_mapping(dict(w.start.lead_s)) if w.start.lead_s else LeadTimes()
         tune_note = None
         if self.config.tune_enabled(w):  # before the fit check: the first tune starts at once
+            outcome.stage = "tune"
             own_spec = w.to_spec(interval_s=self.config.interval_s,
                                  forecast_step_s=self.step.total_seconds())  # fmt: skip
             w, tune_note = self.tunes.effective(w, self.demand, own_spec, leads, now_s)
+        outcome.stage = "forecast"
         model = self.fit_cache.model(w.name, series, now_s)  # type: ignore[attr-defined]
         if model is None:
             error = self.fit_cache.error(w.name)  # type: ignore[attr-defined]
@@ -262,6 +310,7 @@ class PlanningLoop:
         current = memory.desired if memory is not None else w.min_replicas
         path = StartPath(w.start.path)
         # The band for the configured path's lead (the only path this loop plans with).
+        outcome.stage = "nowcast"
         live = LiveBand(None)
         if self.config.nowcast_enabled(w):
             live = self.nowcast.band(w, spec, [leads.of(path)], now_s)
@@ -277,6 +326,7 @@ class PlanningLoop:
             recommendations=memory.recommendations if memory is not None else (),
             nowcast=live.band,
         )
+        outcome.stage = "plan"
         decision = plan_replicas(state, forecast, spec, now_s)
         missing = _missing_data(decision)
         if missing:
@@ -327,33 +377,41 @@ class PlanningLoop:
             allocation = allocate_gpu_budget(claims, self.config.gpu_budget)
             granted = {name: allocation.granted[name] for name in allocation.cut}
         at = self._at(now_s)
-        for name, (decision, state, forecast, spec, live) in planned.items():
-            cap = granted.get(name)
-            if cap is not None:
-                decision = with_budget(decision, cap)
+        for name, planned_one in planned.items():
+            outcomes[name].stage = "publish"
             try:
-                self.book.publish(
-                    name,
-                    decision,
-                    at,
-                    quantile=spec.quantile,
-                    headroom=spec.headroom,
-                    replan=replanner(
-                        state, forecast, spec, now_s, cap, live, self.config.nowcast
-                    ),
-                )
-            except ValueError as exc:  # an out-of-order publish (clock went back)
-                outcomes[name].withdrawn = f"not published: {exc}"
-                continue
-            self._memory[name] = _Memory(decision.desired_replicas, decision.recommendations)
-            outcomes[name].published = decision.desired_replicas
-            outcomes[name].summary = decision.explanation.summary()
-            if live.note:
-                outcomes[name].summary += f" [nowcast: {live.note}]"
-            if outcomes[name].model_error:
-                outcomes[name].summary += (
-                    f" [fresh model, saved one refused: {outcomes[name].model_error}]"
-                )
+                self._publish_one(name, planned_one, granted.get(name), now_s, outcomes[name])
+            except Exception as exc:  # a bug of one workload: the rest are still published
+                self._internal_error(outcomes[name], exc)
+                self.book.withdraw(name, outcomes[name].withdrawn, at)
+
+    def _publish_one(
+        self, name: str, planned: _Planned, cap: int | None, now_s: float,
+        outcome: WorkloadOutcome,
+    ) -> None:  # fmt: skip
+        decision, state, forecast, spec, live = planned
+        at = self._at(now_s)
+        if cap is not None:
+            decision = with_budget(decision, cap)
+        try:
+            self.book.publish(
+                name,
+                decision,
+                at,
+                quantile=spec.quantile,
+                headroom=spec.headroom,
+                replan=replanner(state, forecast, spec, now_s, cap, live, self.config.nowcast),
+            )
+        except ValueError as exc:  # an out-of-order publish (clock went back)
+            outcome.withdrawn = f"not published: {exc}"
+            return
+        self._memory[name] = _Memory(decision.desired_replicas, decision.recommendations)
+        outcome.published = decision.desired_replicas
+        outcome.summary = decision.explanation.summary()
+        if live.note:
+            outcome.summary += f" [nowcast: {live.note}]"
+        if outcome.model_error:
+            outcome.summary += f" [fresh model, saved one refused: {outcome.model_error}]"
 
     # -- schedule ----------------------------------------------------------------------------
 
@@ -408,11 +466,13 @@ def build_loop(
         w.to_spec(interval_s=config.interval_s)
     clock = clock or make_clock(settings)  # type: ignore[arg-type]
     if demand is None:
-        try:
-            demand = PrometheusDemand(settings)  # type: ignore[arg-type]
-        except ValueError as exc:
-            from autoscaler.errors import ConfigError
+        from autoscaler.errors import ConfigError
 
+        try:
+            demand = PrometheusDemand(settings, config.workloads)  # type: ignore[arg-type]
+        except ConfigError:
+            raise  # names its own field
+        except ValueError as exc:
             raise ConfigError("controller.prometheus.url", str(exc)) from exc
     return PlanningLoop(
         config=config,

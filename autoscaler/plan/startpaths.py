@@ -127,6 +127,8 @@ class LeadTimes:
 
 
 def _seconds(field: str, value: Any) -> float:
+    if isinstance(value, bool):  # float(True) is 1.0: a typo, not a lead time
+        raise ConfigError(field, f"must be a number of seconds, got {value!r}")
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -157,6 +159,11 @@ def load_start_profile(path: str | Path) -> LeadTimes:
     leads = data.get("lead_s", data)
     if not isinstance(leads, Mapping):
         raise ConfigError(f"{p}:lead_s", "must be a mapping of start path to seconds")
+    if not leads:
+        # a profile is given to replace the published defaults: one that names no path would
+        # replay those defaults as if they had been measured
+        known = ", ".join(x.value for x in StartPath)
+        raise ConfigError(f"{p}:lead_s", f"names no start path (known: {known})")
     return LeadTimes.from_mapping(leads)
 
 

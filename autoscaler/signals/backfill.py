@@ -14,6 +14,7 @@ the end, data shifted to end before "now minus 3 hours" unless told otherwise.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ COLUMN_SIGNALS = {
     OUTPUT_TOKENS: "output_tokens_rate",
 }
 BUNDLED_PREFIX = "bundled:"
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,13 @@ def backfill(
     """Write a trace as OpenMetrics counters under `out_dir` (``backfill.om``) and, unless
     `create_tsdb` is False, TSDB blocks in ``out_dir/tsdb`` ready for a Prometheus to open."""
     ts = template_set(templates)
-    td = pd.Timedelta(step)
+    try:
+        td = pd.Timedelta(step)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("step", f"not a duration: {step!r}") from exc
+    if metric is not None and not METRIC_NAME.fullmatch(metric):
+        # promtool would refuse the file later, naming neither the option nor the name
+        raise ConfigError("metric", f"not a Prometheus metric name: {metric!r}")
     frame = load_demand_frame(
         trace, format, td, time_column, value_column, time_unit, keep_partial_windows
     )
@@ -237,9 +245,12 @@ def backfill(
     name = workload or _default_workload(trace)
     text, counts = openmetrics_text(frame, name, ts, shift, metric, namespace)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     om_path = out / "backfill.om"
-    om_path.write_text(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        om_path.write_text(text)
+    except OSError as exc:
+        raise ConfigError("out_dir", f"cannot write {om_path}: {exc.strerror or exc}") from exc
     tsdb = out / "tsdb" if create_tsdb else None
     if tsdb is not None:
         create_blocks(om_path, tsdb)

@@ -131,8 +131,11 @@ def template_set(name_or_set: str | TemplateSet) -> TemplateSet:
     return TEMPLATE_SETS[name_or_set]
 
 
-def _utc(ts: pd.Timestamp | datetime | str) -> pd.Timestamp:
-    t = pd.Timestamp(ts)
+def _utc(ts: pd.Timestamp | datetime | str, field: str = "time") -> pd.Timestamp:
+    try:
+        t = pd.Timestamp(ts)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(field, f"not a time: {ts!r}") from exc
     return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
 
 
@@ -153,7 +156,7 @@ def window_grid(
     """Epoch-aligned window starts from the window holding `start` up to the last window that
     starts before `end`."""
     td = _check_step(step)
-    s, e = _utc(start), _utc(end)
+    s, e = _utc(start, "start"), _utc(end, "end")
     if e <= s:
         raise ConfigError("end", f"must be after start ({s}), got {e}")
     epoch = pd.Timestamp(0, tz="UTC")

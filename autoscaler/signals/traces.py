@@ -89,11 +89,26 @@ def detect_format(path: str | Path) -> str:
 
 
 def _first_line(path: Path) -> str:
+    # read the line as bytes: a text reader decodes a whole buffer, so bad bytes further down
+    # would be reported as line 1's
+    with path.open("rb") as fh:
+        return _decode_line(path, fh.readline(), 1).rstrip("\r\n")
+
+
+def _decode_line(path: Path, raw: bytes, lineno: int) -> str:
     try:
-        with path.open("r", encoding="utf-8") as fh:
-            return fh.readline().rstrip("\r\n")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TraceFormatError(str(path), f"not UTF-8 text ({exc.reason})", line=1) from exc
+        raise TraceFormatError(
+            str(path), f"not UTF-8 text ({exc.reason})", line=lineno, column=f"byte {exc.start + 1}"
+        ) from exc
+
+
+def _first_undecodable_line(path: Path) -> None:
+    """Raise TraceFormatError naming the first line that is not UTF-8 (error path only)."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            _decode_line(path, raw, lineno)
 
 
 def _resolve_format(path: str | Path, format: str) -> str:
@@ -187,6 +202,7 @@ def _read_csv_strings(path: Path, header: int | None, names: list[str] | None) -
             ) from exc
         raise TraceFormatError(str(path), f"cannot parse CSV: {exc}") from exc
     except UnicodeDecodeError as exc:
+        _first_undecodable_line(path)
         raise TraceFormatError(str(path), f"not UTF-8 text ({exc.reason})") from exc
 
 
@@ -274,12 +290,15 @@ def _read_mooncake(path: Path) -> pd.DataFrame:
     times: list[float] = []
     prompt: list[float] = []
     output: list[float] = []
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            text = _decode_line(path, raw, lineno)
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                # without its line end: an object cut short is reported at its last character
+                # on this line, not at "line 2 column 1" of the text
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise TraceFormatError(
                     str(path), f"invalid JSON: {exc.msg}", line=lineno, column=f"char {exc.colno}"

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from autoscaler.errors import InsufficientData
+from autoscaler.cli import writable_output
+from autoscaler.errors import ConfigError, InsufficientData
 from autoscaler.plan.startpaths import LeadTimes, load_start_profile
 from autoscaler.signals.cli import add_csv_column_args
 from autoscaler.sim.demand import SHAPES
@@ -156,7 +157,12 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     import pandas as pd
 
     leads = load_start_profile(args.start_profile) if args.start_profile else LeadTimes()
-    warmup = pd.Timedelta(args.warmup).total_seconds() if args.warmup else None
+    warmup = None
+    if args.warmup:
+        try:
+            warmup = pd.Timedelta(args.warmup).total_seconds()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("--warmup", f"not a duration: {args.warmup!r}") from exc
     return SimConfig(
         leads=leads,
         forecaster=args.forecaster,
@@ -213,6 +219,9 @@ def _naming_the_trace(exc: InsufficientData, label: str, series) -> Insufficient
 def run_simulate(args: argparse.Namespace) -> int:
     console = report_console()
     names = parse_policies(args.policies)
+    for path, option in ((args.json_out, "--json"), (args.plot, "--plot")):
+        if path:
+            writable_output(path, option)
     series, label = load_series(args.trace, args.bundled, args.format, args.step,
                                 columns=csv_columns(args))  # fmt: skip
     scenario = make_scenario(series, label, args.peak_replicas, args.capacity, args.shape)
@@ -220,7 +229,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if SELF_TUNING in names:  # its tunes choose among these levels: the replay forecasts them
         config = replace(config, quantiles=tuple(sorted({*config.quantiles, *QUANTILES})))
     console.print(
-        f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}, "
+        f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}{_gaps(series)}, "
         f"capacity {scenario.capacity.per_replica:.4g} req/s per replica "
         f"({scenario.capacity.note or scenario.capacity.source})"
     )
@@ -237,6 +246,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gaps(series) -> str:
+    """', N gap windows (...)' when the series has gaps: they are replayed as missing data."""
+    n = int(series.isna().sum())
+    return f", {n} gap windows (missing data, never zero demand)" if n else ""
+
+
 def default_out(path: str | None, name: str) -> Path | None:
     return Path(path) / name if path else None
 
@@ -244,16 +259,17 @@ def default_out(path: str | None, name: str) -> Path | None:
 def run_tune(args: argparse.Namespace) -> int:
     import json
 
-    from autoscaler.errors import ConfigError
-
     if not 0 < args.served_floor <= 1:
         raise ConfigError("--served-floor", f"must be in (0, 1], not {args.served_floor}")
+    if args.json_out:
+        writable_output(args.json_out, "--json")
     console = report_console()
     series, label = load_series(args.trace, args.bundled, args.format, tune_step(args),
                                 columns=csv_columns(args))  # fmt: skip
     grid, left_out = candidates_for(series)
     console.print(
-        f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}; replaying "
+        f"[bold]{label}[/bold]: {len(series)} points at {series.index.freq}{_gaps(series)}; "
+        "replaying "
         f"{len(grid)} candidate settings and the oracle"
     )
     if left_out:

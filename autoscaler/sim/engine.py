@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from autoscaler.errors import ConfigError
 from autoscaler.plan.budget import BudgetClaim, allocate_gpu_budget
 from autoscaler.plan.capacity import replicas_needed
 from autoscaler.plan.replicas import WorkloadSpec
@@ -83,6 +84,13 @@ class SimConfig:
     # name -> factory, consulted before the registry (tests plug a double in here)
     custom_forecasters: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a negative delay or warm-up replays nonsense (a negative queue budget served 99.96%)
+        for name in ("max_queue_delay_s", "warmup_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(name, f"must be a finite number of seconds >= 0, got {value}")
+
     def warmup_for(self, span_s: float) -> float:
         if self.warmup_s is not None:
             return self.warmup_s
@@ -133,9 +141,10 @@ class SimContext:
         span = n * self.dt
         self.start_idx = round(config.warmup_for(span) / self.dt)
         if self.start_idx >= n - 1:
-            raise ValueError(
+            raise ConfigError(
+                "warmup",
                 f"the warm-up ({config.warmup_for(span):.0f} s) leaves nothing to replay "
-                f"in a {span:.0f} s trace"
+                f"in a {span:.0f} s trace: give a longer trace or a shorter --warmup",
             )
         self.prefix = [PrefixSums(w.ticks) for w in workloads]
         self.forecast_step_s = config.step_for(workloads[0].ticks.source_step_s)

@@ -283,6 +283,32 @@ def same_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("tokens") == b.get("tokens") and a.get("logits") == b.get("logits")
 
 
+def faults_by_range(faults: list[tuple[int, int, int]]) -> dict[str, int]:
+    """Faults served while the tree ran, counted by the size of the lazy range each hit (small
+    ranges: heap and library data; the largest: the CUDA driver's host copy of the GPU;
+    "zero": memory the dump lacks, zero-filled)."""
+    bounds = ((1, "zero"), (64 << 10, "<64K"), (2 << 20, "<2M"), (64 << 20, "<64M"))
+    out: dict[str, int] = {}
+    for _pid, _page, n in faults:
+        name = next((label for limit, label in bounds if n < limit), ">=64M")
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def fill_profile(fill: dict[str, Any], faults: list[tuple[int, int, int]]) -> str:
+    """Where a fill beside a running tree spent its time, for the log."""
+    threads = max(1, int(fill.get("threads", 1)))
+    python = (float(fill.get("thread_s", 0)) - float(fill.get("copy_s", 0))) / threads
+    return (f"tree ran from {float(fill.get('running_at_s', -1)):.3f} s into the fill; per "
+            f"thread {float(fill.get('copy_s', 0)) / threads:.3f} s in UFFDIO_COPY, "
+            f"{python:.3f} s outside it, {fill.get('stalls', 0)} stalls; events read "
+            f"{fill.get('event_reads', 0)}x, gate waited {float(fill.get('gate_wait_s', 0)):.3f}"
+            f" s; faults waited {float(fill.get('fault_wait_s', 0)):.3f} s in all, at most "
+            f"{float(fill.get('fault_wait_max_s', 0)) * 1e3:.1f} ms; by range "
+            f"{faults_by_range(faults)}; {fill.get('first_chunks', 0)} chunks first, "
+            f"{fill.get('zeroed_first', 0)} pages zeroed first")
+
+
 @dataclass
 class ModelRun:
     model: str
@@ -301,6 +327,10 @@ class ModelRun:
     # per images directory: the external files the checkpoint recorded (the fast path's weights)
     externals: dict[Path, tuple[Any, ...]] = field(default_factory=dict)
     recorded_gpus: dict[Path, list[str]] = field(default_factory=dict)
+    # per images directory: the pages restores of it faulted on while their tree ran, all of
+    # them so far (dump-time pid, page address): its working set, as the agent keeps it per
+    # artifact (NodeCache.working_set) and fills first (RestoreRequest.working_set)
+    faults: dict[Path, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     @property
     def probe(self) -> Path:
@@ -480,6 +510,7 @@ class ModelRun:
         preload_lead_s: float = 0.0, gpu_staged_s: float = 0.0,
         fill_while_running: bool | None = None, registered: bool = False,
         verify_digest: str = store_mod.DEFAULT_DIGEST, fill_threads: int = 0,
+        fill_order: str = "", fill_chunk_kib: int = 0, working_set: bool | None = None,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -497,6 +528,17 @@ class ModelRun:
         options = replace(options, fill_while_running=running)
         if fill_threads:  # a comparison run: the parallel fill's threads
             options = replace(options, page_fill_threads=fill_threads)
+        if fill_order:  # a comparison run: the order the fill hands its chunks out in
+            options = replace(options, page_fill_order=fill_order)
+        if fill_chunk_kib:  # a comparison run: the fill's bytes per UFFDIO_COPY
+            options = replace(options, page_fill_chunk_bytes=fill_chunk_kib << 10)
+        # the agent's working set (RestoreRequest.working_set): with the tree running during
+        # the fill, what earlier restores of these images faulted on goes first, and this
+        # restore's faults are added; a comparison run (working_set=False) does neither
+        working_set = self.args.working_set if working_set is None else working_set
+        working_set = working_set and running and options.parallel_fill()
+        if working_set:
+            options = replace(options, page_fill_first=self.faults.get(images, ()))
         # the agent's order from disk: the images first, then the weights (one stream at a
         # time); "_preload_at_once" runs (--compare-disk-preload) start both together
         preload_at_once = not from_disk or path.endswith("_preload_at_once")
@@ -623,6 +665,11 @@ class ModelRun:
             fill = restored.fill.finish() if restored.fill else restored.page_fill
             fill_wait = max(0.0, time.perf_counter() - t0 - seconds) if restored.fill else 0.0
             seconds += fill_wait
+            faulted = restored.fill.faults if restored.fill else []
+            if working_set:  # as the agent records it: a union, its oldest pages kept first
+                merged = dict.fromkeys((*self.faults.get(images, ()),
+                                        *((p_, page) for p_, page, _n in faulted)))  # fmt: skip
+                self.faults[images] = tuple(merged)[:staging_mod.MAX_WORKING_SET_PAGES]
         except BaseException as exc:
             # the worker must be dead before its fill's server lets go of its memory (it would
             # read zeros), and a fill that failed is the reason to give
@@ -650,7 +697,8 @@ class ModelRun:
                   f"{fill['threads']}" if fill else ", CRIU's page fill")  # fmt: skip
         if fill and fill.get("while_running"):
             filled += (f" while running ({fill['faults_while_running']} faults, "
-                       f"{fill_wait:.3f} s waited after the first response)")  # fmt: skip
+                       f"{fill_wait:.3f} s waited after the first response; "
+                       f"{fill_profile(fill, faulted)})")  # fmt: skip
         if fill and fill.get("forks"):
             filled += f", {fill['forks']} forked child(ren) filled too"
         if fork := health.get("fork_after_restore"):
@@ -680,6 +728,9 @@ class ModelRun:
             "page_fill": fill,
             "fill_while_running": options.fill_while_running,
             "fill_wait_after_response_s": round(fill_wait, 4),
+            # the faults served while the tree ran, by the size of the lazy range they hit
+            "faults_by_range": faults_by_range(faulted),
+            "working_set_pages_used": len(options.page_fill_first) if working_set else None,
             # CRIU's kernel-feature cache (autoscaler.agent.kdat): "written", "cached", "off"...
             "criu_kdat": restored.kdat,
             "verify_threads": verify_threads or store_mod.default_threads(),
@@ -729,6 +780,20 @@ def preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     except Exception as exc:
         info["criu"] = f"unavailable: {exc}"
     return info
+
+
+def fill_variants(run: ModelRun, path: str, images: Path, ckpt: dict[str, Any],
+                  args: argparse.Namespace, registered: bool = False) -> None:  # fmt: skip
+    """After a `path` restore, the same one with each page-fill setting asked to compare."""
+    if args.compare_fill_order:
+        run.restore(f"{path}_order_{args.compare_fill_order}", images, ckpt,
+                    registered=registered, fill_order=args.compare_fill_order)  # fmt: skip
+    if args.compare_fill_chunk_kib:
+        run.restore(f"{path}_chunk{args.compare_fill_chunk_kib}", images, ckpt,
+                    registered=registered, fill_chunk_kib=args.compare_fill_chunk_kib)  # fmt: skip
+    if args.compare_working_set:
+        run.restore(f"{path}_no_working_set", images, ckpt, registered=registered,
+                    working_set=False)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -823,6 +888,27 @@ def main(argv: list[str] | None = None) -> int:
         help="after each memory (and memory_registered) restore, the same one whose page fill "
         "uses N threads instead of --page-fill-threads (paths memory_fillN, "
         "memory_registered_fillN)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-fill-order", default="", choices=("", *pagefill.FILL_ORDERS),
+        help="after each memory (and memory_registered) restore, the same one whose page fill "
+        "hands its chunks out in this order (paths memory_order_ORDER, "
+        "memory_registered_order_ORDER)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-fill-chunk-kib", type=int, default=0, metavar="KIB",
+        help="after each memory (and memory_registered) restore, the same one whose page fill "
+        "copies KIB at a time (paths memory_chunkKIB, memory_registered_chunkKIB)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-working-set", dest="working_set", action="store_false",
+        help="the agent's --no-working-set: restores whose tree runs during the fill do not "
+        "fill first the pages earlier restores of the same images faulted on",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-working-set", action="store_true",
+        help="after each memory (and memory_registered) restore, the same one without the "
+        "working set (paths memory_no_working_set, memory_registered_no_working_set)",
     )  # fmt: skip
     p.add_argument(
         "--compare-verify-digest", action="store_true",
@@ -960,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify:
                 run.seal_for_verify(fast_images)
             if "memory" in paths:
+                if args.working_set:  # the artifact's first restore on a node: no working set
+                    # yet (it records one), as the agent's first restore of a staged copy
+                    run.restore("memory_first_on_node", fast_images, ckpt)
                 for _ in range(args.memory_repeats):
                     run.restore("memory", fast_images, ckpt)
                     if args.compare_kdat:  # interleaved: the VM's drift hits both alike
@@ -990,6 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
                         run.restore(f"memory_fill{n}", fast_images, ckpt, fill_threads=n)
                     if args.compare_verify_digest:  # the same restore checked by sha256
                         run.restore("memory_sha256", fast_images, ckpt, verify_digest="sha256")
+                    fill_variants(run, "memory", fast_images, ckpt, args)
                     if args.compare_registered and args.preload:
                         run.restore("memory_registered", fast_images, ckpt, registered=True)
                         if args.compare_fill_while_running:
@@ -1003,6 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
                         if args.compare_verify_digest:
                             run.restore("memory_registered_sha256", fast_images, ckpt,
                                         registered=True, verify_digest="sha256")  # fmt: skip
+                        fill_variants(run, "memory_registered", fast_images, ckpt, args,
+                                      registered=True)  # fmt: skip
                     if args.compare_pinned_areas and args.preload:
                         with preloader_pinning_per_load(work):
                             run.restore("memory_pinned_per_load", fast_images, ckpt)

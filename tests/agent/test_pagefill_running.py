@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -658,3 +659,105 @@ def test_a_child_forked_in_the_middle_of_the_fill_takes_only_what_was_missing(
         HalfFilledServer.go_on.set()
         restored.fill.close()
         criu_mod.kill_restored(pid)
+
+
+# A private anonymous mapping of random bytes (`keep`) and one written only in its first half
+# (`holed`: its second half is not in the dump); the first report gives both addresses, and
+# SIGUSR1 the digests and whether the unwritten half reads zeros.
+HOLED = f"""
+import ctypes, hashlib, mmap, os, signal, sys, time
+out = sys.argv[1]
+size = {SIZE_MIB} << 20
+half = size // 2
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+keep, holed = (mmap.mmap(-1, size, flags=flags) for _ in range(2))
+keep.write(os.urandom(size))
+holed.write(os.urandom(half))
+def address(m):
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+where = f"{{address(keep)}} {{address(holed)}}"
+def write(text):
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+def report(*_):
+    write(hashlib.sha256(keep).hexdigest() + " " + hashlib.sha256(holed[:half]).hexdigest()
+          + " " + str(holed[half:] == bytes(size - half)))
+signal.signal(signal.SIGUSR1, report)
+write(where)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_the_working_set_goes_first_then_the_fill_order() -> None:
+    """Chunks holding a page of `first` lead, in the asked order; the rest follow in it."""
+    pages = pagefill.TaskPages(pid=7, pages_path=Path("pages-1.img"), ranges=())
+    task = pagefill._Task(pages=pages, uffd=-1, src=0, src_len=0)
+    other = pagefill._Task(pages=pagefill.TaskPages(pid=8, pages_path=Path("pages-2.img"),
+                                                    ranges=()), uffd=-1, src=0, src_len=0)
+    p = pagefill.PAGE
+    chunks = [pagefill._Chunk(task, 10 * p, 0, 4 * p), pagefill._Chunk(task, 20 * p, 0, p),
+              pagefill._Chunk(task, 30 * p, 0, 2 * p), pagefill._Chunk(other, 10 * p, 0, 8 * p)]
+    first = {7: [12 * p, 30 * p]}  # pid 8's chunk at the same address is not named
+    for order, rest in (("largest", [3, 1]), ("smallest", [1, 3]), ("address", [3, 1])):
+        ordered, ahead = pagefill.fill_order(chunks, order, first)
+        assert ahead == 2
+        assert {id(c) for c in ordered[:2]} == {id(chunks[0]), id(chunks[2])}
+        assert [chunks.index(c) for c in ordered[2:]] == rest
+    assert [chunks.index(c) for c in pagefill.fill_order(chunks, "smallest", {})[0]] == [1, 2, 0, 3]
+    with pytest.raises(ValueError, match="order must be one of"):
+        pagefill.LazyPagesServer(Path("."), Path("."), order="random")
+    with pytest.raises(ValueError, match="page_fill_order"):
+        criu_mod.CriuOptions(page_fill_order="random")
+    with pytest.raises(ValueError, match="page_fill_chunk_bytes"):
+        criu_mod.CriuOptions(page_fill_chunk_bytes=1000)
+
+
+@pytest.mark.integration
+def test_a_recorded_working_set_is_filled_first_and_the_memory_is_unchanged(
+    criu_binary: Path, held, tmp_path: Path
+) -> None:
+    """The faults of a restore whose fill was held back are its working set; a later restore
+    of the same images fills those chunks first, zero-fills the named pages the dump lacks,
+    and the process still has exactly its memory."""
+    pid, images, out, where = dump_program(HOLED, tmp_path)
+    keep, holed = (int(x) for x in where.split())
+    half = (SIZE_MIB << 20) // 2
+    restored = criu_mod.restore(images, tmp_path / "logs-1", running_options())
+    try:
+        assert restored.fill is not None
+        first_report = signal_and_read(pid, out, signal.SIGUSR1)  # every page faulted in
+        keep_digest, _holed_digest, zeros = first_report.split()
+        assert zeros == "True"
+        held.release.set()
+        stats = restored.fill.finish()
+        faults = restored.fill.faults
+        # where the time went: faults waited on the events' gate, copies in the kernel
+        assert stats["event_reads"] > 0 and stats["fault_wait_s"] > 0
+        assert 0 < stats["copy_s"] <= stats["thread_s"]
+        assert stats["running_at_s"] == 0.0  # the tree ran before the (held) fill began
+    finally:
+        if restored.fill is not None:
+            restored.fill.close()
+        kill_pid(pid)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the first restore to be reaped")
+    dump_backed = [(p, page) for p, page, n in faults if n]
+    assert any(keep <= page < keep + (SIZE_MIB << 20) for _p, page in dump_backed)
+    # the working set, plus pages the dump lacks: the unwritten half of `holed`
+    p = pagefill.PAGE
+    unwritten = [(pid, holed + half + k * p) for k in range(8)]
+    first = (*((q, page) for q, page, _n in faults), *unwritten)
+    options = replace(running_options(), page_fill_first=first, page_fill_order="address")
+    restored = criu_mod.restore(images, tmp_path / "logs-2", options)
+    try:
+        assert restored.fill is not None
+        stats = restored.fill.finish()
+        assert stats["first_chunks"] > 0
+        assert stats["zeroed_first"] >= len(unwritten)
+        assert signal_and_read(pid, out, signal.SIGUSR1) == first_report
+        assert first_report.split()[0] == keep_digest
+    finally:
+        if restored.fill is not None:
+            restored.fill.close()
+        kill_pid(pid)

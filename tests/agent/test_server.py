@@ -228,6 +228,9 @@ def test_checkpoint_stage_restore_through_the_api(
     assert 'autoscaler_agent_page_fills_total{mode="parallel"} 1.0' in text
     assert "autoscaler_agent_page_fill_seconds_count 1.0" in text
     assert "autoscaler_agent_page_fill_forks_total 0.0" in text  # the CPU worker forks none
+    # from memory the tree ran during the fill; the artifact's first restore had no working set
+    assert "autoscaler_agent_page_fill_faults_while_running_count 1.0" in text
+    assert 'autoscaler_agent_working_set_restores_total{source="none"} 1.0' in text
     wait_for(lambda: True, 1, "noop")
 
 

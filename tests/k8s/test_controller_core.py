@@ -174,3 +174,14 @@ def test_config_sections_are_validated_with_the_field_named():
     with pytest.raises(ConfigError) as err:
         parse_controller_config({"workloads": [{"name": "chat", "max_replicas": 0}]})
     assert "max_replicas" in err.value.field
+    # Leader timings that would let a second replica take the lease while the first still acts
+    # (or make the holder stop acting between its own renewals) were a ValueError traceback at
+    # start, or accepted; a replay origin that is no time was a pandas traceback.
+    for leader, field in (({"lease_duration_s": 5, "renew_deadline_s": 10}, "renew_deadline_s"),
+                          ({"renew_deadline_s": 10, "retry_period_s": 10}, "retry_period_s")):
+        with pytest.raises(ConfigError) as err:
+            parse_controller_config({"controller": {"leader": leader}})
+        assert err.value.field == f"controller.leader.{field}"
+    with pytest.raises(ConfigError) as err:
+        parse_controller_config({"controller": {"replay": {"origin": "yesterday-ish"}}})
+    assert err.value.field == "controller.replay.origin"

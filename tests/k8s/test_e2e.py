@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
+from kubernetes import client
 
 from autoscaler.agent.store import DirectoryStore
 from autoscaler.cluster.adapter import Cluster, wait_until
@@ -363,3 +364,90 @@ def test_two_controller_replicas_elect_one_leader(
     finally:
         a.stop()
         b.stop()
+
+
+def _impersonating(world: World, user: str, rules: list[client.V1PolicyRule]) -> client.ApiClient:
+    """An API client acting as `user`, who has exactly `rules` (a ClusterRole bound to it):
+    the controller under an RBAC that lacks something."""
+    rbac = client.RbacAuthorizationV1Api(world.cluster.api)
+    rbac.create_cluster_role(client.V1ClusterRole(metadata=client.V1ObjectMeta(name=user),
+                                                  rules=rules))  # fmt: skip
+    rbac.create_cluster_role_binding(client.V1ClusterRoleBinding(
+        metadata=client.V1ObjectMeta(name=user),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="ClusterRole",
+                                  name=user),
+        subjects=[client.RbacV1Subject(kind="User", name=user,
+                                       api_group="rbac.authorization.k8s.io")],
+    ))  # fmt: skip
+    api = client.ApiClient(world.cluster.api.configuration)
+    api.set_default_header("Impersonate-User", user)
+    return api
+
+
+def _rules(scale: list[str], nodes: list[str]) -> list[client.V1PolicyRule]:
+    """The controller's RBAC, with these verbs on deployments/scale and on nodes."""
+    rule = client.V1PolicyRule
+    return [
+        rule(api_groups=["apps"], resources=["deployments"], verbs=["get", "list", "patch"]),
+        rule(api_groups=["apps"], resources=["deployments/scale"], verbs=scale),
+        rule(api_groups=[""], resources=["nodes"], verbs=nodes),
+        rule(api_groups=[""], resources=["pods"], verbs=["list"]),
+        rule(api_groups=[""], resources=["events"], verbs=["create"]),
+    ]
+
+
+def _second_cycle_as(world: World, prometheus, trace: Trace, monkeypatch, name: str,
+                     rules: list[client.V1PolicyRule]):  # fmt: skip
+    """A controller acting as a user with exactly `rules`, at ~2,400 req/s (~10 replicas): its
+    first cycle submits the first fit (holding meanwhile) and adopts the Deployment; the
+    second cycle's report is returned, with the controller."""
+    user = f"{name}-{world.namespace}"
+    api = _impersonating(world, user, rules)
+    rbac = client.RbacAuthorizationV1Api(world.cluster.api)
+    origin = trace.at(pd.Timestamp("2024-01-05 18:00", tz="UTC"))
+    monkeypatch.setenv("E2E_AGENT_TOKEN", AGENT_TOKEN)
+    config, settings = parse_controller_config(controller_config(world, prometheus.url, origin))
+    c = build_controller(config, settings, cluster=Cluster(api),
+                         clock=SteppedClock(origin.timestamp(), SPEEDUP))  # fmt: skip
+    try:
+        c.run_cycle()
+        c.fits.wait_idle()
+        assert wait_until(lambda: settled(world), 30), world.kubelet.errors
+        return c, c.run_cycle()
+    finally:
+        c.fits.shutdown()
+        rbac.delete_cluster_role_binding(user)
+        rbac.delete_cluster_role(user)
+
+
+def test_staging_the_cluster_refuses_does_not_stop_the_scaling(
+    world: World, prometheus, trace: Trace, monkeypatch
+):
+    # The controller may not label nodes (its RBAC lacks nodes: patch; a node deleted between the
+    # list and the label answers 404 alike). Staging is then reported as failed, and the
+    # replicas the forecast needs are still written: staging only makes starts faster.
+    _c, report = _second_cycle_as(world, prometheus, trace, monkeypatch, "no-node-patch",
+                                  _rules(scale=["get", "update"], nodes=["get", "list"]))
+    assert report.error is None, report.error
+    out = report.outcomes["chat"]
+    assert out.written is not None and out.written > 1, out.summary
+    assert replicas(world) == out.written
+    assert any("403" in e and "label" in e for e in report.stage_errors), report.stage_errors
+    assert not any(n.staged for n in world.cluster.list_gpu_nodes() if n.name in world.nodes)
+
+
+def test_a_scale_write_the_cluster_refuses_is_exported(
+    world: World, prometheus, trace: Trace, monkeypatch
+):
+    # The controller may read the scale but not write it (RBAC without deployments/scale:
+    # update): the cycle goes on, the outcome names the refusal, and /metrics counts it, so a
+    # controller that cannot act does not look healthy there.
+    c, report = _second_cycle_as(world, prometheus, trace, monkeypatch, "no-scale-update",
+                                 _rules(scale=["get"], nodes=["get", "list", "patch"]))
+    out = report.outcomes["chat"]
+    assert report.error is None and out.desired > 1 and out.written is None, out.summary
+    assert "403" in out.error, out.error
+    assert replicas(world) == 1
+    errors = c.metrics.registry.get_sample_value("autoscaler_scale_write_errors_total",
+                                                 {"workload": "chat"})  # fmt: skip
+    assert errors == 1

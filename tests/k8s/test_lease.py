@@ -100,3 +100,59 @@ def test_racing_candidates_for_a_free_lease_produce_one_winner(cluster: Cluster,
         ).spec.holder_identity
         == "replica-b"
     )
+
+
+def test_a_leader_whose_lease_lapsed_during_its_cycle_writes_no_scale(
+    cluster: Cluster, namespace: str
+):
+    # The cycle starts as the leader, then its demand query takes longer than the renew
+    # deadline while no renewal gets through (another replica may hold the Lease by now): the
+    # decision it made is not written.
+    import pandas as pd
+
+    from autoscaler.controller.loop import Controller
+    from autoscaler.controller.settings import parse_controller_config
+    from autoscaler.forecast.registry import make_forecaster
+    from autoscaler.signals.bundled import load_bundled
+    from tests.k8s.objects import gpu_deployment
+    from tests.replay_doubles import StepClock, TraceDemand
+
+    series = load_bundled("servegen-m-mid")
+    clock = FakeMonotonic()
+
+    class SlowDemand(TraceDemand):
+        slow_s = 0.0
+
+        def demand(self, workload, start, end, step):
+            clock.now += self.slow_s
+            return super().demand(workload, start, end, step)
+
+    cluster.apps.create_namespaced_deployment(namespace, gpu_deployment("chat", 1, workload="chat"))
+    config, settings = parse_controller_config({
+        "interval_s": 600, "forecaster": "last", "forecast_step": "10min",
+        "workloads": [{"name": "chat", "namespace": namespace, "max_replicas": 64,
+                       "capacity": {"throughput_per_replica": 250.0}}],
+        "controller": {"kubernetes": {"namespace": namespace}, "agents": {"enabled": False},
+                       "prometheus": {"history": "2D"}},
+    })  # fmt: skip
+    elector = LeaderElector(cluster, namespace, "autoscaler-controller", "replica-a",
+                            lease_duration_s=15, renew_deadline_s=10, retry_period_s=2,
+                            monotonic=clock)  # fmt: skip
+    demand = SlowDemand(series)
+    demand.slow_s = 11.0
+    controller = Controller(
+        config, settings, cluster, demand, lambda _w: make_forecaster("last", "10min", 12),
+        clock=StepClock(series.index[6 * 24 * 7] + pd.Timedelta("10min")), elector=elector,
+    )  # fmt: skip
+    reports = []
+    try:
+        for _ in range(2):  # the first holds for the fit (raised to the measured rate), then plans
+            reports.append(controller.run_cycle())
+            controller.fits.wait_idle()
+    finally:
+        controller.fits.shutdown()
+    for report in reports:
+        out = report.outcomes["chat"]
+        assert report.leader and out.desired > 1 and out.written is None, out.summary
+        assert "lease" in (out.error or ""), out.summary
+    assert cluster.read_scale(namespace, "chat").spec_replicas == 1

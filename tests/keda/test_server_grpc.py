@@ -131,6 +131,8 @@ def test_withdrawn_plan_is_an_error(
         ({"workload": "llm", "quantile": "1.5"}, "quantile"),
         ({"workload": "llm", "headroom": "-1"}, "headroom"),
         ({"workload": "llm", "targetSize": "-3"}, "targetSize"),
+        # beyond the int64 milli-quantities of KEDA and the HPA (was UNKNOWN: "Value out of range")
+        ({"workload": "llm", "targetSize": "1e19"}, "targetSize"),
     ],
 )
 @pytest.mark.parametrize("rpc", ["GetMetricSpec", "IsActive", "GetMetrics", "StreamIsActive"])

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def test_keda_serve_plans_from_prometheus_and_shuts_down_on_sigterm(
     config = tmp_path / "config.yaml"
     _write_config(config, prometheus_with_trace.url)
     address = f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
         [
@@ -96,6 +98,8 @@ def test_keda_serve_plans_from_prometheus_and_shuts_down_on_sigterm(
             address,
             "--stream-interval",
             "1",
+            "--metrics-listen",
+            metrics,
         ],
         cwd=ROOT,
         stdout=log,
@@ -127,6 +131,14 @@ def test_keda_serve_plans_from_prometheus_and_shuts_down_on_sigterm(
             with pytest.raises(grpc.RpcError) as info:
                 stub.GetMetrics(unknown, timeout=5)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # its operator sees the plan served and the cycles run on /metrics
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        assert 'autoscaler_keda_plan_served{workload="azure-conv"} 1.0' in text
+        cycles = next(line for line in text.splitlines()
+                      if line.startswith("autoscaler_keda_cycles_total "))  # fmt: skip
+        assert float(cycles.split()[1]) >= 1
+        assert "# TYPE autoscaler_workload_errors_total counter" in text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
