@@ -120,6 +120,9 @@ def checkpoint_worker(
                     dump_pid, writer.images_dir, writer.logs_dir, options, target  # type: ignore[arg-type]
                 )
                 timings["criu_dump"] = dumped.seconds
+                if dumped.lazy_marks_repaired:
+                    say(f"CRIU left no lazy page in the dump of pids {dumped.lazy_marks_repaired} "
+                        "(a page-aligned stack pointer; CRIU 4.2's stack test): marked again")
                 externals = recording.result() if recording else ()
                 if recording:
                     timings["external_files"] = recording.seconds
@@ -172,6 +175,10 @@ def artifact_info(
     checkpoint request with workload, model, handshake_dir and extra (single or group);
     `extra` adds (and overrides) manifest extras, e.g. a group's per-process records."""
     gpu = driver_info() if has_cuda else {"driver_version": None, "gpu_model": None}
+    # a dump CRIU left without lazy marks, marked again (autoscaler.agent.lazymarks): recorded
+    # so that an artifact's history says why its pagemap is not CRIU's own
+    repaired = ({"lazy_marks_repaired": list(dumped.lazy_marks_repaired)}
+                if dumped.lazy_marks_repaired else {})  # fmt: skip
     return ArtifactInfo(
         workload=request.workload,
         model=dict(request.model),
@@ -182,7 +189,8 @@ def artifact_info(
         root_pid=dumped.root_pid,
         pids=dumped.pids,
         namespaced=namespaced,
-        extra={"handshake": request.handshake_dir is not None, **request.extra, **(extra or {})},
+        extra={"handshake": request.handshake_dir is not None, **repaired, **request.extra,
+               **(extra or {})},
         external_files=tuple(external_files),
     )
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from autoscaler.agent import images, kdat, pagefill
+from autoscaler.agent import images, kdat, lazymarks, pagefill
 from autoscaler.agent.errors import CriuError, CriuNotFound, PidTaken
 
 MIN_VERSION = (4, 2)
@@ -216,6 +216,9 @@ class DumpResult:
     pids: tuple[int, ...]  # every PID/TID of the dumped tree (as seen in its pid namespace)
     root_pid: int
     kdat: str | None = None  # what kdat.ensure did ("off": not asked)
+    # processes whose pagemap CRIU left without lazy marks (its stack-test bug) and the agent
+    # marked again (autoscaler.agent.lazymarks)
+    lazy_marks_repaired: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -374,8 +377,13 @@ def dump(
     seconds = _run_criu("dump", args, log_path, target, timeout_s)
     tree = read_pstree(images_dir)
     pids = tuple(sorted({p for entry in tree for p in (entry.pid, *entry.threads)}))
+    try:
+        repaired = lazymarks.repair(images_dir, [(e.pid, e.threads) for e in tree])
+    except (OSError, ValueError) as exc:
+        raise CriuError("dump", 0, str(log_path), f"the dump's images are unreadable after "
+                        f"CRIU succeeded: {exc}") from exc  # fmt: skip
     return DumpResult(seconds=seconds, log_path=log_path, pids=pids, root_pid=tree[0].pid,
-                      kdat=cache)  # fmt: skip
+                      kdat=cache, lazy_marks_repaired=tuple(repaired))  # fmt: skip
 
 
 def restore(

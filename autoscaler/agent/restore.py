@@ -583,6 +583,7 @@ def _restore(
     page_fill = restored.page_fill
     if page_fill is not None:
         timings["page_fill"] = float(page_fill["fill_s"])
+        _warn_if_nothing_lazy(page_fill, artifact_id, preloads)
     preloads.not_waited_for()  # the tree runs now, whatever the preloader is doing
     try:
         if verified.manifest.has_cuda_state and records:
@@ -621,6 +622,7 @@ def _restore(
             page_fill = restored.fill.finish()
             timings["page_fill"] = float(page_fill["fill_s"])
             timings["page_fill_wait"] = time.perf_counter() - t
+            _warn_if_nothing_lazy(page_fill, artifact_id, preloads)
             if fingerprint is not None and cache is not None:
                 page_fill = {**page_fill, "working_set_used": len(options.page_fill_first),
                              "working_set_from": "store" if from_store else "node",
@@ -652,6 +654,16 @@ def _restore(
         page_fill=page_fill,
         criu_kdat=restored.kdat,
     )
+
+
+def _warn_if_nothing_lazy(page_fill: dict, artifact_id: str, preloads: Preloads) -> None:
+    """An artifact whose dump marked no page lazy restores correctly, but CRIU reads all of its
+    memory itself, as slowly as without the fill: say so, since a new checkpoint fixes it
+    (autoscaler.agent.lazymarks repairs dumps taken since)."""
+    if page_fill.get("processes") and not page_fill.get("ranges"):
+        preloads.warn(f"{artifact_id}: its dump marks no page lazy, so CRIU read all of its "
+                      "memory itself (a dump taken before the agent repaired CRIU 4.2's "
+                      "stack-test bug?); checkpoint it again for the fast fill")  # fmt: skip
 
 
 def _record_working_set(cache: NodeCache, store: ArtifactStore | None, artifact_id: str,

@@ -78,7 +78,7 @@ def test_checkpoint_restore_on_host_gives_same_answers(
     fill = outcome.page_fill
     assert fill is not None
     assert fill["processes"] == 1
-    assert fill["bytes"] + fill["fault_bytes"] > 1 << 20, fill
+    assert fill["bytes"] + fill["fault_bytes"] > 1 << 20, json.dumps(fill)
     assert outcome.page_fill["while_running"] == int(while_running)
     assert ("page_fill_wait" in outcome.seconds) == while_running
     # CRIU found its kernel-feature cache (kept by the agent where /run is not a tmpfs)
@@ -159,7 +159,7 @@ def test_checkpoint_and_restore_inside_pod_namespaces(
     assert outcome.pid == WORKER_PID_IN_POD  # same PID inside the new pod
     # CRIU ran inside the pod's namespaces and still found the agent's lazy-pages socket
     fill = outcome.page_fill
-    assert fill is not None and fill["bytes"] + fill["fault_bytes"] > 1 << 20, fill
+    assert fill is not None and fill["bytes"] + fill["fault_bytes"] > 1 << 20, json.dumps(fill)
     assert outcome.page_fill["while_running"] == int(while_running)
     # ... and its kernel-feature cache, in the pod's own /run
     assert outcome.criu_kdat in ("written", "cached", "tmpfs"), outcome.criu_kdat
