@@ -401,6 +401,9 @@ class Controller:
             model_dirs=model_dirs(config),
         )
         self._model_seen: dict[str, int] = {}
+        # (workload, stage) -> (the last internal error's reason, times seen in a row): its
+        # traceback is logged once, repeats as one line each (see _internal_error)
+        self._errors_seen: dict[tuple[str, str], tuple[str, int]] = {}
         # its query load goes to autoscaler_nowcast_points_fetched_total{workload,fetch}
         self.nowcast = NowcastBands(config.nowcast, config.interval_s, self.step.total_seconds(),
                                     demand, on_fetch=self.metrics.count_nowcast_fetch)  # fmt: skip
@@ -731,7 +734,14 @@ class Controller:
         """Log (with the traceback) and count an unexpected error of one workload; the reason
         its hold reports. Called inside the `except` block."""
         reason = f"internal error in {stage}: {type(exc).__name__}: {exc}"
-        log.exception("%s: %s; holding its replicas, the other workloads go on", name, reason)
+        last, times = self._errors_seen.get((name, stage), ("", 0))
+        times = times + 1 if reason == last else 1
+        self._errors_seen[(name, stage)] = (reason, times)
+        if times == 1:
+            log.exception("%s: %s; holding its replicas, the other workloads go on", name, reason)
+        else:  # the same failure every cycle: its traceback was logged when it began
+            log.error("%s: %s (again: %d times since its traceback); holding its replicas",
+                      name, reason, times)  # fmt: skip
         self.metrics.workload_errors.labels(name, stage).inc()
         return reason
 

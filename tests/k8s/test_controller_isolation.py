@@ -80,6 +80,8 @@ def test_a_failing_forecaster_holds_its_workload_and_the_others_are_scaled(
         controller.fits.wait_idle()
         with caplog.at_level(logging.ERROR, logger="autoscaler.controller"):
             report = controller.run_cycle()
+            first_cycle_records = len(caplog.records)
+            again = controller.run_cycle()  # the same failure: one line, no second traceback
         port = http.server_address[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
             exported = resp.read().decode()
@@ -105,13 +107,18 @@ def test_a_failing_forecaster_holds_its_workload_and_the_others_are_scaled(
     # Logged at ERROR with the traceback, naming the workload; counted, and on /metrics.
     logged = [r for r in caplog.records if r.levelno == logging.ERROR and "bad" in r.getMessage()]
     assert logged and logged[0].exc_info and logged[0].exc_info[0] is FloatingPointError
+    assert again.outcomes["bad"].internal_error == reason
+    repeated = [r for r in caplog.records[first_cycle_records:]
+                if r.levelno == logging.ERROR and "bad" in r.getMessage()]  # fmt: skip
+    assert repeated and not any(r.exc_info for r in repeated)
+    assert "again: 2 times since its traceback" in repeated[0].getMessage()
     registry = controller.metrics.registry
     labels = {"workload": "bad", "stage": "forecast"}
-    assert registry.get_sample_value("autoscaler_workload_errors_total", labels) == 1
+    assert registry.get_sample_value("autoscaler_workload_errors_total", labels) == 2
     assert registry.get_sample_value("autoscaler_workload_errors_total",
                                      {"workload": "good", "stage": "forecast"}) is None  # fmt: skip
-    assert 'autoscaler_workload_errors_total{stage="forecast",workload="bad"} 1.0' in exported
-    assert controller.metrics.cycles.labels("ok")._value.get() == 2
+    assert 'autoscaler_workload_errors_total{stage="forecast",workload="bad"} 2.0' in exported
+    assert controller.metrics.cycles.labels("ok")._value.get() == 3
 
 
 def test_once_exits_1_on_an_internal_error_and_0_on_a_hold(
