@@ -109,6 +109,8 @@ def repair(images_dir: Path, processes: Iterable[tuple[int, Iterable[int]]]) -> 
         if not pagemap.exists():
             continue
         head, entries = read_pagemap(pagemap)
+        if any(flags & PE_LAZY for _v, _n, flags in entries):
+            continue  # CRIU marked it (the usual case): its other images are not read
         vmas = read_vmas(images_dir / f"mm-{pid}.img")
         sps = [stack_pointer(images_dir / f"core-{tid}.img") for tid in threads or (pid,)]
         if hit_by_stack_bug(entries, vmas, sps):
