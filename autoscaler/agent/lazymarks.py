@@ -26,11 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from autoscaler.agent import images
+from autoscaler.agent.pagefill import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
 
-PAGE = 4096
-PE_PARENT = 1 << 0  # criu/include/pagemap.h
-PE_LAZY = 1 << 1
-PE_PRESENT = 1 << 2
 # vma_entry.flags (mmap flags) and vma_entry.status bits (criu/include/image.h) that
 # vma_entry_can_be_lazy (criu/include/vma.h) looks at
 MAP_PRIVATE = 0x02
