@@ -113,3 +113,13 @@ def test_a_dump_stripped_of_its_marks_is_marked_again_and_restores_through_the_f
         assert signal_and_read(pid, out, signal.SIGUSR1) == digest
     finally:
         kill_pid(pid)
+
+
+def test_a_restore_whose_fill_found_nothing_lazy_says_so() -> None:
+    from autoscaler.agent.restore import Preloads, _warn_if_nothing_lazy
+
+    preloads = Preloads(None, Path)
+    _warn_if_nothing_lazy({"processes": 1, "ranges": 0}, "unmarked", preloads)  # an old dump
+    _warn_if_nothing_lazy({"processes": 1, "ranges": 12}, "marked", preloads)
+    warnings = preloads.so_far()[1]
+    assert len(warnings) == 1 and warnings[0].startswith("unmarked: its dump marks no page lazy")
