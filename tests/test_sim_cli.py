@@ -135,6 +135,17 @@ def test_a_warm_up_that_leaves_nothing_to_replay_names_the_warm_up(tmp_path):
     assert err.value.field == "--warmup" and "abc" in str(err.value)
 
 
+def test_a_warm_up_shorter_than_a_forecast_step_names_the_warm_up(tmp_path):
+    trace = tmp_path / "conv.csv"
+    _azure_trace(trace, minutes=60)
+    with pytest.raises(ConfigError) as err:  # it said "need at least 1 observed points, got 0"
+        _run(["simulate", "--trace", str(trace), "--policies", "predictive", "--warmup", "20s"])
+    assert err.value.field == "warmup" and "shorter than one forecast step" in str(err.value)
+    # a reactive policy forecasts nothing: the same warm-up replays
+    assert _run(["simulate", "--trace", str(trace), "--policies", "hpa-cold",
+                 "--warmup", "20s"]) == 0  # fmt: skip
+
+
 def test_tune_on_a_trace_too_short_to_replay_is_a_clear_error(tmp_path):
     trace = tmp_path / "rate.csv"
     times = pd.date_range("2024-01-01", periods=3, freq="1min", tz="UTC")

@@ -183,10 +183,25 @@ class SimContext:
     def _factory(self, forecaster: str):
         return self.config.custom_forecasters.get(forecaster) or registry_factory(forecaster)
 
+    def _check_warmup_for_forecasts(self, forecaster: str) -> None:
+        """A forecasting policy's first forecast is made at the end of the warm-up, from the
+        forecast steps it holds: none when the warm-up is shorter than one step."""
+        warm_s = self.start_idx * self.dt
+        if warm_s < self.forecast_step_s:
+            raise ConfigError(
+                "warmup",
+                f"the warm-up ({warm_s:.0f} s) is shorter than one forecast step "
+                f"({self.forecast_step_s:.0f} s), so forecaster {forecaster!r} would have no "
+                f"history at its first forecast: give --warmup of at least "
+                f"{self.forecast_step_s:.0f}s (the default is a quarter of the trace, at most "
+                f"2 days)",
+            )
+
     def demand_runner(self, w: int, forecaster: str) -> ForecastRunner:
         """Forecasts of workload w's demand, shared by every policy that uses this model."""
         key = ("demand", w, forecaster)
         if key not in self._runners:
+            self._check_warmup_for_forecasts(forecaster)
             spec = self.workloads[w].spec
             cfg = self.config
             plan_s = max(cfg.leads.of(StartPath.COLD) + 60.0, spec.scale_down_window_s) + 60.0
@@ -209,6 +224,7 @@ class SimContext:
         """PHPA's model input: the replica counts the HPA formula gives per window."""
         key = ("replicas", w, forecaster, target_utilisation)
         if key not in self._runners:
+            self._check_warmup_for_forecasts(forecaster)
             spec = self.workloads[w].spec
             rates = self.window_series(w)
             target = spec.capacity_per_replica * target_utilisation
