@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,25 @@ def test_window_grid_names_an_unreadable_time() -> None:
     with pytest.raises(ConfigError) as err:
         window_grid("2024-05-01T00:00:00Z", "later", "1min")
     assert err.value.field == "end"
+
+
+def test_a_second_backfill_of_the_same_workload_into_one_tsdb_is_refused(tmp_path: Path) -> None:
+    from autoscaler.errors import ConfigError
+    from autoscaler.signals.backfill import LEDGER_NAME, backfill
+
+    first = backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:00:00Z", workload="a")
+    assert first.tsdb_dir is not None
+    blocks = sorted(p.name for p in first.tsdb_dir.iterdir())
+    # the same series again (the end is "now" each time in real use): refused, nothing added
+    with pytest.raises(ConfigError) as err:
+        backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:10:00Z", workload="a")
+    assert err.value.field == "out_dir" and "already holds workload 'a'" in str(err.value)
+    assert sorted(p.name for p in first.tsdb_dir.iterdir()) == blocks
+    # another workload may share the TSDB, and is recorded beside the first
+    backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:00:00Z", workload="b")
+    ledger = json.loads((first.tsdb_dir / LEDGER_NAME).read_text())
+    assert [r["workload"] for r in ledger] == ["a", "b"]
+    # a ledger that is not one is named, not overwritten
+    (first.tsdb_dir / LEDGER_NAME).write_text("{")
+    with pytest.raises(ConfigError, match="unreadable"):
+        backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:00:00Z", workload="c")

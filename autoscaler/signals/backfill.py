@@ -14,6 +14,8 @@ the end, data shifted to end before "now minus 3 hours" unless told otherwise.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -253,12 +255,61 @@ def backfill(
         raise ConfigError("out_dir", f"cannot write {om_path}: {exc.strerror or exc}") from exc
     tsdb = out / "tsdb" if create_tsdb else None
     if tsdb is not None:
+        record = {"workload": name, "namespace": namespace or "", "metric": metric or "",
+                  "templates": ts.name, "start": str(frame.index[0] + shift),
+                  "end": str(end)}  # fmt: skip
+        ledger = _read_ledger(tsdb)
+        _refuse_a_second_copy(ledger, record, tsdb)
         create_blocks(om_path, tsdb)
+        _write_ledger(tsdb, [*ledger, record])
     return BackfillResult(
         openmetrics_path=om_path, tsdb_dir=tsdb, workload=name,
         start=frame.index[0] + shift, end=end, shift=shift, step=td, series=counts,
         edge_windows=edges,
     )
+
+
+# what this TSDB folder was backfilled with (one record per backfill), beside its blocks
+LEDGER_NAME = ".autoscaler-backfills.json"
+
+
+def _read_ledger(tsdb: Path) -> list[dict[str, str]]:
+    path = tsdb / LEDGER_NAME
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text())
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("not a list of records")
+    except (OSError, ValueError) as exc:
+        raise ConfigError("out_dir", f"{path} is unreadable ({exc}): it lists what this TSDB "
+                          "holds; fix or remove it") from exc  # fmt: skip
+    return records
+
+
+def _refuse_a_second_copy(ledger: list[dict[str, str]], record: dict[str, str], tsdb: Path) -> None:
+    """Backfilling the same series into one TSDB twice adds a second, time-shifted copy of its
+    counters (the end is "now" each time): Prometheus then merges the two and rates over the
+    overlap are nonsense. Other workloads (or namespaces, metrics) may share the TSDB."""
+    same = ("workload", "namespace", "metric", "templates")
+    start, end = pd.Timestamp(record["start"]), pd.Timestamp(record["end"])
+    for old in ledger:
+        same_series = all(old.get(k) == record[k] for k in same)
+        if same_series and pd.Timestamp(old["start"]) < end and start < pd.Timestamp(old["end"]):
+            raise ConfigError(
+                "out_dir",
+                f"{tsdb} already holds workload {record['workload']!r} from {old['start']} "
+                f"to {old['end']}; a second backfill over {record['start']} - "
+                f"{record['end']} would add a second copy of its counters: use a new "
+                "--out-dir, another --workload, or remove the old one",
+            )
+
+
+def _write_ledger(tsdb: Path, records: list[dict[str, str]]) -> None:
+    path = tsdb / LEDGER_NAME
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, path)
 
 
 def _default_workload(trace: str | Path) -> str:
