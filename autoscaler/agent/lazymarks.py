@@ -110,7 +110,7 @@ def repair(images_dir: Path, processes: Iterable[tuple[int, Iterable[int]]]) -> 
             continue  # CRIU marked it (the usual case): its other images are not read
         vmas = read_vmas(images_dir / f"mm-{pid}.img")
         sps = [stack_pointer(images_dir / f"core-{tid}.img") for tid in threads or (pid,)]
-        if hit_by_stack_bug(entries, vmas, sps):
+        if hit_by_stack_bug(entries, vmas, [sp for sp in sps if sp is not None]):
             write_pagemap(pagemap, head, remark(entries, vmas))
             repaired.append(pid)
     return repaired
@@ -146,14 +146,16 @@ def read_vmas(path: Path) -> list[Vma]:
     return out
 
 
-def stack_pointer(path: Path) -> int:
-    """A thread's saved stack pointer: core_entry.thread_info (2, x86) .gpregs (2) .sp (20)."""
+def stack_pointer(path: Path) -> int | None:
+    """A thread's saved stack pointer: core_entry.thread_info (2, x86) .gpregs (2) .sp (20).
+    None for another architecture's core image (the repair then leaves the dump as CRIU wrote
+    it: correct, only without the fast fill)."""
     raw = images.entries(path)
     if not raw:
         raise ValueError(f"{path.name}: empty")
     info = images.fields(raw[0]).get(2)
     if not info:
-        raise ValueError(f"{path.name}: no x86 thread_info (only x86-64 is supported)")
+        return None
     regs = images.fields(info[0]).get(2)  # type: ignore[arg-type]
     if not regs:
         raise ValueError(f"{path.name}: no gpregs")

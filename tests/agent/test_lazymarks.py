@@ -97,6 +97,14 @@ def test_a_dump_stripped_of_its_marks_is_marked_again_and_restores_through_the_f
     tree = criu_mod.read_pstree(images_dir)
     processes = [(e.pid, e.threads) for e in tree]
     assert lazymarks.repair(images_dir, processes) == []  # marked: nothing to do
+    sp = lazymarks.stack_pointer(images_dir / f"core-{pid}.img")
+    assert sp is not None and 0 < sp < 1 << 48  # a user-space address
+    # another architecture's core image (no x86 thread_info): unknown, never a failed dump
+    other = tmp_path / "core-other.img"
+    msg = bytes([1 << 3, 1])  # core_entry{mtype = 1} only
+    other.write_bytes((images_dir / f"core-{pid}.img").read_bytes()[:8]
+                      + len(msg).to_bytes(4, "little") + msg)  # fmt: skip
+    assert lazymarks.stack_pointer(other) is None
 
     # what CRIU writes when a stack pointer is page-aligned: every page present, none lazy
     lazymarks.write_pagemap(pagemap, head, [(v, n, f & ~PE_LAZY) for v, n, f in original])
