@@ -7,9 +7,11 @@ private anonymous page lazy unless it is a thread's stack page (criu/mem.c, gene
 its test (`is_stack`: `!((sp ^ vaddr) & ~PAGE_MASK)`) compares the offsets within the page
 instead of the page numbers. So it never matches a page-aligned `vaddr`, except when a thread's
 saved stack pointer is itself page-aligned: then it matches every page, and the dump has no lazy
-page at all. A 16-byte-aligned stack pointer is page-aligned once in 256, so about one dump in
-128 of a two-thread worker (seen as a flaky test, then read in CRIU 4.2.1's source). Such an
-artifact restores correctly, but as slowly as without the fill, every time.
+page at all. The main thread's stack starts at a random offset within its page (ASLR) and its
+pointer is 16-byte aligned, so about one dump in 256 is hit (3 in ~800 test dumps; other
+threads' stacks are page-aligned mappings, so their offset is fixed by the code path). Seen as
+a flaky test, then read in CRIU 4.2.1's source. Such an artifact restores correctly, but as
+slowly as without the fill, every time.
 
 The repair rewrites only the pagemap of a process that was hit (no lazy entry, a page-aligned
 thread stack pointer, pages in VMAs CRIU marks lazy): each present page of a VMA that
