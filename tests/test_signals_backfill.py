@@ -198,11 +198,13 @@ def test_a_second_backfill_of_the_same_workload_into_one_tsdb_is_refused(tmp_pat
     first = backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:00:00Z", workload="a")
     assert first.tsdb_dir is not None
     blocks = sorted(p.name for p in first.tsdb_dir.iterdir())
+    openmetrics = first.openmetrics_path.read_text()
     # the same series again (the end is "now" each time in real use): refused, nothing added
     with pytest.raises(ConfigError) as err:
         backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:10:00Z", workload="a")
     assert err.value.field == "out_dir" and "already holds workload 'a'" in str(err.value)
     assert sorted(p.name for p in first.tsdb_dir.iterdir()) == blocks
+    assert first.openmetrics_path.read_text() == openmetrics  # the last one's file kept
     # another workload may share the TSDB, and is recorded beside the first
     backfill("bundled:azure-code", tmp_path, end_at="2024-05-01T12:00:00Z", workload="b")
     ledger = json.loads((first.tsdb_dir / LEDGER_NAME).read_text())

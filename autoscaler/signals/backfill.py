@@ -248,18 +248,19 @@ def backfill(
     text, counts = openmetrics_text(frame, name, ts, shift, metric, namespace)
     out = Path(out_dir)
     om_path = out / "backfill.om"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        om_path.write_text(text)
-    except OSError as exc:
-        raise ConfigError("out_dir", f"cannot write {om_path}: {exc.strerror or exc}") from exc
     tsdb = out / "tsdb" if create_tsdb else None
-    if tsdb is not None:
+    if tsdb is not None:  # refused before anything is written, the last backfill.om included
         record = {"workload": name, "namespace": namespace or "", "metric": metric or "",
                   "templates": ts.name, "start": str(frame.index[0] + shift),
                   "end": str(end)}  # fmt: skip
         ledger = _read_ledger(tsdb)
         _refuse_a_second_copy(ledger, record, tsdb)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        om_path.write_text(text)
+    except OSError as exc:
+        raise ConfigError("out_dir", f"cannot write {om_path}: {exc.strerror or exc}") from exc
+    if tsdb is not None:
         create_blocks(om_path, tsdb)
         _write_ledger(tsdb, [*ledger, record])
     return BackfillResult(
