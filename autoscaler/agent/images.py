@@ -62,13 +62,17 @@ def fields(msg: bytes) -> dict[int, list[int | bytes]]:
 
 def entries(path: Path) -> list[bytes]:
     """The protobuf entries of a CRIU image file."""
-    data = path.read_bytes()
+    return entries_of(path.read_bytes(), path.name)
+
+
+def entries_of(data: bytes, name: str) -> list[bytes]:
+    """The protobuf entries of a CRIU image's bytes (`name` for errors)."""
     pos, out = 8, []
     while pos + 4 <= len(data):
         (size,) = struct.unpack_from("<I", data, pos)
         pos += 4
         if pos + size > len(data):
-            raise ValueError(f"{path.name}: truncated entry at byte {pos}")
+            raise ValueError(f"{name}: truncated entry at byte {pos}")
         out.append(data[pos : pos + size])
         pos += size
     return out

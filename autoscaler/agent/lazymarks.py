@@ -22,13 +22,13 @@ pages stay in it, in the same order.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 from autoscaler.agent import images
-from autoscaler.agent.pagefill import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
+from autoscaler.agent.pagefill import PAGE, PE_LAZY, PE_PRESENT, pagemap_entry
+from autoscaler.agent.store import replace_file
 
 # vma_entry.flags (mmap flags) and vma_entry.status bits (criu/include/image.h) that
 # vma_entry_can_be_lazy (criu/include/vma.h) looks at
@@ -121,17 +121,11 @@ def repair(images_dir: Path, processes: Iterable[tuple[int, Iterable[int]]]) -> 
 def read_pagemap(path: Path) -> tuple[bytes, list[Entry]]:
     """(the image's magics and pagemap_head entry, as raw bytes; its entries)."""
     data = path.read_bytes()
-    raw = images.entries(path)
+    raw = images.entries_of(data, path.name)
     if not raw:
         raise ValueError(f"{path.name}: no pagemap_head")
     head = data[: 8 + 4 + len(raw[0])]
-    out = []
-    for msg in raw[1:]:
-        f = images.fields(msg)
-        nr = int(f[5][0] if 5 in f else f.get(2, [0])[0])  # type: ignore[arg-type]
-        flags = int(f[4][0]) if 4 in f else (PE_PARENT if f.get(3, [0])[0] else PE_PRESENT)  # type: ignore[arg-type]
-        out.append((int(f[1][0]), nr, flags))  # type: ignore[arg-type]
-    return head, out
+    return head, [pagemap_entry(msg) for msg in raw[1:]]
 
 
 def read_vmas(path: Path) -> list[Vma]:
@@ -177,21 +171,12 @@ def encode_entry(vaddr: int, nr_pages: int, flags: int) -> bytes:
 
 
 def write_pagemap(path: Path, head: bytes, entries: list[Entry]) -> None:
-    """Replace a pagemap image in one rename (a crash leaves the old one or the new one)."""
+    """Replace a pagemap image whole or not at all (store.replace_file)."""
     body = bytearray(head)
     for entry in entries:
         msg = encode_entry(*entry)
         body += struct.pack("<I", len(msg)) + msg
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path.stat().st_mode & 0o777)
-    try:
-        view = memoryview(bytes(body))
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, bytes(body))
 
 
 def _key(number: int) -> bytes:

@@ -195,16 +195,18 @@ def _pagemap(images_dir: Path, pid: int) -> tuple[int, list[tuple[int, int, int]
     """(pages_id, [(vaddr, nr_pages, flags)]) of process `pid`'s pagemap image."""
     pagemap = _image(images_dir, "pagemap", pid)
     pages_id = int(images.fields(pagemap[0]).get(1, [0])[0])  # type: ignore[arg-type]
-    out = []
-    for raw in pagemap[1:]:
-        f = images.fields(raw)
-        vaddr = int(f.get(1, [0])[0])  # type: ignore[arg-type]
-        # nr_pages (5) since CRIU 3.x; compat_nr_pages (2, 32-bit) in older images
-        nr = int(f[5][0] if 5 in f else f.get(2, [0])[0])  # type: ignore[arg-type]
-        in_parent = bool(f.get(3, [0])[0])
-        flags = int(f[4][0]) if 4 in f else (PE_PARENT if in_parent else PE_PRESENT)  # type: ignore[arg-type]
-        out.append((vaddr, nr, flags))
-    return pages_id, out
+    return pages_id, [pagemap_entry(raw) for raw in pagemap[1:]]
+
+
+def pagemap_entry(raw: bytes) -> tuple[int, int, int]:
+    """(vaddr, nr_pages, flags) of one pagemap_entry message."""
+    f = images.fields(raw)
+    vaddr = int(f.get(1, [0])[0])  # type: ignore[arg-type]
+    # nr_pages (5) since CRIU 3.x; compat_nr_pages (2, 32-bit) in older images
+    nr = int(f[5][0] if 5 in f else f.get(2, [0])[0])  # type: ignore[arg-type]
+    in_parent = bool(f.get(3, [0])[0])
+    flags = int(f[4][0]) if 4 in f else (PE_PARENT if in_parent else PE_PRESENT)  # type: ignore[arg-type]
+    return vaddr, nr, flags
 
 
 def _vmas(images_dir: Path, pid: int) -> list[dict[int, list[int | bytes]]]:

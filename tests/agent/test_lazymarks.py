@@ -11,7 +11,7 @@ import pytest
 
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent import images, lazymarks
-from autoscaler.agent.lazymarks import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
+from autoscaler.agent.pagefill import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
 
 from .conftest import dump_program, kill_pid, signal_and_read
 
