@@ -185,9 +185,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder and rename: a crash never leaves a
-    half-written model next to a card that describes a whole one."""
+    half-written model next to a card that describes a whole one (also backfill's ledger)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -220,7 +220,7 @@ def save_model(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
-    _atomic_write_bytes(model_path, lambda p: joblib.dump(model, p, compress=("xz", 6)))
+    atomic_write(model_path, lambda p: joblib.dump(model, p, compress=("xz", 6)))
     card = ModelCard(
         model=model_name or getattr(model, "name", type(model).__name__),
         forecaster_class=f"{type(model).__module__}.{type(model).__qualname__}",
@@ -234,8 +234,8 @@ def save_model(
         notes=notes,
         parameters=dict(parameters or {}),
     )
-    _atomic_write_bytes(out / CARD_FILE, lambda p: p.write_text(card.to_json()))
-    _atomic_write_bytes(out / CARD_MARKDOWN, lambda p: p.write_text(card_markdown(card)))
+    atomic_write(out / CARD_FILE, lambda p: p.write_text(card.to_json()))
+    atomic_write(out / CARD_MARKDOWN, lambda p: p.write_text(card_markdown(card)))
     return card
 
 

@@ -15,7 +15,6 @@ the end, data shifted to end before "now minus 3 hours" unless told otherwise.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from autoscaler.errors import ConfigError
+from autoscaler.model_store import atomic_write
 from autoscaler.signals.bundled import bundled_names, load_bundled_frame
 from autoscaler.signals.prometheus import TemplateSet, template_set
 from autoscaler.signals.promserver import find_binary
@@ -307,10 +307,7 @@ def _refuse_a_second_copy(ledger: list[dict[str, str]], record: dict[str, str], 
 
 
 def _write_ledger(tsdb: Path, records: list[dict[str, str]]) -> None:
-    path = tsdb / LEDGER_NAME
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, path)
+    atomic_write(tsdb / LEDGER_NAME, lambda tmp: tmp.write_text(json.dumps(records, indent=1)))
 
 
 def _default_workload(trace: str | Path) -> str:
