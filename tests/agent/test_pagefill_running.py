@@ -761,3 +761,100 @@ def test_a_recorded_working_set_is_filled_first_and_the_memory_is_unchanged(
         if restored.fill is not None:
             restored.fill.close()
         kill_pid(pid)
+
+
+def _first_page_of_each_range(images: Path, pid: int) -> tuple[tuple[int, int], ...]:
+    """A working set naming one page of every lazy range of `pid` but its largest: so the
+    rest (the largest range) has chunks of its own to hold back."""
+    ranges = sorted(pagefill.read_task_pages(images, pid).ranges, key=lambda r: r.end - r.start)
+    return tuple((pid, r.start) for r in ranges[:-1])
+
+
+@pytest.mark.integration
+def test_a_held_rest_waits_for_its_release_and_the_tree_runs_meanwhile(
+    dumped, tmp_path: Path
+) -> None:
+    """With hold_rest, the chunks outside the working set are copied only after
+    release_rest(); the running tree reads all of its memory meanwhile (its faults are
+    served), and after the release every page is the dumped one."""
+    pid, images, out, digests = dumped
+    total = pagefill.read_task_pages(images, pid).bytes
+    options = replace(running_options(), page_fill_first=_first_page_of_each_range(images, pid),
+                      page_fill_hold_rest=True)  # fmt: skip
+    restored = criu_mod.restore(images, tmp_path / "logs", options)
+    try:
+        assert restored.fill is not None
+        server = restored.fill.server
+        # the working set's chunks are in place, the rest is held (bytes counts finished shares)
+        wait_for(lambda: server.stats.bytes > 0, 30, "the working set to be filled")
+        assert server.stats.first_chunks > 0 and server.stats.bytes < total
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " False"
+        assert server.stats.faults_while_running > 0  # the held memory came by its faults
+        restored.fill.release_rest()
+        stats = restored.fill.finish()
+        assert stats["rest_held_s"] >= 0 and stats["rest_hold_timed_out"] == 0
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " False"
+    finally:
+        if restored.fill is not None:
+            restored.fill.close()
+        kill_pid(pid)
+
+
+@pytest.mark.integration
+def test_a_rest_never_released_is_filled_after_the_cap(
+    dumped, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that never calls release_rest() costs HOLD_REST_MAX_S, never a stuck fill or
+    a page missing."""
+    monkeypatch.setattr(pagefill, "HOLD_REST_MAX_S", 0.2)
+    pid, images, out, digests = dumped
+    options = replace(running_options(), page_fill_first=_first_page_of_each_range(images, pid),
+                      page_fill_hold_rest=True)  # fmt: skip
+    restored = criu_mod.restore(images, tmp_path / "logs", options)
+    try:
+        assert restored.fill is not None
+        stats = restored.fill.finish()
+        assert stats["rest_hold_timed_out"] == 1
+        assert stats["bytes"] + stats["fault_bytes"] >= pagefill.read_task_pages(images, pid).bytes
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " False"
+    finally:
+        if restored.fill is not None:
+            restored.fill.close()
+        kill_pid(pid)
+
+
+@pytest.mark.integration
+def test_closing_a_held_fill_fails_it_rather_than_leave_it_looking_whole(
+    dumped, tmp_path: Path
+) -> None:
+    pid, images, _out, _digests = dumped
+    options = replace(running_options(), page_fill_first=_first_page_of_each_range(images, pid),
+                      page_fill_hold_rest=True)  # fmt: skip
+    restored = criu_mod.restore(images, tmp_path / "logs", options)
+    assert restored.fill is not None
+    server = restored.fill.server
+    wait_for(lambda: server.stats.bytes > 0, 30, "the working set to be filled")
+    criu_mod.kill_restored(restored.host_pid)
+    restored.fill.close()
+    assert isinstance(server.error, pagefill.PageFillError)
+    assert "held back" in str(server.error)
+    with pytest.raises(pagefill.PageFillError, match="held back"):
+        server.wait_filled(1)
+
+
+@pytest.mark.integration
+def test_without_a_working_set_nothing_is_held(dumped, tmp_path: Path) -> None:
+    """hold_rest only applies to a fill with pages to put first: without them every page the
+    tree touched would fault."""
+    pid, images, out, digests = dumped
+    options = replace(running_options(), page_fill_hold_rest=True)
+    restored = criu_mod.restore(images, tmp_path / "logs", options)
+    try:
+        assert restored.fill is not None
+        stats = restored.fill.finish()  # never released, yet it does not wait for the cap
+        assert stats["rest_held_s"] == -1.0 and stats["rest_hold_timed_out"] == 0
+        assert signal_and_read(pid, out, signal.SIGUSR1) == digests + " False"
+    finally:
+        if restored.fill is not None:
+            restored.fill.close()
+        kill_pid(pid)
