@@ -135,10 +135,6 @@ class CriuOptions:
     # (dump-time pid, page address) filled before the rest: a working set an earlier restore
     # of the same images faulted on while it ran (PendingFill.faults)
     page_fill_first: tuple[tuple[int, int], ...] = ()
-    # with fill_while_running and page_fill_first: once the chunks holding those pages are in
-    # place, the others wait for RestoreResult.fill.release_rest() (the caller's: after the
-    # CUDA restore, which they would slow), at most pagefill.HOLD_REST_MAX_S
-    page_fill_hold_rest: bool = False
     # restore only, with the parallel fill: return (and continue the tree, unless
     # leave_stopped) once CRIU is done; the fill goes on beside the process (RestoreResult.fill)
     fill_while_running: bool = False
@@ -279,10 +275,6 @@ class PendingFill:
         if (exc := self.server.error) is not None:
             raise self._failed(exc) from exc
         self.server.mark_running()
-
-    def release_rest(self) -> None:
-        """Let the chunks held back (CriuOptions.page_fill_hold_rest) be copied now."""
-        self.server.release_rest()
 
     def failure(self) -> CriuError | None:
         """The fill's failure, if it failed (its server killed the tree): the reason to give
@@ -429,7 +421,6 @@ def restore(
             images_dir, logs_dir, threads=options.page_fill_threads,
             chunk_bytes=options.page_fill_chunk_bytes, order=options.page_fill_order,
             first=options.page_fill_first,
-            hold_rest=options.page_fill_hold_rest and options.fill_while_running,
         )
         if parallel
         else None

@@ -68,9 +68,6 @@ FILL_ORDERS = ("largest", "smallest", "address")
 DEFAULT_FILL_ORDER = "largest"
 # faults kept in LazyPagesServer.faults (dump-time pid and page address, its lazy range's size)
 MAX_FAULTS_KEPT = 1 << 16
-# hold_rest: the longest the chunks outside `first` wait for release_rest() before the fill
-# copies them anyway (a caller that never releases costs this, never a stuck fill)
-HOLD_REST_MAX_S = 2.0
 
 # vma_entry.madv holds 1 << advice for each madvise CRIU saw (criu/proc_parse.c)
 MADV_WIPEONFORK_BIT = 1 << 18
@@ -470,10 +467,6 @@ class FillStats:
     fault_wait_max_s: float = 0.0
     first_chunks: int = 0  # chunks filled first because `first` named a page of theirs
     zeroed_first: int = 0  # pages of `first` the dump lacks, zeroed before the fill
-    # hold_rest: the chunks outside `first` waited this long after `first` was in place (-1:
-    # not held), and whether HOLD_REST_MAX_S released them rather than the caller
-    rest_held_s: float = -1.0
-    rest_hold_timed_out: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -687,7 +680,6 @@ class LazyPagesServer:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         order: str = DEFAULT_FILL_ORDER,
         first: Iterable[tuple[int, int]] = (),
-        hold_rest: bool = False,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -729,12 +721,6 @@ class LazyPagesServer:
         self._gate = _Gate()
         self._kill: Callable[[], None] | None = None
         self._queued: list[_Chunk] = []  # chunks not yet handed to the fill's threads
-        # hold_rest: once the chunks holding `first` are in place, the others wait for
-        # release_rest() (at most HOLD_REST_MAX_S), so that they do not compete with what the
-        # running tree does meanwhile (a CUDA worker: the driver's restore). Only with a
-        # `first` to fill: without a working set every page the tree touches would fault.
-        self.hold_rest = hold_rest
-        self._rest_go = threading.Event()
 
     # -- lifecycle --
     def __enter__(self) -> LazyPagesServer:
@@ -788,11 +774,6 @@ class LazyPagesServer:
         started = self._fill_t0
         self.stats.running_at_s = time.perf_counter() - started if started else 0.0
 
-    def release_rest(self) -> None:
-        """Let the chunks held back by hold_rest be copied now (idempotent; no-op without
-        hold_rest). Call it when what the rest would compete with is over."""
-        self._rest_go.set()
-
     @property
     def error(self) -> BaseException | None:
         """What failed the fill (None: nothing yet), without waiting for it to end."""
@@ -800,7 +781,6 @@ class LazyPagesServer:
 
     def close(self) -> None:
         self._closing = True
-        self._rest_go.set()  # a held fill must not wait out its cap on a closed server
         with self._lock:
             os.write(self._wake_w, b"x")
         for t in (self._serve_thread, self._event_thread):
@@ -858,7 +838,6 @@ class LazyPagesServer:
         with self._lock:
             self._error = self._error or exc
             kill, self._kill = self._kill, None
-        self._rest_go.set()
         if kill is not None:
             with contextlib.suppress(Exception):
                 kill()
@@ -1189,20 +1168,12 @@ class LazyPagesServer:
         event thread), until none is left."""
         t = self._fill_t0 = time.perf_counter()
         self._zero_first()
-        held = False
         while True:
             with self._lock:
                 chunks, self._queued = self._queued, []
             if not chunks or self._error is not None:
                 break
-            if self.hold_rest and self._first and not held:  # the first round only
-                held = True
-                ordered, n_first = fill_order(chunks, self.order, self._first)
-                if n_first:
-                    self._fill_chunks(ordered[:n_first])
-                    chunks = self._hold(ordered[n_first:])
-            if chunks and self._error is None:
-                self._fill_chunks(chunks)
+            self._fill_chunks(chunks)
         self.stats.fill_s = time.perf_counter() - t
         self._stop_events = True
         os.write(self._wake_w, b"x")
@@ -1217,17 +1188,6 @@ class LazyPagesServer:
         with self._gate.exclusive(), self._lock:
             for task in self._tasks:
                 self._release(task)
-
-    def _hold(self, rest: list[_Chunk]) -> list[_Chunk]:
-        """Wait for release_rest() (or HOLD_REST_MAX_S) before `rest` is copied; faults on it
-        meanwhile are served as ever. Returns `rest` (nothing, if the fill failed or closed)."""
-        t = time.perf_counter()
-        released = self._rest_go.wait(HOLD_REST_MAX_S)
-        self.stats.rest_held_s = time.perf_counter() - t
-        self.stats.rest_hold_timed_out = int(not released)
-        if self._closing and self._error is None:  # never a fill that looks whole and is not
-            raise PageFillError(f"the server closed while {len(rest)} chunks were held back")
-        return [] if self._error is not None else rest
 
     def _zero_first(self) -> None:
         """Zero-fill the pages of `first` that the dump lacks (memory a running tree touched

@@ -598,8 +598,6 @@ def _restore(
             t = time.perf_counter()
             get_api().restore_process(restored.host_pid, gpus.pairs)
             timings["cuda_restore"] = time.perf_counter() - t
-        if restored.fill is not None:  # what a held fill's rest would have slowed is over
-            restored.fill.release_rest()
         if rank_handshakes:
             t = time.perf_counter()
             rendezvous = request.rendezvous or multiproc.fresh_rendezvous()

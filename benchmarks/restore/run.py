@@ -511,7 +511,6 @@ class ModelRun:
         fill_while_running: bool | None = None, registered: bool = False,
         verify_digest: str = store_mod.DEFAULT_DIGEST, fill_threads: int = 0,
         fill_order: str = "", fill_chunk_kib: int = 0, working_set: bool | None = None,
-        hold_rest: bool | None = None,
     ) -> None:  # fmt: skip
         logs = images.parent / f"{images.name}-logs"
         options = self.criu_options
@@ -540,10 +539,6 @@ class ModelRun:
         working_set = working_set and running and options.parallel_fill()
         if working_set:
             options = replace(options, page_fill_first=self.faults.get(images, ()))
-        # the agent's CriuOptions.page_fill_hold_rest (the rest of the fill after the CUDA
-        # restore), unless a comparison run asks otherwise
-        hold_rest = self.criu_options.page_fill_hold_rest if hold_rest is None else hold_rest
-        options = replace(options, page_fill_hold_rest=hold_rest and working_set)
         # the agent's order from disk: the images first, then the weights (one stream at a
         # time); "_preload_at_once" runs (--compare-disk-preload) start both together
         preload_at_once = not from_disk or path.endswith("_preload_at_once")
@@ -662,8 +657,6 @@ class ModelRun:
             if self.api is not None:
                 self.api.restore_process(pid)
             t_cuda = time.perf_counter() - t0
-            if restored.fill is not None:  # as the agent does: a held rest goes now
-                restored.fill.release_rest()
             hs.signal_restored(**preloads.answer())  # the per-GPU socket's name and the ticket
             body = first_response(self.port, self.args.timeout, lambda: pid_alive(pid), pid)
             seconds = time.perf_counter() - t0
@@ -801,10 +794,6 @@ def fill_variants(run: ModelRun, path: str, images: Path, ckpt: dict[str, Any],
     if args.compare_working_set:
         run.restore(f"{path}_no_working_set", images, ckpt, registered=registered,
                     working_set=False)  # fmt: skip
-    if args.compare_hold_rest:
-        other = not run.criu_options.page_fill_hold_rest
-        run.restore(f"{path}_{'hold_rest' if other else 'no_hold_rest'}", images, ckpt,
-                    registered=registered, hold_rest=other)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -920,12 +909,6 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-working-set", action="store_true",
         help="after each memory (and memory_registered) restore, the same one without the "
         "working set (paths memory_no_working_set, memory_registered_no_working_set)",
-    )  # fmt: skip
-    p.add_argument(
-        "--compare-hold-rest", action="store_true",
-        help="after each memory (and memory_registered) restore, the same one with the other "
-        "page_fill_hold_rest setting: the fill's chunks outside the working set held back "
-        "until the CUDA restore ended (paths memory_hold_rest / memory_no_hold_rest, ...)",
     )  # fmt: skip
     p.add_argument(
         "--compare-verify-digest", action="store_true",
