@@ -72,6 +72,7 @@ class ControlPlane:
     bin_dir: Path
     token: str = ADMIN_TOKEN
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    scheduler_healthz: str | None = None  # host:port of the scheduler's healthz, once started
 
     @property
     def url(self) -> str:
@@ -113,6 +114,27 @@ class ControlPlane:
                 return resp.status == 200
         except (urllib.error.URLError, OSError, ssl.SSLError):
             return False
+
+    def scheduler_healthy(self) -> bool:
+        """Whether the scheduler answers on its healthz address (False: not started or not
+        serving)."""
+        if self.scheduler_healthz is None:
+            return False
+        try:
+            url = f"http://{self.scheduler_healthz}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_scheduler_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.scheduler_healthy():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"kube-scheduler not healthy after {timeout:.0f}s:\n"
+                                        f"{self.log_tail('kube-scheduler')}")  # fmt: skip
+            time.sleep(0.2)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
@@ -182,10 +204,15 @@ class ControlPlane:
         topology spreading (weight 2), so pods go to nodes holding their artifact when those
         have room; docs/controller.md recommends the same profile for real clusters."""
         config = self.workdir / "scheduler.yaml"
+        # With --config, v1.20 ignores --port and binds its insecure healthz/metrics server to
+        # the config's addresses, 0.0.0.0:10251 when unset: a second control plane on the
+        # machine then failed to start. A free loopback port for both keeps them apart.
+        insecure = self.scheduler_healthz = f"127.0.0.1:{free_port()}"
         config.write_text(
             "apiVersion: kubescheduler.config.k8s.io/v1beta1\n"
             "kind: KubeSchedulerConfiguration\n"
             f"clientConnection:\n  kubeconfig: {self.kubeconfig}\n"
+            f"healthzBindAddress: {insecure}\nmetricsBindAddress: {insecure}\n"
             "leaderElection:\n  leaderElect: false\n"
             "profiles:\n- schedulerName: default-scheduler\n  plugins:\n    score:\n"
             "      disabled:\n      - name: NodeAffinity\n"
@@ -283,6 +310,8 @@ def start_control_plane(
             plane.start_scheduler()
         if controller_manager:
             plane.start_controller_manager()
+        if scheduler:  # serving, not only started: a port it cannot bind fails here, named
+            plane.wait_scheduler_healthy(timeout)
         time.sleep(0.1)
         plane._check_alive()
     except BaseException:
