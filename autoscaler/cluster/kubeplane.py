@@ -128,6 +128,7 @@ class ControlPlane:
             return False
 
     def wait_scheduler_healthy(self, timeout: float = 60.0) -> None:
+        """Block until the scheduler serves; its log in the error if it died or never did."""
         deadline = time.monotonic() + timeout
         while not self.scheduler_healthy():
             self._check_alive()
@@ -205,8 +206,8 @@ class ControlPlane:
         have room; docs/controller.md recommends the same profile for real clusters."""
         config = self.workdir / "scheduler.yaml"
         # With --config, v1.20 ignores --port and binds its insecure healthz/metrics server to
-        # the config's addresses, 0.0.0.0:10251 when unset: a second control plane on the
-        # machine then failed to start. A free loopback port for both keeps them apart.
+        # the config's addresses, 0.0.0.0:10251 when unset: a second control plane's scheduler
+        # on the machine could not bind it. A free loopback port for both keeps them apart.
         insecure = self.scheduler_healthz = f"127.0.0.1:{free_port()}"
         config.write_text(
             "apiVersion: kubescheduler.config.k8s.io/v1beta1\n"
