@@ -6,7 +6,8 @@ start. This measures that floor on the machine: a child process makes its primar
 (libcuda through ctypes, no torch), optionally lowers the context's stack limit to 0 (as the
 worker does before a checkpoint) and allocates `--alloc-mib` of device memory; the parent then
 locks + checkpoints and restores + unlocks it in place (no CRIU: the process stays alive), with
-the agent's CudaCheckpointAPI, `--repeats` times.
+the agent's CudaCheckpointAPI, `--repeats` times; with and without a second process holding a
+context on the GPU meanwhile (`--keeper`), as the node's preloader does during a restore.
 
   python3 benchmarks/restore/cuda_floor.py --out cuda-floor.json
 """
@@ -53,15 +54,25 @@ while True:
 """
 
 
-def measure(stack0: bool, alloc_mib: int, repeats: int) -> dict[str, object]:
-    api = get_api()
+def _start(stack0: bool, alloc_mib: int) -> subprocess.Popen[str]:
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(int(stack0)), str(alloc_mib)],
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout is not None
+    line = child.stdout.readline().strip()
+    if line != "ready":
+        child.kill()
+        raise RuntimeError(f"the child did not start: {line!r}")
+    return child
+
+
+def measure(stack0: bool, alloc_mib: int, repeats: int, keeper: bool) -> dict[str, object]:
+    """`keeper`: another process holds a context on the GPU throughout (as the node's
+    preloader does during a restore), so the GPU is never left without a client."""
+    api = get_api()
+    kept = _start(False, 0) if keeper else None
+    child = None
     try:
-        assert child.stdout is not None
-        line = child.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"the child did not start: {line!r}")
+        child = _start(stack0, alloc_mib)
         checkpoints, restores = [], []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -71,14 +82,16 @@ def measure(stack0: bool, alloc_mib: int, repeats: int) -> dict[str, object]:
             api.restore_process(child.pid)
             restores.append(time.perf_counter() - t)
         return {
-            "stack_limit_0": stack0, "alloc_mib": alloc_mib,
+            "stack_limit_0": stack0, "alloc_mib": alloc_mib, "keeper": keeper,
             "checkpoint_s": [round(x, 4) for x in checkpoints],
             "restore_s": [round(x, 4) for x in restores],
             "restore_median_s": round(statistics.median(restores), 4),
         }  # fmt: skip
     finally:
-        child.kill()
-        child.wait()
+        for proc in (child, kept):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 def main() -> int:
@@ -86,9 +99,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--alloc-mib", default="0,512", help="device MiB to hold, per variant")
+    p.add_argument("--keeper", choices=("no", "yes", "both"), default="both",
+                   help="whether another process holds a context on the GPU meanwhile")
     args = p.parse_args()
-    rows = [measure(stack0, int(mib), args.repeats)
-            for mib in args.alloc_mib.split(",") for stack0 in (False, True)]  # fmt: skip
+    keepers = {"no": (False,), "yes": (True,), "both": (False, True)}[args.keeper]
+    rows = [measure(stack0, int(mib), args.repeats, keeper)
+            for keeper in keepers for mib in args.alloc_mib.split(",")
+            for stack0 in (False, True)]  # fmt: skip
     args.out.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     for r in rows:
         print(json.dumps(r))
