@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,12 +130,18 @@ class ControlPlane:
 
     def wait_scheduler_healthy(self, timeout: float = 60.0) -> None:
         """Block until the scheduler serves; its log in the error if it died or never did."""
+        self._wait_until(self.scheduler_healthy, "kube-scheduler", "healthy", timeout)
+
+    def _wait_until(self, check: Callable[[], bool], name: str, state: str,
+                    timeout: float) -> None:  # fmt: skip
+        """Poll `check` until true; a part that exited, or the deadline, is a
+        ControlPlaneError with `name`'s log."""
         deadline = time.monotonic() + timeout
-        while not self.scheduler_healthy():
+        while not check():
             self._check_alive()
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f"kube-scheduler not healthy after {timeout:.0f}s:\n"
-                                        f"{self.log_tail('kube-scheduler')}")  # fmt: skip
+                raise ControlPlaneError(f"{name} not {state} after {timeout:.0f}s:\n"
+                                        f"{self.log_tail(name)}")  # fmt: skip
             time.sleep(0.2)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -190,15 +197,7 @@ class ControlPlane:
         )  # fmt: skip
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    "kube-apiserver not ready after "
-                    f"{timeout:.0f}s:\n{self.log_tail('kube-apiserver')}"
-                )
-            time.sleep(0.2)
+        self._wait_until(self.is_ready, "kube-apiserver", "ready", timeout)
 
     def start_scheduler(self, node_affinity_weight: int = 5) -> None:
         """kube-scheduler with a profile where preferred node affinity outweighs the default
