@@ -230,14 +230,33 @@ class Cluster:
         decide: Callable[[ScaleState], int | None],
         *,
         max_conflicts: int = 3,
+        max_status_conflicts: int = 20,
     ) -> ScaleOutcome:
         """Read the scale, ask `decide` for the replicas to write (None or equal = no write),
         write with the read resourceVersion. On 409 re-read and call `decide` again on the fresh
-        state (someone else scaled: the decision may differ); after `max_conflicts` 409s raise
-        ScaleConflict rather than keep fighting another writer."""
-        conflicts = 0
+        state (someone else scaled: the decision may differ); after `max_conflicts` 409s where
+        another writer changed the replicas, raise ScaleConflict rather than keep fighting it.
+
+        A 409 after which the replicas read the same was caused by a write that left the scale
+        alone (the deployment controller's status updates share the Deployment's
+        resourceVersion, and come in bursts during a rollout). Those are not a fight over the
+        scale, so they have their own, larger bound, with a short back-off between tries."""
+        conflicts = 0  # every 409
+        scale_races = 0  # 409s after which the replicas read differently
+        status_conflicts = 0  # 409s after which they read the same
+        lost_to: ScaleState | None = None  # the state our last write was based on, after a 409
         while True:
             state = self.read_scale(namespace, name)
+            if lost_to is not None:
+                if state.spec_replicas != lost_to.spec_replicas:
+                    scale_races += 1
+                    if scale_races >= max_conflicts:
+                        raise ScaleConflict(namespace, name, conflicts)
+                else:
+                    status_conflicts += 1
+                    if status_conflicts > max_status_conflicts:
+                        raise ScaleConflict(namespace, name, conflicts)
+                    time.sleep(min(0.5, 0.02 * 2 ** min(status_conflicts, 5)))
             desired = decide(state)
             if desired is None or desired == state.spec_replicas:
                 return ScaleOutcome(before=state, written=None, conflicts=conflicts)
@@ -255,8 +274,7 @@ class Cluster:
                 if exc.status != 409:
                     raise
                 conflicts += 1
-                if conflicts >= max_conflicts:
-                    raise ScaleConflict(namespace, name, conflicts) from exc
+                lost_to = state
                 continue
             return ScaleOutcome(before=state, written=int(desired), conflicts=conflicts)
 

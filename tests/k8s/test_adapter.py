@@ -44,14 +44,52 @@ def test_a_conflict_makes_the_adapter_reread_and_redecide(cluster: Cluster, name
             )
         return state.spec_replicas + 2  # the decision depends on what was read
 
-    # re-read after the 409, decided again on the fresh state. The control plane's deployment
-    # controller answers the scale to 7 with status writes of its own, and one landing between
-    # the re-read and the write is a further 409 (under load, three in a row reached the
-    # default cap): each is re-read (and sees 7) the same way, so the cap is raised here.
-    outcome = cluster.apply_scale(namespace, "llm", decide, max_conflicts=10)
+    # re-read after the 409 and decided again on the fresh state. The control plane's deployment
+    # controller answers the scale to 7 with status writes of its own; one landing between the
+    # re-read and the write is a further 409 that leaves the replicas at 7, which the adapter
+    # retries without counting it as a race over the scale (the next test).
+    outcome = cluster.apply_scale(namespace, "llm", decide)
     assert seen[:2] == [1, 7] and set(seen[1:]) == {7}
     assert outcome.conflicts == len(seen) - 1 and outcome.written == 9
     assert cluster.read_scale(namespace, "llm").spec_replicas == 9
+
+
+def test_writes_that_leave_the_replicas_alone_are_retried_past_the_race_cap(
+    cluster: Cluster, namespace: str
+):
+    """What a rollout's status writes do to a scale write: the resourceVersion moves, the
+    replicas do not. Here an annotation stands in for them, five times, over a cap of 3 races."""
+    cluster.apps.create_namespaced_deployment(namespace, gpu_deployment("llm", 1))
+    calls = 0
+
+    def decide(state: ScaleState) -> int:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:
+            cluster.annotate_deployment(namespace, "llm", {"test/touch": str(calls)})
+        return 4
+
+    outcome = cluster.apply_scale(namespace, "llm", decide, max_conflicts=3)
+    assert outcome.written == 4 and outcome.conflicts >= 5
+    assert cluster.read_scale(namespace, "llm").spec_replicas == 4
+
+
+def test_writes_that_leave_the_replicas_alone_have_their_own_bound(
+    cluster: Cluster, namespace: str
+):
+    cluster.apps.create_namespaced_deployment(namespace, gpu_deployment("llm", 1))
+    calls = 0
+
+    def decide(state: ScaleState) -> int:
+        nonlocal calls
+        calls += 1
+        cluster.annotate_deployment(namespace, "llm", {"test/touch": str(calls)})
+        return 4
+
+    with pytest.raises(ScaleConflict, match="409"):
+        cluster.apply_scale(namespace, "llm", decide, max_status_conflicts=2)
+    assert calls == 3  # the first try and two retries
+    assert cluster.read_scale(namespace, "llm").spec_replicas == 1
 
 
 def test_a_writer_that_keeps_racing_makes_the_adapter_give_up(cluster: Cluster, namespace: str):
