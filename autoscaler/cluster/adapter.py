@@ -144,6 +144,41 @@ def _gpus(quantities: dict[str, str] | None) -> int:
         return 0
 
 
+@dataclass
+class ConflictBudget:
+    """How many 409s a read-decide-write loop takes before giving up, by their kind.
+
+    A race is a 409 after which the re-read shows another writer changed what we decide on
+    (the replicas, the template): fighting it is pointless past a few. A 409 after which that
+    part reads the same was a write elsewhere in the object (the deployment controller's status
+    updates share the Deployment's resourceVersion and come in bursts during a rollout): that
+    gets a larger bound of its own and a short back-off."""
+
+    namespace: str
+    name: str
+    what: str
+    max_races: int = 3
+    max_unrelated: int = 20
+    races: int = 0
+    unrelated: int = 0
+
+    @property
+    def conflicts(self) -> int:
+        return self.races + self.unrelated
+
+    def after_conflict(self, raced: bool) -> None:
+        """Count one 409 judged on the re-read; raise ScaleConflict past its kind's bound."""
+        if raced:
+            self.races += 1
+            if self.races >= self.max_races:
+                raise ScaleConflict(self.namespace, self.name, self.conflicts, what=self.what)
+            return
+        self.unrelated += 1
+        if self.unrelated > self.max_unrelated:
+            raise ScaleConflict(self.namespace, self.name, self.conflicts, what=self.what)
+        time.sleep(min(0.5, 0.02 * 2 ** min(self.unrelated, 5)))
+
+
 class Cluster:
     """Typed access to the API server for the controller. Every call names what it did when it
     fails: ClusterUnreachable (no answer), ClusterApiError (an error status)."""
@@ -241,25 +276,16 @@ class Cluster:
         alone (the deployment controller's status updates share the Deployment's
         resourceVersion, and come in bursts during a rollout). Those are not a fight over the
         scale, so they have their own, larger bound, with a short back-off between tries."""
-        conflicts = 0  # every 409
-        scale_races = 0  # 409s after which the replicas read differently
-        status_conflicts = 0  # 409s after which they read the same
+        budget = ConflictBudget(namespace, name, "scale write", max_conflicts,
+                                max_status_conflicts)  # fmt: skip
         lost_to: ScaleState | None = None  # the state our last write was based on, after a 409
         while True:
             state = self.read_scale(namespace, name)
             if lost_to is not None:
-                if state.spec_replicas != lost_to.spec_replicas:
-                    scale_races += 1
-                    if scale_races >= max_conflicts:
-                        raise ScaleConflict(namespace, name, conflicts)
-                else:
-                    status_conflicts += 1
-                    if status_conflicts > max_status_conflicts:
-                        raise ScaleConflict(namespace, name, conflicts)
-                    time.sleep(min(0.5, 0.02 * 2 ** min(status_conflicts, 5)))
+                budget.after_conflict(raced=state.spec_replicas != lost_to.spec_replicas)
             desired = decide(state)
             if desired is None or desired == state.spec_replicas:
-                return ScaleOutcome(before=state, written=None, conflicts=conflicts)
+                return ScaleOutcome(before=state, written=None, conflicts=budget.conflicts)
             body = client.V1Scale(
                 metadata=client.V1ObjectMeta(
                     name=name, namespace=namespace, resource_version=state.resource_version
@@ -273,10 +299,9 @@ class Cluster:
             except ClusterApiError as exc:
                 if exc.status != 409:
                     raise
-                conflicts += 1
                 lost_to = state
                 continue
-            return ScaleOutcome(before=state, written=int(desired), conflicts=conflicts)
+            return ScaleOutcome(before=state, written=int(desired), conflicts=budget.conflicts)
 
     def annotate_deployment(
         self, namespace: str, name: str, annotations: dict[str, str | None]
@@ -304,9 +329,13 @@ class Cluster:
         one rollout at most, once. Returns True if it patched. The write carries the read
         resourceVersion; a 409 re-reads and re-checks."""
         key = staged_label_key(workload)
-        for _ in range(3):
+        budget = ConflictBudget(namespace, name, "affinity patch")
+        lost_generation: int | None = None  # the spec generation our last patch was based on
+        while True:
             d = self.call(f"read deployment {namespace}/{name}",
                           self.apps.read_namespaced_deployment, name, namespace)  # fmt: skip
+            if lost_generation is not None:
+                budget.after_conflict(raced=d.metadata.generation != lost_generation)
             template = self.api.sanitize_for_serialization(d.spec.template)
             if is_adopted(template, workload):
                 return False
@@ -338,7 +367,7 @@ class Cluster:
             except ClusterApiError as exc:
                 if exc.status != 409:
                     raise
-        raise ScaleConflict(namespace, name, 3, what="affinity patch")
+                lost_generation = d.metadata.generation
 
     # -- nodes -------------------------------------------------------------------------------
 
