@@ -66,6 +66,14 @@ class ExternalFileChanged(ExternalFileError):
 
 
 # --- staging ---------------------------------------------------------------------------------
+class NodeMemoryLow(AgentError):
+    """Page-locking more would leave the node less available memory than its reserve."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(why)
+
+
 class BudgetExceeded(AgentError):
     """Staging an artifact would exceed the node's disk or memory budget even after eviction."""
 

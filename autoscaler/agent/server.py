@@ -452,7 +452,16 @@ class Agent:
             "store": self.config.store.describe(),
             "versions": self.versions(),
             "preloaders": self.preloaders(),
+            "node_memory": self.node_memory(),
         }
+
+    def node_memory(self) -> dict:
+        """The kernel's view of the node's memory (what pins are judged on); an unreadable
+        /proc/meminfo is reported in place rather than failing the whole inventory."""
+        try:
+            return self.config.cache.node_memory().to_dict()
+        except AgentError as exc:
+            return {"error": str(exc)}
 
     def preloaders(self) -> dict[str, str]:
         """The weight preloaders restores may ask: GPU UUID -> socket for a per-GPU folder

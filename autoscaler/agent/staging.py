@@ -28,12 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autoscaler.agent import external, preloaders
+from autoscaler.agent import external, node_memory, preloaders
 from autoscaler.agent.errors import (
     AgentError,
     ArtifactCorrupt,
     ArtifactNotFound,
     BudgetExceeded,
+    NodeMemoryLow,
     StagingError,
 )
 from autoscaler.agent.store import (
@@ -178,6 +179,10 @@ class NodeCache:
         self.verified = external.VerifiedFiles(
             self.tiers["disk"].root / META_DIR / "external-verified.json"
         )
+        # what the kernel says of the node's memory (read before each pin: the budget above
+        # sees only what this agent holds) and the share a pin must leave available
+        self.node_memory: Callable[[], node_memory.NodeMemory] = node_memory.read_node_memory
+        self.pin_reserve_fraction = node_memory.PIN_RESERVE_FRACTION
         # called (outside the cache's lock) with the weights of each memory copy that leaves,
         # by an evict or to make room: the agent gives back what preloaders hold for them
         self.on_memory_evict: Callable[[tuple[ExternalFile, ...]], None] | None = None
@@ -224,7 +229,9 @@ class NodeCache:
         that memory as surely as its tmpfs copies; counted here, the budget (and the
         controller's view of the room left, inventory used_bytes) stays true. A file another
         copy already pinned costs nothing more. LRU copies other than this one are evicted to
-        make room (their pins given back); BudgetExceeded when even that is not enough."""
+        make room (their pins given back); BudgetExceeded when even that is not enough.
+        NodeMemoryLow, before anything is evicted, when the kernel says the node could not
+        spare the memory (node_memory.pin_refusal: what others lock is not in the budget)."""
         if "memory" not in self.tiers or not self.tiers["memory"].exists(artifact_id):
             raise StagingError(f"no memory copy of {artifact_id!r} to pin weights for")
         leaving: list[ExternalFile] = []
@@ -232,6 +239,9 @@ class NodeCache:
         with self._lock:
             held = self.pinned_weights()
             needed = sum(n for path, n in wanted.items() if path not in held)
+            why = node_memory.pin_refusal(self.node_memory(), needed, self.pin_reserve_fraction)
+            if why is not None:
+                raise NodeMemoryLow(why)
             self._make_room("memory", needed, leaving, keep={artifact_id})
             self._write_meta("memory", artifact_id, **{PINNED_WEIGHTS_META: wanted})
         self._memory_evicted(leaving)
@@ -607,6 +617,8 @@ def pin_staged_weights(cache: NodeCache, artifact_id: str, sockets: Sequence[str
     except BudgetExceeded as exc:
         return {"pinned": [], "warnings": [
             f"weights not pinned: pinned weights count against the memory tier, and {exc}"]}
+    except NodeMemoryLow as exc:
+        return {"pinned": [], "warnings": [f"weights not pinned: {exc}"]}
     out = pin_weights(files, sockets)
     cache.record_pinned(artifact_id, {p["path"] for p in out["pinned"]})
     return out

@@ -18,6 +18,7 @@ import pytest
 
 from autoscaler.agent import external, preloaders
 from autoscaler.agent.errors import NotPermitted
+from autoscaler.agent.node_memory import NodeMemory
 from autoscaler.agent.policy import PidPolicy, cgroup_paths, contained_path
 from autoscaler.agent.server import Agent, AgentConfig, serve
 from autoscaler.agent.staging import NodeCache
@@ -431,6 +432,52 @@ def test_pinned_weights_count_against_the_memory_budget_once_per_file(tmp_path: 
         assert api.cache.holds("w3", "memory") and not api.cache.holds("w2", "memory")
         assert api.cache.pinned_weights() == {}
         assert memory()["used_bytes"] == copy
+    finally:
+        server.shutdown()
+        server.server_close()
+        double.close()
+
+
+def test_a_pin_the_node_cannot_spare_is_refused_before_anything_is_evicted(
+    tmp_path: Path,
+) -> None:
+    """The budget sees only what this agent holds; the kernel's MemAvailable also leaves out
+    what other processes locked. A pin that would leave less than the reserve is a warning:
+    the copy stays staged, no preloader is asked to lock, no other copy is evicted for it, and
+    the inventory shows the figures it was judged on."""
+    double = PreloaderDouble(tmp_path / "preload.sock")
+    api, server = _agent_with_preloader(tmp_path, str(double.path))
+    try:
+        weights, other = tmp_path / "weights.safetensors", tmp_path / "other.safetensors"
+        _artifact_with_weights(api.store, weights)
+        _artifact_with_weights(api.store, other, "w2")
+        inventory = api.call("GET", "/v1/inventory")[1]
+        real = inventory["node_memory"]  # this machine's own /proc/meminfo
+        assert 0 < real["available_bytes"] <= real["total_bytes"] and real["mlocked_bytes"] >= 0
+        assert api.call("POST", "/v1/stage", {"artifact_id": "w2", "tier": "memory"})[0] == 200
+        assert api.call("POST", "/v1/stage", {"artifact_id": "w1", "tier": "memory"})[0] == 200
+        # the budget has room for the 1-MiB pin only by evicting w2 (the LRU copy)
+        api.cache.budgets["memory"] = api.cache.usage()[-1].used_bytes + (1 << 20) - 4096
+        # a node whose other tenants locked most of its memory: 1 GiB total, 100.5 MiB free
+        api.cache.node_memory = lambda: NodeMemory(1 << 30, (100 << 20) + (1 << 19), 700 << 20)
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "pin_weights": True})
+        assert status == 200, body
+        assert body["pinned_weights"]["pinned"] == []
+        [warning] = body["pinned_weights"]["warnings"]
+        assert "weights not pinned" in warning and "0.7 GiB locked" in warning
+        assert "reserve of 0.1 GiB" in warning
+        assert api.cache.holds("w1", "memory") and api.cache.holds("w2", "memory")
+        assert double.requests == []
+        assert api.cache.pinned_weights() == {}
+        assert api.call("GET", "/v1/inventory")[1]["node_memory"]["mlocked_bytes"] == 700 << 20
+        # with room on the node the same stage pins, making room in the budget as it does
+        api.cache.node_memory = lambda: NodeMemory(1 << 30, 900 << 20, 0)
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "pin_weights": True})
+        assert status == 200 and body["pinned_weights"]["warnings"] == [], body
+        assert ("register", str(weights)) in [(r["op"], r["path"]) for r in double.requests]
+        assert api.cache.holds("w1", "memory") and not api.cache.holds("w2", "memory")
     finally:
         server.shutdown()
         server.server_close()
