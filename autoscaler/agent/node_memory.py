@@ -1,12 +1,17 @@
 """What the node's kernel says of its memory, and whether page-locking more of it is safe.
 
 Why: the memory tier's budget counts what the agent itself holds (tmpfs copies, the weights
-its stages page-locked), but not what anything else on the node locks or uses: another
-agent's pins, a worker's own mlock, a cache filling the host. Page-locked memory cannot be
-reclaimed, so before pinning a model's weights the agent checks the kernel's own estimate of
-what is still available (MemAvailable, which already leaves out every locked page) and refuses
-a pin that would leave less than a reserve. The decision is a pure function on plain numbers;
-reading /proc/meminfo is the adapter beside it.
+its stages page-locked), but not what anything else on the node uses or locks. Page-locked
+memory cannot be reclaimed, so before pinning a model's weights the agent also checks the
+kernel's estimate of what is still available (MemAvailable) and refuses a pin that would leave
+less than a reserve.
+
+What MemAvailable sees: anonymous memory (a worker's heap, pinned host buffers from
+cudaHostAlloc) and mlock'ed pages are out of it. File pages pinned through a driver
+(cuMemHostRegister, as the preloaders lock the weights where they lie; RDMA registrations) stay
+on the page cache's lists and are still counted as reclaimable, so the agent subtracts its own
+pins itself; such pins by other processes it cannot see. The decision is a pure function on
+plain numbers; reading /proc/meminfo is the adapter beside it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ PIN_RESERVE_FRACTION = 0.10
 @dataclass(frozen=True)
 class NodeMemory:
     total_bytes: int
-    available_bytes: int  # the kernel's MemAvailable: free + reclaimable, locked pages excluded
+    available_bytes: int  # the kernel's MemAvailable: free + what it thinks it can reclaim
     mlocked_bytes: int  # every process's page-locked memory (ours included)
 
     def to_dict(self) -> dict[str, int]:
@@ -57,20 +62,26 @@ def read_node_memory(path: Path = MEMINFO) -> NodeMemory:
 
 
 def pin_refusal(
-    memory: NodeMemory, pin_bytes: int, reserve_fraction: float = PIN_RESERVE_FRACTION
+    memory: NodeMemory,
+    pin_bytes: int,
+    own_pinned_bytes: int = 0,
+    reserve_fraction: float = PIN_RESERVE_FRACTION,
 ) -> str | None:
-    """Why page-locking `pin_bytes` more would leave the node short (None: it would not)."""
+    """Why page-locking `pin_bytes` more would leave the node short (None: it would not).
+    `own_pinned_bytes`: file pages the agent already pinned, which MemAvailable still counts."""
     if pin_bytes <= 0:
         return None
     reserve = int(memory.total_bytes * reserve_fraction)
-    left = memory.available_bytes - pin_bytes
+    available = memory.available_bytes - own_pinned_bytes
+    left = available - pin_bytes
     if left >= reserve:
         return None
     gib = 1 << 30
     return (
-        f"the node has {memory.available_bytes / gib:.1f} GiB available "
-        f"({memory.mlocked_bytes / gib:.1f} GiB locked by all processes); locking "
-        f"{pin_bytes / gib:.1f} GiB more would leave {max(left, 0) / gib:.1f} GiB, under the "
-        f"reserve of {reserve / gib:.1f} GiB ({reserve_fraction:.0%} of "
+        f"the node has {available / gib:.1f} GiB available (MemAvailable "
+        f"{memory.available_bytes / gib:.1f} GiB less {own_pinned_bytes / gib:.1f} GiB of weights "
+        f"this agent pinned; {memory.mlocked_bytes / gib:.1f} GiB mlock'ed by all processes); "
+        f"locking {pin_bytes / gib:.1f} GiB more would leave {max(left, 0) / gib:.1f} GiB, under "
+        f"the reserve of {reserve / gib:.1f} GiB ({reserve_fraction:.0%} of "
         f"{memory.total_bytes / gib:.1f} GiB)"
     )

@@ -239,7 +239,9 @@ class NodeCache:
         with self._lock:
             held = self.pinned_weights()
             needed = sum(n for path, n in wanted.items() if path not in held)
-            why = node_memory.pin_refusal(self.node_memory(), needed, self.pin_reserve_fraction)
+            own = sum(held.values())
+            why = node_memory.pin_refusal(self.node_memory(), needed, own,
+                                          self.pin_reserve_fraction)  # fmt: skip
             if why is not None:
                 raise NodeMemoryLow(why)
             self._make_room("memory", needed, leaving, keep={artifact_id})

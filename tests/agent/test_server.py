@@ -442,7 +442,7 @@ def test_a_pin_the_node_cannot_spare_is_refused_before_anything_is_evicted(
     tmp_path: Path,
 ) -> None:
     """The budget sees only what this agent holds; the kernel's MemAvailable also leaves out
-    what other processes locked. A pin that would leave less than the reserve is a warning:
+    what other processes use or mlock. A pin that would leave less than the reserve is a warning:
     the copy stays staged, no preloader is asked to lock, no other copy is evicted for it, and
     the inventory shows the figures it was judged on."""
     double = PreloaderDouble(tmp_path / "preload.sock")
@@ -465,7 +465,7 @@ def test_a_pin_the_node_cannot_spare_is_refused_before_anything_is_evicted(
         assert status == 200, body
         assert body["pinned_weights"]["pinned"] == []
         [warning] = body["pinned_weights"]["warnings"]
-        assert "weights not pinned" in warning and "0.7 GiB locked" in warning
+        assert "weights not pinned" in warning and "0.7 GiB mlock'ed" in warning
         assert "reserve of 0.1 GiB" in warning
         assert api.cache.holds("w1", "memory") and api.cache.holds("w2", "memory")
         assert double.requests == []
