@@ -71,7 +71,7 @@ class OneDeploymentCluster:
         return []
 
     def apply_scale(self, namespace, name, decide, *, max_conflicts=3,
-                    max_status_conflicts=20) -> ScaleOutcome:  # fmt: skip
+                    max_status_conflicts=10) -> ScaleOutcome:  # fmt: skip
         state = ScaleState(namespace, name, self.replicas, self.replicas, "1")
         desired = decide(state)
         if desired is None or desired == self.replicas:

@@ -158,7 +158,7 @@ class ConflictBudget:
     name: str
     what: str
     max_races: int = 3
-    max_unrelated: int = 20
+    max_unrelated: int = 10
     races: int = 0
     unrelated: int = 0
 
@@ -176,7 +176,7 @@ class ConflictBudget:
         self.unrelated += 1
         if self.unrelated > self.max_unrelated:
             raise ScaleConflict(self.namespace, self.name, self.conflicts, what=self.what)
-        time.sleep(min(0.5, 0.02 * 2 ** min(self.unrelated, 5)))
+        time.sleep(min(0.25, 0.02 * 2 ** self.unrelated))  # at most ~2 s in all
 
 
 class Cluster:
@@ -265,7 +265,7 @@ class Cluster:
         decide: Callable[[ScaleState], int | None],
         *,
         max_conflicts: int = 3,
-        max_status_conflicts: int = 20,
+        max_status_conflicts: int = 10,
     ) -> ScaleOutcome:
         """Read the scale, ask `decide` for the replicas to write (None or equal = no write),
         write with the read resourceVersion. On 409 re-read and call `decide` again on the fresh
