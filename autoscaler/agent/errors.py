@@ -67,7 +67,8 @@ class ExternalFileChanged(ExternalFileError):
 
 # --- staging ---------------------------------------------------------------------------------
 class NodeMemoryLow(AgentError):
-    """Page-locking more would leave the node less available memory than its reserve."""
+    """Page-locking more would leave the node less available memory than its reserve (or what
+    the node has cannot be read, so a pin is not risked)."""
 
     def __init__(self, why: str) -> None:
         self.why = why

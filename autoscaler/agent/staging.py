@@ -240,8 +240,11 @@ class NodeCache:
             held = self.pinned_weights()
             needed = sum(n for path, n in wanted.items() if path not in held)
             own = sum(held.values())
-            why = node_memory.pin_refusal(self.node_memory(), needed, own,
-                                          self.pin_reserve_fraction)  # fmt: skip
+            try:
+                memory = self.node_memory()
+            except AgentError as exc:  # not judged, not pinned: the copy stays staged
+                raise NodeMemoryLow(f"the node's memory cannot be judged: {exc}") from exc
+            why = node_memory.pin_refusal(memory, needed, own, self.pin_reserve_fraction)
             if why is not None:
                 raise NodeMemoryLow(why)
             self._make_room("memory", needed, leaving, keep={artifact_id})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from autoscaler.agent import external, preloaders
-from autoscaler.agent.errors import NotPermitted
+from autoscaler.agent.errors import AgentError, NotPermitted
 from autoscaler.agent.node_memory import NodeMemory
 from autoscaler.agent.policy import PidPolicy, cgroup_paths, contained_path
 from autoscaler.agent.server import Agent, AgentConfig, serve
@@ -471,6 +471,18 @@ def test_a_pin_the_node_cannot_spare_is_refused_before_anything_is_evicted(
         assert double.requests == []
         assert api.cache.pinned_weights() == {}
         assert api.call("GET", "/v1/inventory")[1]["node_memory"]["mlocked_bytes"] == 700 << 20
+        # a node whose memory cannot be read is not risked either
+        def unreadable() -> NodeMemory:
+            raise AgentError("cannot read /proc/meminfo: [Errno 13] Permission denied")
+
+        api.cache.node_memory = unreadable
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "pin_weights": True})
+        assert status == 200 and body["pinned_weights"]["pinned"] == [], body
+        [warning] = body["pinned_weights"]["warnings"]
+        assert "cannot be judged: cannot read /proc/meminfo" in warning
+        assert double.requests == [] and api.cache.holds("w2", "memory")
+        assert "error" in api.call("GET", "/v1/inventory")[1]["node_memory"]
         # with room on the node the same stage pins, making room in the budget as it does
         api.cache.node_memory = lambda: NodeMemory(1 << 30, 900 << 20, 0)
         status, body = api.call("POST", "/v1/stage",
