@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from autoscaler.agent.node_memory import PIN_RESERVE_FRACTION
 from autoscaler.errors import ConfigError
 
 DEFAULT_CACHE = "/var/lib/autoscaler-agent/cache"
@@ -54,10 +55,24 @@ def _byte_progress(label: str):
 def _cache(args: argparse.Namespace):
     from autoscaler.agent.staging import NodeCache
 
-    return NodeCache(
+    cache = NodeCache(
         args.cache_dir, parse_size(args.disk_budget, "disk_budget"),
         args.memory_dir, parse_size(args.memory_budget, "memory_budget") if args.memory_dir else 0,
     )
+    cache.pin_reserve_fraction = parse_fraction(args.pin_reserve, "pin_reserve")
+    return cache
+
+
+def parse_fraction(text: str, name: str) -> float:
+    """A share of the node's memory: "0.1" or "10%", in [0, 1)."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(name, f"{text!r} is not a fraction (e.g. 0.1 or 10%)") from None
+    if not 0 <= value < 1:
+        raise ConfigError(name, f"{text!r} must be at least 0 and under 1 (100%)")
+    return value
 
 
 def _store(args: argparse.Namespace):
@@ -223,6 +238,11 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-budget", default="100G", help="disk cache budget (e.g. 200G)")
     p.add_argument("--memory-dir", default=None, help="tmpfs directory for the memory tier")
     p.add_argument("--memory-budget", default="0", help="memory tier budget (e.g. 32G)")
+    p.add_argument(
+        "--pin-reserve", default=str(PIN_RESERVE_FRACTION),
+        help="share of the node's memory a weights pin must leave available by the kernel's "
+             "MemAvailable, less the agent's own pins (0.1 or 10%%; default %(default)s)",
+    )  # fmt: skip
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:

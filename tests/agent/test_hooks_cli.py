@@ -87,6 +87,30 @@ def test_parse_size() -> None:
         parse_size("lots", "disk_budget")
 
 
+def test_the_pin_reserve_is_a_fraction_and_reaches_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import argparse
+
+    from autoscaler.agent.cli import _cache, parse_fraction, register
+
+    assert parse_fraction("0.2", "pin_reserve") == 0.2
+    assert parse_fraction("15%", "pin_reserve") == 0.15
+    with pytest.raises(ConfigError, match=r"pin_reserve: '1.5' must be at least 0 and under 1"):
+        parse_fraction("1.5", "pin_reserve")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+
+    def cache_of(*extra: str):
+        args = parser.parse_args(["agent", "inventory", "--cache-dir", str(tmp_path), *extra])
+        return _cache(args)
+
+    assert cache_of("--pin-reserve", "25%").pin_reserve_fraction == 0.25
+    assert cache_of().pin_reserve_fraction == 0.1
+    assert agent_main(["inventory", "--cache-dir", str(tmp_path), "--pin-reserve", "lots"]) == 1
+    assert "pin_reserve: 'lots' is not a fraction" in capsys.readouterr().err
+
+
 def test_one_shot_stage_and_inventory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from autoscaler.agent.store import DirectoryStore
 
