@@ -278,11 +278,11 @@ class Cluster:
         scale, so they have their own, larger bound, with a short back-off between tries."""
         budget = ConflictBudget(namespace, name, "scale write", max_conflicts,
                                 max_status_conflicts)  # fmt: skip
-        lost_to: ScaleState | None = None  # the state our last write was based on, after a 409
+        lost_replicas: int | None = None  # what our last write was decided on, after a 409
         while True:
             state = self.read_scale(namespace, name)
-            if lost_to is not None:
-                budget.after_conflict(raced=state.spec_replicas != lost_to.spec_replicas)
+            if lost_replicas is not None:
+                budget.after_conflict(raced=state.spec_replicas != lost_replicas)
             desired = decide(state)
             if desired is None or desired == state.spec_replicas:
                 return ScaleOutcome(before=state, written=None, conflicts=budget.conflicts)
@@ -299,7 +299,7 @@ class Cluster:
             except ClusterApiError as exc:
                 if exc.status != 409:
                     raise
-                lost_to = state
+                lost_replicas = state.spec_replicas
                 continue
             return ScaleOutcome(before=state, written=int(desired), conflicts=budget.conflicts)
 
