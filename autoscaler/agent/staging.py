@@ -239,17 +239,22 @@ class NodeCache:
         with self._lock:
             held = self.pinned_weights()
             needed = sum(n for path, n in wanted.items() if path not in held)
-            own = sum(held.values())
-            try:
-                memory = self.node_memory()
-            except AgentError as exc:  # not judged, not pinned: the copy stays staged
-                raise NodeMemoryLow(f"the node's memory cannot be judged: {exc}") from exc
-            why = node_memory.pin_refusal(memory, needed, own, self.pin_reserve_fraction)
-            if why is not None:
-                raise NodeMemoryLow(why)
+            if needed:  # only new locking is judged (a re-pin of held files takes nothing)
+                self._check_node_memory(needed, sum(held.values()))
             self._make_room("memory", needed, leaving, keep={artifact_id})
             self._write_meta("memory", artifact_id, **{PINNED_WEIGHTS_META: wanted})
         self._memory_evicted(leaving)
+
+    def _check_node_memory(self, needed: int, own_pinned: int) -> None:
+        """NodeMemoryLow when locking `needed` more bytes would leave the node short, or its
+        memory cannot be read (not judged, not pinned: the copy stays staged)."""
+        try:
+            memory = self.node_memory()
+        except AgentError as exc:
+            raise NodeMemoryLow(f"the node's memory cannot be judged: {exc}") from exc
+        why = node_memory.pin_refusal(memory, needed, own_pinned, self.pin_reserve_fraction)
+        if why is not None:
+            raise NodeMemoryLow(why)
 
     def record_pinned(self, artifact_id: str, paths: Iterable[str]) -> None:
         """After the preloaders answered: keep only the pins that took (reserve_pinned

@@ -490,6 +490,13 @@ def test_a_pin_the_node_cannot_spare_is_refused_before_anything_is_evicted(
         assert status == 200 and body["pinned_weights"]["warnings"] == [], body
         assert ("register", str(weights)) in [(r["op"], r["path"]) for r in double.requests]
         assert api.cache.holds("w1", "memory") and not api.cache.holds("w2", "memory")
+        # pinning it again locks nothing new, so it is not judged (an unreadable meminfo no
+        # longer reports a held pin as not pinned)
+        api.cache.node_memory = unreadable
+        status, body = api.call("POST", "/v1/stage",
+                                {"artifact_id": "w1", "tier": "memory", "pin_weights": True})
+        assert status == 200 and body["pinned_weights"]["warnings"] == [], body
+        assert api.cache.pinned_weights() == {str(weights): 1 << 20}
     finally:
         server.shutdown()
         server.server_close()
