@@ -13,9 +13,13 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoscaler.agent.node_memory import PIN_RESERVE_FRACTION
 from autoscaler.errors import ConfigError
+
+if TYPE_CHECKING:
+    from autoscaler.agent.server import ContainerRuntime
 
 DEFAULT_CACHE = "/var/lib/autoscaler-agent/cache"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -108,6 +112,14 @@ def _check_preload_flags(args: argparse.Namespace) -> None:
                           "give --preload-socket or --preload-socket-dir, not both")
 
 
+def _container_runtime(name: str) -> ContainerRuntime | None:
+    if name == "none":
+        return None
+    from autoscaler.agent.containers import CgroupContainerRuntime
+
+    return CgroupContainerRuntime()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from autoscaler.agent.policy import PidPolicy
     from autoscaler.agent.server import Agent, AgentConfig, serve
@@ -125,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token_review=args.token_review,
         token_review_users=tuple(args.token_review_user),
         policy=PidPolicy(tuple(args.allow_cgroup), tuple(args.allow_ancestor)),
-        handshake_root=Path(args.handshake_root) if args.handshake_root else None,
+        handshake_root=tuple(Path(r) for r in args.handshake_root),
         log_root=Path(args.log_dir) if args.log_dir else None,
         preload_socket=args.preload_socket,
         preload_socket_dir=args.preload_socket_dir,
@@ -134,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         page_fill_threads=args.page_fill_threads,
         fill_while_running=args.fill_while_running,
         working_set=args.working_set,
+        containers=_container_runtime(args.container_runtime),
     )
     server = serve(Agent(config), args.host, args.port)
     _warm_criu_kdat()
@@ -314,8 +327,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cgroup path prefix whose processes requests may touch (/kubepods)")
     p.add_argument("--allow-ancestor", action="append", type=int, default=[],
                    help="PID whose descendants requests may touch")
-    p.add_argument("--handshake-root", help="handshake directories must lie under this")
+    p.add_argument("--handshake-root", action="append", default=[],
+                   help="handshake directories must lie under this (repeat for several)")
     p.add_argument("--log-dir", help="where restore logs go (default: beside the disk cache)")
+    p.add_argument(
+        "--container-runtime", choices=("none", "cgroup"), default="none",
+        help="how /v1/checkpoint resolves a container_id (containerd://, cri-o://, docker://): "
+             "cgroup = from the node's /proc (needs hostPID; docs/agent.md); none = refused",
+    )  # fmt: skip
     _add_restore_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -82,12 +82,15 @@ class PidPolicy:
         )
 
 
-def contained_path(root: Path | None, value: str, field: str) -> Path:
-    """Resolve `value` and require it inside `root` (no '..' or symlink escapes)."""
-    if root is None:
+def contained_path(root: Path | tuple[Path, ...] | None, value: str, field: str) -> Path:
+    """Resolve `value` and require it inside `root`, or one of several roots (no '..' or
+    symlink escapes)."""
+    roots = (root,) if isinstance(root, Path) else tuple(root or ())
+    if not roots:
         raise ValueError(f"{field}: not accepted (no root directory is configured for it)")
     resolved = Path(os.path.realpath(value))
-    base = Path(os.path.realpath(root))
-    if resolved != base and base not in resolved.parents:
-        raise ValueError(f"{field}: {value!r} is outside {base}")
+    bases = [Path(os.path.realpath(r)) for r in roots]
+    if not any(resolved == base or base in resolved.parents for base in bases):
+        where = str(bases[0]) if len(bases) == 1 else f"each of {[str(b) for b in bases]}"
+        raise ValueError(f"{field}: {value!r} is outside {where}")
     return resolved

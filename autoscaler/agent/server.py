@@ -162,7 +162,9 @@ class AgentConfig:
     token_review: bool = False
     token_review_users: tuple[str, ...] = ()
     policy: PidPolicy = field(default_factory=PidPolicy)
-    handshake_root: Path | None = None
+    # where handshake directories may lie: one folder or several (e.g. the agent's own and
+    # the kubelet's pods folder, where a pod's emptyDir volumes are)
+    handshake_root: Path | tuple[Path, ...] | None = None
     log_root: Path | None = None
     containers: ContainerRuntime | None = None
     # the node's weight preloader (`fastload preload --socket`): every restore asks it to load

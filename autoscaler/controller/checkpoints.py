@@ -158,6 +158,10 @@ def checkpoint_pod(d: ManagedDeployment, digest: str, mount: str) -> dict[str, A
     main.pop("livenessProbe", None)
     main.pop("startupProbe", None)
     spec["restartPolicy"] = "Never"
+    # The pod's pause process is then PID 1 and the worker runs under it, as in the pods its
+    # artifact is restored into; a worker that is PID 1 of its own namespace has no init to be
+    # restored under, and the node agent refuses to checkpoint it (docs/agent.md, Pods).
+    spec["shareProcessNamespace"] = True
     return {
         "apiVersion": "v1",
         "kind": "Pod",

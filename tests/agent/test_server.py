@@ -183,6 +183,15 @@ def test_pid_policy_rules(tmp_path: Path) -> None:
     (tmp_path / "root" / "link").symlink_to("/etc")
     with pytest.raises(ValueError, match="outside"):
         contained_path(tmp_path / "root", str(tmp_path / "root" / "link"), "handshake_dir")
+    # several roots (the agent's folder and the kubelet's pods folder): inside any one will do
+    roots = (tmp_path / "root", tmp_path / "pods")
+    (tmp_path / "pods" / "uid" / "hs").mkdir(parents=True)
+    assert contained_path(roots, str(tmp_path / "pods" / "uid" / "hs"), "handshake_dir") == (
+        tmp_path / "pods" / "uid" / "hs").resolve()
+    with pytest.raises(ValueError, match="outside each of"):
+        contained_path(roots, str(tmp_path / "elsewhere"), "handshake_dir")
+    with pytest.raises(ValueError, match="no root directory"):
+        contained_path((), str(tmp_path / "root"), "handshake_dir")
 
 
 def test_stage_evict_pins_and_inventory(api: Api) -> None:

@@ -177,6 +177,12 @@ def test_the_agent_flags_parse_with_the_agent_cli():
     args = parser.parse_args(["agent", *agent["args"]])
     assert args.func.__name__ == "cmd_serve"
     assert args.store.startswith("shared:") and args.token_review
+    # pods' processes under either kubelet cgroup driver; container ids resolved from /proc;
+    # handshake folders in the shared host folder or a pod's emptyDir, both mounted here
+    assert {"/kubepods", "/kubepods.slice"} <= set(args.allow_cgroup)
+    assert args.container_runtime == "cgroup"
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert set(args.handshake_root) <= mounts
 
 
 def test_every_command_the_manifests_run_is_registered_in_the_cli():

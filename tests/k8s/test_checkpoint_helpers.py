@@ -78,6 +78,7 @@ def test_checkpoint_pod_is_not_a_replica_and_is_ready_when_the_worker_offers_a_c
                                                            "/run/hs/ready-for-checkpoint"]},
                                       "periodSeconds": 1}  # fmt: skip
     assert "livenessProbe" not in main and pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["shareProcessNamespace"] is True  # the pod's init is pause, not the worker
     assert t["spec"]["containers"][0]["readinessProbe"]["httpGet"]  # the template is untouched
 
 

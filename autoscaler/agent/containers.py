@@ -1,0 +1,212 @@
+"""A pod's container, named as its status names it, resolved to processes from /proc alone.
+
+`/v1/checkpoint` may name the worker by the id a pod's status gives (`containerd://<64 hex>`,
+`cri-o://...`, `docker://...`). Every CRI runtime, under either kubelet cgroup driver, puts a
+container's processes in a cgroup named after that id (cgroupfs: `.../pod<uid>/<id>`; systemd:
+`.../cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope`), so the agent, which runs
+with `hostPID`, finds them by reading `/proc/*/cgroup`: no runtime socket, no client library, the
+same code for containerd and CRI-O. From there:
+
+- the worker is the container's top process (its parent is outside the container);
+- the pod's init is the process that is PID 1 of the worker's PID namespace. A snapshot pod must
+  run with `shareProcessNamespace: true`, so that init is the pod's pause process and the worker
+  a process under it (docs/agent.md, "Pods"); a worker that is itself PID 1 of its namespace, or
+  that lives in the node's PID namespace, is refused with that reason;
+- the handshake directory is the worker's `AUTOSCALER_HANDSHAKE_DIR`, a path inside the pod,
+  mapped to the agent's view through the two mount tables: the worker's mount of that path names
+  a device and a directory on it; the agent's own mount of the same device gives its path here
+  (the agent must mount where the handshake volumes lie, e.g. `/var/lib/kubelet/pods`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoscaler.agent.hooks import HANDSHAKE_ENV
+from autoscaler.agent.server import ContainerProcess
+
+CRI_SCHEMES = ("containerd", "cri-o", "docker")
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def parse_container_id(container_id: str) -> str:
+    """The 64-hex id of `<scheme>://<id>`; ValueError naming what is wrong."""
+    scheme, sep, cid = container_id.partition("://")
+    if not sep or scheme not in CRI_SCHEMES:
+        raise ValueError(f"container_id: {container_id!r} is not one of "
+                         f"{', '.join(s + '://' for s in CRI_SCHEMES)}")  # fmt: skip
+    if not _ID.match(cid):
+        raise ValueError(f"container_id: {cid!r} is not a 64-hex container id")
+    return cid
+
+
+def cgroup_names_container(path: str, cid: str) -> bool:
+    """True if one component of a cgroup path is the container's own cgroup: `<id>`
+    (cgroupfs driver) or `<prefix>-<id>.scope` (systemd driver)."""
+    return any(c == cid or c == f"{cid}.scope" or c.endswith(f"-{cid}.scope")
+               for c in path.split("/"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/<pid>/mountinfo: which directory (`root`) of which device is seen at
+    `mount_point`."""
+
+    device: str  # major:minor
+    root: str
+    mount_point: str
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 5:
+            mounts.append(Mount(fields[2], _unescape(fields[3]), _unescape(fields[4])))
+    return mounts
+
+
+def _parts(path: str) -> list[str]:
+    return [c for c in path.split("/") if c]
+
+
+def _relative(path: str, prefix: str) -> list[str] | None:
+    """`path` minus `prefix` as components, or None if `prefix` is not a component prefix."""
+    p, q = _parts(path), _parts(prefix)
+    return p[len(q):] if p[: len(q)] == q else None
+
+
+def host_path(inside: str, worker_mounts: list[Mount], agent_mounts: list[Mount]) -> str | None:
+    """Where the agent sees the directory a process sees at `inside` (None: the agent mounts
+    no part of that device covering it). The process's mount covering `inside` is the one with
+    the longest mount point (the last one listed, where mounts stack); the agent's is the one of
+    the same device whose root is the longest prefix of the target."""
+    best: tuple[int, Mount, list[str]] | None = None
+    for mount in worker_mounts:
+        rest = _relative(inside, mount.mount_point)
+        if rest is not None and (best is None or len(_parts(mount.mount_point)) >= best[0]):
+            best = (len(_parts(mount.mount_point)), mount, rest)
+    if best is None:
+        return None
+    _, source, rest = best
+    target = "/" + "/".join([*_parts(source.root), *rest])
+    found: tuple[int, str] | None = None
+    for mount in agent_mounts:
+        if mount.device != source.device:
+            continue
+        tail = _relative(target, mount.root)
+        if tail is not None and (found is None or len(_parts(mount.root)) > found[0]):
+            found = (len(_parts(mount.root)), "/" + "/".join([*_parts(mount.mount_point), *tail]))
+    return found[1] if found else None
+
+
+def _status(proc: Path, pid: int) -> tuple[int, list[int]]:
+    """(PPid, NSpid) of a process."""
+    ppid, nspid = 0, [pid]
+    for line in (proc / str(pid) / "status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            ppid = int(line.split()[1])
+        elif line.startswith("NSpid:"):
+            nspid = [int(x) for x in line.split()[1:]]
+    return ppid, nspid
+
+
+def _start_time(proc: Path, pid: int) -> int:
+    stat = (proc / str(pid) / "stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22: starttime
+
+
+class CgroupContainerRuntime:
+    """The agent's `ContainerRuntime` on a real node (`agent serve --container-runtime cgroup`):
+    any CRI runtime, either cgroup driver, read from `proc` (the host's /proc: hostPID)."""
+
+    def __init__(self, proc: Path = Path("/proc"), self_mounts: Path | None = None) -> None:
+        self.proc = proc
+        self.self_mounts = self_mounts or proc / "self" / "mountinfo"
+
+    def _pids(self) -> list[int]:
+        return [int(e.name) for e in self.proc.iterdir() if e.name.isdigit()]
+
+    def _members(self, cid: str) -> list[int]:
+        members = []
+        for pid in self._pids():
+            try:
+                text = (self.proc / str(pid) / "cgroup").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            paths = [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+            if any(cgroup_names_container(p, cid) for p in paths):
+                members.append(pid)
+        return members
+
+    def _pid_namespace(self, pid: int) -> str:
+        return os.readlink(self.proc / str(pid) / "ns" / "pid")
+
+    def _namespace_init(self, namespace: str) -> int | None:
+        for pid in self._pids():
+            try:
+                if self._pid_namespace(pid) == namespace and _status(self.proc, pid)[1][-1] == 1:
+                    return pid
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+
+    def _handshake_dir(self, pid: int) -> str | None:
+        environ = (self.proc / str(pid) / "environ").read_bytes().split(b"\0")
+        prefix = f"{HANDSHAKE_ENV}=".encode()
+        inside = next((e[len(prefix):].decode() for e in environ if e.startswith(prefix)), None)
+        if not inside:
+            return None
+        worker = parse_mountinfo((self.proc / str(pid) / "mountinfo").read_text())
+        agent = parse_mountinfo(self.self_mounts.read_text())
+        found = host_path(inside, worker, agent)
+        if found is None or not Path(found).is_dir():
+            raise ValueError(
+                f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) is on no "
+                "filesystem this agent mounts; mount the folder that holds the pods' handshake "
+                "volumes into the agent (e.g. /var/lib/kubelet/pods)"
+            )
+        return found
+
+    def resolve(self, container_id: str) -> ContainerProcess:
+        """The worker's host PID, the pod init's host PID, the worker's PID inside the pod and
+        its handshake directory as the agent sees it. LookupError: no such container on this
+        node; ValueError: a container the agent cannot checkpoint, and why."""
+        cid = parse_container_id(container_id)
+        members = self._members(cid)
+        if not members:
+            raise LookupError(f"no process on this node is in a cgroup of container {cid[:12]}")
+        statuses = {}
+        for pid in members:
+            try:
+                statuses[pid] = _status(self.proc, pid)
+            except OSError:
+                continue
+        tops = [pid for pid, (ppid, _) in statuses.items() if ppid not in statuses]
+        if not tops:
+            raise LookupError(f"the processes of container {cid[:12]} exited")
+        worker = min(tops, key=lambda pid: _start_time(self.proc, pid))
+        nspid = statuses[worker][1]
+        if len(nspid) < 2:
+            raise ValueError(f"container {cid[:12]} runs in the node's PID namespace (hostPID): "
+                             "a worker is restored only into a pod's own namespaces")
+        if nspid[-1] == 1:
+            raise ValueError(
+                f"container {cid[:12]}'s process is PID 1 of its PID namespace: a snapshot pod "
+                "needs shareProcessNamespace: true, so its init (pause) is PID 1 and the worker "
+                "runs under it (docs/agent.md, Pods)"
+            )
+        init = self._namespace_init(self._pid_namespace(worker))
+        if init is None:
+            raise LookupError(f"no init process found in the PID namespace of container "
+                              f"{cid[:12]}")  # fmt: skip
+        return ContainerProcess(pid=worker, namespace_pid=init, pid_in_namespace=nspid[-1],
+                                handshake_dir=self._handshake_dir(worker))  # fmt: skip

@@ -1,0 +1,100 @@
+"""Pure parts of the agent's container resolution (autoscaler.agent.containers): ids, cgroup
+names under both kubelet drivers, and the mapping of a path inside a pod to the agent's view.
+The resolution itself runs on real processes in tests/agent/test_containers.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoscaler.agent.containers import (
+    Mount,
+    cgroup_names_container,
+    host_path,
+    parse_container_id,
+    parse_mountinfo,
+)
+
+CID = "3f" * 32
+
+
+@pytest.mark.parametrize("scheme", ["containerd", "cri-o", "docker"])
+def test_a_cri_container_id_gives_its_hex_id(scheme: str) -> None:
+    assert parse_container_id(f"{scheme}://{CID}") == CID
+
+
+@pytest.mark.parametrize("bad, says", [
+    (f"sandbox://{CID}", "is not one of"),
+    (CID, "is not one of"),
+    ("containerd://abc", "64-hex"),
+    (f"containerd://{CID.upper()}", "64-hex"),
+    (f"containerd://{CID}/../x", "64-hex"),
+])  # fmt: skip
+def test_other_ids_are_refused_with_the_reason(bad: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_container_id(bad)
+
+
+def test_the_containers_cgroup_is_found_under_either_driver_and_nothing_near_it() -> None:
+    systemd = ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_5678.slice/"
+               f"cri-containerd-{CID}.scope")  # fmt: skip
+    assert cgroup_names_container(systemd, CID)
+    assert cgroup_names_container(f"/kubepods.slice/kubepods-pod1.slice/crio-{CID}.scope", CID)
+    assert cgroup_names_container(f"/kubepods/besteffort/pod1234-5678/{CID}", CID)
+    assert not cgroup_names_container(f"/kubepods/besteffort/pod1/{CID}0", CID)
+    assert not cgroup_names_container(f"/kubepods/besteffort/pod1/{CID[:-1]}", CID)
+    assert not cgroup_names_container(f"/kubepods.slice/cri-containerd-{CID}x.scope", CID)
+    assert not cgroup_names_container("/kubepods/besteffort/pod1", CID)
+
+
+KUBELET_DIR = "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~empty-dir/autoscaler-handshake"
+WORKER_MOUNTINFO = f"""\
+2471 2303 0:301 / / rw,relatime master:900 - overlay overlay rw,lowerdir=/l,upperdir=/u
+2472 2471 0:303 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw
+2480 2471 253:1 {KUBELET_DIR} /run/handshake rw,relatime - ext4 /dev/vda1 rw
+2481 2471 253:1 /var/lib/kubelet/pods/uid-1/etc-hosts /etc/hosts rw,relatime - ext4 /dev/vda1 rw
+2482 2471 253:1 /var/lib/autoscaler/hs/pod\\040one /run/spaced rw - ext4 /dev/vda1 rw
+"""
+AGENT_MOUNTINFO = """\
+1801 1700 0:290 / / rw,relatime - overlay overlay rw
+1810 1801 253:1 /var/lib/kubelet/pods /var/lib/kubelet/pods rw,relatime - ext4 /dev/vda1 rw
+1811 1801 253:1 /var/lib/autoscaler /host/autoscaler rw,relatime - ext4 /dev/vda1 rw
+"""
+
+
+def test_a_pod_path_is_found_where_the_agent_mounts_the_same_device() -> None:
+    worker, agent = parse_mountinfo(WORKER_MOUNTINFO), parse_mountinfo(AGENT_MOUNTINFO)
+    assert host_path("/run/handshake", worker, agent) == KUBELET_DIR
+    assert host_path("/run/handshake/sub/dir/", worker, agent) == KUBELET_DIR + "/sub/dir"
+    # mounted at another path in the agent, and an escaped space in the table
+    assert host_path("/run/spaced", worker, agent) == "/host/autoscaler/hs/pod one"
+    # on the container's own root filesystem (overlay): no agent mount of that device
+    assert host_path("/tmp/handshake", worker, agent) is None
+    # /etc/hosts' directory is not under any root the agent mounts
+    assert host_path("/etc/hosts", worker, parse_mountinfo(AGENT_MOUNTINFO.splitlines()[2])) is None
+
+
+def test_the_last_and_longest_mount_wins_and_the_agents_longest_root() -> None:
+    worker = [Mount("8:1", "/a", "/run"), Mount("8:1", "/b", "/run/x"),
+              Mount("8:1", "/c", "/run/x")]  # fmt: skip
+    agent = [Mount("8:1", "/", "/host"), Mount("8:1", "/c", "/mnt/c")]
+    assert host_path("/run/x/y", worker, agent) == "/mnt/c/y"  # stacked: the last /run/x
+    assert host_path("/run/z", worker, agent) == "/host/a/z"  # only the agent's root mount
+    assert host_path("/run/x/y", worker, [Mount("8:2", "/", "/")]) is None  # another device
+
+
+def test_serve_takes_the_cgroup_runtime_and_several_handshake_roots() -> None:
+    import argparse
+
+    from autoscaler.agent.cli import _container_runtime, register
+    from autoscaler.agent.containers import CgroupContainerRuntime
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["agent", "serve", "--store", "/s", "--container-runtime", "cgroup",
+                              "--handshake-root", "/a", "--handshake-root", "/b"])  # fmt: skip
+    assert isinstance(_container_runtime(args.container_runtime), CgroupContainerRuntime)
+    assert args.handshake_root == ["/a", "/b"]
+    default = parser.parse_args(["agent", "serve", "--store", "/s"])
+    assert _container_runtime(default.container_runtime) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["agent", "serve", "--store", "/s", "--container-runtime", "crio"])
