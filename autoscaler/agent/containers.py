@@ -184,6 +184,12 @@ class CgroupContainerRuntime:
         members = self._members(cid)
         if not members:
             raise LookupError(f"no process on this node is in a cgroup of container {cid[:12]}")
+        try:
+            return self._resolve_members(cid, members)
+        except OSError as exc:  # a process went away while it was read
+            raise LookupError(f"container {cid[:12]} changed while it was resolved: {exc}") from exc
+
+    def _resolve_members(self, cid: str, members: list[int]) -> ContainerProcess:
         statuses = {}
         for pid in members:
             try:
