@@ -28,6 +28,7 @@ def test_a_cri_container_id_gives_its_hex_id(scheme: str) -> None:
     ("containerd://abc", "64-hex"),
     (f"containerd://{CID.upper()}", "64-hex"),
     (f"containerd://{CID}/../x", "64-hex"),
+    (f"containerd://{CID}\n", "64-hex"),
 ])  # fmt: skip
 def test_other_ids_are_refused_with_the_reason(bad: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):

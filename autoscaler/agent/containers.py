@@ -39,7 +39,7 @@ def parse_container_id(container_id: str) -> str:
     if not sep or scheme not in CRI_SCHEMES:
         raise ValueError(f"container_id: {container_id!r} is not one of "
                          f"{', '.join(s + '://' for s in CRI_SCHEMES)}")  # fmt: skip
-    if not _ID.match(cid):
+    if not _ID.fullmatch(cid):
         raise ValueError(f"container_id: {cid!r} is not a 64-hex container id")
     return cid
 
@@ -167,7 +167,12 @@ class CgroupContainerRuntime:
             return None
         worker = parse_mountinfo((self.proc / str(pid) / "mountinfo").read_text())
         agent = parse_mountinfo(self.self_mounts.read_text())
-        found = host_path(inside, worker, agent)
+        found = host_path(os.path.normpath(inside), worker, agent)
+        if found is not None and os.path.realpath(found) != found:
+            # the pod wrote the variable and owns the volume: a link there could point the
+            # agent at another pod's folder, so only a plain directory is taken
+            raise ValueError(f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) "
+                             f"goes through a symbolic link ({found})")  # fmt: skip
         if found is None or not Path(found).is_dir():
             raise ValueError(
                 f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) is on no "

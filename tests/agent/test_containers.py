@@ -201,6 +201,18 @@ def test_the_cgroupfs_layout_resolves_and_unusable_containers_are_refused_with_w
         assert (found.pid, found.namespace_pid, found.handshake_dir) == (
             sleeper, pods[0].init_pid, None)
 
+        # a handshake variable that leads through a link the pod put in its volume
+        volume, in_pod, other = tmp_path / "vol", tmp_path / "in-pod", tmp_path / "other-pod"
+        for folder in (volume, in_pod, other):
+            folder.mkdir()
+        (volume / "hs").symlink_to(other)
+        pods.append(PodSandbox(tmp_path, ["sleep", "600"], binds=[(str(volume), str(in_pod))],
+                               env={**os.environ, HANDSHAKE_ENV: str(in_pod / "hs")}))  # fmt: skip
+        linked = secrets.token_hex(32)
+        cgroups.put(f"kubepods/besteffort/pod5/{linked}", pods[1].pids()[WORKER_PID_IN_POD])
+        with pytest.raises(ValueError, match="symbolic link"):
+            CgroupContainerRuntime().resolve(f"containerd://{linked}")
+
         # a container that is PID 1 of its own PID namespace (no shareProcessNamespace)
         procs.append(subprocess.Popen(["unshare", "-p", "--fork", "sleep", "600"],
                                       start_new_session=True))  # fmt: skip
