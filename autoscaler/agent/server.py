@@ -101,8 +101,9 @@ class ContainerProcess:
 
 
 class ContainerRuntime(Protocol):
-    """Resolves a container id to its processes (containerd's CRI on a node; the test
-    kubelet's sandboxes in the tests). Raises LookupError for an unknown container."""
+    """Resolves a container id to its processes (on a node, `containers.CgroupContainerRuntime`
+    from /proc; the test kubelet's sandboxes in the tests). Raises LookupError for an unknown
+    container, ValueError for one that cannot be checkpointed."""
 
     def resolve(self, container_id: str) -> ContainerProcess: ...
 
