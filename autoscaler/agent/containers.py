@@ -25,7 +25,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoscaler.agent.criu import NamespaceTarget, ns_pids, pids_in_namespace
+from autoscaler.agent.errors import NotPermitted
 from autoscaler.agent.hooks import HANDSHAKE_ENV
+from autoscaler.agent.policy import cgroup_paths, parent_pid
 from autoscaler.agent.server import ContainerProcess
 
 CRI_SCHEMES = ("containerd", "cri-o", "docker")
@@ -108,85 +111,38 @@ def host_path(inside: str, worker_mounts: list[Mount], agent_mounts: list[Mount]
     return found[1] if found else None
 
 
-def _status(proc: Path, pid: int) -> tuple[int, list[int]]:
-    """(PPid, NSpid) of a process."""
-    ppid, nspid = 0, [pid]
-    for line in (proc / str(pid) / "status").read_text().splitlines():
-        if line.startswith("PPid:"):
-            ppid = int(line.split()[1])
-        elif line.startswith("NSpid:"):
-            nspid = [int(x) for x in line.split()[1:]]
-    return ppid, nspid
-
-
-def _start_time(proc: Path, pid: int) -> int:
-    stat = (proc / str(pid) / "stat").read_text()
+def _start_time(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22: starttime
+
+
+def _members(cid: str) -> dict[int, list[int]]:
+    """{host PID: NSpid} of the processes in the container's cgroup."""
+    members = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            inside = any(cgroup_names_container(p, cid) for p in cgroup_paths(pid))
+        except (NotPermitted, OSError):  # gone meanwhile
+            continue
+        nspid = ns_pids(pid) if inside else []
+        if nspid:
+            members[pid] = nspid
+    return members
 
 
 class CgroupContainerRuntime:
     """The agent's `ContainerRuntime` on a real node (`agent serve --container-runtime cgroup`):
-    any CRI runtime, either cgroup driver, read from `proc` (the host's /proc: hostPID)."""
-
-    def __init__(self, proc: Path = Path("/proc"), self_mounts: Path | None = None) -> None:
-        self.proc = proc
-        self.self_mounts = self_mounts or proc / "self" / "mountinfo"
-
-    def _pids(self) -> list[int]:
-        return [int(e.name) for e in self.proc.iterdir() if e.name.isdigit()]
-
-    def _members(self, cid: str) -> list[int]:
-        members = []
-        for pid in self._pids():
-            try:
-                text = (self.proc / str(pid) / "cgroup").read_text()
-            except OSError:  # gone meanwhile
-                continue
-            paths = [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
-            if any(cgroup_names_container(p, cid) for p in paths):
-                members.append(pid)
-        return members
-
-    def _pid_namespace(self, pid: int) -> str:
-        return os.readlink(self.proc / str(pid) / "ns" / "pid")
-
-    def _namespace_init(self, namespace: str) -> int | None:
-        for pid in self._pids():
-            try:
-                if self._pid_namespace(pid) == namespace and _status(self.proc, pid)[1][-1] == 1:
-                    return pid
-            except (OSError, ValueError, IndexError):
-                continue
-        return None
-
-    def _handshake_dir(self, pid: int) -> str | None:
-        environ = (self.proc / str(pid) / "environ").read_bytes().split(b"\0")
-        prefix = f"{HANDSHAKE_ENV}=".encode()
-        inside = next((e[len(prefix):].decode() for e in environ if e.startswith(prefix)), None)
-        if not inside:
-            return None
-        worker = parse_mountinfo((self.proc / str(pid) / "mountinfo").read_text())
-        agent = parse_mountinfo(self.self_mounts.read_text())
-        found = host_path(os.path.normpath(inside), worker, agent)
-        if found is not None and os.path.realpath(found) != found:
-            # the pod wrote the variable and owns the volume: a link there could point the
-            # agent at another pod's folder, so only a plain directory is taken
-            raise ValueError(f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) "
-                             f"goes through a symbolic link ({found})")  # fmt: skip
-        if found is None or not Path(found).is_dir():
-            raise ValueError(
-                f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) is on no "
-                "filesystem this agent mounts; mount the folder that holds the pods' handshake "
-                "volumes into the agent (e.g. /var/lib/kubelet/pods)"
-            )
-        return found
+    any CRI runtime, either cgroup driver, read from the host's /proc (the agent has hostPID)."""
 
     def resolve(self, container_id: str) -> ContainerProcess:
         """The worker's host PID, the pod init's host PID, the worker's PID inside the pod and
         its handshake directory as the agent sees it. LookupError: no such container on this
         node; ValueError: a container the agent cannot checkpoint, and why."""
         cid = parse_container_id(container_id)
-        members = self._members(cid)
+        members = _members(cid)
         if not members:
             raise LookupError(f"no process on this node is in a cgroup of container {cid[:12]}")
         try:
@@ -194,18 +150,12 @@ class CgroupContainerRuntime:
         except OSError as exc:  # a process went away while it was read
             raise LookupError(f"container {cid[:12]} changed while it was resolved: {exc}") from exc
 
-    def _resolve_members(self, cid: str, members: list[int]) -> ContainerProcess:
-        statuses = {}
-        for pid in members:
-            try:
-                statuses[pid] = _status(self.proc, pid)
-            except OSError:
-                continue
-        tops = [pid for pid, (ppid, _) in statuses.items() if ppid not in statuses]
+    def _resolve_members(self, cid: str, members: dict[int, list[int]]) -> ContainerProcess:
+        tops = [pid for pid in members if parent_pid(pid) not in members]
         if not tops:
             raise LookupError(f"the processes of container {cid[:12]} exited")
-        worker = min(tops, key=lambda pid: _start_time(self.proc, pid))
-        nspid = statuses[worker][1]
+        worker = min(tops, key=_start_time)
+        nspid = members[worker]
         if len(nspid) < 2:
             raise ValueError(f"container {cid[:12]} runs in the node's PID namespace (hostPID): "
                              "a worker is restored only into a pod's own namespaces")
@@ -215,9 +165,32 @@ class CgroupContainerRuntime:
                 "needs shareProcessNamespace: true, so its init (pause) is PID 1 and the worker "
                 "runs under it (docs/agent.md, Pods)"
             )
-        init = self._namespace_init(self._pid_namespace(worker))
+        init = pids_in_namespace(NamespaceTarget(worker)).get(1)
         if init is None:
             raise LookupError(f"no init process found in the PID namespace of container "
                               f"{cid[:12]}")  # fmt: skip
         return ContainerProcess(pid=worker, namespace_pid=init, pid_in_namespace=nspid[-1],
-                                handshake_dir=self._handshake_dir(worker))  # fmt: skip
+                                handshake_dir=_handshake_dir(worker))  # fmt: skip
+
+
+def _handshake_dir(pid: int) -> str | None:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    prefix = f"{HANDSHAKE_ENV}=".encode()
+    inside = next((e[len(prefix):].decode() for e in environ if e.startswith(prefix)), None)
+    if not inside:
+        return None
+    worker = parse_mountinfo(Path(f"/proc/{pid}/mountinfo").read_text())
+    agent = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    found = host_path(os.path.normpath(inside), worker, agent)
+    if found is not None and os.path.realpath(found) != found:
+        # the pod wrote the variable and owns the volume: a link there could point the
+        # agent at another pod's folder, so only a plain directory is taken
+        raise ValueError(f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) "
+                         f"goes through a symbolic link ({found})")  # fmt: skip
+    if found is None or not Path(found).is_dir():
+        raise ValueError(
+            f"the worker's handshake directory {inside} ({HANDSHAKE_ENV}) is on no "
+            "filesystem this agent mounts; mount the folder that holds the pods' handshake "
+            "volumes into the agent (e.g. /var/lib/kubelet/pods)"
+        )
+    return found

@@ -588,7 +588,7 @@ def _pid_ns(pid: int) -> str | None:
         return None
 
 
-def _ns_pids(pid: int) -> list[int]:
+def ns_pids(pid: int) -> list[int]:
     """NSpid of a process: its PID in each pid namespace, outermost first."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -620,7 +620,7 @@ def pids_in_namespace(target: NamespaceTarget) -> dict[int, int]:
     out: dict[int, int] = {}
     for tid in _all_tids():
         if _pid_ns(tid) == ns:
-            nspids = _ns_pids(tid)
+            nspids = ns_pids(tid)
             if nspids:
                 out[nspids[-1]] = tid
     return out

@@ -289,7 +289,7 @@ def ns_pid(host_pid: int, target: criu_mod.NamespaceTarget | None) -> int:
     """A host PID as the dumped tree sees it (innermost NSpid) when dumping inside a pod."""
     if target is None:
         return host_pid
-    nspids = criu_mod._ns_pids(host_pid)
+    nspids = criu_mod.ns_pids(host_pid)
     if not nspids:
         raise ProcessNotFound(host_pid, "NSpid unreadable")
     return nspids[-1]
