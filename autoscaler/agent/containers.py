@@ -7,7 +7,9 @@ container's processes in a cgroup named after that id (cgroupfs: `.../pod<uid>/<
 with `hostPID`, finds them by reading `/proc/*/cgroup`: no runtime socket, no client library, the
 same code for containerd and CRI-O. From there:
 
-- the worker is the container's top process (its parent is outside the container);
+- the worker is the container's top process (its parent is outside the container), or, where
+  that process is the snapshot placeholder running the worker as its child (a checkpoint pod,
+  autoscaler/agent/placeholder.py), the child it names in the handshake volume;
 - the pod's init is the process that is PID 1 of the worker's PID namespace. A snapshot pod must
   run with `shareProcessNamespace: true`, so that init is the pod's pause process and the worker
   a process under it (docs/agent.md, "Pods"); a worker that is itself PID 1 of its namespace, or
@@ -28,6 +30,7 @@ from pathlib import Path
 from autoscaler.agent.criu import NamespaceTarget, ns_pids, pids_in_namespace
 from autoscaler.agent.errors import NotPermitted
 from autoscaler.agent.hooks import HANDSHAKE_ENV
+from autoscaler.agent.placeholder import waiting
 from autoscaler.agent.policy import cgroup_paths, parent_pid
 from autoscaler.agent.server import ContainerProcess
 
@@ -141,12 +144,21 @@ class CgroupContainerRuntime:
         """The worker's host PID, the pod init's host PID, the worker's PID inside the pod and
         its handshake directory as the agent sees it. LookupError: no such container on this
         node; ValueError: a container the agent cannot checkpoint, and why."""
+        return self._resolve(container_id, behind_placeholder=True)
+
+    def resolve_entrypoint(self, container_id: str) -> ContainerProcess:
+        """The same for the container's top process itself (the placeholder that waits for
+        the pod starter, autoscaler/agent/pod_starts.py), never the worker under it."""
+        return self._resolve(container_id, behind_placeholder=False)
+
+    def _resolve(self, container_id: str, behind_placeholder: bool) -> ContainerProcess:
         cid = parse_container_id(container_id)
         members = _members(cid)
         if not members:
             raise LookupError(f"no process on this node is in a cgroup of container {cid[:12]}")
         try:
-            return self._resolve_members(cid, members)
+            top = self._resolve_members(cid, members)
+            return _placeholder_worker(top, members) if behind_placeholder else top
         except OSError as exc:  # a process went away while it was read
             raise LookupError(f"container {cid[:12]} changed while it was resolved: {exc}") from exc
 
@@ -171,6 +183,22 @@ class CgroupContainerRuntime:
                               f"{cid[:12]}")  # fmt: skip
         return ContainerProcess(pid=worker, namespace_pid=init, pid_in_namespace=nspid[-1],
                                 handshake_dir=_handshake_dir(worker))  # fmt: skip
+
+
+def _placeholder_worker(top: ContainerProcess, members: dict[int, list[int]]) -> ContainerProcess:
+    """The worker a placeholder at the top runs as its child (it names the child's PID inside
+    in `placeholder-waiting`); `top` itself when it is no such placeholder. The named PID must
+    be a child of the top process in the same container: the file is the pod's to write."""
+    if top.handshake_dir is None:
+        return top
+    said = waiting(Path(top.handshake_dir)) or {}
+    if said.get("pid") != top.pid_in_namespace or not isinstance(said.get("worker"), int):
+        return top
+    for pid, nspid in members.items():
+        if nspid[-1] == said["worker"] and parent_pid(pid) == top.pid:
+            return ContainerProcess(pid=pid, namespace_pid=top.namespace_pid,
+                                    pid_in_namespace=nspid[-1], handshake_dir=top.handshake_dir)
+    return top
 
 
 def _handshake_dir(pid: int) -> str | None:

@@ -4,14 +4,13 @@ drivers name them, the agent's HTTP API, CRIU."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,79 +21,25 @@ import pytest
 from autoscaler.agent.containers import CgroupContainerRuntime
 from autoscaler.agent.cpu_worker import MLP
 from autoscaler.agent.hooks import HANDSHAKE_ENV
+from autoscaler.agent.placeholder import (
+    PID_GAP,
+    Start,
+    claim_start,
+    read_json,
+    report_started,
+    waiting,
+)
 from autoscaler.agent.policy import PidPolicy
 from autoscaler.agent.restore import RestoreRequest, http_get, restore_artifact
 from autoscaler.agent.server import Agent, AgentConfig, serve
 from autoscaler.agent.staging import NodeCache
 from autoscaler.agent.store import DirectoryStore
+from autoscaler.testing.cgroups import CgroupTree
 from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox, wait_for
 
 from .conftest import free_port, wait_handshake
 
 TOKEN = "container-runtime-test-token"
-
-
-class CgroupTree:
-    """A scratch subtree of a writable cgroup hierarchy of this machine; processes moved into
-    it are moved back to the hierarchy's root and the folders removed at the end."""
-
-    def __init__(self) -> None:
-        self.base: Path | None = None
-        name = f"autoscaler-test-{secrets.token_hex(4)}"
-        for mount in self._hierarchies():
-            try:
-                (mount / name).mkdir()
-            except OSError:
-                continue
-            self.mount, self.base = mount, mount / name
-            break
-        self.made: list[Path] = []
-
-    @staticmethod
-    def _hierarchies() -> list[Path]:
-        """cgroup2 first, then v1 hierarchies that limit nothing (named systemd, pids)."""
-        found: dict[str, Path] = {}
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            fstype, _, options = [*right.split(), "", "", ""][:3]
-            point = Path(left.split()[4])
-            if fstype == "cgroup2":
-                found.setdefault("v2", point)
-            elif fstype == "cgroup" and "name=systemd" in options:
-                found.setdefault("systemd", point)
-            elif fstype == "cgroup" and options.split(",")[-1] == "pids":
-                found.setdefault("pids", point)
-        return [found[k] for k in ("v2", "systemd", "pids") if k in found]
-
-    def path_of(self, folder: Path) -> str:
-        """The cgroup path /proc/<pid>/cgroup shows for `folder`."""
-        return "/" + str(folder.relative_to(self.mount))
-
-    def put(self, relative: str, pid: int) -> Path:
-        assert self.base is not None
-        folder = self.base
-        for part in Path(relative).parts:
-            folder = folder / part
-            if not folder.exists():
-                folder.mkdir()
-                self.made.append(folder)
-        (folder / "cgroup.procs").write_text(str(pid))
-        return folder
-
-    def remove(self) -> None:
-        if self.base is None:
-            return
-        for folder in sorted([*self.made, self.base], key=lambda p: len(p.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                for pid in (folder / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(OSError):
-                        (self.mount / "cgroup.procs").write_text(pid)
-            deadline = time.monotonic() + 5
-            while folder.exists() and time.monotonic() < deadline:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    time.sleep(0.05)
 
 
 @pytest.fixture
@@ -253,3 +198,125 @@ def _child(pid: int) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+def _placeholder_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "autoscaler.agent.placeholder", "--decision-timeout", "60",
+            "--", sys.executable, "-m", "autoscaler.agent.cpu_worker", "--port", str(port),
+            "--kv-mib", "8"]  # fmt: skip
+
+
+def _announced(volume: Path, pod: PodSandbox) -> dict:
+    said = wait_for(lambda: waiting(volume), 30, "the placeholder's announcement")
+    assert said["pid"] == WORKER_PID_IN_POD  # type: ignore[index]
+    return said  # type: ignore[return-value]
+
+
+def test_a_placeholder_pod_is_checkpointed_and_a_replica_is_restored_under_its_placeholder(
+    tmp_path: Path, cgroups: CgroupTree, agent: str, criu_binary: Path, cleanup_pids: list[int]
+) -> None:
+    """The snapshot container's entrypoint is the placeholder. In a checkpoint pod the agent
+    says `worker`: the worker runs as its child, far above its PID, and a checkpoint by
+    container id dumps that child, not the placeholder. In a replica the agent restores into
+    the placeholder's namespaces and says `started`: the placeholder stays the container's main
+    process, follows the restored worker and passes SIGTERM on to it."""
+    in_pod, port = tmp_path / "pod-handshake", free_port()
+    in_pod.mkdir()
+    volumes = [tmp_path / "volume-a", tmp_path / "volume-b"]
+    cids = [secrets.token_hex(32), secrets.token_hex(32)]
+    pods: list[PodSandbox] = []
+    try:
+        for i, volume in enumerate(volumes):
+            volume.mkdir()
+            pods.append(PodSandbox(tmp_path, _placeholder_command(port),
+                                   binds=[(str(volume), str(in_pod))],
+                                   env={**os.environ, HANDSHAKE_ENV: str(in_pod)}))  # fmt: skip
+            cgroups.put(f"{_pod_slice(f'p{i}')}/cri-containerd-{secrets.token_hex(32)}.scope",
+                        pods[i].init_pid)  # fmt: skip
+            cgroups.put(f"{_pod_slice(f'p{i}')}/cri-containerd-{cids[i]}.scope",
+                        pods[i].pids()[WORKER_PID_IN_POD])  # fmt: skip
+        runtime = CgroupContainerRuntime()
+
+        # checkpoint pod: the worker runs under the placeholder, PID_GAP above it
+        said = _announced(volumes[0], pods[0])
+        assert claim_start(volumes[0], Start(said["nonce"], "worker", "agent")).by == "agent"
+        wait_handshake(volumes[0])
+        worker = runtime.resolve(f"containerd://{cids[0]}")
+        top = runtime.resolve_entrypoint(f"containerd://{cids[0]}")
+        assert top.pid_in_namespace == WORKER_PID_IN_POD
+        assert worker.pid_in_namespace is not None
+        assert worker.pid_in_namespace >= WORKER_PID_IN_POD + PID_GAP
+        assert worker.namespace_pid == top.namespace_pid == pods[0].init_pid
+        status, body = _post(agent + "/v1/checkpoint", {
+            "artifact_id": "behind-placeholder", "workload": "cpu-mlp",
+            "container_id": f"containerd://{cids[0]}"})  # fmt: skip
+        assert status == 200, body
+        wait_for(lambda: set(pods[0].pids()) == {1}, 15, "the checkpoint pod's container to end")
+
+        # replica: restored into the placeholder's namespaces, then told so
+        said = _announced(volumes[1], pods[1])
+        assert claim_start(volumes[1], Start(said["nonce"], "restore", "agent")).by == "agent"
+        entry = runtime.resolve_entrypoint(f"containerd://{cids[1]}")
+        status, outcome = _post(agent + "/v1/restore", {
+            "artifact_id": "behind-placeholder", "namespace_pid": entry.pid,
+            "handshake_dir": str(volumes[1]), "health_url": f"http://127.0.0.1:{port}/health"})
+        assert status == 200 and outcome["ok"], outcome
+        cleanup_pids.append(outcome["host_pid"])
+        assert outcome["pid"] == worker.pid_in_namespace
+        report_started(volumes[1], said["nonce"], True, outcome["pid"])
+        wait_for(lambda: (waiting(volumes[1]) or {}).get("worker") == outcome["pid"], 10,
+                 "the placeholder to follow the restored worker")  # fmt: skip
+        status, answer = http_get(f"http://127.0.0.1:{port}/predict?seed=5", 10, pods[1].init_pid)
+        model = MLP()
+        assert status == 200
+        assert json.loads(answer)["outputs"] == model.predict(model.example_input(5)).tolist()
+
+        os.kill(entry.pid, signal.SIGTERM)  # the kubelet stops the container
+        wait_for(lambda: set(pods[1].pids()) == {1}, 15, "the worker and its placeholder to exit")
+    finally:
+        for pod in pods:
+            pod.stop()
+
+
+def test_a_placeholder_starts_cold_without_a_decision_or_after_a_failed_restore(
+    tmp_path: Path,
+) -> None:
+    """No agent decision within the timeout: the placeholder claims the start itself and execs
+    the worker without the handshake variable (it serves at once). A restore the agent claimed
+    and then reported failed: the same cold start."""
+    in_pod = tmp_path / "pod-handshake"
+    in_pod.mkdir()
+    pods: list[PodSandbox] = []
+    try:
+        for i, timeout in enumerate(("0.5", "60")):
+            volume, port = tmp_path / f"volume-{i}", free_port()
+            volume.mkdir()
+            command = _placeholder_command(port)
+            command[command.index("--decision-timeout") + 1] = timeout
+            pods.append(PodSandbox(tmp_path, command, binds=[(str(volume), str(in_pod))],
+                                   env={**os.environ, HANDSHAKE_ENV: str(in_pod)}))  # fmt: skip
+            said = _announced(volume, pods[i])
+            if i == 0:
+                held = wait_for(lambda v=volume: read_json(v / "placeholder-start"), 10,
+                                "the placeholder's own claim")  # fmt: skip
+                assert held["by"] == "placeholder" and held["action"] == "cold"  # type: ignore[index]
+                with pytest.raises(ValueError, match="another start"):
+                    claim_start(volume, Start("an-older-start", "restore", "agent"))
+                assert claim_start(volume, Start(said["nonce"], "restore", "agent")).by == (
+                    "placeholder")  # the agent lost the race: it must not restore
+            else:
+                claim_start(volume, Start(said["nonce"], "restore", "agent"))
+                report_started(volume, said["nonce"], False, reason="CRIU said no")
+
+            def serves(p: PodSandbox = pods[i], port: int = port) -> bool:
+                try:
+                    return http_get(f"http://127.0.0.1:{port}/health", 2, p.init_pid)[0] == 200
+                except OSError:
+                    return False
+
+            wait_for(serves, 60, "the cold-started worker to serve")
+            environ = Path(f"/proc/{pods[i].pids()[WORKER_PID_IN_POD]}/environ").read_bytes()
+            assert HANDSHAKE_ENV.encode() not in environ  # exec'd in place, variable dropped
+    finally:
+        for pod in pods:
+            pod.stop()
