@@ -99,3 +99,55 @@ def test_serve_takes_the_cgroup_runtime_and_several_handshake_roots() -> None:
     assert _container_runtime(default.container_runtime) is None
     with pytest.raises(SystemExit):
         parser.parse_args(["agent", "serve", "--store", "/s", "--container-runtime", "crio"])
+
+
+def test_start_pods_is_refused_without_the_cgroup_runtime_or_a_node_name() -> None:
+    import argparse
+
+    from autoscaler.agent.cli import _pod_starter, register
+    from autoscaler.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+
+    def parse(*flags: str) -> argparse.Namespace:
+        return parser.parse_args(["agent", "serve", "--store", "/s", *flags])
+
+    assert _pod_starter(parse("--container-runtime", "cgroup")) is None  # not asked for
+    with pytest.raises(ConfigError, match="needs --container-runtime cgroup"):
+        _pod_starter(parse("--start-pods", "--node-name", "n1"))
+    with pytest.raises(ConfigError, match=r"needs --node-name or \$NODE_NAME"):
+        _pod_starter(parse("--start-pods", "--container-runtime", "cgroup", "--node-name", ""))
+    with pytest.raises(ConfigError, match="pod_poll"):
+        _pod_starter(parse("--start-pods", "--container-runtime", "cgroup", "--node-name", "n1",
+                           "--pod-poll", "0"))
+
+
+def test_decide_start_restores_only_a_held_current_artifact() -> None:
+    """The pure part of the pod starter: a checkpoint pod runs its worker; a replica restores
+    only when the record's artifact matches the pod and this node holds it."""
+    from autoscaler.agent.pod_starts import decide_start, restore_candidate
+
+    worker = decide_start(checkpoint_pod=True, candidate=(None, "", False), held_tiers=())
+    assert worker.action == "worker"
+    restore = decide_start(checkpoint_pod=False, candidate=("chat-abc", "restore", False),
+                           held_tiers=("memory", "disk"))  # fmt: skip
+    assert (restore.action, restore.artifact_id) == ("restore", "chat-abc")
+    assert "memory copy" in restore.reason
+    missing = decide_start(checkpoint_pod=False, candidate=("chat-abc", "restore", False),
+                           held_tiers=())  # fmt: skip
+    assert (missing.action, missing.fallback) == ("cold", True)
+    assert "holds no copy" in missing.reason
+    none = decide_start(checkpoint_pod=False,
+                        candidate=(None, "the Deployment has no current artifact", False),
+                        held_tiers=())  # fmt: skip
+    assert (none.action, none.fallback) == ("cold", False)
+
+    spec = {"containers": [{"name": "w", "image": "r/x@sha256:" + "ab" * 32,
+                            "command": ["python", "-m", "serve"]}]}  # fmt: skip
+    assert restore_candidate(spec, None, "H200", {})[:2] == (
+        None, "the Deployment has no current artifact")
+    artifact, why, fallback = restore_candidate(spec, "{not json", "H200", {})
+    assert artifact is None and "not JSON" in why and not fallback
+    other = restore_candidate(spec, '{"id": "chat-1", "identity": "0000"}', "H200", {})
+    assert other[0] is None and other[1].startswith("identity:") and other[2]

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autoscaler.agent.node_memory import PIN_RESERVE_FRACTION
 from autoscaler.errors import ConfigError
@@ -112,6 +114,28 @@ def _check_preload_flags(args: argparse.Namespace) -> None:
                           "give --preload-socket or --preload-socket-dir, not both")
 
 
+def _pod_starter(args: argparse.Namespace) -> Callable[[Any], Any] | None:
+    """For --start-pods: checks the flags before anything starts; returns a builder that takes
+    the Agent (None without --start-pods)."""
+    if not args.start_pods:
+        return None
+    if args.container_runtime != "cgroup":
+        raise ConfigError("start_pods", "--start-pods finds pods' placeholders from /proc: "
+                          "it needs --container-runtime cgroup")  # fmt: skip
+    if not args.node_name:
+        raise ConfigError("node_name", "--start-pods needs --node-name or $NODE_NAME (the "
+                          "DaemonSet sets it from spec.nodeName)")  # fmt: skip
+    if args.pod_poll <= 0:
+        raise ConfigError("pod_poll", f"must be > 0, not {args.pod_poll}")
+    from autoscaler.agent.containers import CgroupContainerRuntime
+    from autoscaler.agent.pod_starts import PodStarter
+    from autoscaler.cluster.adapter import connect
+
+    api = connect(args.kubeconfig, in_cluster=args.kubeconfig is None)
+    return lambda agent: PodStarter(agent, api, args.node_name, CgroupContainerRuntime(),
+                                    poll_s=args.pod_poll)  # fmt: skip
+
+
 def _container_runtime(name: str) -> ContainerRuntime | None:
     if name == "none":
         return None
@@ -148,8 +172,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         working_set=args.working_set,
         containers=_container_runtime(args.container_runtime),
     )
-    server = serve(Agent(config), args.host, args.port)
+    make_starter = _pod_starter(args)  # its flags are checked before anything starts
+    agent = Agent(config)
+    server = serve(agent, args.host, args.port)
     _warm_criu_kdat()
+    starter = make_starter(agent).start() if make_starter is not None else None
+    if starter is not None:
+        print(f"[agent] starting snapshot pods on node {args.node_name}", file=sys.stderr,
+              flush=True)  # fmt: skip
     host, port = server.server_address[:2]
     print(f"[agent] listening on http://{host}:{port}", file=sys.stderr, flush=True)
     try:
@@ -157,6 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if starter is not None:
+            starter.stop()
         server.server_close()
     return 0
 
@@ -335,6 +367,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how /v1/checkpoint resolves a container_id (containerd://, cri-o://, docker://): "
              "cgroup = from the node's /proc (needs hostPID; docs/agent.md); none = refused",
     )  # fmt: skip
+    p.add_argument(
+        "--start-pods", action="store_true",
+        help="restore new pods of snapshot workloads on this node by itself: watch the pods "
+             "bound to --node-name and answer their placeholder entrypoints "
+             "(autoscaler/agent/pod_starts.py; needs --container-runtime cgroup)",
+    )  # fmt: skip
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                   help="this node's name, for --start-pods (default: $NODE_NAME)")
+    p.add_argument("--kubeconfig",
+                   help="for --start-pods outside a cluster (default: the pod's ServiceAccount)")
+    p.add_argument("--pod-poll", type=float, default=1.0,
+                   help="seconds between two looks at this node's pods (--start-pods)")
     _add_restore_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -21,6 +21,13 @@ as Node objects (tests on the real control plane):
   seconds from binding to Ready and, for a cold start that replaced a restore, the fallback mark
   (`snapshot.autoscaler.io/start-path`, `.../start-seconds`, `.../fallback`, `.../start-reason`).
 
+With `runs_entrypoints=True` it is a plain kubelet instead: every pod runs its container's command
+as given (for a snapshot workload, the placeholder that waits for the agent's pod starter,
+autoscaler/agent/pod_starts.py), the pod is reported Running with its container id at once and
+Ready when its probe passes; restores and start annotations are then the agent's. With `cgroups`
+the container's processes sit in a cgroup named as containerd's systemd driver names it and the
+id is `containerd://<64 hex>`, so the agent finds them from /proc as on a real node.
+
 It also implements the agent's `ContainerRuntime`: container ids `sandbox://<pod uid>` resolve to
 the worker's PIDs and the handshake volume's host path, so `/v1/checkpoint` can name a container.
 Pods with hostNetwork (the agent DaemonSet) run nothing: they are marked Ready with the node's
@@ -30,9 +37,9 @@ address, where the test's agent listens.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import secrets
 import subprocess
 import threading
 import time
@@ -47,6 +54,12 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from autoscaler.agent.hooks import HANDSHAKE_ENV
+from autoscaler.agent.pod_starts import (
+    GPU_MODEL_LABEL,
+    START_REASON_ANNOTATION,
+    http_probe,
+    restore_candidate,
+)
 from autoscaler.agent.restore import http_get
 from autoscaler.agent.server import ContainerProcess
 from autoscaler.cluster.labels import (
@@ -57,15 +70,12 @@ from autoscaler.cluster.labels import (
     START_SECONDS_ANNOTATION,
     WORKLOAD_ANNOTATION,
 )
-from autoscaler.controller.artifacts import restore_identity
-from autoscaler.errors import ConfigError
+from autoscaler.testing.cgroups import CgroupTree
 from autoscaler.testing.sandbox import WORKER_PID_IN_POD, PodSandbox
 
 log = logging.getLogger("autoscaler.sandbox_kubelet")
-START_REASON_ANNOTATION = "snapshot.autoscaler.io/start-reason"
 CONTAINER_SCHEME = "sandbox://"
 COLD = "cold"
-GPU_MODEL_LABEL = "nvidia.com/gpu.product"
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,8 @@ class SandboxKubelet:
     ready_timeout_s: float = 60.0
     restore_timeout_s: float = 60.0
     workers: int = 4
+    runs_entrypoints: bool = False
+    cgroups: CgroupTree | None = None
     started: list[Started] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -256,6 +268,9 @@ class SandboxKubelet:
             self._running[uid] = running
         checkpoint = CHECKPOINT_LABEL in (pod.metadata.labels or {})
         workdir = self.pods_root / uid
+        if self.runs_entrypoints:
+            self._run_entrypoint(pod, bound_at, running, container, binds, checkpoint)
+            return
 
         artifact, reason = (None, "checkpoint pod") if checkpoint else self._artifact_for(pod)
         path, fallback = COLD, False
@@ -303,6 +318,34 @@ class SandboxKubelet:
         with self._lock:
             self.started.append(Started(key, node, path, fallback, seconds, reason, checkpoint))
 
+    def _run_entrypoint(self, pod: client.V1Pod, bound_at: float, running: _Running,
+                        container: Any, binds: list[tuple[str, str]],
+                        checkpoint: bool) -> None:  # fmt: skip
+        """As a kubelet does: run the command, report it running, then Ready by its probe."""
+        command = [*(container.command or []), *(container.args or [])]
+        if not command:
+            raise ValueError(f"{running.key}: the container has no command to run")
+        running.sandbox = PodSandbox(self.pods_root / running.uid, command, binds=binds,
+                                     env={**os.environ, **_env(container)})  # fmt: skip
+        container_id = f"{CONTAINER_SCHEME}{running.uid}"
+        if self.cgroups is not None:
+            cid, pod_slice = secrets.token_hex(32), f"kubepods.slice/pod{running.uid}.slice"
+            self.cgroups.put(f"{pod_slice}/cri-containerd-{secrets.token_hex(32)}.scope",
+                             running.sandbox.init_pid)  # fmt: skip
+            self.cgroups.put(f"{pod_slice}/cri-containerd-{cid}.scope",
+                             running.sandbox.pids()[WORKER_PID_IN_POD])  # fmt: skip
+            container_id = f"containerd://{cid}"
+        self._mark_ready(pod, container_id, ready=False)
+        if not self._wait_ready(running, container):
+            if not self._stop.is_set() and not running.stopped:
+                self.errors.append(f"{running.key}: not ready within {self.ready_timeout_s} s")
+            return
+        self._mark_ready(pod, container_id)
+        with self._lock:
+            self.started.append(Started(running.key, running.node, "entrypoint", False,
+                                        time.monotonic() - bound_at, "ran its entrypoint",
+                                        checkpoint))  # fmt: skip
+
     def _make_volumes(self, pod: client.V1Pod) -> dict[str, Path]:
         out = {}
         for v in pod.spec.volumes or []:
@@ -320,24 +363,13 @@ class SandboxKubelet:
         if deployment is None:
             return None, "no owning Deployment"
         text = (deployment.metadata.annotations or {}).get(ARTIFACT_RECORD_ANNOTATION)
-        if not text:
-            return None, "the Deployment has no current artifact"
-        record = json.loads(text)
         versions = self._agent_versions(pod.spec.node_name)
         node = self._core.read_node(pod.spec.node_name)
         gpu_model = (node.metadata.labels or {}).get(GPU_MODEL_LABEL) or versions.get(
             "gpu_model", "none")  # fmt: skip
         spec = self.api.sanitize_for_serialization(pod.spec)
-        try:
-            identity = restore_identity({"spec": spec}, gpu_model=gpu_model,
-                                        driver_version=versions.get("driver", "none"),
-                                        criu_version=versions.get("criu", "unknown"))  # fmt: skip
-        except ConfigError as exc:
-            return None, f"identity: {exc}"
-        if identity.digest() != record.get("identity"):
-            return None, (f"identity: the pod's restore identity differs from artifact "
-                          f"{record.get('id')}'s; cold start")  # fmt: skip
-        return str(record["id"]), "restore"
+        artifact, reason, _ = restore_candidate(spec, text, gpu_model, versions)
+        return artifact, reason
 
     def _owning_deployment(self, pod: client.V1Pod) -> client.V1Deployment | None:
         ns = pod.metadata.namespace
@@ -364,7 +396,7 @@ class SandboxKubelet:
 
     def _restore(self, node: str, artifact: str, running: _Running, container: Any) -> dict:
         assert running.sandbox is not None
-        probe = _http_probe(container)
+        probe = http_probe(container)
         body = {"artifact_id": artifact, "namespace_pid": running.sandbox.init_pid,
                 "use_store": False, "ready_timeout_s": self.restore_timeout_s,
                 "health_timeout_s": self.restore_timeout_s}  # fmt: skip
@@ -395,7 +427,7 @@ class SandboxKubelet:
 
     def _probe(self, sandbox: PodSandbox, container: Any) -> Callable[[], bool]:
         probe = container.readiness_probe
-        http = _http_probe(container)
+        http = http_probe(container)
         if http is not None:
             url = f"http://127.0.0.1:{http[0]}{http[1]}"
 
@@ -421,7 +453,8 @@ class SandboxKubelet:
 
     # -- status ---------------------------------------------------------------------------------
 
-    def _mark_ready(self, pod: client.V1Pod, container_id: str | None) -> None:
+    def _mark_ready(self, pod: client.V1Pod, container_id: str | None,
+                    ready: bool = True) -> None:  # fmt: skip
         node = self._core.read_node(pod.spec.node_name)
         node_ip = next((a.address for a in (node.status.addresses or [])
                         if a.type == "InternalIP"), "127.0.0.1")  # fmt: skip
@@ -429,12 +462,13 @@ class SandboxKubelet:
         pod_ip = node_ip if pod.spec.host_network else "10.244.0.1"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         containers = [
-            {"name": c.name, "ready": True, "restartCount": 0, "image": c.image,
+            {"name": c.name, "ready": ready, "restartCount": 0, "image": c.image,
              "imageID": c.image if "@sha256:" in (c.image or "") else "",
              "containerID": container_id or "", "state": {"running": {"startedAt": stamp}}}
             for c in pod.spec.containers
         ]  # fmt: skip
-        conditions = [{"type": t, "status": "True", "lastTransitionTime": stamp}
+        conditions = [{"type": t, "status": "True" if ready or t == "Initialized" else "False",
+                       "lastTransitionTime": stamp}
                       for t in ("Initialized", "ContainersReady", "Ready")]  # fmt: skip
         self._core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {
             "status": {"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
@@ -444,16 +478,3 @@ class SandboxKubelet:
 
 def _env(container: Any) -> dict[str, str]:
     return {e.name: e.value for e in container.env or [] if e.value is not None}
-
-
-def _http_probe(container: Any) -> tuple[int, str] | None:
-    """(port, path) of the container's httpGet readiness probe (a named port resolved)."""
-    probe = container.readiness_probe
-    if probe is None or probe.http_get is None:
-        return None
-    port = probe.http_get.port
-    if isinstance(port, str) and not port.isdigit():
-        port = next((p.container_port for p in container.ports or [] if p.name == port), None)
-        if port is None:
-            return None
-    return int(port), probe.http_get.path or "/"

@@ -181,6 +181,10 @@ def test_the_agent_flags_parse_with_the_agent_cli():
     # handshake folders in the shared host folder or a pod's emptyDir, both mounted here
     assert {"/kubepods", "/kubepods.slice"} <= set(args.allow_cgroup)
     assert args.container_runtime == "cgroup"
+    # it starts its node's snapshot pods: the node's name comes from the downward API
+    assert args.start_pods
+    env = {e["name"]: e.get("valueFrom", {}) for e in agent["env"]}
+    assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}
     assert set(args.handshake_root) <= mounts
 
@@ -340,6 +344,17 @@ def test_controller_rbac_is_exactly_the_named_verbs():
     bound = {(o["kind"], o["roleRef"]["name"]) for o in resources if "roleRef" in o}
     assert ("ClusterRoleBinding", "autoscaler-controller-checkpoint-pods") not in bound
     assert ("RoleBinding", "autoscaler-controller-checkpoint-pods") not in bound
+
+
+def test_agent_rbac_is_exactly_the_named_verbs():
+    """Reads its node's pods and their Deployment's record, annotates how each started."""
+    assert _rules(render("base"), "ClusterRole", "autoscaler-agent") == {
+        ("authentication.k8s.io", "tokenreviews"): ["create"],
+        ("", "pods"): ["get", "list", "patch", "watch"],
+        ("", "nodes"): ["get"],
+        ("apps", "replicasets"): ["get"],
+        ("apps", "deployments"): ["get"],
+    }
 
 
 def test_the_checkpoint_pods_binding_example_names_the_controller_in_a_workload_namespace():

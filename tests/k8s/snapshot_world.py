@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubernetes import client
 
+from autoscaler.agent.containers import CgroupContainerRuntime
 from autoscaler.agent.hooks import HANDSHAKE_ENV
+from autoscaler.agent.pod_starts import PodStarter
 from autoscaler.agent.policy import PidPolicy
 from autoscaler.agent.restore import http_get
 from autoscaler.agent.store import DirectoryStore
@@ -26,6 +28,7 @@ from autoscaler.cluster.labels import (
     staged_label_key,
 )
 from autoscaler.cluster.sandbox_kubelet import SandboxKubelet
+from autoscaler.testing.cgroups import CgroupTree
 from tests.k8s.harness import AGENT_SELECTOR, AGENT_TOKEN, NodeAgents, agent_daemonset
 
 WORKLOAD = "chat"  # the workload of the trace replayed into Prometheus (conftest)
@@ -45,6 +48,17 @@ class SnapWorld:
     store: DirectoryStore
     agent_port: int
     mount: str  # the handshake volume's path inside the pods
+    # agent_starts worlds: the agents' pod starters and the cgroups the containers sit in
+    starters: list[PodStarter] = field(default_factory=list)
+    cgroups: CgroupTree | None = None
+
+    def stop(self) -> None:
+        for starter in self.starters:
+            starter.stop()
+        self.kubelet.stop()
+        self.agents.stop()
+        if self.cgroups is not None:
+            self.cgroups.remove()
 
     def record(self) -> dict | None:
         d = self.cluster.read_deployment(self.namespace, DEPLOYMENT)
@@ -76,12 +90,15 @@ class SnapWorld:
         return [p for p in pods if p.metadata.deletion_timestamp is None]
 
 
-def mlp_deployment(replicas: int, mount: str, kv_mib: int = 8) -> client.V1Deployment:
+def mlp_deployment(replicas: int, mount: str, kv_mib: int = 8,
+                   placeholder: bool = False) -> client.V1Deployment:  # fmt: skip
     """The CPU reference worker as a snapshot-enabled Deployment: handshake volume + variable,
-    HTTP readiness probe, one GPU per pod, preferred affinity for nodes holding its artifact."""
+    HTTP readiness probe, one GPU per pod, preferred affinity for nodes holding its artifact.
+    `placeholder`: the entrypoint is the snapshot placeholder (what a real node runs)."""
+    entry = [sys.executable, "-m", "autoscaler.agent.placeholder", "--"] if placeholder else []
     container = client.V1Container(
         name="worker", image=IMAGE,
-        command=[sys.executable, "-m", "autoscaler.agent.cpu_worker"],
+        command=[*entry, sys.executable, "-m", "autoscaler.agent.cpu_worker"],
         args=["--port", str(WORKER_PORT), "--kv-mib", str(kv_mib)],
         env=[client.V1EnvVar(name=HANDSHAKE_ENV, value=mount)],
         volume_mounts=[client.V1VolumeMount(name=HANDSHAKE_VOLUME, mount_path=mount)],
@@ -117,16 +134,23 @@ def mlp_deployment(replicas: int, mount: str, kv_mib: int = 8) -> client.V1Deplo
 
 
 def start_world(kube_api: client.ApiClient, cluster: Cluster, namespace: str, nodes: list[str],
-                tmp_path: Path) -> SnapWorld:  # fmt: skip
+                tmp_path: Path, cgroups: CgroupTree | None = None) -> SnapWorld:  # fmt: skip
+    """With `cgroups`, the world of a real node: the kubelet only runs entrypoints (in those
+    cgroups, containerd ids), and each agent's pod starter restores new pods by itself."""
     addresses = {n.name: n.address for n in cluster.list_gpu_nodes() if n.name in nodes}
     port = free_port()
     kubelet = SandboxKubelet(kube_api, tmp_path / "kubelet", set(nodes),
                              {n: f"http://{a}:{port}" for n, a in addresses.items()},
-                             AGENT_TOKEN)  # fmt: skip
+                             AGENT_TOKEN, runs_entrypoints=cgroups is not None,
+                             cgroups=cgroups)  # fmt: skip
     # The agents may touch processes under this test process (the kubelet's "shims").
-    agents = NodeAgents(tmp_path / "store", tmp_path, addresses, port, containers=kubelet,
+    agents = NodeAgents(tmp_path / "store", tmp_path, addresses, port,
+                        containers=kubelet if cgroups is None else CgroupContainerRuntime(),
                         handshake_root=kubelet.pods_root,
                         policy=PidPolicy(allowed_ancestors=(os.getpid(),))).start()  # fmt: skip
+    starters = [] if cgroups is None else [
+        PodStarter(agents.agents[n], kube_api, n, CgroupContainerRuntime(), poll_s=0.2).start()
+        for n in nodes]  # fmt: skip
     kubelet.start()
     cluster.apps.create_namespaced_daemon_set(namespace, agent_daemonset(port))
     ok = wait_until(lambda: len(cluster.agent_endpoints(namespace, AGENT_SELECTOR, port))
@@ -134,7 +158,8 @@ def start_world(kube_api: client.ApiClient, cluster: Cluster, namespace: str, no
     assert ok, "agent DaemonSet pods did not become ready"
     mount = str(tmp_path / "container" / "handshake")
     return SnapWorld(namespace, cluster, nodes, agents, kubelet,
-                     DirectoryStore(tmp_path / "store"), port, mount)  # fmt: skip
+                     DirectoryStore(tmp_path / "store"), port, mount, starters,
+                     cgroups)  # fmt: skip
 
 
 def controller_raw(world: SnapWorld, *, max_replicas: int, prom_url: str | None = None,

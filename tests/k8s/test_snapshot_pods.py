@@ -20,6 +20,8 @@ import pytest
 from autoscaler.agent import criu as criu_mod
 from autoscaler.agent.cpu_worker import MLP
 from autoscaler.agent.errors import CriuNotFound
+from autoscaler.agent.placeholder import PID_GAP
+from autoscaler.agent.pod_starts import START_REASON_ANNOTATION
 from autoscaler.cluster.adapter import Cluster, wait_until
 from autoscaler.cluster.labels import (
     ARTIFACT_RECORD_ANNOTATION,
@@ -31,6 +33,7 @@ from autoscaler.cluster.labels import (
 )
 from autoscaler.controller.service import ControllerService, build_controller
 from autoscaler.controller.settings import parse_controller_config
+from autoscaler.testing.cgroups import CgroupTree
 from tests.k8s.conftest import Trace
 from tests.k8s.harness import AGENT_TOKEN
 from tests.k8s.snapshot_world import (
@@ -59,8 +62,23 @@ def snap(kube_api, cluster: Cluster, namespace: str, gpu_nodes, tmp_path: Path
     try:
         yield world
     finally:
-        world.kubelet.stop()
-        world.agents.stop()
+        world.stop()
+
+
+@pytest.fixture
+def node_world(kube_api, cluster: Cluster, namespace: str, gpu_nodes, tmp_path: Path
+               ) -> Iterator[SnapWorld]:  # fmt: skip
+    """As on a real node: the kubelet runs entrypoints in cgroups; the agents start pods."""
+    if os.geteuid() != 0:
+        pytest.fail("restores into pod namespaces need root (CRIU needs CAP_SYS_ADMIN)")
+    cgroups = CgroupTree()
+    if cgroups.base is None:
+        pytest.skip("no cgroup hierarchy of this machine lets a folder be made (read-only)")
+    world = start_world(kube_api, cluster, namespace, gpu_nodes(3, gpus=2), tmp_path, cgroups)
+    try:
+        yield world
+    finally:
+        world.stop()
 
 
 def start_controller(world: SnapWorld, raw: dict, monkeypatch) -> ControllerService:
@@ -85,9 +103,10 @@ def checkpoint_pods(world: SnapWorld) -> list:
         world.namespace, label_selector=CHECKPOINT_LABEL).items  # fmt: skip
 
 
-def make_first_artifact(world: SnapWorld, monkeypatch, replicas: int = 1) -> dict:
+def make_first_artifact(world: SnapWorld, monkeypatch, replicas: int = 1,
+                        placeholder: bool = False) -> dict:  # fmt: skip
     """Phase 1: a controller without metrics holds the scale and makes + stages the artifact."""
-    dep = mlp_deployment(replicas, world.mount)
+    dep = mlp_deployment(replicas, world.mount, placeholder=placeholder)
     world.cluster.apps.create_namespaced_deployment(world.namespace, dep)
     service = start_controller(world, controller_raw(world, max_replicas=replicas), monkeypatch)
     owners: list = []
@@ -319,3 +338,55 @@ def test_a_record_lost_after_its_checkpoint_is_adopted_from_the_store(
     created = [e.message for e in events(world) if e.reason == "ArtifactCreated"]
     assert sorted("adopted from the store" in m for m in created) == [False, True], created
     assert not [e for e in events(world) if e.reason == "CheckpointFailed"]
+
+
+def test_on_a_node_the_agent_restores_new_pods_under_their_placeholder_by_itself(
+    node_world: SnapWorld, monkeypatch
+):
+    """Nothing plays the agent's part: the kubelet only runs each pod's entrypoint (the
+    placeholder) in a cgroup named by its containerd id. The agent's pod starter has the
+    checkpoint pod's worker start, the controller checkpoints it by container id (the worker
+    behind the placeholder), and new replicas on nodes holding the copy are restored by the
+    agent into their placeholders' namespaces and answer like the model; elsewhere they start
+    cold, marked as fallbacks. Every start is annotated by the agent."""
+    world = node_world
+    record = make_first_artifact(world, monkeypatch, placeholder=True)
+    manifest = world.store.open(record["id"]).manifest
+    assert manifest.namespaced and manifest.root_pid >= 1000 + PID_GAP  # the placeholder's child
+    (first,) = world.replica_pods()
+    notes = first.metadata.annotations
+    assert notes[START_PATH_ANNOTATION] == "cold" and FALLBACK_ANNOTATION not in notes
+    assert "no current artifact" in notes[START_REASON_ANNOTATION]
+
+    world.cluster.apps.patch_namespaced_deployment_scale(
+        DEPLOYMENT, world.namespace, {"spec": {"replicas": 3}})  # fmt: skip
+
+    def started() -> list:
+        pods = world.replica_pods()
+        done = [p for p in pods if START_SECONDS_ANNOTATION in (p.metadata.annotations or {})
+                and any(c.type == "Ready" and c.status == "True"
+                        for c in p.status.conditions or [])]  # fmt: skip
+        return done if len(done) == 3 else []
+
+    pods = wait_until(started, 90, poll=0.2) and started()
+    assert pods, ([p.metadata.annotations for p in world.replica_pods()], world.kubelet.errors)
+    holding = {n for n in world.nodes if world.agents.holds(n, record["id"])}
+    restored = 0
+    for pod in pods:
+        if pod.metadata.name == first.metadata.name:
+            continue
+        notes = pod.metadata.annotations
+        if pod.spec.node_name in holding:
+            assert notes[START_PATH_ANNOTATION] in ("restore-disk", "restore-memory"), notes
+            assert FALLBACK_ANNOTATION not in notes
+            outputs, info = world.pod_answers(world.namespace, pod.metadata.name)
+            assert outputs == expected_outputs()
+            assert info["start_reason"] == "restored" and info["pid"] == manifest.root_pid
+            assert info["kv_bytes"] == 8 << 20  # re-allocated after the restore
+            restored += 1
+        else:
+            assert notes[START_PATH_ANNOTATION] == "cold" and notes[FALLBACK_ANNOTATION] == "true"
+            assert "holds no copy" in notes[START_REASON_ANNOTATION]
+        assert float(notes[START_SECONDS_ANNOTATION]) > 0
+    assert restored >= 1, [(p.spec.node_name, p.metadata.annotations) for p in pods]
+    assert not world.kubelet.errors
