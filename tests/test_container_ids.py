@@ -151,3 +151,30 @@ def test_decide_start_restores_only_a_held_current_artifact() -> None:
     assert artifact is None and "not JSON" in why and not fallback
     other = restore_candidate(spec, '{"id": "chat-1", "identity": "0000"}', "H200", {})
     assert other[0] is None and other[1].startswith("identity:") and other[2]
+
+
+def test_cgroup_procs_files_map_each_hierarchy_to_where_it_is_mounted_here() -> None:
+    import os
+
+    from autoscaler.agent.policy import cgroup_procs_files, map_cgroup_procs
+
+    own = cgroup_procs_files(os.getpid())
+    assert own and all(os.path.exists(f) for f in own)  # this machine's real hierarchies
+    mountinfo = "\n".join([
+        "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate",
+        "31 1 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory",
+        "32 1 0:28 /kubepods /mnt/pids rw - cgroup cgroup rw,pids",
+        "33 1 0:29 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd",
+    ])  # fmt: skip
+    cgroup = "\n".join([
+        "0::/kubepods.slice/pod1.slice/cri-containerd-ab.scope",
+        "4:memory:/kubepods/pod1/ab", "5:pids:/kubepods/pod1/ab",
+        "6:name=systemd:/kubepods/pod1/ab", "7:devices:/kubepods/pod1/ab",
+        "8:cpu:/elsewhere",
+    ])  # fmt: skip
+    assert map_cgroup_procs(cgroup, mountinfo) == (
+        "/sys/fs/cgroup/kubepods.slice/pod1.slice/cri-containerd-ab.scope/cgroup.procs",
+        "/sys/fs/cgroup/memory/kubepods/pod1/ab/cgroup.procs",
+        "/mnt/pids/pod1/ab/cgroup.procs",  # that hierarchy is mounted from /kubepods
+        "/sys/fs/cgroup/systemd/kubepods/pod1/ab/cgroup.procs",
+    )  # devices and cpu are not mounted there: left out

@@ -193,6 +193,10 @@ class NamespaceTarget:
 
     pid: int
     namespaces: tuple[str, ...] = ALL_NAMESPACES
+    # restore only: cgroup.procs files CRIU is moved into before it starts (the target
+    # container's cgroups, policy.cgroup_procs_files), with CRIU's own cgroup handling off, so
+    # the restored tree is in the pod's cgroups, not the agent's or the dumped pod's
+    join_cgroups: tuple[str, ...] = ()
 
     def nsenter_prefix(self) -> list[str]:
         nsenter = shutil.which("nsenter")
@@ -331,10 +335,14 @@ def _run_criu(
     timeout_s: float,
 ) -> float:
     cmd = [*(target.nsenter_prefix() if target else []), str(find_criu()), operation, *args]
+    join = target.join_cgroups if target is not None and operation == "restore" else ()
+    if join:
+        cmd.append("--manage-cgroups=ignore")
     start = time.perf_counter()
     try:
         proc = subprocess.run(
             cmd,
+            preexec_fn=partial(_join_cgroups, join) if join else None,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -351,6 +359,14 @@ def _run_criu(
             tail = proc.stderr.strip()[-2000:] + "\n" + tail
         raise CriuError(operation, proc.returncode, str(log_path), tail)
     return seconds
+
+
+def _join_cgroups(files: Sequence[str]) -> None:
+    """In the child before exec: move it into these cgroups (its children, CRIU's restored
+    tree among them, inherit them)."""
+    for path in files:
+        with open(path, "w") as f:
+            f.write("0")
 
 
 def dump(

@@ -13,7 +13,8 @@ that it has not handled, it:
    node holds is restored (`restore`); anything else starts cold, with the reason;
 3. claims the start (`placeholder.claim_start`; a placeholder that gave up waiting has already
    claimed it cold), restores through the agent's own `restore` (the same policy checks, locks
-   and metrics as `/v1/restore`; node copies only, into the placeholder's namespaces) and tells
+   and metrics as `/v1/restore`; node copies only, into the placeholder's namespaces and its
+   container's cgroups) and tells
    the placeholder the outcome: a failed restore starts cold there;
 4. annotates the pod (`snapshot.autoscaler.io/start-path`, `start-seconds`, `fallback`,
    `start-reason`), which the controller reads as restore outcomes and measured leads.
@@ -293,7 +294,7 @@ class PodStarter:
         body = RestoreBody(
             artifact_id=decision.artifact_id, handshake_dir=str(directory),
             health_url=f"http://127.0.0.1:{probe[0]}{probe[1]}" if probe else None,
-            namespace_pid=proc.pid, use_store=False,
+            namespace_pid=proc.pid, use_store=False, join_cgroups=True,
             ready_timeout_s=self.restore_timeout_s, health_timeout_s=self.restore_timeout_s,
         )  # fmt: skip
         try:

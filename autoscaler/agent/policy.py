@@ -26,6 +26,52 @@ def cgroup_paths(pid: int) -> list[str]:
     return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
 
 
+def cgroup_procs_files(pid: int) -> tuple[str, ...]:
+    """The `cgroup.procs` file of each of the process's cgroups, as this process sees the
+    hierarchies mounted. Writing a PID there moves that process into the same cgroups (a
+    restored worker into its pod's). NotPermitted: no such process."""
+    try:
+        own = Path(f"/proc/{pid}/cgroup").read_text()
+    except FileNotFoundError as exc:
+        raise NotPermitted(pid, "no such process") from exc
+    return map_cgroup_procs(own, Path("/proc/self/mountinfo").read_text())
+
+
+def map_cgroup_procs(cgroup: str, mountinfo: str) -> tuple[str, ...]:
+    """Pure part of cgroup_procs_files: a /proc/<pid>/cgroup text against a mount table
+    (cgroup2, and v1 hierarchies by their controllers or name=); a hierarchy not mounted
+    there, or mounted from below the process's cgroup, is left out."""
+    unified: tuple[str, str] | None = None  # (root, mount point)
+    v1: list[tuple[set[str], str, str]] = []  # (mount options, root, mount point)
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        if tail[0] == "cgroup2" and unified is None:
+            unified = (fields[3], fields[4])
+        elif tail[0] == "cgroup":
+            v1.append((set(tail[2].split(",")), fields[3], fields[4]))
+    out = []
+    for line in cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        wanted = {c for c in controllers.split(",") if c}
+        # v1: the hierarchy mounted with these controllers (or name=) among its options
+        found = unified if not wanted else next(
+            ((root, point) for options, root, point in v1 if wanted <= options), None)  # fmt: skip
+        if found is None:
+            continue
+        root, point = found
+        if root != "/" and path != root and not path.startswith(root.rstrip("/") + "/"):
+            continue  # mounted from below the process's cgroup: not reachable here
+        rest = path[len(root.rstrip("/")):] if root != "/" else path
+        out.append(str(Path(point, rest.lstrip("/"), "cgroup.procs")))
+    return tuple(out)
+
+
 def parent_pid(pid: int) -> int:
     """PPid from /proc (0 for the root of the tree or a vanished process)."""
     try:

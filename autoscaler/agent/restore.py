@@ -48,6 +48,7 @@ from autoscaler.agent.errors import (
     WorkerNotReady,
 )
 from autoscaler.agent.hooks import Handshake
+from autoscaler.agent.policy import cgroup_procs_files
 from autoscaler.agent.staging import (
     NodeCache,
     artifact_fingerprint,
@@ -125,6 +126,9 @@ class RestoreRequest:
     # given (its NVIDIA_VISIBLE_DEVICES), so the CUDA restore and the preloader follow the
     # device plugin's choice (autoscaler.agent.pod_gpus)
     gpu_pairs_from_pod: bool = True
+    # restoring into a pod (namespace_pid): put the restored tree into namespace_pid's cgroups
+    # (its container's: the pod's limits and accounting), not the agent's
+    join_cgroups: bool = False
     # how long one preload request may wait for the preloader's answer; the restore itself
     # never waits for it (the request has its own thread)
     preload_timeout_s: float = 5.0
@@ -481,7 +485,13 @@ def _restore(
     timings: dict[str, float] = {}
     quarantined: list[str] = []
     t0 = time.perf_counter()
-    target = criu_mod.NamespaceTarget(request.namespace_pid) if request.namespace_pid else None
+    target = None
+    if request.namespace_pid:
+        try:
+            joined = cgroup_procs_files(request.namespace_pid) if request.join_cgroups else ()
+        except AgentError as exc:
+            return _failure(artifact_id, exc)
+        target = criu_mod.NamespaceTarget(request.namespace_pid, join_cgroups=joined)
     logs = _log_dir(log_root, cache, artifact_id)
     alongside = request.verify == "alongside"
     corrupt: ArtifactCorrupt | None = None  # the last copy found corrupt alongside CRIU

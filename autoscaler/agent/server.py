@@ -153,6 +153,8 @@ class RestoreBody(_Body):
     use_store: bool = True
     verify: Literal["alongside", "before"] = "alongside"
     verify_digest: Literal["blake3", "sha256"] = "blake3"
+    # put the restored worker into namespace_pid's cgroups (its container's), not the agent's
+    join_cgroups: bool = False
 
 
 @dataclass
@@ -423,6 +425,7 @@ class Agent:
             criu_options=self.config.criu_options(),
             fill_while_running=self.config.fill_while_running,
             working_set=self.config.working_set,
+            join_cgroups=body.join_cgroups,
         )
         with self._lock_for(body.artifact_id):
             outcome = restore_artifact(request, self.config.cache, self.config.store, progress,

@@ -29,7 +29,7 @@ from autoscaler.agent.placeholder import (
     report_started,
     waiting,
 )
-from autoscaler.agent.policy import PidPolicy
+from autoscaler.agent.policy import PidPolicy, cgroup_paths
 from autoscaler.agent.restore import RestoreRequest, http_get, restore_artifact
 from autoscaler.agent.server import Agent, AgentConfig, serve
 from autoscaler.agent.staging import NodeCache
@@ -259,10 +259,15 @@ def test_a_placeholder_pod_is_checkpointed_and_a_replica_is_restored_under_its_p
         entry = runtime.resolve_entrypoint(f"containerd://{cids[1]}")
         status, outcome = _post(agent + "/v1/restore", {
             "artifact_id": "behind-placeholder", "namespace_pid": entry.pid,
-            "handshake_dir": str(volumes[1]), "health_url": f"http://127.0.0.1:{port}/health"})
+            "handshake_dir": str(volumes[1]), "health_url": f"http://127.0.0.1:{port}/health",
+            "join_cgroups": True})  # fmt: skip
         assert status == 200 and outcome["ok"], outcome
         cleanup_pids.append(outcome["host_pid"])
         assert outcome["pid"] == worker.pid_in_namespace
+        # in the replica container's cgroup (CRIU would put it back in the dumped pod's)
+        assert cgroup_paths(outcome["host_pid"]) == cgroup_paths(entry.pid)
+        assert any(p.endswith(f"cri-containerd-{cids[1]}.scope")
+                   for p in cgroup_paths(outcome["host_pid"]))  # fmt: skip
         report_started(volumes[1], said["nonce"], True, outcome["pid"])
         wait_for(lambda: (waiting(volumes[1]) or {}).get("worker") == outcome["pid"], 10,
                  "the placeholder to follow the restored worker")  # fmt: skip

@@ -22,6 +22,7 @@ from autoscaler.agent.cpu_worker import MLP
 from autoscaler.agent.errors import CriuNotFound
 from autoscaler.agent.placeholder import PID_GAP
 from autoscaler.agent.pod_starts import START_REASON_ANNOTATION
+from autoscaler.agent.policy import cgroup_paths
 from autoscaler.cluster.adapter import Cluster, wait_until
 from autoscaler.cluster.labels import (
     ARTIFACT_RECORD_ANNOTATION,
@@ -383,6 +384,10 @@ def test_on_a_node_the_agent_restores_new_pods_under_their_placeholder_by_itself
             assert outputs == expected_outputs()
             assert info["start_reason"] == "restored" and info["pid"] == manifest.root_pid
             assert info["kv_bytes"] == 8 << 20  # re-allocated after the restore
+            sandbox = world.kubelet.sandbox_of(world.namespace, pod.metadata.name)
+            assert sandbox is not None
+            in_pod = cgroup_paths(sandbox.pids()[manifest.root_pid])
+            assert any(f"pod{pod.metadata.uid}.slice/cri-containerd-" in p for p in in_pod)
             restored += 1
         else:
             assert notes[START_PATH_ANNOTATION] == "cold" and notes[FALLBACK_ANNOTATION] == "true"
