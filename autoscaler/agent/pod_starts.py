@@ -125,6 +125,19 @@ def http_probe(container: Any) -> tuple[int, str] | None:
     return int(port), probe.http_get.path or "/"
 
 
+def owning_deployment(apps: Any, pod: Any) -> Any:
+    """The Deployment that owns a pod through its ReplicaSet (None: not a Deployment's)."""
+    ns = pod.metadata.namespace
+    for ref in pod.metadata.owner_references or []:
+        if ref.kind != "ReplicaSet":
+            continue
+        rs = apps.read_namespaced_replica_set(ref.name, ns)
+        for dref in rs.metadata.owner_references or []:
+            if dref.kind == "Deployment":
+                return apps.read_namespaced_deployment(dref.name, ns)
+    return None
+
+
 class EntrypointResolver(Protocol):
     """Finds a container's top process (the placeholder) and handshake volume by its id."""
 
@@ -270,7 +283,7 @@ class PodStarter:
     def _decide(self, pod: Any) -> StartDecision:
         if CHECKPOINT_LABEL in (pod.metadata.labels or {}):
             return decide_start(checkpoint_pod=True, candidate=(None, "", False), held_tiers=())
-        deployment = self._owning_deployment(pod)
+        deployment = owning_deployment(self._apps, pod)
         if deployment is None:
             return StartDecision("cold", "no owning Deployment")
         record = (deployment.metadata.annotations or {}).get(ARTIFACT_RECORD_ANNOTATION)
@@ -338,17 +351,6 @@ class PodStarter:
         except Exception as exc:  # the start happened; only its record is lost
             log.warning("annotating %s/%s failed: %s", pod.metadata.namespace,
                         pod.metadata.name, exc)  # fmt: skip
-
-    def _owning_deployment(self, pod: Any) -> Any:
-        ns = pod.metadata.namespace
-        for ref in pod.metadata.owner_references or []:
-            if ref.kind != "ReplicaSet":
-                continue
-            rs = self._apps.read_namespaced_replica_set(ref.name, ns)
-            for dref in rs.metadata.owner_references or []:
-                if dref.kind == "Deployment":
-                    return self._apps.read_namespaced_deployment(dref.name, ns)
-        return None
 
 
 def _again(pending: _Pending) -> str:

@@ -58,6 +58,7 @@ from autoscaler.agent.pod_starts import (
     GPU_MODEL_LABEL,
     START_REASON_ANNOTATION,
     http_probe,
+    owning_deployment,
     restore_candidate,
 )
 from autoscaler.agent.restore import http_get
@@ -359,7 +360,7 @@ class SandboxKubelet:
         """The artifact a replica should restore (None: cold) and why."""
         if not (pod.metadata.annotations or {}).get(WORKLOAD_ANNOTATION):
             return None, "not a snapshot workload"
-        deployment = self._owning_deployment(pod)
+        deployment = owning_deployment(self._apps, pod)
         if deployment is None:
             return None, "no owning Deployment"
         text = (deployment.metadata.annotations or {}).get(ARTIFACT_RECORD_ANNOTATION)
@@ -370,17 +371,6 @@ class SandboxKubelet:
         spec = self.api.sanitize_for_serialization(pod.spec)
         artifact, reason, _ = restore_candidate(spec, text, gpu_model, versions)
         return artifact, reason
-
-    def _owning_deployment(self, pod: client.V1Pod) -> client.V1Deployment | None:
-        ns = pod.metadata.namespace
-        for ref in pod.metadata.owner_references or []:
-            if ref.kind != "ReplicaSet":
-                continue
-            rs = self._apps.read_namespaced_replica_set(ref.name, ns)
-            for dref in rs.metadata.owner_references or []:
-                if dref.kind == "Deployment":
-                    return self._apps.read_namespaced_deployment(dref.name, ns)
-        return None
 
     def _agent(self, node: str, method: str, path: str, body: Any = None,
                timeout: float = 10.0) -> Any:  # fmt: skip
