@@ -352,6 +352,9 @@ def _run_criu(
     except subprocess.TimeoutExpired as exc:
         raise CriuError(operation, -1, str(log_path), f"timed out after {timeout_s} s\n"
                         + _log_tail(log_path)) from exc
+    except subprocess.SubprocessError as exc:  # joining the target's cgroups failed
+        raise CriuError(operation, -1, str(log_path),
+                        f"could not move CRIU into the cgroups {list(join)}: {exc}") from exc
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = _log_tail(log_path)

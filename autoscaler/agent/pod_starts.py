@@ -312,7 +312,9 @@ class PodStarter:
         )  # fmt: skip
         try:
             outcome = self.agent.restore(body, lambda m: log.info("%s: %s", pod.metadata.name, m))
-        except AgentError as exc:
+        except Exception as exc:  # whatever it was, the placeholder must hear: it starts cold
+            if not isinstance(exc, AgentError):
+                log.exception("restoring %s failed", decision.artifact_id)
             outcome = {"ok": False, "error": type(exc).__name__, "reason": str(exc)}
         if outcome.get("ok"):
             host_pid = outcome.get("host_pid")
