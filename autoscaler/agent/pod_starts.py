@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -166,7 +166,6 @@ class PodStarter:
     poll_s: float = 1.0
     restore_timeout_s: float = 300.0
     workers: int = 2
-    handled: list[tuple[str, StartDecision, bool]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -201,7 +200,7 @@ class PodStarter:
     def tick(self) -> None:
         pods = self._core.list_pod_for_all_namespaces(
             field_selector=f"spec.nodeName={self.node}").items  # fmt: skip
-        seen = set()
+        seen, measuring = set(), []
         for pod in pods:
             if pod.metadata.deletion_timestamp is not None or pod.spec.host_network:
                 continue
@@ -217,7 +216,7 @@ class PodStarter:
                 with self._lock:
                     pending = self._pending.setdefault(cid, _Pending(key, time.time()))
                     if pending.state == "measuring":
-                        self._measure_cold(pod, pending)
+                        measuring.append((pod, pending))
                     if pending.state != "new":
                         continue
                     pending.state = "busy"
@@ -225,6 +224,8 @@ class PodStarter:
         with self._lock:  # containers gone from the node are forgotten
             for cid in [c for c, p in self._pending.items() if c not in seen and p.state != "busy"]:
                 del self._pending[cid]
+        for pod, pending in measuring:  # API writes outside the lock
+            self._measure_cold(pod, pending)
 
     def _handle_safely(self, pod: Any, cid: str, pending: _Pending) -> None:
         try:
@@ -261,21 +262,16 @@ class PodStarter:
             return "done"
         if held.by != "agent":  # the placeholder gave up waiting and started cold
             self._annotate(pod, "cold", None, True, held.reason)
-            self.handled.append((pending.key, StartDecision("cold", held.reason, fallback=True),
-                                 False))  # fmt: skip
             return "done"
         if decision.action == "worker":
-            self.handled.append((pending.key, decision, True))
             return "done"
         started_at = float(said.get("time", time.time()))
         if decision.action == "restore":
             path, reason = self._restore(pod, decision, proc, directory, nonce)
             if path is not None:
                 self._annotate(pod, path, time.time() - started_at, False, reason)
-                self.handled.append((pending.key, decision, True))
                 return "done"
             decision = StartDecision("cold", reason, decision.artifact_id, fallback=True)
-        self.handled.append((pending.key, decision, True))
         self._annotate(pod, "cold", None, decision.fallback, decision.reason)
         pending.cold_since = started_at  # start-seconds once the pod is Ready
         return "measuring"
